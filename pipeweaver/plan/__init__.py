@@ -1,0 +1,56 @@
+"""The plan IR (per-rank action lists + shared header), its stage graph, assembly, validation and export."""
+
+from pipeweaver.plan.assemble import assemble_plan
+from pipeweaver.plan.graph import StageGraph, backward_passes, grad_pass, stage_graph
+from pipeweaver.plan.ir import (
+    Action,
+    Chunk,
+    CommBatch,
+    Compute,
+    Direction,
+    LayerRange,
+    Pass,
+    PipelineEdge,
+    PipelineInfo,
+    Placement,
+    Plan,
+    PlanHeader,
+    PlanSource,
+    RankPlan,
+    Recompute,
+    StageKey,
+    SubMicrobatch,
+    TensorSpec,
+    Transfer,
+    Wait,
+)
+from pipeweaver.plan.shapes import TransferShapes
+
+__all__ = [
+    "Action",
+    "Chunk",
+    "CommBatch",
+    "Compute",
+    "Direction",
+    "LayerRange",
+    "Pass",
+    "PipelineEdge",
+    "PipelineInfo",
+    "Placement",
+    "Plan",
+    "PlanHeader",
+    "PlanSource",
+    "RankPlan",
+    "Recompute",
+    "StageGraph",
+    "StageKey",
+    "SubMicrobatch",
+    "TensorSpec",
+    "Transfer",
+    "TransferShapes",
+    "Wait",
+    "assemble_plan",
+    "backward_passes",
+    "grad_pass",
+    "stage_graph",
+]
