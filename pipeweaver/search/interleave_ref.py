@@ -1,0 +1,110 @@
+"""Greedy dual-queue stage interleaving (paper section 5.2), pure-Python reference of `interleave.py`'s kernel.
+
+Each rank keeps a forward and a backward queue of ready stages. The rank that can start something earliest goes
+next. If both a forward and a backward stage are ready by the time the rank is free, it alternates with the kind
+it ran last (1F1B emulation, memory-friendly) and takes the highest-priority ready stage of that kind; otherwise
+it takes the ready stage that can start soonest (fills the bubble). Forwards that would push the rank's live
+activations over its cap wait, unless no rank could otherwise progress (a gate that never deadlocks).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pipeweaver.search.problem import F64, I64, Problem
+
+
+def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64, float]:
+    """Schedule every stage; returns (order position per stage, start_ms, end_ms, makespan_ms).
+
+    `order position` is the index of the stage within its rank's sequence.
+    """
+    n, pp = problem.n, problem.pp
+    remaining_preds = np.diff(problem.pred_ptr).astype(np.int64)
+    ready_at = np.zeros(n)
+    start = np.full(n, math.nan)
+    end = np.full(n, math.nan)
+    position = np.full(n, -1, dtype=np.int64)
+    t_last = np.zeros(pp)
+    last_fwd = np.zeros(pp, dtype=np.int64)  # "last ran a backward": under contention a rank starts with a forward
+    mem = np.zeros(pp)
+    count = np.zeros(pp, dtype=np.int64)
+    ready: list[list[int]] = [[] for _ in range(pp)]
+    for i in range(n):
+        if remaining_preds[i] == 0:
+            ready[int(problem.rank[i])].append(i)
+
+    def eligible(r: int, i: int, gate: bool) -> bool:
+        return not (
+            gate and problem.is_forward[i] and mem[r] + problem.alloc_bytes[i] > problem.mem_cap_bytes[r]
+        )
+
+    def pick(r: int, gate: bool) -> tuple[int, float]:
+        """Best stage on rank r and its start time, or (-1, inf)."""
+        tl = t_last[r]
+        tf, tb = math.inf, math.inf
+        for i in ready[r]:
+            if not eligible(r, i, gate):
+                continue
+            if problem.is_forward[i]:
+                tf = min(tf, ready_at[i])
+            else:
+                tb = min(tb, ready_at[i])
+        if tf == math.inf and tb == math.inf:
+            return -1, math.inf
+        best = -1
+        if tf <= tl and tb <= tl:  # both kinds ready: alternate (1F1B), highest priority of the wanted kind
+            want_fwd = 1 - last_fwd[r]
+            for i in ready[r]:
+                if problem.is_forward[i] == want_fwd and ready_at[i] <= tl and eligible(r, i, gate):
+                    if best < 0 or priority[i] > priority[best]:
+                        best = i
+            return best, tl
+        for i in ready[r]:  # otherwise the soonest start; ties by priority, then backward first
+            if not eligible(r, i, gate):
+                continue
+            if best < 0 or ready_at[i] < ready_at[best] or (
+                ready_at[i] == ready_at[best]
+                and (
+                    priority[i] > priority[best]
+                    or (priority[i] == priority[best] and problem.is_forward[i] < problem.is_forward[best])
+                )
+            ):
+                best = i
+        return best, max(tl, float(ready_at[best]))
+
+    done = 0
+    while done < n:
+        chosen, chosen_t, chosen_r = -1, math.inf, -1
+        for gate in (True, False):
+            for r in range(pp):
+                i, t = pick(r, gate)
+                if i >= 0 and t < chosen_t:
+                    chosen, chosen_t, chosen_r = i, t, r
+            if chosen >= 0:
+                break
+        if chosen < 0:
+            raise RuntimeError("interleaver stuck: the stage graph has a cycle")
+        r, i = chosen_r, chosen
+        ready[r].remove(i)
+        start[i] = chosen_t
+        end[i] = chosen_t + problem.duration_ms[i]
+        t_last[r] = end[i]
+        last_fwd[r] = problem.is_forward[i]
+        mem[r] += problem.alloc_bytes[i] - problem.free_bytes[i]
+        position[i] = count[r]
+        count[r] += 1
+        done += 1
+        for k in range(problem.succ_ptr[i], problem.succ_ptr[i + 1]):
+            j = int(problem.succ_idx[k])
+            remaining_preds[j] -= 1
+            if remaining_preds[j] == 0:
+                t = 0.0
+                for q in range(problem.pred_ptr[j], problem.pred_ptr[j + 1]):
+                    p = int(problem.pred_idx[q])
+                    t = max(t, end[p] + problem.pred_delay_ms[q])
+                ready_at[j] = t
+                ready[int(problem.rank[j])].append(j)
+    return position, start, end, float(np.max(end)) if n else 0.0

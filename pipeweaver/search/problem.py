@@ -1,0 +1,141 @@
+"""The scheduling problem the search solves, flattened into arrays (shared by the Python and numba interleavers).
+
+A problem is the stage DAG of one batch under a fixed placement and sub-microbatch split, with each stage's
+duration and activation memory, the communication delay of each cross-rank edge, each rank's memory cap, and the
+segment group each stage belongs to (MCTS orders groups; stages of one group share its priority).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeweaver.plan.graph import StageGraph
+from pipeweaver.plan.ir import Pass, StageKey
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupKey:
+    """A schedulable group of segments: one pipeline's forward (or backward) passes of one microbatch.
+
+    Same-modality segments of one microbatch have the same structure and similar cost, so the search ties them:
+    they share one priority and keep a fixed order inside the group (paper section 5.1, symmetry breaking).
+    """
+
+    pipeline: str
+    microbatch: int
+    backward: bool
+
+    def __str__(self) -> str:
+        return f"{self.pipeline}.{'B' if self.backward else 'F'}{self.microbatch}"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    stages: tuple[StageKey, ...]
+    pp: int
+    rank: I64
+    duration_ms: F64
+    is_forward: I64
+    """1 for F stages (they allocate activations), 0 for B/I/W."""
+    alloc_bytes: F64
+    """Activation bytes a stage allocates when it starts (F) ..."""
+    free_bytes: F64
+    """... and frees when it ends (the last backward pass of the same chunk and sub-microbatch)."""
+    pred_ptr: I64
+    pred_idx: I64
+    pred_delay_ms: F64
+    """Delay after the predecessor ends before this stage may start (transfer time across ranks, else 0)."""
+    succ_ptr: I64
+    succ_idx: I64
+    group: I64
+    """Index into `groups` of each stage."""
+    intra: I64
+    """Fixed order of a stage inside its group (by sub-microbatch, then chunk)."""
+    groups: tuple[GroupKey, ...]
+    mem_cap_bytes: F64
+    """Per-rank activation budget (capacity minus static memory)."""
+
+    @property
+    def n(self) -> int:
+        return len(self.stages)
+
+
+def build_problem(
+    graph: StageGraph,
+    pp: int,
+    duration_ms: Mapping[StageKey, float],
+    activation_bytes: Mapping[tuple[str, int, int, int], float],
+    delay_ms: Mapping[tuple[StageKey, StageKey], float],
+    mem_cap_bytes: Sequence[float],
+) -> Problem:
+    """Flatten `graph` with costs.
+
+    `activation_bytes` is keyed by (pipeline, chunk, microbatch, sub): held from that chunk's F start to the end of
+    its last backward pass. `delay_ms` gives the transfer time of each cross-rank data edge (missing = 0).
+    """
+    stages = graph.stages
+    index = {s: i for i, s in enumerate(stages)}
+    n = len(stages)
+    rank = np.array([graph.rank[s] for s in stages], dtype=np.int64)
+    dur = np.array([duration_ms[s] for s in stages], dtype=np.float64)
+    fwd = np.array([1 if s.pass_ is Pass.F else 0 for s in stages], dtype=np.int64)
+    alloc = np.zeros(n)
+    free = np.zeros(n)
+    # The backward pass that ends a chunk's activation lifetime: W when split (it still needs the inputs), else B.
+    last_bwd: dict[tuple[str, int, int, int], int] = {}
+    for i, s in enumerate(stages):
+        key = (s.pipeline, s.chunk, s.microbatch, s.sub)
+        if s.pass_ is Pass.F:
+            alloc[i] = activation_bytes.get(key, 0.0)
+        elif s.pass_ is Pass.W or (s.pass_ in (Pass.B, Pass.I) and key not in last_bwd):
+            last_bwd[key] = i
+    for key, i in last_bwd.items():
+        free[i] = activation_bytes.get(key, 0.0)
+
+    pred_ptr = np.zeros(n + 1, dtype=np.int64)
+    pred_idx: list[int] = []
+    pred_delay: list[float] = []
+    for i, s in enumerate(stages):
+        for p in graph.preds[s]:
+            pred_idx.append(index[p])
+            pred_delay.append(delay_ms.get((p, s), 0.0))
+        pred_ptr[i + 1] = len(pred_idx)
+    succ_ptr = np.zeros(n + 1, dtype=np.int64)
+    succ_idx: list[int] = []
+    for i, s in enumerate(stages):
+        succ_idx.extend(index[x] for x in graph.succs[s])
+        succ_ptr[i + 1] = len(succ_idx)
+
+    group_of: dict[GroupKey, int] = {}
+    group = np.zeros(n, dtype=np.int64)
+    intra = np.zeros(n, dtype=np.int64)
+    for i, s in enumerate(stages):
+        g = GroupKey(s.pipeline, s.microbatch, s.pass_.is_backward)
+        group[i] = group_of.setdefault(g, len(group_of))
+        # Forward: earlier subs first, then chunk order; backward: same subs order, chunks descending.
+        chunk_rank = -s.chunk if s.pass_.is_backward else s.chunk
+        intra[i] = s.sub * 100_000 + chunk_rank
+    groups = tuple(sorted(group_of, key=lambda g: group_of[g]))
+    return Problem(
+        stages=stages, pp=pp, rank=rank, duration_ms=dur, is_forward=fwd, alloc_bytes=alloc, free_bytes=free,
+        pred_ptr=pred_ptr, pred_idx=np.array(pred_idx, dtype=np.int64), pred_delay_ms=np.array(pred_delay),
+        succ_ptr=succ_ptr, succ_idx=np.array(succ_idx, dtype=np.int64), group=group, intra=intra,
+        groups=groups, mem_cap_bytes=np.array(mem_cap_bytes, dtype=np.float64),
+    )
+
+
+def stage_priorities(problem: Problem, group_priority: npt.NDArray[np.float64]) -> F64:
+    """Per-stage priority: its group's priority, ties broken by the fixed intra-group order (earlier first)."""
+    if problem.n == 0:
+        return np.zeros(0)
+    low = problem.intra.min()
+    spread = float(problem.intra.max() - low + 1)
+    prio: F64 = group_priority[problem.group] - (problem.intra - low) / spread
+    return prio
