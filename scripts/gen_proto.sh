@@ -4,12 +4,13 @@
 # The output is deterministic; CI runs this and fails on `git diff --exit-code pipeweaver/v1`.
 #
 # Usage: scripts/gen_proto.sh            (uses .venv/bin/python if present, else python3)
-#        PYTHON=/path/to/python scripts/gen_proto.sh
+#        GEN_PROTO_PYTHON=/path/to/python scripts/gen_proto.sh
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if [[ -z "${PYTHON:-}" ]]; then
+PYTHON="${GEN_PROTO_PYTHON:-}"
+if [[ -z "$PYTHON" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 # The mypy-protobuf plugins are console scripts installed beside the interpreter (no need to activate a venv).

@@ -1,0 +1,110 @@
+"""The dual-queue interleaver: numba twin equals the Python reference; 1F1B emerges under a memory cap."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeweaver.plan import Pass, PlanHeader, stage_graph
+from pipeweaver.plan.layouts import RankOrder, mixed_placement, modular_placement, split_sub_microbatches, whole_sub_microbatches
+from pipeweaver.presets import workload
+from pipeweaver.search.bounds import exact_makespan_ms, lower_bound_ms
+from pipeweaver.search.interleave import interleave
+from pipeweaver.search.interleave_ref import interleave_reference
+from pipeweaver.search.problem import Problem, build_problem, stage_priorities
+from pipeweaver.spec import BatchMetadata, Document, MediaItem, Microbatch, Modality
+
+
+def _batch(images_per_mb: list[int], text: list[int]) -> BatchMetadata:
+    img = MediaItem(Modality.IMAGE, 16, 4)
+    return BatchMetadata(0, tuple(Microbatch((Document(t, (img,) * k),)) for k, t in zip(images_per_mb, text, strict=True)))
+
+
+def _random_problem(seed: int, pp: int, m: int, k_vit: int, cap: float, *, v_shape: bool = False) -> Problem:
+    rng = np.random.default_rng(seed)
+    model = workload("tiny-vlm").model
+    batch = _batch([int(x) for x in rng.integers(0, 6, m)], [int(x) for x in rng.integers(5, 80, m)])
+    order = RankOrder.V_SHAPE if v_shape else RankOrder.ROUND_ROBIN
+    placement = modular_placement(model, pp, {"vit": k_vit, "llm": 1}, order=order)
+    subs = split_sub_microbatches(model, placement, batch, {"vit": 2})
+    header = PlanHeader(job_id="t", iteration=0, placement=placement, sub_microbatches=subs, num_microbatches=m,
+                        schedule="test", split_backward=bool(rng.integers(0, 2)))
+    g = stage_graph(header)
+    dur = {s: float(rng.uniform(0.5, 3.0)) for s in g.stages}
+    act = {(s.pipeline, s.chunk, s.microbatch, s.sub): float(rng.uniform(0.5, 2.0)) for s in g.stages}
+    delay = {(p, s): float(rng.uniform(0, 0.3)) for s in g.stages for p in g.remote_inputs(s)}
+    return build_problem(g, pp, dur, act, delay, [cap] * pp)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    pp=st.sampled_from([2, 4]),
+    m=st.integers(1, 6),
+    k_vit=st.sampled_from([1, 2]),
+    cap=st.sampled_from([2.0, 5.0, 1e9]),
+    v_shape=st.booleans(),
+)
+def test_numba_kernel_equals_reference(seed: int, pp: int, m: int, k_vit: int, cap: float, v_shape: bool) -> None:
+    problem = _random_problem(seed, pp, m, k_vit, cap, v_shape=v_shape)
+    prio = stage_priorities(problem, np.random.default_rng(seed).permutation(len(problem.groups)).astype(float))
+    ref = interleave_reference(problem, prio)
+    fast = interleave(problem, prio)
+    assert np.array_equal(ref[0], fast[0])
+    assert np.array_equal(ref[1], fast[1])
+    assert np.array_equal(ref[2], fast[2])
+    assert ref[3] == fast[3]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), pp=st.sampled_from([2, 4]), m=st.integers(1, 6))
+def test_schedule_respects_dependencies_and_one_stage_at_a_time(seed: int, pp: int, m: int) -> None:
+    problem = _random_problem(seed, pp, m, 2, 1e9)
+    prio = stage_priorities(problem, np.arange(len(problem.groups), dtype=float))
+    position, start, end, makespan = interleave(problem, prio)
+    for i in range(problem.n):
+        for q in range(problem.pred_ptr[i], problem.pred_ptr[i + 1]):
+            p = problem.pred_idx[q]
+            assert start[i] >= end[p] + problem.pred_delay_ms[q] - 1e-9
+    for r in range(pp):
+        idx = sorted(np.flatnonzero(problem.rank == r), key=lambda i: position[i])
+        for a, b in zip(idx, idx[1:], strict=False):
+            assert start[b] >= end[a] - 1e-9
+    assert makespan >= lower_bound_ms(problem) - 1e-9
+
+
+def test_uniform_single_pipeline_under_a_memory_cap_is_1f1b() -> None:
+    p, m = 4, 8
+    model = workload("tiny-vlm").model
+    batch = _batch([0] * m, [20] * m)
+    placement = mixed_placement(model, p, 1)
+    header = PlanHeader(job_id="t", iteration=0, placement=placement,
+                        sub_microbatches=whole_sub_microbatches(model, placement, batch), num_microbatches=m,
+                        schedule="test")
+    g = stage_graph(header)
+    dur = {s: 1.0 if s.pass_ is Pass.F else 2.0 for s in g.stages}
+    act = {(s.pipeline, s.chunk, s.microbatch, s.sub): 1.0 for s in g.stages}
+    # 1F1B keeps p - r microbatches in flight on rank r.
+    problem = build_problem(g, p, dur, act, {}, [float(p - r) for r in range(p)])
+    gp = np.array([float(m - gk.microbatch) for gk in problem.groups])
+    position, _, _, makespan = interleave(problem, stage_priorities(problem, gp))
+    assert makespan == (m + p - 1) * 3.0
+    for r in range(p):
+        idx = sorted(np.flatnonzero(problem.rank == r), key=lambda i: position[i])
+        got = [f"{problem.stages[i].pass_.value}{problem.stages[i].microbatch}" for i in idx]
+        warm = p - r
+        expect = [f"F{j}" for j in range(warm)]
+        for j in range(m - warm):
+            expect += [f"B{j}", f"F{j + warm}"]
+        expect += [f"B{j}" for j in range(m - warm, m)]
+        assert got == expect, (r, got)
+
+
+def test_lower_bound_never_exceeds_the_exact_optimum() -> None:
+    problem = _random_problem(3, 2, 3, 1, 1e9)
+    optimum, proven = exact_makespan_ms(problem, time_limit_s=20)
+    assert proven
+    assert lower_bound_ms(problem) <= optimum + 1e-6
+    prio = stage_priorities(problem, np.arange(len(problem.groups), dtype=float))
+    assert interleave(problem, prio)[3] >= optimum - 1e-6

@@ -1,0 +1,349 @@
+"""The v1 wire contract: dataclass -> message -> bytes -> message -> dataclass is the identity, wire defaults
+match the dataclass defaults, and bad wire input raises `SpecError` naming the field path.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pytest
+from google.protobuf.message import Message
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeweaver import presets, wire
+from pipeweaver.errors import SpecError
+from pipeweaver.plan.ir import (
+    CommBatch,
+    Compute,
+    Direction,
+    Pass,
+    PipelineInfo,
+    Placement,
+    PlanHeader,
+    PlanSource,
+    RankPlan,
+    Recompute,
+    StageKey,
+    TensorSpec,
+    Transfer,
+    Wait,
+)
+from pipeweaver.spec.hardware import HARDWARE_PRESETS, HardwareSpec
+from pipeweaver.spec.model import ImageGeometry, ModelSpec, VideoGeometry
+from pipeweaver.spec.parallel import ParallelSpec
+from pipeweaver.spec.workload import Workload
+from pipeweaver.v1 import planner_pb2 as pb
+from tests.strategies import (
+    batch_metadata,
+    hardware_specs,
+    model_specs,
+    parallel_specs,
+    placements,
+    plans,
+)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+
+plan_settings = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def assert_round_trips(value: T, to_proto: Callable[[T], M], from_proto: Callable[[M], T]) -> None:
+    """Both in memory and through the serialized bytes, as a peer in another process would see them."""
+    msg = to_proto(value)
+    assert from_proto(msg) == value
+    assert from_proto(type(msg).FromString(msg.SerializeToString())) == value
+
+
+# ---- round trips -------------------------------------------------------------------------------------------
+
+
+@given(model_specs())
+def test_model_round_trips(model: ModelSpec) -> None:
+    assert_round_trips(model, wire.model_to_proto, wire.model_from_proto)
+
+
+@given(st.data())
+def test_parallel_round_trips(data: st.DataObject) -> None:
+    model = data.draw(st.none() | model_specs())
+    assert_round_trips(
+        data.draw(parallel_specs(model=model)), wire.parallel_to_proto, wire.parallel_from_proto
+    )
+
+
+@given(hardware_specs())
+def test_hardware_round_trips(hardware: HardwareSpec) -> None:
+    assert_round_trips(hardware, wire.hardware_to_proto, wire.hardware_from_proto)
+
+
+@given(st.data())
+def test_batch_round_trips(data: st.DataObject) -> None:
+    model = data.draw(st.none() | model_specs())
+    assert_round_trips(data.draw(batch_metadata(model=model)), wire.batch_to_proto, wire.batch_from_proto)
+
+
+@given(placements())
+def test_placement_round_trips(placement: Placement) -> None:
+    assert_round_trips(placement, wire.placement_to_proto, wire.placement_from_proto)
+
+
+@plan_settings
+@given(plans())
+def test_plan_round_trips(plan: Any) -> None:
+    assert_round_trips(plan, wire.plan_to_proto, wire.plan_from_proto)
+    assert_round_trips(plan.header, wire.header_to_proto, wire.header_from_proto)
+    for rank_plan in plan.ranks:
+        assert_round_trips(rank_plan, wire.rank_plan_to_proto, wire.rank_plan_from_proto)
+        for action in rank_plan.actions:
+            assert_round_trips(action, wire.action_to_proto, wire.action_from_proto)
+
+
+@pytest.mark.parametrize(
+    "workload",
+    [presets.vlm_m(), presets.t2v_l(), presets.tiny_vlm(), presets.tiny_t2v()],
+    ids=lambda w: w.name,
+)
+def test_preset_workloads_round_trip(workload: Workload) -> None:
+    assert_round_trips(workload.model, wire.model_to_proto, wire.model_from_proto)
+    assert_round_trips(workload.parallel, wire.parallel_to_proto, wire.parallel_from_proto)
+    assert_round_trips(workload.hardware, wire.hardware_to_proto, wire.hardware_from_proto)
+
+
+@pytest.mark.parametrize("hardware", HARDWARE_PRESETS.values(), ids=lambda h: h.name)
+def test_hardware_presets_round_trip(hardware: HardwareSpec) -> None:
+    assert_round_trips(hardware, wire.hardware_to_proto, wire.hardware_from_proto)
+
+
+# ---- unset wire fields take the dataclass defaults ---------------------------------------------------------
+
+
+def test_unset_optional_fields_take_dataclass_defaults() -> None:
+    assert wire.parallel_from_proto(pb.ParallelSpec(pp=2, microbatches=8)) == ParallelSpec(
+        pp=2, microbatches=8
+    )
+    bare = pb.HardwareSpec(
+        name="x",
+        peak_flops=1.0,
+        hbm_bandwidth=1.0,
+        memory_bytes=1.0,
+        nvlink_bandwidth=1.0,
+        internode_bandwidth=1.0,
+    )
+    assert wire.hardware_from_proto(bare) == HardwareSpec(
+        name="x",
+        peak_flops=1.0,
+        hbm_bandwidth=1.0,
+        memory_bytes=1.0,
+        nvlink_bandwidth=1.0,
+        internode_bandwidth=1.0,
+    )
+    vit = wire.model_to_proto(presets.tiny_vlm().model)
+    vit.modules[0].image.Clear()
+    assert wire.model_from_proto(vit).modules[0].image == ImageGeometry()
+    t2v = wire.model_to_proto(presets.tiny_t2v().model)
+    t2v.modules[1].video.Clear()
+    assert wire.model_from_proto(t2v).modules[1].video == VideoGeometry()
+
+
+def test_unspecified_enums_take_dataclass_defaults() -> None:
+    stage = StageKey("llm", 0, 0, 0, Pass.F)
+    compute = pb.Action(compute=pb.Compute(stage=wire.stage_key_to_proto(stage)))
+    assert wire.action_from_proto(compute) == Compute(stage, Recompute.NONE)
+    header = pb.PlanHeader(placement=pb.Placement(pp=1), schedule="1f1b")
+    decoded = wire.header_from_proto(header)
+    assert decoded.source is PlanSource.BASELINE
+    assert decoded == PlanHeader(
+        job_id="", iteration=0, placement=Placement(pp=1, pipelines=(), chunks=()), sub_microbatches=(),
+        num_microbatches=0, schedule="1f1b",
+    )  # fmt: skip
+
+
+def test_unset_tensor_dtype_and_pipeline_flags_take_dataclass_defaults() -> None:
+    stage = wire.stage_key_to_proto(StageKey("vit", 0, 0, 0, Pass.F))
+    op = pb.Transfer(
+        direction=pb.DIRECTION_SEND, peer=1, src=stage, dst=stage, tensors=[pb.TensorSpec(shape=[4, 8])]
+    )
+    action = wire.action_from_proto(pb.Action(comm_batch=pb.CommBatch(handle=3, ops=[op])))
+    assert isinstance(action, CommBatch)
+    assert action.ops[0].tensors == (TensorSpec((4, 8)),)
+    placement = wire.placement_from_proto(pb.Placement(pp=1, pipelines=[pb.PipelineInfo(name="vit")]))
+    assert placement.pipelines == (PipelineInfo("vit", ()),)
+
+
+# ---- bad wire input names the field ------------------------------------------------------------------------
+
+
+def _tiny_model() -> pb.ModelSpec:
+    return wire.model_to_proto(presets.tiny_vlm().model)
+
+
+def _set(path: str, value: object) -> Callable[[pb.ModelSpec], None]:
+    """A mutation of the tiny VLM message: `_set("modules[0].layers", -1)`."""
+
+    def mutate(msg: pb.ModelSpec) -> None:
+        *parents, leaf = path.replace("]", "").replace("[", ".").split(".")
+        target: Any = msg
+        for part in parents:
+            target = target[int(part)] if part.isdigit() else getattr(target, part)
+        setattr(target, leaf, value)
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (_set("modules[0].layers", -1), ["model.modules[0]:", "layers must be positive, got -1"]),
+        (_set("modules[1].heads", 5), ["model.modules[1]:", "heads (5) must divide hidden (64)"]),
+        (_set("modules[1].kv_heads", 3), ["model.modules[1]:", "kv_heads (3) must divide heads (4)"]),
+        (_set("modules[0].name", "ViT"), ["model.modules[0]:", "lowercase identifier"]),
+        (_set("modules[0].kind", 0), ["model.modules[0].kind:", "got LAYER_KIND_UNSPECIFIED"]),
+        (_set("modules[0].kind", 99), ["model.modules[0].kind:", "unknown value 99"]),
+        (_set("modules[0].input", pb.MODALITY_TEXT), ["model.modules[0]:", "vit_block module takes images"]),
+        (_set("modules[0].image.merge", 3), ["model.modules[0].image:", "merge (3)"]),
+        (_set("edges[0].merge", 0), ["model.edges[0].merge:", "MERGE_KIND_TOKEN_SCATTER"]),
+        (_set("edges[0].dst", "nope"), ["model:", "edge target 'nope'"]),
+        (lambda m: m.modules[0].ClearField("image"), ["model.modules[0]:", "needs image geometry"]),
+        (lambda m: m.ClearField("modules"), ["model:", "modules must not be empty"]),
+    ],
+)
+def test_bad_model_raises_spec_error_naming_the_field(
+    mutate: Callable[[pb.ModelSpec], None], expected: list[str]
+) -> None:
+    msg = _tiny_model()
+    mutate(msg)
+    with pytest.raises(SpecError) as info:
+        wire.model_from_proto(msg)
+    for fragment in expected:
+        assert fragment in str(info.value)
+
+
+def test_tp_not_dividing_heads_is_left_to_check_model() -> None:
+    """The wire checks each message alone; cross-message rules stay with `ParallelSpec.check_model`."""
+    parallel = wire.parallel_from_proto(pb.ParallelSpec(pp=2, microbatches=4, tp=3))
+    with pytest.raises(SpecError, match=r"tp \(3\) must divide the attention heads"):
+        parallel.check_model(wire.model_from_proto(_tiny_model()))
+
+
+def test_bad_parallel_and_hardware_name_the_field() -> None:
+    with pytest.raises(SpecError, match=r"^parallel: pp must be at least 1, got 0"):
+        wire.parallel_from_proto(pb.ParallelSpec(pp=0, microbatches=4))
+    with pytest.raises(SpecError, match=r"^job\.parallel: tp must be at least 1, got -2"):
+        wire.parallel_from_proto(pb.ParallelSpec(pp=1, microbatches=4, tp=-2), path="job.parallel")
+    hw = wire.hardware_to_proto(HARDWARE_PRESETS["h100-sxm"])
+    hw.memory_bytes = -1.0
+    with pytest.raises(SpecError, match=r"^hardware: .*memory_bytes must be positive"):
+        wire.hardware_from_proto(hw)
+    hw = wire.hardware_to_proto(HARDWARE_PRESETS["h100-sxm"])
+    hw.dtype_bytes = 3
+    with pytest.raises(SpecError, match=r"dtype_bytes must be 2 or 4"):
+        wire.hardware_from_proto(hw)
+
+
+def _batch() -> pb.BatchMetadata:
+    media = [pb.MediaItem(modality=pb.MODALITY_IMAGE, tokens=16, merged_tokens=4)]
+    return pb.BatchMetadata(
+        iteration=7, microbatches=[pb.Microbatch(documents=[pb.Document(text_tokens=10, media=media)])]
+    )
+
+
+def test_bad_batch_names_the_field() -> None:
+    assert wire.batch_from_proto(_batch()).iteration == 7
+    where = "batch.microbatches[0].documents[0]"
+    cases: list[tuple[Callable[[pb.BatchMetadata], None], str]] = [
+        (
+            lambda b: setattr(b.microbatches[0].documents[0].media[0], "modality", 0),
+            f"{where}.media[0].modality:",
+        ),
+        (
+            lambda b: setattr(b.microbatches[0].documents[0].media[0], "tokens", 0),
+            f"{where}.media[0]: media tokens",
+        ),
+        (
+            lambda b: setattr(b.microbatches[0].documents[0].media[0], "modality", pb.MODALITY_TEXT),
+            f"{where}.media[0]: a media item is an image or a video",
+        ),
+        (lambda b: setattr(b.microbatches[0].documents[0], "text_tokens", -1), f"{where}: text_tokens"),
+        (lambda b: setattr(b, "iteration", -1), "batch: iteration must not be negative"),
+        (lambda b: b.ClearField("microbatches"), "batch: a batch needs at least one microbatch"),
+    ]
+    for mutate, expected in cases:
+        msg = _batch()
+        mutate(msg)
+        with pytest.raises(SpecError) as info:
+            wire.batch_from_proto(msg)
+        assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_bad_plan_names_the_field() -> None:
+    stage = wire.stage_key_to_proto(StageKey("llm", 0, 0, 0, Pass.F))
+    with pytest.raises(SpecError, match=r"^plan\.header: missing"):
+        wire.plan_from_proto(pb.Plan())
+    with pytest.raises(SpecError, match=r"^header\.placement: missing"):
+        wire.header_from_proto(pb.PlanHeader())
+    with pytest.raises(SpecError, match=r"^rank_plan\.actions\[1\]: empty; set one of compute"):
+        wire.rank_plan_from_proto(pb.RankPlan(actions=[pb.Action(wait=pb.Wait(handle=0)), pb.Action()]))
+    with pytest.raises(SpecError, match=r"^action\.compute\.stage: missing"):
+        wire.action_from_proto(pb.Action(compute=pb.Compute()))
+    with pytest.raises(SpecError, match=r"^action\.compute\.stage\.pass_kind: .*got PASS_UNSPECIFIED"):
+        wire.action_from_proto(pb.Action(compute=pb.Compute(stage=pb.StageKey(pipeline="llm"))))
+    bad_op = pb.Transfer(peer=1, src=stage, dst=stage)
+    with pytest.raises(SpecError, match=r"^action\.comm_batch\.ops\[0\]\.direction: "):
+        wire.action_from_proto(pb.Action(comm_batch=pb.CommBatch(ops=[bad_op])))
+    with pytest.raises(SpecError, match=r"^action\.comm_batch\.ops\[0\]\.dst: missing"):
+        wire.action_from_proto(
+            pb.Action(comm_batch=pb.CommBatch(ops=[pb.Transfer(direction=pb.DIRECTION_RECV, src=stage)]))
+        )
+    one_action = [pb.Action(wait=pb.Wait(handle=0))]
+    with pytest.raises(SpecError, match=r"^rank_plan\.predicted_start_ms/predicted_end_ms: "):
+        wire.rank_plan_from_proto(pb.RankPlan(actions=one_action, predicted_start_ms=[0.0]))
+    with pytest.raises(SpecError, match=r"one entry per action \(1\), got 2 starts and 2 ends"):
+        wire.rank_plan_from_proto(
+            pb.RankPlan(actions=one_action, predicted_start_ms=[0.0, 1.0], predicted_end_ms=[1.0, 2.0])
+        )
+    ok = pb.RankPlan(rank=2, actions=one_action, predicted_start_ms=[0.5], predicted_end_ms=[1.5])
+    assert wire.rank_plan_from_proto(ok) == RankPlan(2, (Wait(0),), ((0.5, 1.5),))
+
+
+def test_transfer_round_trips_every_direction() -> None:
+    stage = StageKey("vit", 1, 2, 3, Pass.W)
+    for direction in Direction:
+        batch = CommBatch(
+            5, (Transfer(direction, 0, stage, stage.with_pass(Pass.I), (TensorSpec((2,), "f32"),)),)
+        )
+        assert_round_trips(batch, wire.action_to_proto, wire.action_from_proto)
+
+
+# ---- import hygiene ----------------------------------------------------------------------------------------
+
+
+def test_wire_imports_without_grpc_ortools_or_numba() -> None:
+    """Worker processes and the trainer's data path use `wire`; it must not drag in the server's stack."""
+    code = textwrap.dedent(
+        """
+        import sys
+
+        HEAVY = {"grpc", "ortools", "numba"}
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.partition(".")[0] in HEAVY:
+                    raise ImportError(f"blocked import of {name}")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import pipeweaver.v1.planner_pb2
+        import pipeweaver.wire
+
+        loaded = sorted(m for m in sys.modules if m.partition(".")[0] in HEAVY or m.endswith("_pb2_grpc"))
+        print(loaded)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
