@@ -12,12 +12,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeweaver import presets
 from pipeweaver.datagen import describe, dynamic_batch, dynamic_bounds, sample_batch
 from pipeweaver.errors import PipeWeaverError
 from pipeweaver.spec import BatchMetadata, Modality, Workload
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 PROG = "pipeweaver"
 EXIT_USAGE = 2
@@ -59,11 +62,37 @@ def _workload(name: str) -> Workload:
     return presets.workload(name)
 
 
+def _table(title: str, headers: list[str], rows: list[list[str]]) -> Table:
+    """A rich table whose cells never wrap or ellipsize (on narrow terminals the headers shrink instead).
+
+    A header ending in '>' is right-aligned; one starting with '~' (free text) may wrap. An empty row ends a
+    section.
+    """
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, header in enumerate(headers):
+        name = header.strip("~>")
+        if header.startswith("~"):
+            table.add_column(name)
+        else:
+            width = max((len(row[i]) for row in rows if row), default=0)
+            table.add_column(
+                name, justify="right" if header.endswith(">") else "left", no_wrap=True, min_width=width
+            )
+    for row in rows:
+        if row:
+            table.add_row(*row)
+        else:
+            table.add_section()
+    return table
+
+
 def _print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-# ---- pipeweaver workloads ---------------------------------------------------------------------------------------
+# ---- pipeweaver workloads ----------------------------------------------------------------------------------
 
 
 def workload_summary(w: Workload) -> dict[str, Any]:
@@ -85,7 +114,13 @@ def workload_summary(w: Workload) -> dict[str, Any]:
             for m in w.model.modules
         ],
         "total_params": w.model.total_params(),
-        "parallel": {"pp": p.pp, "tp": p.tp, "dp": p.dp, "microbatches": p.microbatches, "seq_len": p.seq_len},
+        "parallel": {
+            "pp": p.pp,
+            "tp": p.tp,
+            "dp": p.dp,
+            "microbatches": p.microbatches,
+            "seq_len": p.seq_len,
+        },
         "gpus": p.gpus,
         "hardware": w.hardware.name,
         "dataset": w.dataset.value,
@@ -110,33 +145,52 @@ def _workloads(args: argparse.Namespace) -> int:
         _print_json(summaries)
         return 0
     from rich.console import Console
-    from rich.table import Table
 
-    workloads = Table(title="Preset workloads")
-    for column in ("workload", "params", "pp/tp/dp", "microbatches", "seq_len", "GPUs", "hardware", "dataset"):
-        workloads.add_column(column, justify="left" if column in ("workload", "hardware", "dataset") else "right")
-    modules = Table(title="Their modules")
-    for column in ("workload", "module", "name", "kind", "layers", "hidden", "params"):
-        modules.add_column(column, justify="right" if column in ("layers", "hidden", "params") else "left")
+    workload_rows, module_rows = [], []
     for s in summaries:
         p = s["parallel"]
-        workloads.add_row(
-            s["name"], _params(s["total_params"]), f"{p['pp']}/{p['tp']}/{p['dp']}", str(p["microbatches"]),
-            str(p["seq_len"]), str(s["gpus"]), s["hardware"], s["dataset"],
+        workload_rows.append(
+            [
+                s["name"],
+                _params(s["total_params"]),
+                f"{p['pp']}/{p['tp']}/{p['dp']}",
+                str(p["microbatches"]),
+                str(p["seq_len"]),
+                str(s["gpus"]),
+                s["hardware"],
+                s["dataset"],
+            ]
         )
-        for i, m in enumerate(s["modules"]):
-            modules.add_row(
-                s["name"] if i == 0 else "", m["name"], m["display_name"], m["kind"], str(m["layers"]),
-                str(m["hidden"]), _params(m["params"]),
-            )
-        modules.add_section()
+        module_rows += [
+            [
+                s["name"] if i == 0 else "",
+                m["name"],
+                m["display_name"],
+                m["kind"].removesuffix("_block"),
+                str(m["layers"]),
+                str(m["hidden"]),
+                _params(m["params"]),
+            ]
+            for i, m in enumerate(s["modules"])
+        ]
+        module_rows.append([])
+    workloads = _table(
+        "Preset workloads",
+        ["workload", "params>", "pp/tp/dp>", "mb>", "seq>", "GPUs>", "hw", "dataset"],
+        workload_rows,
+    )
+    modules = _table(
+        "Their modules",
+        ["workload", "module", "~name", "block", "layers>", "hidden>", "params>"],
+        module_rows,
+    )
     console = Console()
     console.print(workloads)
     console.print(modules)
     return 0
 
 
-# ---- pipeweaver batch -------------------------------------------------------------------------------------------
+# ---- pipeweaver batch --------------------------------------------------------------------------------------
 
 
 def batch_to_dict(batch: BatchMetadata) -> dict[str, Any]:
@@ -150,7 +204,11 @@ def batch_to_dict(batch: BatchMetadata) -> dict[str, Any]:
                     {
                         "text_tokens": d.text_tokens,
                         "media": [
-                            {"modality": m.modality.value, "tokens": m.tokens, "merged_tokens": m.merged_tokens}
+                            {
+                                "modality": m.modality.value,
+                                "tokens": m.tokens,
+                                "merged_tokens": m.merged_tokens,
+                            }
                             for m in d.media
                         ],
                     }
@@ -165,9 +223,12 @@ def batch_to_dict(batch: BatchMetadata) -> dict[str, Any]:
 def _batch_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", required=True, help=f"preset name ({', '.join(presets.WORKLOADS)})")
     parser.add_argument("--seed", required=True, type=_non_negative_int, help="random seed")
-    parser.add_argument("--iteration", type=_non_negative_int, default=0, help="iteration to sample (default 0)")
     parser.add_argument(
-        "--dynamic", action="store_true",
+        "--iteration", type=_non_negative_int, default=0, help="iteration to sample (default 0)"
+    )
+    parser.add_argument(
+        "--dynamic",
+        action="store_true",
         help="use the dynamic trace's media bounds for this iteration (paper Fig. 8b)",
     )
     parser.add_argument("--json", action="store_true", help="print the full batch metadata as JSON")
@@ -191,37 +252,49 @@ def _batch(args: argparse.Namespace) -> int:
         _print_json(out)
         return 0
     from rich.console import Console
-    from rich.table import Table
 
     video = any(m.input is Modality.VIDEO for m in w.model.modules)
-    media, media_tokens = ("clips", "DiT tokens") if video else ("images", "ViT tokens")
+    modality, media, media_tokens = (
+        (Modality.VIDEO, "clips", "DiT tokens") if video else (Modality.IMAGE, "images", "ViT tokens")
+    )
     title = f"{w.name}: seed {args.seed}, iteration {args.iteration}"
     if bounds is not None:
-        title += f", dynamic bounds {bounds.low:g}..{bounds.high:g} {bounds.unit} per microbatch"
-    table = Table(title=title)
-    for column in ("microbatch", "documents", media, "text tokens", "LM tokens", media_tokens):
-        table.add_column(column, justify="right")
-    modality = Modality.VIDEO if video else Modality.IMAGE
+        title += f", dynamic bounds {bounds.low:.3g}..{bounds.high:.3g} {bounds.unit} per microbatch"
+    rows = []
     for i, mb in enumerate(batch.microbatches):
         items = mb.media(modality)
-        table.add_row(
-            str(i), str(len(mb.documents)), str(len(items)), str(mb.text_tokens), str(mb.language_tokens()),
-            str(sum(m.tokens for m in items)),
+        rows.append(
+            [
+                str(i),
+                str(len(mb.documents)),
+                str(len(items)),
+                str(mb.text_tokens),
+                str(mb.language_tokens()),
+                str(sum(m.tokens for m in items)),
+            ]
         )
-    count = summary["clips"] if video else summary["images"]
-    table.add_section()
-    table.add_row(
-        "total", str(summary["documents"]), str(count), str(summary["text_tokens"]),
-        str(sum(summary["language_tokens_per_microbatch"])),
-        str(summary["video_tokens"] if video else summary["image_tokens"]),
-    )
+    rows += [
+        [],
+        [
+            "total",
+            str(summary["documents"]),
+            str(summary["clips"] if video else summary["images"]),
+            str(summary["text_tokens"]),
+            str(sum(summary["language_tokens_per_microbatch"])),
+            str(summary["video_tokens"] if video else summary["image_tokens"]),
+        ],
+    ]
+    headers = ["microbatch", "documents", media, "text tokens", "LM tokens", media_tokens]
+    table = _table(title, [h + ">" for h in headers], rows)
     console = Console()
     console.print(table)
-    console.print(f"{summary['text_only_microbatches']} of {summary['microbatches']} microbatches carry no {media}")
+    console.print(
+        f"{summary['text_only_microbatches']} of {summary['microbatches']} microbatches carry no {media}"
+    )
     return 0
 
 
-# ---- entry point ------------------------------------------------------------------------------------------------
+# ---- entry point -------------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
     "workloads": Command("list the preset workloads", _workloads_args, _workloads),
@@ -230,7 +303,9 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Per-batch pipeline schedule planner for multimodal model training.")
+    parser = _Parser(
+        prog=PROG, description="Per-batch pipeline schedule planner for multimodal model training."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
@@ -252,8 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, PipeWeaverError) as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except BrokenPipeError:
-        # `pipeweaver batch ... | head`: the reader left. Point stdout at devnull so the interpreter's final flush
-        # does not fail again (the recipe in Python's signal documentation).
+        # `pipeweaver batch ... | head`: the reader left. Point stdout at devnull so the interpreter's final
+        # flush does not fail again (the recipe in Python's signal documentation).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 

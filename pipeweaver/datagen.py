@@ -1,8 +1,9 @@
 """Seeded synthetic workloads: one iteration's `BatchMetadata`, drawn from dataset-like sample distributions.
 
-Documents come from stand-ins for the paper's datasets (LAION-2B, OBELICS, ScienceQA, ShareGPT4Video, InternVid,
-MMTrail-2M) and are greedily packed into exactly `parallel.microbatches` microbatches under the model's limits.
-Iteration k draws from its own generator, seeded from (seed, k), so any iteration is reproducible on its own.
+Documents come from stand-ins for the paper's datasets (LAION-2B, OBELICS, ScienceQA, ShareGPT4Video,
+InternVid, MMTrail-2M) and are greedily packed into exactly `parallel.microbatches` microbatches under the
+model's limits. Iteration k draws from its own generator, seeded from (seed, k), so any iteration is
+reproducible on its own.
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ __all__ = [
     "sample_batch",
 ]
 
-# ---- packing limits (paper section 6.3) -----------------------------------------------------------------------
+# ---- packing limits (paper section 6.3) --------------------------------------------------------------------
 
 MAX_CLIPS_PER_MICROBATCH = 8
 MAX_VIDEO_SECONDS_PER_MICROBATCH = 16.0
 MAX_CLIP_SECONDS = 16.0
 
-# Text lengths are the datasets' own at real sequence lengths. Only toy sequences (tiny-* presets, seq_len < 512)
-# shrink text, by seq_len / 512, so a 256-token sequence still holds a couple of ScienceQA items and packing mixes
-# image-heavy and text-only microbatches instead of truncating one document per microbatch.
+# Text lengths are the datasets' own at real sequence lengths. Only toy sequences (tiny-* presets, seq_len
+# < 512) shrink text, by seq_len / 512, so a 256-token sequence still holds a couple of ScienceQA items and
+# packing mixes image-heavy and text-only microbatches instead of truncating one document per microbatch.
 _TOY_SEQ_LEN = 512
 
 # Drafts are drawn in blocks to keep numpy call overhead off the per-document path.
@@ -47,7 +48,7 @@ _DRAW_BLOCK = 64
 _MAX_DRAWS_PER_MICROBATCH = 100_000
 
 
-# ---- sample distributions ---------------------------------------------------------------------------------------
+# ---- sample distributions ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +90,14 @@ def _obelics(rng: np.random.Generator, n: int, scale: _Scale) -> list[_Draft]:
     images = np.minimum(rng.geometric(0.4, n), 30)
     per_image = np.clip(rng.lognormal(math.log(160.0), 1.2, n), 0.4, 3115.0)
     return [
-        _Draft(text_tokens=t, images=int(k)) for t, k in zip(_text(per_image * images, scale), images, strict=True)
+        _Draft(text_tokens=t, images=int(k))
+        for t, k in zip(_text(per_image * images, scale), images, strict=True)
     ]
 
 
 def _scienceqa(rng: np.random.Generator, n: int, scale: _Scale) -> list[_Draft]:
-    """Question-answer items: half carry one image; 100..400 text tokens (lognormal, median 210, sigma 0.3)."""
+    """Question-answer items: half carry one image; 100..400 text tokens
+    (lognormal, median 210, sigma 0.3)."""
     has_image = rng.random(n) < 0.5
     text = np.clip(rng.lognormal(math.log(210.0), 0.3, n), 100.0, 400.0)
     return [_Draft(text_tokens=t, images=int(i)) for t, i in zip(_text(text, scale), has_image, strict=True)]
@@ -109,8 +112,10 @@ def _video_source(
     def draw(rng: np.random.Generator, n: int, scale: _Scale) -> list[_Draft]:
         seconds = np.clip(rng.lognormal(math.log(median_s), sigma_s, n), min_s, MAX_CLIP_SECONDS)
         density = rng.lognormal(math.log(tokens_per_s), sigma_text, n)
-        frames = [max(1, min(round(float(s) / scale.frame_s), math.floor(MAX_CLIP_SECONDS / scale.frame_s)))
-                  for s in seconds]
+        frames = [
+            max(1, min(round(float(s) / scale.frame_s), math.floor(MAX_CLIP_SECONDS / scale.frame_s)))
+            for s in seconds
+        ]
         text = _text(seconds * density, scale)
         return [_Draft(text_tokens=t, clip_frames=f) for t, f in zip(text, frames, strict=True)]
 
@@ -155,7 +160,7 @@ class _Stream:
         self._pending = draft
 
 
-# ---- bounds ----------------------------------------------------------------------------------------------------
+# ---- bounds ------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +185,9 @@ DYNAMIC_PERIOD = 20
 def _dynamic_fractions(iteration: int) -> tuple[float, float]:
     """Bounds as fractions of the per-microbatch cap; with the paper's cap of 48 images, 16/48 and 32/48.
 
-    Phase p = iteration % 20 is the paper's iteration p + 1: during p = 0..4 the lower bound rises 0 -> 1/3 under
-    an upper bound of 2/3; from p = 5 both fall linearly to 0 at p = 14 and stay there (text only) to p = 19.
+    Phase p = iteration % 20 is the paper's iteration p + 1: during p = 0..4 the lower bound rises 0 -> 1/3
+    under an upper bound of 2/3; from p = 5 both fall linearly to 0 at p = 14 and stay there (text only) to
+    p = 19.
     """
     phase = iteration % DYNAMIC_PERIOD
     if phase < 5:
@@ -191,7 +197,7 @@ def _dynamic_fractions(iteration: int) -> tuple[float, float]:
 
 
 def dynamic_bounds(workload: Workload, iteration: int) -> MediaBounds:
-    """The media bounds the dynamic trace imposes on `iteration` (images for VLMs, seconds of video for T2V)."""
+    """The media bounds the dynamic trace imposes on `iteration`: images (VLM) or seconds of video (T2V)."""
     require(iteration >= 0, f"iteration must not be negative, got {iteration}")
     low, high = _dynamic_fractions(iteration)
     if _is_video(workload.dataset):
@@ -201,7 +207,7 @@ def dynamic_bounds(workload: Workload, iteration: int) -> MediaBounds:
     return MediaBounds(round(low * cap), round(high * cap), "images")
 
 
-# ---- packing ---------------------------------------------------------------------------------------------------
+# ---- packing -----------------------------------------------------------------------------------------------
 
 
 def _is_video(dataset: DatasetKind) -> bool:
@@ -253,8 +259,9 @@ def _image_document(text_tokens: int, images: int, lim: _ImageLimits) -> Documen
 def _pack_images(stream: _Stream, lim: _ImageLimits, low: int, high: int) -> Microbatch:
     """Next-fit packing under seq_len and the image cap, with `low <= images <= high`.
 
-    Images beyond `high` are dropped from their document (its text stays). Until `low` images are in, text-only
-    documents are skipped and room for the missing images (one text token each) is held back, trimming text.
+    Images beyond `high` are dropped from their document (its text stays). Until `low` images are in,
+    text-only documents are skipped and room for the missing images (one text token each) is held back,
+    trimming text.
     """
     docs: list[Document] = []
     room, images = lim.seq_len, 0
@@ -283,7 +290,9 @@ def _pack_images(stream: _Stream, lim: _ImageLimits, low: int, high: int) -> Mic
         if room == 0:
             break
     else:
-        raise RuntimeError(f"could not pack {low} images into a microbatch in {_MAX_DRAWS_PER_MICROBATCH} draws")
+        raise RuntimeError(
+            f"could not pack {low} images into a microbatch in {_MAX_DRAWS_PER_MICROBATCH} draws"
+        )
     return Microbatch(documents=tuple(docs))
 
 
@@ -313,9 +322,9 @@ class _VideoLimits:
 def _pack_video(stream: _Stream, lim: _VideoLimits, low_frames: int, high_frames: int) -> Microbatch:
     """Next-fit packing of video-caption pairs: at most 8 clips and 16 s, captions within seq_len.
 
-    A clip longer than what `high_frames` leaves is cut to fit; while the microbatch holds fewer than `low_frames`,
-    clips are stretched so the remaining clip slots can still reach it. When no video may be added at all, the
-    microbatch is one caption (text only).
+    A clip longer than what `high_frames` leaves is cut to fit; while the microbatch holds fewer than
+    `low_frames`, clips are stretched so the remaining clip slots can still reach it (captions scale with the
+    clip). When no video may be added at all, the microbatch is one caption (text only).
     """
     docs: list[Document] = []
     room, frames = lim.seq_len, 0
@@ -328,13 +337,14 @@ def _pack_video(stream: _Stream, lim: _VideoLimits, low_frames: int, high_frames
         f = min(draft.clip_frames, high_frames - frames)
         if need > 0:
             f = max(f, math.ceil(need / (MAX_CLIPS_PER_MICROBATCH - len(docs))))
-        text = min(draft.text_tokens, room)
         if f <= 0:
             if not docs:
-                docs.append(Document(text_tokens=text))
+                docs.append(Document(text_tokens=min(draft.text_tokens, room)))
             else:
                 stream.push_back(draft)
             break
+        # A cut or stretched clip keeps its caption's density: captions are proportional to duration.
+        text = min(max(1, round(draft.text_tokens * f / draft.clip_frames)), room)
         clip = MediaItem(modality=Modality.VIDEO, tokens=f * lim.frame_tokens)
         docs.append(Document(text_tokens=text, media=(clip,)))
         room -= text
@@ -342,11 +352,13 @@ def _pack_video(stream: _Stream, lim: _VideoLimits, low_frames: int, high_frames
     return Microbatch(documents=tuple(docs))
 
 
-# ---- public API ------------------------------------------------------------------------------------------------
+# ---- public API --------------------------------------------------------------------------------------------
 
 
 def _generator(seed: int, iteration: int, dp_replica: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(iteration, dp_replica))))
+    return np.random.Generator(
+        np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(iteration, dp_replica)))
+    )
 
 
 def _sample(
@@ -372,7 +384,9 @@ def _sample(
                 "microbatch holds",
             )
             hi_f = min(hi_f, math.floor(bounds.high / vlim.frame_s + 1e-9))
-            lo_f = min(math.ceil(bounds.low / vlim.frame_s - 1e-9), hi_f)  # the upper bound wins a rounding tie
+            lo_f = min(
+                math.ceil(bounds.low / vlim.frame_s - 1e-9), hi_f
+            )  # the upper bound wins a rounding tie
         scale = _Scale(text=text_scale, frame_s=vlim.frame_s)
 
         def pack(stream: _Stream) -> Microbatch:
@@ -383,13 +397,14 @@ def _sample(
         lo, hi = 0, ilim.max_images
         if bounds is not None:
             require(bounds.unit == "images", f"workload '{workload.name}' is bounded in images")
+            feasible = min(ilim.max_images, ilim.seq_len // (ilim.merged + 1))  # each with one text token
+            require(
+                math.ceil(bounds.low) <= feasible,
+                f"image_bounds: low ({bounds.low:g}) images of {ilim.merged} tokens do not fit seq_len "
+                f"({ilim.seq_len}); use at most {feasible}",
+            )
             hi = min(hi, math.floor(bounds.high))
             lo = min(math.ceil(bounds.low), hi)
-            require(
-                lo * (ilim.merged + 1) <= ilim.seq_len,
-                f"image_bounds: low ({lo}) images of {ilim.merged} tokens do not fit seq_len ({ilim.seq_len}); "
-                f"use at most {ilim.seq_len // (ilim.merged + 1)}",
-            )
         scale = _Scale(text=text_scale, frame_s=1.0)
 
         def pack(stream: _Stream) -> Microbatch:
@@ -431,7 +446,7 @@ def dynamic_batch(workload: Workload, *, seed: int, iteration: int, dp_replica: 
 
 
 def dynamic_trace(workload: Workload, *, seed: int, iterations: int) -> Iterator[BatchMetadata]:
-    """The paper's dynamic workload (Fig. 8b): media bounds rise and fall over a repeating 20-iteration pattern."""
+    """The paper's dynamic workload (Fig. 8b): media bounds rise and fall in a repeating 20-iteration pattern."""
     require(iterations >= 0, f"iterations must not be negative, got {iterations}")
     for k in range(iterations):
         yield dynamic_batch(workload, seed=seed, iteration=k)

@@ -121,18 +121,31 @@ def module_specs(
     )
 
 
+# Module kinds in DAG order of the two model families the paper studies; drawn half the time so that edges
+# of both merge kinds are common, not a lucky accident of independent draws.
+_FAMILIES: dict[str, tuple[LayerKind, ...]] = {
+    "vlm": (LayerKind.VIT_BLOCK, LayerKind.DECODER_BLOCK),
+    "t2v": (LayerKind.DECODER_BLOCK, LayerKind.DIT_BLOCK),
+}
+
+
 @st.composite
 def model_specs(draw: st.DrawFn, *, max_modules: int = 4) -> ModelSpec:
-    """A valid model DAG. Many modules share one width, so token-scatter edges are often possible."""
-    names = draw(st.lists(identifiers, min_size=1, max_size=max_modules, unique=True))
+    """A valid model DAG: a VLM, a T2V model, or 1 to `max_modules` random modules with random valid edges."""
+    family = draw(st.sampled_from([None, "vlm", "t2v"]))
+    if family is None:
+        kinds = tuple(draw(st.lists(st.sampled_from(LayerKind), min_size=1, max_size=max_modules)))
+    else:
+        kinds = _FAMILIES[family]
+    names = draw(st.lists(identifiers, min_size=len(kinds), max_size=len(kinds), unique=True))
+    # Many modules share one width and ViTs often project to it, so token-scatter edges are often possible.
     shared_hidden = 64 * draw(st.integers(1, 64))
     modules: list[ModuleSpec] = []
-    for name in names:
-        kind = draw(st.sampled_from(LayerKind))
-        hidden = draw(st.sampled_from([shared_hidden, None]))
+    for name, kind in zip(names, kinds, strict=True):
+        hidden = shared_hidden if family or draw(st.booleans()) else None
         module = draw(module_specs(name=name, kind=kind, hidden=hidden))
-        if kind is LayerKind.VIT_BLOCK and draw(st.booleans()):
-            module = _with_projector_out(module, shared_hidden)
+        if kind is LayerKind.VIT_BLOCK and (family or draw(st.booleans())):
+            module = replace(module, projector_out=shared_hidden)
         modules.append(module)
     candidates = [
         ModuleEdge(src=src.name, dst=dst.name, merge=merge)
@@ -141,12 +154,9 @@ def model_specs(draw: st.DrawFn, *, max_modules: int = 4) -> ModelSpec:
         for merge in MergeKind
         if _edge_ok(src, dst, merge)
     ]
-    edges = draw(st.lists(st.sampled_from(candidates), unique=True)) if candidates else []
+    min_edges = 1 if family else 0
+    edges = draw(st.lists(st.sampled_from(candidates), min_size=min_edges, unique=True)) if candidates else []
     return ModelSpec(name=draw(st.text(max_size=16)), modules=tuple(modules), edges=tuple(edges))
-
-
-def _with_projector_out(m: ModuleSpec, projector_out: int) -> ModuleSpec:
-    return replace(m, projector_out=projector_out)
 
 
 def _edge_ok(src: ModuleSpec, dst: ModuleSpec, merge: MergeKind) -> bool:
@@ -317,7 +327,7 @@ def rank_plans(
         else:
             actions.append(Wait(draw(st.sampled_from(posted))))
     predicted: tuple[tuple[float, float], ...] = ()
-    if actions and draw(st.booleans()):
+    if draw(st.booleans()) and actions:
         starts = sorted(draw(st.lists(durations_ms, min_size=len(actions), max_size=len(actions))))
         predicted = tuple((s, s + draw(durations_ms)) for s in starts)
     return RankPlan(rank=rank, actions=tuple(actions), predicted_ms=predicted)

@@ -18,12 +18,14 @@ from hypothesis import strategies as st
 from pipeweaver import presets, wire
 from pipeweaver.errors import SpecError
 from pipeweaver.plan.ir import (
+    Action,
     CommBatch,
     Compute,
     Direction,
     Pass,
     PipelineInfo,
     Placement,
+    Plan,
     PlanHeader,
     PlanSource,
     RankPlan,
@@ -33,8 +35,10 @@ from pipeweaver.plan.ir import (
     Transfer,
     Wait,
 )
+from pipeweaver.plan.layouts import modular_placement, split_sub_microbatches
+from pipeweaver.spec.batch import BatchMetadata, Document, MediaItem, Microbatch
 from pipeweaver.spec.hardware import HARDWARE_PRESETS, HardwareSpec
-from pipeweaver.spec.model import ImageGeometry, ModelSpec, VideoGeometry
+from pipeweaver.spec.model import ImageGeometry, Modality, ModelSpec, VideoGeometry
 from pipeweaver.spec.parallel import ParallelSpec
 from pipeweaver.spec.workload import Workload
 from pipeweaver.v1 import planner_pb2 as pb
@@ -94,7 +98,7 @@ def test_placement_round_trips(placement: Placement) -> None:
 
 @plan_settings
 @given(plans())
-def test_plan_round_trips(plan: Any) -> None:
+def test_plan_round_trips(plan: Plan) -> None:
     assert_round_trips(plan, wire.plan_to_proto, wire.plan_from_proto)
     assert_round_trips(plan.header, wire.header_to_proto, wire.header_from_proto)
     for rank_plan in plan.ranks:
@@ -117,6 +121,30 @@ def test_preset_workloads_round_trip(workload: Workload) -> None:
 @pytest.mark.parametrize("hardware", HARDWARE_PRESETS.values(), ids=lambda h: h.name)
 def test_hardware_presets_round_trip(hardware: HardwareSpec) -> None:
     assert_round_trips(hardware, wire.hardware_to_proto, wire.hardware_from_proto)
+
+
+def test_real_placement_and_split_round_trip() -> None:
+    """What the planner actually sends: a modular placement and a token-balanced sub-microbatch split."""
+    workload = presets.tiny_vlm(pp=2)
+    placement = modular_placement(workload.model, 2, {"vit": 2, "llm": 1})
+    image = MediaItem(Modality.IMAGE, 16, 4)
+    batch = BatchMetadata(
+        3, (Microbatch((Document(20, (image,) * 3), Document(5))), Microbatch((Document(9),)))
+    )
+    header = PlanHeader(
+        job_id="job-1",
+        iteration=batch.iteration,
+        placement=placement,
+        sub_microbatches=split_sub_microbatches(workload.model, placement, batch, {"vit": 2}),
+        num_microbatches=len(batch.microbatches),
+        schedule="pipeweaver",
+        source=PlanSource.SEARCH,
+        split_backward=True,
+        peak_memory_bytes=(1.5e9, 2.5e9),
+        baseline_makespans_ms=(("1f1b", 12.5),),
+    )
+    assert_round_trips(batch, wire.batch_to_proto, wire.batch_from_proto)
+    assert_round_trips(header, wire.header_to_proto, wire.header_from_proto)
 
 
 # ---- unset wire fields take the dataclass defaults ---------------------------------------------------------
@@ -313,9 +341,8 @@ def test_bad_plan_names_the_field() -> None:
 def test_transfer_round_trips_every_direction() -> None:
     stage = StageKey("vit", 1, 2, 3, Pass.W)
     for direction in Direction:
-        batch = CommBatch(
-            5, (Transfer(direction, 0, stage, stage.with_pass(Pass.I), (TensorSpec((2,), "f32"),)),)
-        )
+        op = Transfer(direction, 0, stage, stage.with_pass(Pass.I), (TensorSpec((2,), "f32"),))
+        batch: Action = CommBatch(5, (op,))
         assert_round_trips(batch, wire.action_to_proto, wire.action_from_proto)
 
 

@@ -72,12 +72,16 @@ def render_grid(plan: Plan, marks: Sequence[tuple[int, int]] = (), *, radius: in
     widths = [max([len(header[k]), *(len(row[k]) for row in table)]) for k in range(len(columns))]
 
     def line(label: str, cells: Sequence[str]) -> str:
-        return (label.ljust(label_width) + " | " + "  ".join(t.ljust(w) for t, w in zip(cells, widths))).rstrip()
+        return (
+            label.ljust(label_width)
+            + " | "
+            + "  ".join(t.ljust(w) for t, w in zip(cells, widths, strict=True))
+        ).rstrip()
 
     out = [line("step", header)]
     for r, row in enumerate(table):
         out.append(line(labels[r], row))
-        carets = [("^" * len(t) if (r, c) in marked else "") for t, c in zip(row, columns)]
+        carets = [("^" * len(t) if (r, c) in marked else "") for t, c in zip(row, columns, strict=True)]
         if any(carets):
             out.append(line("", carets))
     notes = []

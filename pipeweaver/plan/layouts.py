@@ -95,9 +95,19 @@ def _min_max_partition(weights: Sequence[float], parts: int) -> list[int]:
 
 
 def mixed_placement(
-    model: ModelSpec, pp: int, virtual: int = 1, *, order: RankOrder = RankOrder.ROUND_ROBIN, name: str = "model"
+    model: ModelSpec,
+    pp: int,
+    virtual: int = 1,
+    *,
+    order: RankOrder = RankOrder.ROUND_ROBIN,
+    name: str = "model",
+    layer_weights: Sequence[float] | None = None,
 ) -> Placement:
-    """All modules end to end as one pipeline of pp*virtual chunks balanced by parameter count (Megatron)."""
+    """All modules end to end as one pipeline of pp*virtual chunks balanced by parameter count (Megatron).
+
+    `layer_weights` (one per layer, modules in declaration order) balances by another cost instead, e.g. the
+    FLOPs of a representative batch (nnScaler-style static partitioning).
+    """
     layers: list[tuple[str, int, float]] = []
     for m in model.modules:
         for i in range(m.layers):
@@ -107,6 +117,12 @@ def mixed_placement(
             if i == m.layers - 1:
                 w += m.post_params()
             layers.append((m.name, i, w))
+    if layer_weights is not None:
+        if len(layer_weights) != len(layers):
+            raise ValueError(
+                f"layer_weights has {len(layer_weights)} entries; model '{model.name}' has {len(layers)} layers"
+            )
+        layers = [(module, i, float(w)) for (module, i, _), w in zip(layers, layer_weights, strict=True)]
     n = pp * virtual
     if len(layers) < n:
         raise ValueError(f"model '{model.name}' has {len(layers)} layers, fewer than pp*virtual = {n} chunks")

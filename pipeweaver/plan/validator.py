@@ -1,0 +1,444 @@
+"""Prove that a plan runs, before a trainer finds out by hanging or by computing a wrong gradient.
+
+Structural checks come first: every stage once on its rank, backward memory strategy equal to forward's, every
+cross-rank data edge sent and received exactly once, per-peer posting orders and shapes that agree. Then a dry
+run walks all ranks with NCCL/gloo rendezvous semantics and finds use-before-receive and deadlocks. An error
+names the defect on its first line and renders the rank-by-step grid with the offending cells marked.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+from pipeweaver.errors import InvalidPlan
+from pipeweaver.plan.graph import StageGraph, stage_graph
+from pipeweaver.plan.grid import render_grid
+from pipeweaver.plan.ir import CommBatch, Compute, Direction, Pass, Plan, StageKey, TensorSpec, Transfer, Wait
+
+Edge = tuple[StageKey, StageKey]
+"""A data edge: (producer, consumer)."""
+Pair = tuple[int, int]
+"""An ordered rank pair: (sender, receiver)."""
+Cell = tuple[int, int]
+"""A grid cell: (rank, step)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Posted:
+    """One transfer where a rank posts it."""
+
+    rank: int
+    step: int
+    handle: int
+    op: Transfer
+    k: int
+    """Position among the same-direction ops of its (sender, receiver) pair, in posting order."""
+
+    @property
+    def is_send(self) -> bool:
+        return self.op.direction is Direction.SEND
+
+    @property
+    def pair(self) -> Pair:
+        return (self.rank, self.op.peer) if self.is_send else (self.op.peer, self.rank)
+
+    @property
+    def edge(self) -> Edge:
+        return (self.op.src, self.op.dst)
+
+    @property
+    def where(self) -> str:
+        return f"comm#{self.handle} at step {self.step}"
+
+
+def validate(plan: Plan, *, graph: StageGraph | None = None) -> None:
+    """Raise `InvalidPlan` unless every rank of `plan` can run its actions to the end with matched transfers.
+
+    `graph` must be `stage_graph(plan.header)`; pass it when you already have it.
+    """
+    _Checker(plan, graph or stage_graph(plan.header)).run()
+
+
+def _ordinal(k: int) -> str:
+    n = k + 1
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _tensors_text(tensors: Sequence[TensorSpec]) -> str:
+    return "[" + ", ".join(f"{t.dtype}{list(t.shape)}" for t in tensors) + "]"
+
+
+class _Checker:
+    """One validation: builds O(actions) indexes once, raises on the first defect."""
+
+    def __init__(self, plan: Plan, graph: StageGraph) -> None:
+        self.plan = plan
+        self.g = graph
+        self.computes: dict[StageKey, tuple[int, int, Compute]] = {}
+        """stage -> (rank, step, action)."""
+        self.sends: dict[Edge, _Posted] = {}
+        self.recvs: dict[Edge, _Posted] = {}
+        self.pair_sends: dict[Pair, list[_Posted]] = defaultdict(list)
+        self.pair_recvs: dict[Pair, list[_Posted]] = defaultdict(list)
+        self.batches: dict[tuple[int, int], list[_Posted]] = {}
+        """(rank, handle) -> the batch's ops."""
+        self.waits: dict[tuple[int, int], int] = {}
+        """(rank, handle) -> step of the batch's wait."""
+
+    def run(self) -> None:
+        self._check_ranks()
+        self._check_computes()
+        self._check_missing()
+        self._check_recompute()
+        self._check_comms()
+        self._check_edges()
+        self._check_pairs()
+        _DryRun(self).run()
+
+    def fail(self, defect: str, detail: str, marks: Sequence[Cell] = ()) -> NoReturn:
+        h = self.plan.header
+        raise InvalidPlan(
+            f"{defect}: {detail}\n"
+            f"plan '{h.job_id}' iteration {h.iteration} ({h.schedule}), {len(self.plan.ranks)} ranks:\n"
+            + render_grid(self.plan, marks)
+        )
+
+    # ---- (a) ranks and computes ---------------------------------------------------------------------------
+
+    def _check_ranks(self) -> None:
+        pp, n_ranks = self.plan.header.placement.pp, len(self.plan.ranks)
+        if n_ranks != pp:
+            self.fail("rank count", f"the plan has {n_ranks} rank lists but the placement has pp={pp}")
+        for r, rp in enumerate(self.plan.ranks):
+            if rp.rank != r:
+                self.fail(
+                    "rank order", f"plan.ranks[{r}] holds rank {rp.rank}; list ranks 0..{pp - 1} in order"
+                )
+            n, m = len(rp.predicted_ms), len(rp.actions)
+            if n and n != m:
+                self.fail(
+                    "predicted_ms length",
+                    f"rank {r} has {n} predicted windows for {m} actions; give one per action or none",
+                    [(r, min(n, m))],
+                )
+
+    def _check_computes(self) -> None:
+        g = self.g
+        for r, rp in enumerate(self.plan.ranks):
+            for i, action in enumerate(rp.actions):
+                if not isinstance(action, Compute):
+                    continue
+                s = action.stage
+                if s not in g.rank:
+                    self.fail(
+                        "extra action",
+                        f"rank {r} runs {s} at step {i}, which is not a stage of this batch (no such "
+                        "pipeline, chunk, microbatch or sub-microbatch, or a pass this plan does not run)",
+                        [(r, i)],
+                    )
+                if g.rank[s] != r:
+                    self.fail(
+                        "wrong rank",
+                        f"rank {r} runs {s} at step {i}, but chunk {s.chunk} of pipeline '{s.pipeline}' "
+                        f"is placed on rank {g.rank[s]}",
+                        [(r, i)],
+                    )
+                if s in self.computes:
+                    j = self.computes[s][1]
+                    self.fail(
+                        "duplicate action", f"rank {r} runs {s} twice (steps {j} and {i})", [(r, j), (r, i)]
+                    )
+                self.computes[s] = (r, i, action)
+
+    def _check_missing(self) -> None:
+        g = self.g
+        for s in g.stages:
+            if s in self.computes:
+                continue
+            r = g.rank[s]
+            needers = sorted(
+                (self.computes[t][1], t) for t in g.succs[s] if self.computes.get(t, (-1,))[0] == r
+            )
+            if needers:
+                step, needer = needers[0]
+                detail = f"{s} is never computed; rank {r} runs {needer} at step {step}, which needs it"
+            else:
+                step, detail = (
+                    len(self.plan.ranks[r].actions),
+                    f"{s} is never computed; it belongs on rank {r}",
+                )
+            self.fail("missing action", detail, [(r, step)])
+
+    # ---- (b) memory strategy ------------------------------------------------------------------------------
+
+    def _check_recompute(self) -> None:
+        for s, (r, i, action) in self.computes.items():
+            if not s.pass_.is_backward:
+                continue
+            fr, fi, forward = self.computes[s.with_pass(Pass.F)]
+            if forward.recompute is not action.recompute:
+                self.fail(
+                    "recompute mismatch",
+                    f"rank {r} runs {s} with recompute '{action.recompute.value}' but its forward "
+                    f"{forward.stage} ran with '{forward.recompute.value}'; a backward must use its "
+                    "forward's memory strategy",
+                    [(r, i), (fr, fi)],
+                )
+
+    # ---- (c) transfers, batches and waits -----------------------------------------------------------------
+
+    def _check_comms(self) -> None:
+        for r, rp in enumerate(self.plan.ranks):
+            handles: dict[int, int] = {}
+            for i, action in enumerate(rp.actions):
+                if isinstance(action, CommBatch):
+                    self._check_batch(r, i, action, handles)
+                elif isinstance(action, Wait):
+                    self._check_wait(r, i, action.handle, handles)
+            for h, i in handles.items():
+                if (r, h) not in self.waits:
+                    self.fail(
+                        "missing wait", f"rank {r} posts comm#{h} at step {i} but never waits on it", [(r, i)]
+                    )
+
+    def _check_wait(self, r: int, i: int, h: int, handles: dict[int, int]) -> None:
+        if h not in handles:
+            self.fail(
+                "wait without batch", f"rank {r} reaches wait#{h} at step {i} before any comm#{h}", [(r, i)]
+            )
+        if (r, h) in self.waits:
+            j = self.waits[(r, h)]
+            self.fail(
+                "duplicate wait", f"rank {r} waits on comm#{h} twice (steps {j} and {i})", [(r, j), (r, i)]
+            )
+        self.waits[(r, h)] = i
+
+    def _check_batch(self, r: int, i: int, batch: CommBatch, handles: dict[int, int]) -> None:
+        h = batch.handle
+        if h in handles:
+            j = handles[h]
+            self.fail(
+                "duplicate handle", f"rank {r} posts comm#{h} twice (steps {j} and {i})", [(r, j), (r, i)]
+            )
+        handles[h] = i
+        if not batch.ops:
+            self.fail("empty batch", f"rank {r} posts comm#{h} at step {i} with no transfers", [(r, i)])
+        posted: list[_Posted] = []
+        for op in batch.ops:
+            self._check_op(r, i, h, op)
+            send = op.direction is Direction.SEND
+            book = self.sends if send else self.recvs
+            first = book.get((op.src, op.dst))
+            if first is not None:
+                self.fail(
+                    f"duplicate {op.direction.value}",
+                    f"{op.src}->{op.dst} is {'sent' if send else 'received'} twice: by rank {first.rank} in "
+                    f"{first.where} and by rank {r} in comm#{h} at step {i}",
+                    [(first.rank, first.step), (r, i)],
+                )
+            queue = self.pair_sends[(r, op.peer)] if send else self.pair_recvs[(op.peer, r)]
+            p = _Posted(rank=r, step=i, handle=h, op=op, k=len(queue))
+            queue.append(p)
+            book[p.edge] = p
+            posted.append(p)
+        self.batches[(r, h)] = posted
+
+    def _check_op(self, r: int, i: int, h: int, op: Transfer) -> None:
+        g, src, dst = self.g, op.src, op.dst
+        where = f"rank {r} comm#{h} (step {i})"
+        if src not in g.rank or dst not in g.rank or src not in g.data_preds[dst]:
+            self.fail("not a data edge", f"{where} carries {op}, but {dst} does not consume {src}", [(r, i)])
+        if g.rank[src] == g.rank[dst]:
+            self.fail("local transfer", f"{where} carries {op}, but both run on rank {g.rank[src]}", [(r, i)])
+        if op.direction is Direction.SEND:
+            owner, peer, role = g.rank[src], g.rank[dst], "producer"
+        else:
+            owner, peer, role = g.rank[dst], g.rank[src], "consumer"
+        if r != owner:
+            self.fail("wrong rank", f"{where} carries {op}, but its {role} runs on rank {owner}", [(r, i)])
+        if op.peer != peer:
+            self.fail("wrong peer", f"{where} carries {op}, but the peer stage runs on rank {peer}", [(r, i)])
+
+    def _check_edges(self) -> None:
+        """Every cross-rank data edge has its send and its receive."""
+        g = self.g
+        for dst in g.stages:
+            for src in g.remote_inputs(dst):
+                send, recv = self.sends.get((src, dst)), self.recvs.get((src, dst))
+                a, b = g.rank[src], g.rank[dst]
+                if send is None and recv is None:
+                    self.fail(
+                        "missing transfer",
+                        f"{src}->{dst} crosses from rank {a} to rank {b} but is neither sent nor received",
+                        [(b, self.computes[dst][1])],
+                    )
+                if recv is None:
+                    assert send is not None
+                    self.fail(
+                        "missing recv",
+                        f"rank {a} sends {src}->{dst} in {send.where} but rank {b} never receives it",
+                        [(a, send.step)],
+                    )
+                if send is None:
+                    self.fail(
+                        "missing send",
+                        f"rank {b} receives {src}->{dst} in {recv.where} but rank {a} never sends it",
+                        [(b, recv.step)],
+                    )
+
+    # ---- (d) per-peer order and shapes --------------------------------------------------------------------
+
+    def _check_pairs(self) -> None:
+        """The k-th send from a to b and the k-th receive on b from a are one transfer, alike in shape."""
+        for (a, b), sends in sorted(self.pair_sends.items()):
+            recvs = self.pair_recvs[(a, b)]
+            if len(sends) != len(recvs):  # unreachable after _check_edges; kept so this check stands alone
+                self.fail(
+                    "unmatched transfers",
+                    f"rank {a} sends {len(sends)} to rank {b}, which receives {len(recvs)}",
+                )
+            for k, (s, v) in enumerate(zip(sends, recvs, strict=True)):
+                marks = [(a, s.step), (b, v.step)]
+                if s.edge != v.edge:
+                    self.fail(
+                        "order mismatch",
+                        f"rank {a}'s {_ordinal(k)} send to rank {b} is {s.op.src}->{s.op.dst} ({s.where}) "
+                        f"but rank {b}'s {_ordinal(k)} receive from rank {a} is {v.op.src}->{v.op.dst} "
+                        f"({v.where}); point-to-point ops between two ranks match in posting order",
+                        marks,
+                    )
+                if s.op.tensors != v.op.tensors:
+                    ns, nv = len(s.op.tensors), len(v.op.tensors)
+                    self.fail(
+                        "shape mismatch",
+                        f"rank {a} sends {s.op.src}->{s.op.dst} as {_tensors_text(s.op.tensors)} ({s.where}) "
+                        f"but rank {b} receives it into {_tensors_text(v.op.tensors)} ({v.where})"
+                        + (f": {ns} tensors vs {nv}" if ns != nv else ""),
+                        marks,
+                    )
+
+
+class _DryRun:
+    """Every rank runs until it blocks on a wait; it resumes when a peer posts what the wait needs.
+
+    Computes and batch posts never block; a send is matched once the peer posted the matching receive and a
+    receive once the peer posted the matching send (rendezvous, as NCCL and gloo behave).
+    """
+
+    def __init__(self, checker: _Checker) -> None:
+        self.c = checker
+        self.ranks = checker.plan.ranks
+        self.pos = [0] * len(self.ranks)
+        self.done: set[StageKey] = set()
+        self.delivered: set[Edge] = set()
+        """Edges whose receive has completed (its wait passed) on the consumer's rank."""
+        self.posted_sends: dict[Pair, int] = defaultdict(int)
+        self.posted_recvs: dict[Pair, int] = defaultdict(int)
+
+    def matched(self, p: _Posted) -> bool:
+        return (self.posted_recvs if p.is_send else self.posted_sends)[p.pair] > p.k
+
+    def run(self) -> None:
+        ready = deque(range(len(self.ranks)))
+        queued = [True] * len(self.ranks)
+        while ready:
+            r = ready.popleft()
+            queued[r] = False
+            actions = self.ranks[r].actions
+            while self.pos[r] < len(actions):
+                i, action = self.pos[r], actions[self.pos[r]]
+                if isinstance(action, Compute):
+                    self.check_inputs(r, i, action.stage)
+                    self.done.add(action.stage)
+                elif isinstance(action, CommBatch):
+                    for p in self.c.batches[(r, action.handle)]:
+                        self.post(p)
+                        if not queued[p.op.peer]:
+                            queued[p.op.peer] = True
+                            ready.append(p.op.peer)
+                else:
+                    ops = self.c.batches[(r, action.handle)]
+                    if not all(self.matched(p) for p in ops):
+                        break
+                    self.delivered.update(p.edge for p in ops if not p.is_send)
+                self.pos[r] += 1
+        self.check_finished()
+
+    def post(self, p: _Posted) -> None:
+        if not p.is_send:
+            self.posted_recvs[p.pair] += 1
+            return
+        if p.op.src not in self.done:
+            j = self.c.computes[p.op.src][1]
+            self.c.fail(
+                "send before compute",
+                f"rank {p.rank} sends {p.op.src}->{p.op.dst} in {p.where}, "
+                f"before computing {p.op.src} (step {j})",
+                [(p.rank, p.step), (p.rank, j)],
+            )
+        self.posted_sends[p.pair] += 1
+
+    def check_inputs(self, r: int, i: int, stage: StageKey) -> None:
+        g, c = self.c.g, self.c
+        for p in g.preds[stage]:
+            if g.rank[p] != r:  # a remote producer: its receive must have completed here
+                if (p, stage) in self.delivered:
+                    continue
+                recv = c.recvs[(p, stage)]
+                wait = c.waits[(r, recv.handle)]
+                late = (
+                    f"wait#{recv.handle} comes at step {wait}"
+                    if recv.step < i
+                    else f"{recv.where} comes later"
+                )
+                c.fail(
+                    "use before receive",
+                    f"rank {r} runs {stage} at step {i}, which consumes {p} "
+                    f"before its receive completed ({late})",
+                    [(r, i), (r, wait if recv.step < i else recv.step)],
+                )
+            if p in self.done:
+                continue
+            j = c.computes[p][1]
+            if p in g.data_preds[stage]:
+                c.fail(
+                    "use before compute",
+                    f"rank {r} runs {stage} at step {i}, which consumes {p} before computing it (step {j})",
+                    [(r, i), (r, j)],
+                )
+            c.fail(
+                f"{stage.pass_.value} before {p.pass_.value}",
+                f"rank {r} runs {stage} at step {i} before {p} (step {j})",
+                [(r, i), (r, j)],
+            )
+
+    def check_finished(self) -> None:
+        blocked = [r for r, rp in enumerate(self.ranks) if self.pos[r] < len(rp.actions)]
+        if not blocked:
+            return
+        lines = []
+        for r in blocked:
+            wait = self.ranks[r].actions[self.pos[r]]
+            assert isinstance(wait, Wait)  # computes and posts never block
+            needs = [self.unmatched(p) for p in self.c.batches[(r, wait.handle)] if not self.matched(p)]
+            lines.append(
+                f"  rank {r} blocks at step {self.pos[r]} on wait#{wait.handle}: " + "; ".join(needs)
+            )
+        self.c.fail(
+            "deadlock",
+            f"ranks {', '.join(map(str, blocked))} wait on each other and none can progress\n"
+            + "\n".join(lines),
+            [(r, self.pos[r]) for r in blocked],
+        )
+
+    def unmatched(self, p: _Posted) -> str:
+        partner = (self.c.recvs if p.is_send else self.c.sends)[p.edge]
+        what = "receive" if p.is_send else "send"
+        return (
+            f"{p.op.direction.value} {p.op.src}->{p.op.dst} needs rank {partner.rank}'s {what} "
+            f"({partner.where}), but rank {partner.rank} is stuck at step {self.pos[partner.rank]}"
+        )

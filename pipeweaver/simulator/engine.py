@@ -1,0 +1,420 @@
+"""SEMU's event simulation: replay a plan's per-rank action lists on stage costs and a link model.
+
+Each rank has one compute stream that runs its computes in order. A `CommBatch` posts its sends and receives at
+the rank's clock; a transfer starts once both ends have posted and its directed link is free (FIFO), and lasts
+latency + bytes / bandwidth; a `Wait` moves the rank's clock to the end of its batch's last transfer. Memory: a
+forward allocates its activations when it starts; the pass that ends the chunk's backward (B, or W when backward
+is split; I when there is no W) frees them when it ends. The loop itself lives in `sim_kernel`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+
+import numpy as np
+
+from pipeweaver.errors import InvalidPlan
+from pipeweaver.plan.graph import backward_passes, stage_graph
+from pipeweaver.plan.ir import (
+    Action,
+    CommBatch,
+    Compute,
+    Direction,
+    Pass,
+    Plan,
+    PlanHeader,
+    StageKey,
+    TensorSpec,
+    Wait,
+)
+from pipeweaver.simulator.sim_kernel import (
+    COMPUTE,
+    DEADLOCK,
+    POST,
+    WAIT,
+    FlatPlan,
+    FlatResult,
+    FloatArray,
+    run_numba,
+    run_reference,
+)
+from pipeweaver.spec.hardware import HardwareSpec
+from pipeweaver.spec.parallel import ParallelSpec
+
+DTYPE_BYTES: dict[str, int] = {
+    "bfloat16": 2,
+    "float16": 2,
+    "float32": 4,
+    "float64": 8,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int64": 8,
+    "int32": 4,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
+
+
+@lru_cache(maxsize=4096)
+def transfer_bytes(tensors: tuple[TensorSpec, ...]) -> int:
+    """Bytes a transfer moves: the sum over its tensors of prod(shape) * dtype size."""
+    total = 0
+    for t in tensors:
+        try:
+            size = DTYPE_BYTES[t.dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype '{t.dtype}' in a transfer; known: {sorted(DTYPE_BYTES)}") from None
+        total += math.prod(t.shape) * size
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class StageCosts:
+    """What the cost model tells the simulator: plain numbers per stage and per rank."""
+
+    compute_ms: Mapping[StageKey, float]
+    """Compute time of every stage the plan runs (all passes)."""
+    act_bytes: Mapping[StageKey, float] = field(default_factory=dict)
+    """Activation memory a forward keeps for its backward, keyed by the forward (F) stage; missing means 0."""
+    static_bytes: Sequence[float] = ()
+    """Per-rank memory held for the whole step (weights, gradients, optimizer states); empty means 0."""
+
+    @staticmethod
+    def uniform(
+        header: PlanHeader,
+        *,
+        forward_ms: float,
+        backward_ms: float,
+        act_bytes: float = 0.0,
+        static_bytes: float = 0.0,
+    ) -> StageCosts:
+        """Every stage of `header` costs the same regardless of its layers; I and W split `backward_ms` evenly."""
+        per_pass = {Pass.F: forward_ms, Pass.B: backward_ms, Pass.I: backward_ms / 2, Pass.W: backward_ms / 2}
+        stages = stage_graph(header).stages
+        return StageCosts(
+            compute_ms={s: per_pass[s.pass_] for s in stages},
+            act_bytes={s: act_bytes for s in stages if s.pass_ is Pass.F},
+            static_bytes=(static_bytes,) * header.placement.pp,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LinkModel:
+    """Point-to-point cost between pipeline ranks: latency_ms + bytes / bandwidth of the directed pair."""
+
+    latency_ms: float
+    bandwidth_bytes_per_s: tuple[tuple[float, ...], ...]
+    """[src][dst] bandwidth in bytes/s; math.inf makes the bytes free."""
+
+    def __post_init__(self) -> None:
+        pp = len(self.bandwidth_bytes_per_s)
+        if any(len(row) != pp for row in self.bandwidth_bytes_per_s):
+            raise ValueError(f"bandwidth_bytes_per_s must be a square pp x pp table (pp = {pp})")
+        if self.latency_ms < 0:
+            raise ValueError(f"latency_ms must not be negative, got {self.latency_ms}")
+        if any(bw <= 0 for row in self.bandwidth_bytes_per_s for bw in row):
+            raise ValueError("bandwidth_bytes_per_s must be positive everywhere (math.inf for free links)")
+
+    @property
+    def pp(self) -> int:
+        return len(self.bandwidth_bytes_per_s)
+
+    def transfer_ms(self, src: int, dst: int, num_bytes: float) -> float:
+        return self.latency_ms + num_bytes / self.bandwidth_bytes_per_s[src][dst] * 1e3
+
+    @staticmethod
+    def zero(pp: int) -> LinkModel:
+        """Free communication: every transfer takes no time (for tests and compute-only what-ifs)."""
+        return LinkModel(latency_ms=0.0, bandwidth_bytes_per_s=((math.inf,) * pp,) * pp)
+
+    @staticmethod
+    def uniform(pp: int, *, latency_ms: float, bandwidth_bytes_per_s: float) -> LinkModel:
+        return LinkModel(latency_ms=latency_ms, bandwidth_bytes_per_s=((bandwidth_bytes_per_s,) * pp,) * pp)
+
+    @staticmethod
+    def from_specs(hardware: HardwareSpec, parallel: ParallelSpec, *, dp_replica: int = 0) -> LinkModel:
+        """NVLink between ranks on one node, the network across nodes.
+
+        A replica occupies pp * tp consecutive GPUs and pipeline rank r its GPU r * tp (TP groups innermost, so a
+        TP group never straddles a node); node = GPU // gpus_per_node.
+        """
+        pp, tp = parallel.pp, parallel.tp
+        base = dp_replica * pp * tp
+        gpu = [base + r * tp for r in range(pp)]
+        table = tuple(
+            tuple(hardware.link_bandwidth(gpu[a], gpu[b]) for b in range(pp)) for a in range(pp)
+        )
+        return LinkModel(latency_ms=hardware.p2p_latency_s * 1e3, bandwidth_bytes_per_s=table)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SimResult:
+    """Simulated timeline of one plan. Per-rank arrays are aligned with `plan.ranks[r].actions`."""
+
+    start_ms: tuple[FloatArray, ...]
+    end_ms: tuple[FloatArray, ...]
+    makespan_ms: float
+    """Latest end of any action on any rank (send waits included)."""
+    busy_ms: FloatArray
+    """Per rank, total compute time."""
+    bubble_fraction: float
+    """1 - sum(busy_ms) / (pp * makespan_ms): the idle share of the pipeline's time."""
+    peak_memory_bytes: FloatArray
+    """Per rank, static memory plus the largest live activation total."""
+    memory_time_ms: tuple[FloatArray, ...]
+    """Per rank, times at which its memory changes (the first is 0, at static memory)."""
+    memory_bytes: tuple[FloatArray, ...]
+    """Per rank, memory in use from the matching `memory_time_ms` on."""
+
+    @property
+    def pp(self) -> int:
+        return len(self.start_ms)
+
+    def memory_timeline(self, rank: int) -> list[tuple[float, float]]:
+        """(time_ms, bytes) steps of one rank's memory, in time order."""
+        return list(zip(self.memory_time_ms[rank].tolist(), self.memory_bytes[rank].tolist(), strict=True))
+
+    def to_rank_timings(self) -> tuple[tuple[tuple[float, float], ...], ...]:
+        """Per rank, (start, end) of each action: what `RankPlan.predicted_ms` holds."""
+        return tuple(
+            tuple(zip(s.tolist(), e.tolist(), strict=True)) for s, e in zip(self.start_ms, self.end_ms, strict=True)
+        )
+
+    def annotate(self, plan: Plan) -> Plan:
+        """`plan` with every action's predicted window, the predicted makespan and per-rank peak memory."""
+        timings = self.to_rank_timings()
+        ranks = tuple(replace(rp, predicted_ms=timings[rp.rank]) for rp in plan.ranks)
+        header = replace(
+            plan.header,
+            predicted_makespan_ms=self.makespan_ms,
+            peak_memory_bytes=tuple(self.peak_memory_bytes.tolist()),
+        )
+        return replace(plan, header=header, ranks=ranks)
+
+
+# ---- flattening ----------------------------------------------------------------------------------------------
+
+
+def _freeing_pass(header: PlanHeader, pipeline: str) -> Pass:
+    """The pass whose end releases a chunk's activations; a forward-only pipeline frees them at F's end."""
+    passes = backward_passes(header, pipeline)
+    return passes[-1] if passes else Pass.F
+
+
+def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
+    """Resolve a plan into `FlatPlan` arrays: costs per action, matched sends and receives, FIFO link chains.
+
+    Sends and receives between two ranks match in posting order (as NCCL and gloo do); a matched pair that names
+    different stages or tensors, an unmatched op, or a wait before its batch is an `InvalidPlan`.
+    """
+    header = plan.header
+    pp = header.placement.pp
+    if len(plan.ranks) != pp:
+        raise InvalidPlan(f"plan has {len(plan.ranks)} rank lists, placement has pp={pp}\n{plan.text()}")
+    if link.pp != pp:
+        raise ValueError(f"link model covers {link.pp} ranks, plan has pp={pp}")
+    if costs.static_bytes and len(costs.static_bytes) != pp:
+        raise ValueError(f"static_bytes has {len(costs.static_bytes)} entries, plan has pp={pp}")
+    frees = {p.name: _freeing_pass(header, p.name) for p in header.placement.pipelines}
+    compute_ms, act_bytes = costs.compute_ms, costs.act_bytes
+
+    rank_offsets = [0]
+    kind: list[int] = []
+    duration: list[float] = []
+    alloc: list[float] = []
+    free: list[float] = []
+    op_lo: list[int] = []
+    op_hi: list[int] = []
+    op_action: list[int] = []
+    op_transfers: list[tuple[StageKey, StageKey, tuple[TensorSpec, ...]]] = []
+    sends: dict[tuple[int, int], list[int]] = defaultdict(list)
+    recvs: dict[tuple[int, int], list[int]] = defaultdict(list)
+
+    for r, rp in enumerate(plan.ranks):
+        if rp.rank != r:
+            raise InvalidPlan(f"rank list {r} is labelled rank {rp.rank}\n{plan.text()}")
+        batches: dict[int, tuple[int, int]] = {}
+        for a in rp.actions:
+            index = len(kind)
+            if isinstance(a, Compute):
+                stage = a.stage
+                ms = compute_ms.get(stage)
+                if ms is None:
+                    raise ValueError(f"costs have no compute time for stage {stage} (rank {r})")
+                kind.append(COMPUTE)
+                duration.append(ms)
+                fwd = stage if stage.pass_ is Pass.F else stage.with_pass(Pass.F)
+                alloc.append(act_bytes.get(stage, 0.0) if stage.pass_ is Pass.F else 0.0)
+                free.append(act_bytes.get(fwd, 0.0) if stage.pass_ is frees.get(stage.pipeline) else 0.0)
+                op_lo.append(0)
+                op_hi.append(0)
+            elif isinstance(a, CommBatch):
+                if a.handle in batches:
+                    raise InvalidPlan(_render(plan, r, a, f"rank {r} posts batch #{a.handle} twice"))
+                lo = len(op_action)
+                for t in a.ops:
+                    if not 0 <= t.peer < pp or t.peer == r:
+                        raise InvalidPlan(_render(plan, r, a, f"rank {r} has a transfer with peer {t.peer}"))
+                    o = len(op_action)
+                    op_action.append(index)
+                    op_transfers.append((t.src, t.dst, t.tensors))
+                    if t.direction is Direction.SEND:
+                        sends[(r, t.peer)].append(o)
+                    else:
+                        recvs[(t.peer, r)].append(o)
+                batches[a.handle] = (lo, len(op_action))
+                kind.append(POST)
+                op_lo.append(lo)
+                op_hi.append(len(op_action))
+                duration.append(0.0)
+                alloc.append(0.0)
+                free.append(0.0)
+            else:
+                if a.handle not in batches:
+                    raise InvalidPlan(_render(plan, r, a, f"rank {r} waits for batch #{a.handle} before posting it"))
+                lo, hi = batches[a.handle]
+                kind.append(WAIT)
+                op_lo.append(lo)
+                op_hi.append(hi)
+                duration.append(0.0)
+                alloc.append(0.0)
+                free.append(0.0)
+        rank_offsets.append(len(kind))
+
+    op_match = [-1] * len(op_action)
+    op_transfer = [-1] * len(op_action)
+    transfer_ms: list[float] = []
+    transfer_prev: list[int] = []
+    for pair in sorted(set(sends) | set(recvs)):
+        a, b = pair
+        s_ops, r_ops = sends.get(pair, []), recvs.get(pair, [])
+        prev = -1
+        for k in range(max(len(s_ops), len(r_ops))):
+            if k >= len(s_ops) or k >= len(r_ops):
+                o = s_ops[k] if k < len(s_ops) else r_ops[k]
+                side, owner = ("send", a) if k < len(s_ops) else ("receive", b)
+                src, dst, _ = op_transfers[o]
+                raise InvalidPlan(_render_op(
+                    plan, rank_offsets, owner, op_action[o],
+                    f"{side} {src}->{dst} between ranks {a} and {b} has no matching "
+                    f"{'receive' if side == 'send' else 'send'} (op {k} of the pair)",
+                ))
+            so, ro = s_ops[k], r_ops[k]
+            if op_transfers[so] != op_transfers[ro]:
+                s_src, s_dst, _ = op_transfers[so]
+                r_src, r_dst, _ = op_transfers[ro]
+                raise InvalidPlan(_render_op(
+                    plan, rank_offsets, b, op_action[ro],
+                    f"transfer {k} from rank {a} to rank {b} is sent as {s_src}->{s_dst} but received as "
+                    f"{r_src}->{r_dst} (or with other shapes): point-to-point ops match in posting order",
+                ))
+            t = len(transfer_ms)
+            op_match[so], op_match[ro] = ro, so
+            op_transfer[so] = op_transfer[ro] = t
+            transfer_ms.append(link.transfer_ms(a, b, transfer_bytes(op_transfers[so][2])))
+            transfer_prev.append(prev)
+            prev = t
+
+    static = list(costs.static_bytes) if costs.static_bytes else [0.0] * pp
+    i64, f64 = np.int64, np.float64
+    return FlatPlan(
+        rank_offsets=np.array(rank_offsets, i64),
+        kind=np.array(kind, i64),
+        duration_ms=np.array(duration, f64),
+        alloc_bytes=np.array(alloc, f64),
+        free_bytes=np.array(free, f64),
+        op_lo=np.array(op_lo, i64),
+        op_hi=np.array(op_hi, i64),
+        op_match=np.array(op_match, i64),
+        op_transfer=np.array(op_transfer, i64),
+        transfer_ms=np.array(transfer_ms, f64),
+        transfer_prev=np.array(transfer_prev, i64),
+        static_bytes=np.array(static, f64),
+        op_action=np.array(op_action, i64),
+    )
+
+
+# ---- simulation ----------------------------------------------------------------------------------------------
+
+
+def run_flat(flat: FlatPlan, *, use_numba: bool = True) -> FlatResult:
+    return run_numba(flat) if use_numba else run_reference(flat)
+
+
+def simulate(plan: Plan, costs: StageCosts, *, link: LinkModel, use_numba: bool = True) -> SimResult:
+    """Simulate `plan`; raises `InvalidPlan` when it deadlocks or its transfers do not pair up."""
+    flat = flatten(plan, costs, link)
+    out = run_flat(flat, use_numba=use_numba)
+    if out.status == DEADLOCK:
+        raise InvalidPlan(_render_deadlock(plan, flat, out))
+    return to_result(flat, out)
+
+
+def to_result(flat: FlatPlan, out: FlatResult) -> SimResult:
+    """Split a finished flat run into per-rank arrays and summary numbers."""
+    pp = flat.pp
+    cuts = flat.rank_offsets[1:-1]
+    makespan = float(out.end_ms.max()) if out.end_ms.size else 0.0
+    total_busy = float(out.busy_ms.sum())
+    bubble = 1.0 - total_busy / (pp * makespan) if makespan > 0 else 0.0
+    ev_lo = out.event_offsets[:-1]
+    return SimResult(
+        start_ms=tuple(np.split(out.start_ms, cuts)),
+        end_ms=tuple(np.split(out.end_ms, cuts)),
+        makespan_ms=makespan,
+        busy_ms=out.busy_ms,
+        bubble_fraction=bubble,
+        peak_memory_bytes=out.peak_bytes,
+        memory_time_ms=tuple(out.event_time_ms[lo : lo + n] for lo, n in zip(ev_lo, out.event_count, strict=True)),
+        memory_bytes=tuple(out.event_bytes[lo : lo + n] for lo, n in zip(ev_lo, out.event_count, strict=True)),
+    )
+
+
+# ---- error rendering -----------------------------------------------------------------------------------------
+
+_WINDOW = 3
+
+
+def _row(actions: Sequence[Action], mark: int) -> str:
+    lo, hi = max(0, mark - _WINDOW), min(len(actions), mark + _WINDOW + 1)
+    cells = [f">>{a}<<" if i == mark else str(a) for i, a in enumerate(actions[lo:hi], start=lo)]
+    return ("... " if lo > 0 else "") + " ".join(cells) + (" ..." if hi < len(actions) else "")
+
+
+def _render(plan: Plan, rank: int, action: Action, message: str) -> str:
+    actions = plan.ranks[rank].actions
+    mark = next(i for i, a in enumerate(actions) if a is action)
+    return f"{message}\n  rank {rank} step {mark}: {_row(actions, mark)}"
+
+
+def _render_op(plan: Plan, rank_offsets: Sequence[int], rank: int, action_index: int, message: str) -> str:
+    step = action_index - rank_offsets[rank]
+    return f"{message}\n  rank {rank} step {step}: {_row(plan.ranks[rank].actions, step)}"
+
+
+def _render_deadlock(plan: Plan, flat: FlatPlan, out: FlatResult) -> str:
+    """Every stuck rank's waiting cell, and which peer op it waits for."""
+    offsets = flat.rank_offsets.tolist()
+    pc = out.pc.tolist()
+    rank_of_action = np.repeat(np.arange(flat.pp), np.diff(flat.rank_offsets))
+    lines = ["plan deadlocks: every unfinished rank waits for a transfer its peer has not posted"]
+    for r in range(flat.pp):
+        if pc[r] >= offsets[r + 1]:
+            lines.append(f"  rank {r}: done")
+            continue
+        step = pc[r] - offsets[r]
+        lines.append(f"  rank {r} step {step}: {_row(plan.ranks[r].actions, step)}")
+        for o in range(int(flat.op_lo[pc[r]]), int(flat.op_hi[pc[r]])):
+            peer_action = int(flat.op_action[flat.op_match[o]])
+            peer = int(rank_of_action[peer_action])
+            if peer_action >= pc[peer]:
+                lines.append(
+                    f"    needs rank {peer} step {peer_action - offsets[peer]} "
+                    f"({plan.ranks[peer].actions[peer_action - offsets[peer]]}), not reached"
+                )
+    return "\n".join(lines)
