@@ -446,7 +446,7 @@ def dynamic_batch(workload: Workload, *, seed: int, iteration: int, dp_replica: 
 
 
 def dynamic_trace(workload: Workload, *, seed: int, iterations: int) -> Iterator[BatchMetadata]:
-    """The paper's dynamic workload (Fig. 8b): media bounds rise and fall in a repeating 20-iteration pattern."""
+    """The paper's dynamic workload (Fig. 8b): media bounds rise and fall every 20 iterations."""
     require(iterations >= 0, f"iterations must not be negative, got {iterations}")
     for k in range(iterations):
         yield dynamic_batch(workload, seed=seed, iteration=k)

@@ -120,7 +120,7 @@ def test_every_image_dataset_validates(name: str, dataset: DatasetKind) -> None:
 def test_image_cap_is_48_per_8192_tokens() -> None:
     w = with_dataset("vlm-s", DatasetKind.LAION)
     assert image_limits(w) == (169, 48)
-    # LAION documents are about 185 tokens, so microbatches pack ~44 images; with bounds above it the cap binds.
+    # LAION documents are ~185 tokens, so microbatches pack ~44 images; bounds above that meet the cap.
     batch = sample_batch(w, seed=0, image_bounds=(40, 100))
     assert max(describe(batch)["images_per_microbatch"]) <= 48
 
@@ -193,7 +193,7 @@ def test_bad_arguments_name_the_problem() -> None:
 
 
 def documents(w: Workload, iterations: int = 4) -> list[tuple[int, int]]:
-    """(text tokens, media count) of every document not truncated (that is, not alone in a full microbatch)."""
+    """(text tokens, media count) of each document not truncated (not alone in a full microbatch)."""
     out = []
     for k in range(iterations):
         for mb in sample_batch(w, seed=3, iteration=k).microbatches:

@@ -1,10 +1,10 @@
 """SEMU's event simulation: replay a plan's per-rank action lists on stage costs and a link model.
 
-Each rank has one compute stream that runs its computes in order. A `CommBatch` posts its sends and receives at
-the rank's clock; a transfer starts once both ends have posted and its directed link is free (FIFO), and lasts
-latency + bytes / bandwidth; a `Wait` moves the rank's clock to the end of its batch's last transfer. Memory: a
-forward allocates its activations when it starts; the pass that ends the chunk's backward (B, or W when backward
-is split; I when there is no W) frees them when it ends. The loop itself lives in `sim_kernel`.
+Each rank has one compute stream that runs its computes in order. A `CommBatch` posts its sends and receives
+at the rank's clock; a transfer starts once both ends have posted and its directed link is free (FIFO), and
+lasts latency + bytes / bandwidth; a `Wait` moves the rank's clock to the end of its batch's last transfer.
+Memory: a forward allocates its activations when it starts; the pass that ends the chunk's backward (B, or W
+when backward is split; I when there is no W) frees them when it ends. The loop itself lives in `sim_kernel`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from pipeweaver.plan.ir import (
     PlanHeader,
     StageKey,
     TensorSpec,
-    Wait,
 )
 from pipeweaver.simulator.sim_kernel import (
     COMPUTE,
@@ -68,7 +67,8 @@ def transfer_bytes(tensors: tuple[TensorSpec, ...]) -> int:
         try:
             size = DTYPE_BYTES[t.dtype]
         except KeyError:
-            raise ValueError(f"unknown dtype '{t.dtype}' in a transfer; known: {sorted(DTYPE_BYTES)}") from None
+            known = sorted(DTYPE_BYTES)
+            raise ValueError(f"unknown dtype '{t.dtype}' in a transfer; known: {known}") from None
         total += math.prod(t.shape) * size
     return total
 
@@ -93,7 +93,7 @@ class StageCosts:
         act_bytes: float = 0.0,
         static_bytes: float = 0.0,
     ) -> StageCosts:
-        """Every stage of `header` costs the same regardless of its layers; I and W split `backward_ms` evenly."""
+        """Every stage of `header` costs the same whatever its layers; I and W split `backward_ms` evenly."""
         per_pass = {Pass.F: forward_ms, Pass.B: backward_ms, Pass.I: backward_ms / 2, Pass.W: backward_ms / 2}
         stages = stage_graph(header).stages
         return StageCosts(
@@ -140,8 +140,8 @@ class LinkModel:
     def from_specs(hardware: HardwareSpec, parallel: ParallelSpec, *, dp_replica: int = 0) -> LinkModel:
         """NVLink between ranks on one node, the network across nodes.
 
-        A replica occupies pp * tp consecutive GPUs and pipeline rank r its GPU r * tp (TP groups innermost, so a
-        TP group never straddles a node); node = GPU // gpus_per_node.
+        A replica occupies pp * tp consecutive GPUs and pipeline rank r its GPU r * tp (TP groups innermost, so
+        a TP group never straddles a node); node = GPU // gpus_per_node.
         """
         pp, tp = parallel.pp, parallel.tp
         base = dp_replica * pp * tp
@@ -181,9 +181,8 @@ class SimResult:
 
     def to_rank_timings(self) -> tuple[tuple[tuple[float, float], ...], ...]:
         """Per rank, (start, end) of each action: what `RankPlan.predicted_ms` holds."""
-        return tuple(
-            tuple(zip(s.tolist(), e.tolist(), strict=True)) for s, e in zip(self.start_ms, self.end_ms, strict=True)
-        )
+        pairs = zip(self.start_ms, self.end_ms, strict=True)
+        return tuple(tuple(zip(s.tolist(), e.tolist(), strict=True)) for s, e in pairs)
 
     def annotate(self, plan: Plan) -> Plan:
         """`plan` with every action's predicted window, the predicted makespan and per-rank peak memory."""
@@ -197,7 +196,7 @@ class SimResult:
         return replace(plan, header=header, ranks=ranks)
 
 
-# ---- flattening ----------------------------------------------------------------------------------------------
+# ---- flattening --------------------------------------------------------------------------------------------
 
 
 def _freeing_pass(header: PlanHeader, pipeline: str) -> Pass:
@@ -209,8 +208,8 @@ def _freeing_pass(header: PlanHeader, pipeline: str) -> Pass:
 def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
     """Resolve a plan into `FlatPlan` arrays: costs per action, matched sends and receives, FIFO link chains.
 
-    Sends and receives between two ranks match in posting order (as NCCL and gloo do); a matched pair that names
-    different stages or tensors, an unmatched op, or a wait before its batch is an `InvalidPlan`.
+    Sends and receives between two ranks match in posting order (as NCCL and gloo do); a matched pair that
+    names different stages or tensors, an unmatched op, or a wait before its batch is an `InvalidPlan`.
     """
     header = plan.header
     pp = header.placement.pp
@@ -339,7 +338,7 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
     )
 
 
-# ---- simulation ----------------------------------------------------------------------------------------------
+# ---- simulation --------------------------------------------------------------------------------------------
 
 
 def run_flat(flat: FlatPlan, *, use_numba: bool = True) -> FlatResult:
@@ -362,7 +361,7 @@ def to_result(flat: FlatPlan, out: FlatResult) -> SimResult:
     makespan = float(out.end_ms.max()) if out.end_ms.size else 0.0
     total_busy = float(out.busy_ms.sum())
     bubble = 1.0 - total_busy / (pp * makespan) if makespan > 0 else 0.0
-    ev_lo = out.event_offsets[:-1]
+    spans = list(zip(out.event_offsets[:-1].tolist(), out.event_count.tolist(), strict=True))
     return SimResult(
         start_ms=tuple(np.split(out.start_ms, cuts)),
         end_ms=tuple(np.split(out.end_ms, cuts)),
@@ -370,12 +369,12 @@ def to_result(flat: FlatPlan, out: FlatResult) -> SimResult:
         busy_ms=out.busy_ms,
         bubble_fraction=bubble,
         peak_memory_bytes=out.peak_bytes,
-        memory_time_ms=tuple(out.event_time_ms[lo : lo + n] for lo, n in zip(ev_lo, out.event_count, strict=True)),
-        memory_bytes=tuple(out.event_bytes[lo : lo + n] for lo, n in zip(ev_lo, out.event_count, strict=True)),
+        memory_time_ms=tuple(out.event_time_ms[lo : lo + n] for lo, n in spans),
+        memory_bytes=tuple(out.event_bytes[lo : lo + n] for lo, n in spans),
     )
 
 
-# ---- error rendering -----------------------------------------------------------------------------------------
+# ---- error rendering ---------------------------------------------------------------------------------------
 
 _WINDOW = 3
 

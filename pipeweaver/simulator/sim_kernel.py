@@ -28,7 +28,7 @@ DEADLOCK = 1
 
 @dataclass(frozen=True, slots=True, eq=False)
 class FlatPlan:
-    """A plan as arrays. Actions of all ranks are concatenated; rank r owns [rank_offsets[r], rank_offsets[r+1])."""
+    """A plan as arrays: all ranks' actions concatenated; rank r owns [rank_offsets[r], rank_offsets[r+1])."""
 
     rank_offsets: IntArray
     """pp + 1 offsets into the action arrays."""
@@ -111,15 +111,16 @@ def _outputs(flat: FlatPlan) -> tuple[FloatArray, FloatArray, FloatArray, FloatA
 
 
 def _kernel(
-    rank_offsets: Any, kind: Any, duration_ms: Any, alloc_bytes: Any, free_bytes: Any, op_lo: Any, op_hi: Any,
-    op_match: Any, op_transfer: Any, transfer_ms: Any, transfer_prev: Any, static_bytes: Any, event_offsets: Any,
-    start_ms: Any, end_ms: Any, busy_ms: Any, peak_bytes: Any, event_time_ms: Any, event_bytes: Any,
-    event_count: Any, pc: Any,
+    rank_offsets: Any, kind: Any, duration_ms: Any, alloc_bytes: Any, free_bytes: Any, op_lo: Any,
+    op_hi: Any, op_match: Any, op_transfer: Any, transfer_ms: Any, transfer_prev: Any, static_bytes: Any,
+    event_offsets: Any, start_ms: Any, end_ms: Any, busy_ms: Any, peak_bytes: Any, event_time_ms: Any,
+    event_bytes: Any, event_count: Any, pc: Any,
 ) -> int:
     """Round-robin dry run; fills the output arrays in place and returns OK or DEADLOCK.
 
-    A transfer's end is computed when the second of its two ops is posted: by then the previous transfer on the
-    same link is known (both its ops were posted earlier on the same two ranks, since ops match in posting order).
+    A transfer's end is computed when the second of its two ops is posted: by then the previous transfer on
+    the same link is known (both its ops were posted earlier on the same two ranks, since ops match in
+    posting order).
     """
     pp = rank_offsets.shape[0] - 1
     n_ops = op_match.shape[0]
@@ -205,23 +206,24 @@ def _kernel(
             return 1
 
 
+_numba_kernel: Any
 try:
     import numba
-except ModuleNotFoundError:  # the trainer side installs no numba; it never simulates
-    numba = None
 
-_numba_kernel: Any = None if numba is None else numba.njit(cache=True)(_kernel)
+    _numba_kernel = numba.njit(cache=True)(_kernel)  # one signature: int64 and float64 arrays only
+except ModuleNotFoundError:  # the trainer side installs no numba; it never simulates
+    _numba_kernel = None
 
 
 def run_numba(flat: FlatPlan) -> FlatResult:
-    """Run the numba kernel (compiled on first use, then cached on disk; set NUMBA_CACHE_DIR in containers)."""
+    """Run the numba kernel (compiled on first use, cached on disk; set NUMBA_CACHE_DIR in containers)."""
     if _numba_kernel is None:
-        raise ModuleNotFoundError("numba is not installed: pip install 'pipeweaver[server]' or use_numba=False")
+        raise ModuleNotFoundError("numba is missing: pip install 'pipeweaver[server]', or use_numba=False")
     start, end, busy, peak, ev_t, ev_b, ev_off, ev_n, pc = _outputs(flat)
     status = _numba_kernel(
-        flat.rank_offsets, flat.kind, flat.duration_ms, flat.alloc_bytes, flat.free_bytes, flat.op_lo, flat.op_hi,
-        flat.op_match, flat.op_transfer, flat.transfer_ms, flat.transfer_prev, flat.static_bytes, ev_off,
-        start, end, busy, peak, ev_t, ev_b, ev_n, pc,
+        flat.rank_offsets, flat.kind, flat.duration_ms, flat.alloc_bytes, flat.free_bytes, flat.op_lo,
+        flat.op_hi, flat.op_match, flat.op_transfer, flat.transfer_ms, flat.transfer_prev, flat.static_bytes,
+        ev_off, start, end, busy, peak, ev_t, ev_b, ev_n, pc,
     )
     return FlatResult(int(status), start, end, busy, peak, ev_t, ev_b, ev_off, ev_n, pc)
 
@@ -250,7 +252,7 @@ def run_reference(flat: FlatPlan) -> FlatResult:
         send_op_of.setdefault(tr, o)
 
     def end_of(tr: int) -> float:
-        """A transfer starts when both ends have posted and its link is free; resolve the FIFO chain forwards."""
+        """A transfer starts once both ends posted and its link is free; resolve the FIFO chain forwards."""
         chain = []
         while tr >= 0 and tr not in transfer_end:
             chain.append(tr)
