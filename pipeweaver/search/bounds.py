@@ -54,7 +54,9 @@ def lower_bound_ms(problem: Problem) -> float:
     return best
 
 
-def exact_makespan_ms(problem: Problem, *, time_limit_s: float = 30.0, workers: int = 1, scale: float = 1000.0) -> tuple[float, bool]:
+def exact_makespan_ms(
+    problem: Problem, *, time_limit_s: float = 30.0, workers: int = 1, scale: float = 1000.0
+) -> tuple[float, bool]:
     """Optimal makespan of the interleaving problem (ranks run one stage at a time; memory not constrained).
 
     Durations are scaled to integers (`scale` units per ms). Returns (makespan_ms, proven_optimal).

@@ -14,8 +14,8 @@ import numpy as np
 from pipeweaver.search.problem import F64, I64, Problem
 
 
-@numba.njit(cache=True)  # type: ignore[misc]
-def _kernel(  # noqa: PLR0913 - flat arrays are what numba wants
+@numba.njit(cache=True)
+def _kernel(
     pp: int,
     rank: I64,
     duration: F64,
@@ -149,9 +149,19 @@ def _kernel(  # noqa: PLR0913 - flat arrays are what numba wants
 def interleave(problem: Problem, priority: F64) -> tuple[I64, F64, F64, float]:
     """Numba twin of `interleave_reference`: (position per stage, start_ms, end_ms, makespan_ms)."""
     position, start, end = _kernel(
-        problem.pp, problem.rank, problem.duration_ms, problem.is_forward, problem.alloc_bytes, problem.free_bytes,
-        problem.pred_ptr, problem.pred_idx, problem.pred_delay_ms, problem.succ_ptr, problem.succ_idx,
-        problem.mem_cap_bytes, np.ascontiguousarray(priority, dtype=np.float64),
+        problem.pp,
+        problem.rank,
+        problem.duration_ms,
+        problem.is_forward,
+        problem.alloc_bytes,
+        problem.free_bytes,
+        problem.pred_ptr,
+        problem.pred_idx,
+        problem.pred_delay_ms,
+        problem.succ_ptr,
+        problem.succ_idx,
+        problem.mem_cap_bytes,
+        np.ascontiguousarray(priority, dtype=np.float64),
     )
     if problem.n and np.any(position < 0):
         raise RuntimeError("interleaver stuck: the stage graph has a cycle")

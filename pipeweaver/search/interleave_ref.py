@@ -28,7 +28,9 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
     end = np.full(n, math.nan)
     position = np.full(n, -1, dtype=np.int64)
     t_last = np.zeros(pp)
-    last_fwd = np.zeros(pp, dtype=np.int64)  # "last ran a backward": under contention a rank starts with a forward
+    last_fwd = np.zeros(
+        pp, dtype=np.int64
+    )  # "last ran a backward": under contention a rank starts with a forward
     mem = np.zeros(pp)
     count = np.zeros(pp, dtype=np.int64)
     ready: list[list[int]] = [[] for _ in range(pp)]
@@ -65,11 +67,17 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
         for i in ready[r]:  # otherwise the soonest start; ties by priority, then backward first
             if not eligible(r, i, gate):
                 continue
-            if best < 0 or ready_at[i] < ready_at[best] or (
-                ready_at[i] == ready_at[best]
-                and (
-                    priority[i] > priority[best]
-                    or (priority[i] == priority[best] and problem.is_forward[i] < problem.is_forward[best])
+            if (
+                best < 0
+                or ready_at[i] < ready_at[best]
+                or (
+                    ready_at[i] == ready_at[best]
+                    and (
+                        priority[i] > priority[best]
+                        or (
+                            priority[i] == priority[best] and problem.is_forward[i] < problem.is_forward[best]
+                        )
+                    )
                 )
             ):
                 best = i

@@ -124,10 +124,22 @@ def build_problem(
         intra[i] = s.sub * 100_000 + chunk_rank
     groups = tuple(sorted(group_of, key=lambda g: group_of[g]))
     return Problem(
-        stages=stages, pp=pp, rank=rank, duration_ms=dur, is_forward=fwd, alloc_bytes=alloc, free_bytes=free,
-        pred_ptr=pred_ptr, pred_idx=np.array(pred_idx, dtype=np.int64), pred_delay_ms=np.array(pred_delay),
-        succ_ptr=succ_ptr, succ_idx=np.array(succ_idx, dtype=np.int64), group=group, intra=intra,
-        groups=groups, mem_cap_bytes=np.array(mem_cap_bytes, dtype=np.float64),
+        stages=stages,
+        pp=pp,
+        rank=rank,
+        duration_ms=dur,
+        is_forward=fwd,
+        alloc_bytes=alloc,
+        free_bytes=free,
+        pred_ptr=pred_ptr,
+        pred_idx=np.array(pred_idx, dtype=np.int64),
+        pred_delay_ms=np.array(pred_delay),
+        succ_ptr=succ_ptr,
+        succ_idx=np.array(succ_idx, dtype=np.int64),
+        group=group,
+        intra=intra,
+        groups=groups,
+        mem_cap_bytes=np.array(mem_cap_bytes, dtype=np.float64),
     )
 
 

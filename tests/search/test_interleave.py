@@ -7,7 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeweaver.plan import Pass, PlanHeader, stage_graph
-from pipeweaver.plan.layouts import RankOrder, mixed_placement, modular_placement, split_sub_microbatches, whole_sub_microbatches
+from pipeweaver.plan.layouts import (
+    RankOrder,
+    mixed_placement,
+    modular_placement,
+    split_sub_microbatches,
+    whole_sub_microbatches,
+)
 from pipeweaver.presets import workload
 from pipeweaver.search.bounds import exact_makespan_ms, lower_bound_ms
 from pipeweaver.search.interleave import interleave
@@ -18,7 +24,9 @@ from pipeweaver.spec import BatchMetadata, Document, MediaItem, Microbatch, Moda
 
 def _batch(images_per_mb: list[int], text: list[int]) -> BatchMetadata:
     img = MediaItem(Modality.IMAGE, 16, 4)
-    return BatchMetadata(0, tuple(Microbatch((Document(t, (img,) * k),)) for k, t in zip(images_per_mb, text, strict=True)))
+    return BatchMetadata(
+        0, tuple(Microbatch((Document(t, (img,) * k),)) for k, t in zip(images_per_mb, text, strict=True))
+    )
 
 
 def _random_problem(seed: int, pp: int, m: int, k_vit: int, cap: float, *, v_shape: bool = False) -> Problem:
@@ -28,8 +36,15 @@ def _random_problem(seed: int, pp: int, m: int, k_vit: int, cap: float, *, v_sha
     order = RankOrder.V_SHAPE if v_shape else RankOrder.ROUND_ROBIN
     placement = modular_placement(model, pp, {"vit": k_vit, "llm": 1}, order=order)
     subs = split_sub_microbatches(model, placement, batch, {"vit": 2})
-    header = PlanHeader(job_id="t", iteration=0, placement=placement, sub_microbatches=subs, num_microbatches=m,
-                        schedule="test", split_backward=bool(rng.integers(0, 2)))
+    header = PlanHeader(
+        job_id="t",
+        iteration=0,
+        placement=placement,
+        sub_microbatches=subs,
+        num_microbatches=m,
+        schedule="test",
+        split_backward=bool(rng.integers(0, 2)),
+    )
     g = stage_graph(header)
     dur = {s: float(rng.uniform(0.5, 3.0)) for s in g.stages}
     act = {(s.pipeline, s.chunk, s.microbatch, s.sub): float(rng.uniform(0.5, 2.0)) for s in g.stages}
@@ -46,9 +61,13 @@ def _random_problem(seed: int, pp: int, m: int, k_vit: int, cap: float, *, v_sha
     cap=st.sampled_from([2.0, 5.0, 1e9]),
     v_shape=st.booleans(),
 )
-def test_numba_kernel_equals_reference(seed: int, pp: int, m: int, k_vit: int, cap: float, v_shape: bool) -> None:
+def test_numba_kernel_equals_reference(
+    seed: int, pp: int, m: int, k_vit: int, cap: float, v_shape: bool
+) -> None:
     problem = _random_problem(seed, pp, m, k_vit, cap, v_shape=v_shape)
-    prio = stage_priorities(problem, np.random.default_rng(seed).permutation(len(problem.groups)).astype(float))
+    prio = stage_priorities(
+        problem, np.random.default_rng(seed).permutation(len(problem.groups)).astype(float)
+    )
     ref = interleave_reference(problem, prio)
     fast = interleave(problem, prio)
     assert np.array_equal(ref[0], fast[0])
@@ -79,9 +98,14 @@ def test_uniform_single_pipeline_under_a_memory_cap_is_1f1b() -> None:
     model = workload("tiny-vlm").model
     batch = _batch([0] * m, [20] * m)
     placement = mixed_placement(model, p, 1)
-    header = PlanHeader(job_id="t", iteration=0, placement=placement,
-                        sub_microbatches=whole_sub_microbatches(model, placement, batch), num_microbatches=m,
-                        schedule="test")
+    header = PlanHeader(
+        job_id="t",
+        iteration=0,
+        placement=placement,
+        sub_microbatches=whole_sub_microbatches(model, placement, batch),
+        num_microbatches=m,
+        schedule="test",
+    )
     g = stage_graph(header)
     dur = {s: 1.0 if s.pass_ is Pass.F else 2.0 for s in g.stages}
     act = {(s.pipeline, s.chunk, s.microbatch, s.sub): 1.0 for s in g.stages}

@@ -3,10 +3,13 @@
 Pure Python (no numba, no ortools): the trainer client imports them to build fallback plans on its own.
 
 - ``gpipe``, ``1f1b``: modules end to end as one pipeline, one chunk a rank;
-- ``interleaved-1f1b``: Megatron-LM's virtual pipeline with parameter-balanced chunks (the paper's Megatron-LM);
+- ``interleaved-1f1b``: Megatron-LM's virtual pipeline with parameter-balanced chunks (the paper's
+  Megatron-LM);
 - ``zb-h1``, ``zbv``: zero-bubble schedules with the backward split into I and W passes;
-- ``optimus-coarse``: one pipeline per module, encoder forwards first, then the backbone 1F1B (the paper's Optimus);
-- ``nnscaler-static``: one FLOP-balanced 1F1B partition from a representative batch, reused (the paper's nnScaler*).
+- ``optimus-coarse``: one pipeline per module, encoder forwards first, then the backbone 1F1B (the paper's
+  Optimus);
+- ``nnscaler-static``: one FLOP-balanced 1F1B partition from a representative batch, reused (the paper's
+  nnScaler*).
 """
 
 from pipeweaver.search.baselines.nnscaler import layer_flops, nominal_batch

@@ -1,9 +1,9 @@
-"""One pipeline of a plan header seen as a classic linear pipeline, and the lowering of textbook orders onto it.
+"""One pipeline of a header seen as a classic linear pipeline, and the lowering of textbook orders onto it.
 
 The textbook schedules (GPipe, 1F1B, interleaved 1F1B, ZB-H1, ZBV) are written over abstract ops
-(chunk, F/B/I/W, unit): a *unit* is one (microbatch, sub-microbatch) the pipeline runs, in order. Lowering turns
-them into `Compute` actions with the header's backward passes: a B becomes I then W when the backward is split, an I
-becomes B when it is not, and passes a pipeline does not run (frozen modules) are dropped.
+(chunk, F/B/I/W, unit): a *unit* is one (microbatch, sub-microbatch) the pipeline runs, in order. Lowering
+turns them into `Compute` actions with the header's backward passes: a B becomes I then W when the backward is
+split, an I becomes B when it is not, and passes a pipeline does not run (frozen modules) are dropped.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ class Line:
         chunks = self.chunks_of_rank[rank]
         if len(chunks) != 1:
             raise ValueError(
-                f"{schedule} needs one chunk of pipeline '{self.pipeline}' per rank; rank {rank} holds {list(chunks)}"
+                f"{schedule} needs one chunk of pipeline '{self.pipeline}' per rank; "
+                f"rank {rank} holds {list(chunks)}"
             )
         return chunks[0]
 
@@ -57,9 +58,7 @@ def pipeline_line(header: PlanHeader, pipeline: str) -> Line:
     per_rank: list[list[int]] = [[] for _ in range(placement.pp)]
     for c in chunks:
         per_rank[c.rank].append(c.index)
-    units = tuple(
-        sorted((s.microbatch, s.index) for s in header.sub_microbatches if s.pipeline == pipeline)
-    )
+    units = tuple(sorted((s.microbatch, s.index) for s in header.sub_microbatches if s.pipeline == pipeline))
     return Line(
         pipeline=pipeline,
         pp=placement.pp,
@@ -75,8 +74,8 @@ def single_line(header: PlanHeader, schedule: str) -> Line:
     pipelines = header.placement.pipelines
     if len(pipelines) != 1:
         raise ValueError(
-            f"{schedule} runs one pipeline; the placement has {len(pipelines)} ({[p.name for p in pipelines]}); "
-            "use a mixed placement"
+            f"{schedule} runs one pipeline; the placement has {len(pipelines)} "
+            f"({[p.name for p in pipelines]}); use a mixed placement"
         )
     return pipeline_line(header, pipelines[0].name)
 

@@ -9,7 +9,8 @@ from pipeweaver.search.baselines._line import Line, Op
 def gpipe_ops(line: Line) -> list[list[Op]]:
     """Per rank: forwards by (unit, chunk ascending), then backwards by (unit, chunk descending).
 
-    Both halves follow one global topological order of the stage graph, so any number of chunks per rank works.
+    Both halves follow one global topological order of the stage graph, so any number of chunks per rank
+    works.
     """
     orders: list[list[Op]] = []
     for chunks in line.chunks_of_rank:

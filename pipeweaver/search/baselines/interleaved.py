@@ -1,12 +1,15 @@
 """Interleaved 1F1B (Megatron's virtual pipeline, Narayanan et al. SC'21; torch's `ScheduleInterleaved1F1B`).
 
-Each rank holds v chunks placed round robin (chunk l*p + r on rank r). Forwards walk Megatron's schedule table:
-microbatches in groups of g = p (`microbatch_group_size_per_vp_stage`), each group through chunk 0, then chunk 1,
-...; the k-th backward takes the k-th table entry with its chunk mirrored. Rank r warms up with
-(v-1)*g + 2*(p-1-r) forwards, then alternates one forward and one backward, then drains.
+Each rank holds v chunks placed round robin (chunk l*p + r on rank r). Forwards walk Megatron's schedule
+table: microbatches in groups of N (`microbatch_group_size_per_vp_stage`), each group through chunk 0, then
+chunk 1, ...; the k-th backward takes the k-th table entry with its chunk mirrored. Rank r warms up with
+(v-1)*N + 2*(p-1-r) forwards, then alternates one forward and one backward, then drains.
 
-Microbatch counts that are not a multiple of p are handled as Megatron does: the last group is shorter. With fewer
-microbatches than ranks (which Megatron refuses) the single group holds them all, as torch does (g = m).
+N is the smallest group size Megatron accepts: N = p when p divides m (Megatron's default, and torch's order);
+otherwise the smallest N in [p, m] whose last, shorter group still holds at least p microbatches (Megatron
+raises on a shorter remainder, and the order it gives deadlocks: the first rank's forwards of the short group
+wait on the last rank, which already waits on the first rank's backward). With fewer microbatches than ranks,
+which Megatron refuses, one group holds them all (N = m), as torch does.
 """
 
 from __future__ import annotations
@@ -24,9 +27,16 @@ def schedule_table(m: int, v: int, group: int) -> list[tuple[int, int]]:
     return table
 
 
+def group_size(m: int, pp: int) -> int:
+    """Megatron's `microbatch_group_size_per_vp_stage` for m microbatches on pp ranks (module docstring)."""
+    if m <= pp:
+        return m
+    return next(n for n in range(pp, m + 1) if m % n == 0 or m % n >= pp)
+
+
 def interleaved_rank(rank: int, chunks: tuple[int, ...], pp: int, m: int) -> list[Op]:
     v = len(chunks)
-    group = min(pp, m)
+    group = group_size(m, pp)
     table = schedule_table(m, v, group)
     total = m * v
     warmup = min((v - 1) * group + 2 * (pp - 1 - rank), total)
@@ -54,8 +64,8 @@ def interleaved_ops(line: Line) -> list[list[Op]]:
         expected = tuple(local * pp + r for local in range(v))
         if line.num_chunks != v * pp or chunks != expected:
             raise ValueError(
-                f"interleaved-1f1b needs pp*v chunks of pipeline '{line.pipeline}' placed round robin; rank {r} "
-                f"holds {list(chunks)}, expected {list(expected)}"
+                f"interleaved-1f1b needs pp*v chunks of pipeline '{line.pipeline}' placed round robin; "
+                f"rank {r} holds {list(chunks)}, expected {list(expected)}"
             )
     if line.m == 0:
         return [[] for _ in range(pp)]

@@ -1,10 +1,11 @@
-"""nnScaler* (the PipeWeaver paper's re-implementation of nnScaler in Megatron-LM): one static plan, searched once
-for a representative batch and reused unchanged for every batch.
+"""nnScaler* (the PipeWeaver paper's re-implementation of nnScaler in Megatron-LM): one static plan, searched
+once for a representative batch and reused unchanged for every batch.
 
 nnScaler is restricted to 1F1B, so every module sits in one pipeline of pp chunks. The partition minimises the
-largest chunk cost under a simple estimate: each layer costs the FLOPs it runs on the representative batch (dense
-matmuls 2 * params * tokens, attention 4 * hidden * span^2, halved when causal; times 3 for forward plus backward).
-The order is 1F1B. On later batches the order is kept and only the stage costs follow the data.
+largest chunk cost under a simple estimate: each layer costs the FLOPs it runs on the representative batch
+(dense matmuls 2 * params * tokens, attention 4 * hidden * span^2, halved when causal; times 3 for forward
+plus backward). The order is 1F1B. On later batches the order is kept and only the stage costs follow the
+data.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ NOMINAL_CAPTION_TOKENS_PER_S = 10.0
 def nominal_batch(model: ModelSpec, parallel: ParallelSpec) -> BatchMetadata:
     """A representative batch built from the model and parallelism alone, for when no sampled batch is given.
 
-    Every microbatch is one document: image models fill half the language sequence with merged image tokens and the
-    rest with text; video models carry one 8 s clip with a 10-tokens-a-second caption; text-only models fill the
-    sequence. Pass a batch drawn from the workload (``datagen.sample_batch(workload, seed=0)``) to plan for the real
-    data mix instead.
+    Every microbatch is one document: image models fill half the language sequence with merged image tokens
+    and the rest with text; video models carry one 8 s clip with a 10-tokens-a-second caption; text-only
+    models fill the sequence. Pass a batch drawn from the workload (``datagen.sample_batch(workload,
+    seed=0)``) to plan for the real data mix instead.
     """
     media: list[MediaItem] = []
     text = parallel.seq_len
@@ -35,7 +36,9 @@ def nominal_batch(model: ModelSpec, parallel: ParallelSpec) -> BatchMetadata:
         if m.input is Modality.IMAGE and m.image is not None:
             merged = m.image.tokens_per_image
             images = max(1, (parallel.seq_len // 2) // merged)
-            media += [MediaItem(Modality.IMAGE, tokens=m.image.patches_per_image, merged_tokens=merged)] * images
+            media += [
+                MediaItem(Modality.IMAGE, tokens=m.image.patches_per_image, merged_tokens=merged)
+            ] * images
             text = max(0, parallel.seq_len - images * merged)
         elif m.input is Modality.VIDEO and m.video is not None:
             media.append(MediaItem(Modality.VIDEO, tokens=m.video.tokens_for(NOMINAL_CLIP_S)))
@@ -64,8 +67,8 @@ def _block_flops(module: ModuleSpec, inst: Instance) -> float:
 def layer_flops(model: ModelSpec, batch: BatchMetadata) -> list[float]:
     """Estimated training FLOPs of every layer over `batch`, modules in declaration order.
 
-    A module's pre part (patchify; embedding lookups cost nothing) is charged to its first layer and its post part
-    (merger, LM head, unpatchify) to its last, as `mixed_placement` charges their parameters.
+    A module's pre part (patchify; embedding lookups cost nothing) is charged to its first layer and its post
+    part (merger, LM head, unpatchify) to its last, as `mixed_placement` charges their parameters.
     """
     out: list[float] = []
     for m in model.modules:

@@ -1,5 +1,5 @@
-"""1F1B (PipeDream-flush, Megatron's non-interleaved schedule): warm up, alternate one forward and one backward,
-drain. The stage at position c of n runs min(n - 1 - c, m) warm-up forwards, as Megatron and torch do."""
+"""1F1B (PipeDream-flush, Megatron's non-interleaved schedule): warm up, alternate one forward and one
+backward, drain. The stage at position c of n warms up with min(n - 1 - c, m) forwards (Megatron, torch)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,4 @@ def one_f_one_b_rank(chunk: int, num_chunks: int, m: int) -> list[Op]:
 
 
 def one_f_one_b_ops(line: Line) -> list[list[Op]]:
-    return [
-        one_f_one_b_rank(line.only_chunk(r, "1f1b"), line.num_chunks, line.m) for r in range(line.pp)
-    ]
+    return [one_f_one_b_rank(line.only_chunk(r, "1f1b"), line.num_chunks, line.m) for r in range(line.pp)]

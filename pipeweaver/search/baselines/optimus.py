@@ -1,9 +1,9 @@
 """Optimus's coarse-grained schedule (Feng et al., ATC'24), as the PipeWeaver paper re-implements it.
 
 Every module is its own pipeline with one chunk per rank. Each rank first runs the encoder forwards of all
-microbatches, then the backbone's 1F1B, then the encoder backwards: encoders fill the backbone's warm-up bubble but
-hold their activations through it (the 25% higher peak memory the paper reports). The fine-grained part of Optimus
-(filling tensor-parallel bubbles) is orthogonal and omitted, as in the paper.
+microbatches, then the backbone's 1F1B, then the encoder backwards: encoders fill the backbone's warm-up
+bubble but hold their activations through it (the 25% higher peak memory the paper reports). The fine-grained
+part of Optimus (filling tensor-parallel bubbles) is orthogonal and omitted, as in the paper.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def optimus_orders(header: PlanHeader) -> list[list[Compute]]:
             order += lower(line, [Op(c, Pass.F, u) for u in range(line.m) for c in chunks])
         for name in backbones:
             line = lines[name]
-            order += lower(line, one_f_one_b_rank(line.only_chunk(r, "optimus-coarse"), line.num_chunks, line.m))
+            order += lower(
+                line, one_f_one_b_rank(line.only_chunk(r, "optimus-coarse"), line.num_chunks, line.m)
+            )
         for name in reversed(encoders):
             line = lines[name]
             chunks = line.chunks_of_rank[r]

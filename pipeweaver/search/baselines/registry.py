@@ -1,8 +1,8 @@
 """The baseline registry and the functions that turn a baseline name and a batch into a plan.
 
-A baseline's placement depends only on (name, model, pp) (nnscaler-static: also its representative batch), so a
-trainer can build the same plan alone as a fallback. Its order is a fixed rule over the batch's stage graph: the
-order stays the same from batch to batch while stage costs follow the data.
+A baseline's placement depends only on (name, model, pp) (nnscaler-static: also its representative batch), so
+a trainer can build the same plan alone as a fallback. Its order is a fixed rule over the batch's stage graph:
+the order stays the same from batch to batch while stage costs follow the data.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def _single(ops: Callable[[Line], list[list[Op]]], name: str) -> OrdersFn:
 
 
 def _mixed(virtual: int, order: RankOrder = RankOrder.ROUND_ROBIN) -> PlacementFn:
-    def placement(model: ModelSpec, parallel: ParallelSpec, representative: BatchMetadata | None) -> Placement:
+    def placement(
+        model: ModelSpec, parallel: ParallelSpec, representative: BatchMetadata | None
+    ) -> Placement:
         return mixed_placement(model, parallel.pp, virtual, order=order)
 
     return placement
@@ -78,7 +80,9 @@ BASELINES: dict[str, BaselineSchedule] = {
     for b in (
         BaselineSchedule(
             name="gpipe",
-            description="GPipe fill-drain: all forwards, then all backwards; modules end to end, one chunk a rank",
+            description=(
+                "GPipe fill-drain: all forwards, then all backwards; modules end to end, one chunk a rank"
+            ),
             placement=_mixed(1),
             orders=_single(gpipe_ops, "gpipe"),
         ),
@@ -106,7 +110,7 @@ BASELINES: dict[str, BaselineSchedule] = {
         ),
         BaselineSchedule(
             name="zbv",
-            description="Zero-bubble ZB-V: two chunks a rank in a V, split backward (torch ScheduleZBVZeroBubble)",
+            description="Zero-bubble ZB-V: two chunks a rank in a V, split backward (ScheduleZBVZeroBubble)",
             placement=_mixed(2, RankOrder.V_SHAPE),
             orders=_single(zbv_ops, "zbv"),
             split_backward=True,
@@ -114,8 +118,8 @@ BASELINES: dict[str, BaselineSchedule] = {
         BaselineSchedule(
             name="optimus-coarse",
             description=(
-                "Optimus coarse-grained: one pipeline per module, all encoder forwards first, then the backbone "
-                "1F1B, then the encoder backwards (the paper's Optimus baseline)"
+                "Optimus coarse-grained: one pipeline per module, all encoder forwards first, then the "
+                "backbone 1F1B, then the encoder backwards (the paper's Optimus baseline)"
             ),
             placement=_modular,
             orders=optimus_orders,
@@ -123,8 +127,8 @@ BASELINES: dict[str, BaselineSchedule] = {
         BaselineSchedule(
             name="nnscaler-static",
             description=(
-                "nnScaler*: one FLOP-balanced partition and 1F1B order from a representative batch, reused for "
-                "every batch (the paper's nnScaler* baseline)"
+                "nnScaler*: one FLOP-balanced partition and 1F1B order from a representative batch, reused "
+                "for every batch (the paper's nnScaler* baseline)"
             ),
             placement=_nnscaler,
             orders=_single(one_f_one_b_ops, "nnscaler-static"),
@@ -203,11 +207,17 @@ def build_baseline_plan(
 ) -> Plan:
     """The complete plan (computes, batched sends and receives, waits) of baseline `name` for `batch`.
 
-    Transfers carry `tensors_dtype`, else the dtype of `hardware` (`dtype_bytes` 2: bfloat16, 4: float32), else
-    bfloat16. Raises KeyError for an unknown name and ValueError when the model cannot be cut as the baseline needs.
+    Transfers carry `tensors_dtype`, else the dtype of `hardware` (`dtype_bytes` 2: bfloat16, 4: float32),
+    else bfloat16. Raises KeyError for an unknown name and ValueError when the model cannot be cut as the
+    baseline needs.
     """
     header = baseline_header(
-        name, model=model, parallel=parallel, batch=batch, job_id=job_id, iteration=iteration,
+        name,
+        model=model,
+        parallel=parallel,
+        batch=batch,
+        job_id=job_id,
+        iteration=iteration,
         representative=representative,
     )
     orders = baseline_orders(name, header)

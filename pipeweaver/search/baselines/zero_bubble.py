@@ -1,14 +1,14 @@
-"""Zero-bubble schedules (Qi et al., ICLR'24): the backward split into input-gradient (I) and weight-gradient (W)
-passes, and W work moved into what would be bubbles.
+"""Zero-bubble schedules (Qi et al., ICLR'24): the backward split into input-gradient (I) and weight-gradient
+(W) passes, and W work moved into what would be bubbles.
 
 - ZB-H1: 1F1B's order and in-flight limit, with rank r (stage position c) deferring its W passes by c steps:
   after the k-th I it runs W of unit k - c. The deferred W's fill the drain, leaving a bubble of
   (p-1)(T_F + T_I - T_W) per rank (one third of 1F1B's when T_F = T_I = T_W).
-- ZBV: two chunks per rank in a V (chunk r and chunk 2p-1-r), torch's `ScheduleZBVZeroBubble` order; zero bubble
-  in steady state when T_F = T_I = T_W.
+- ZBV: two chunks per rank in a V (chunk r and chunk 2p-1-r), torch's `ScheduleZBVZeroBubble` order; zero
+  bubble in steady state when T_F = T_I = T_W.
 
-Both build the order for at least the microbatch count the textbook needs and drop the padding units: removing whole
-units from every rank keeps a valid order valid.
+Both build the order for at least the microbatch count the textbook needs and drop the padding units: removing
+whole units from every rank keeps a valid order valid.
 """
 
 from __future__ import annotations
