@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pipeweaver.plan.graph import backward_passes
 from pipeweaver.plan.grid import cell_text
 from pipeweaver.plan.ir import (
     Action,
@@ -266,7 +267,7 @@ def plan_to_text(plan: Plan) -> str:
     for name, ms in h.baseline_makespans_ms:
         lines.append(f"baseline {name}: {ms:.3f} ms")
     for info in p.pipelines:
-        passes = "F" + ("" if not info.backward else ("+B" if info.weight_grad else "+B(input grads only)"))
+        passes = "+".join(["F", *(p.value for p in backward_passes(h, info.name))])
         chunks = ", ".join(
             f"{c.index}@r{c.rank}[" + " ".join(f"{r.module}:{r.start}-{r.stop}" for r in c.layers) + "]"
             for c in p.chunks_of(info.name)
@@ -320,7 +321,9 @@ def _windows(plan: Plan, timings: Timings | None) -> list[Sequence[tuple[float, 
     ]
 
 
-def _event(plan: Plan, rank: int, step: int, action: Action, window: tuple[float, float]) -> Json:
+def _event(
+    rank: int, step: int, action: Action, window: tuple[float, float], colour: Mapping[str, int]
+) -> Json:
     start, end = window
     event: Json = {
         "name": cell_text(action),
@@ -331,13 +334,12 @@ def _event(plan: Plan, rank: int, step: int, action: Action, window: tuple[float
     }
     if isinstance(action, Compute):
         s = action.stage
-        names = [p.name for p in plan.header.placement.pipelines]
         palette = _PASS_COLOURS[s.pass_]
         event.update(
             name=str(s),
             cat=s.pipeline,
             tid=_COMPUTE_TID,
-            cname=palette[(names.index(s.pipeline) if s.pipeline in names else 0) % len(palette)],
+            cname=palette[colour.get(s.pipeline, 0) % len(palette)],
             args={
                 "step": step,
                 "pipeline": s.pipeline,
@@ -369,6 +371,7 @@ def chrome_trace(plan: Plan, timings: Timings | None = None) -> dict[str, Any]:
     `predicted_ms`, else each action gets one millisecond in step order.
     """
     windows = _windows(plan, timings)
+    colour = {p.name: i for i, p in enumerate(plan.header.placement.pipelines)}
     events: list[Json] = []
     for rp in plan.ranks:
         r = rp.rank
@@ -380,7 +383,7 @@ def chrome_trace(plan: Plan, timings: Timings | None = None) -> dict[str, Any]:
         ]
     for rp, ws in zip(plan.ranks, windows, strict=True):
         events += [
-            _event(plan, rp.rank, i, a, w) for i, (a, w) in enumerate(zip(rp.actions, ws, strict=True))
+            _event(rp.rank, i, a, w, colour) for i, (a, w) in enumerate(zip(rp.actions, ws, strict=True))
         ]
     h = plan.header
     return {

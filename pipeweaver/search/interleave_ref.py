@@ -28,9 +28,7 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
     end = np.full(n, math.nan)
     position = np.full(n, -1, dtype=np.int64)
     t_last = np.zeros(pp)
-    last_fwd = np.zeros(
-        pp, dtype=np.int64
-    )  # "last ran a backward": under contention a rank starts with a forward
+    last_fwd = np.zeros(pp, dtype=np.int64)  # "last ran a backward": under contention a rank starts with a forward
     mem = np.zeros(pp)
     count = np.zeros(pp, dtype=np.int64)
     ready: list[list[int]] = [[] for _ in range(pp)]
@@ -39,9 +37,7 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
             ready[int(problem.rank[i])].append(i)
 
     def eligible(r: int, i: int, gate: bool) -> bool:
-        return not (
-            gate and problem.is_forward[i] and mem[r] + problem.alloc_bytes[i] > problem.mem_cap_bytes[r]
-        )
+        return not (gate and problem.is_forward[i] and mem[r] + problem.alloc_bytes[i] > problem.mem_cap_bytes[r])
 
     def pick(r: int, gate: bool) -> tuple[int, float]:
         """Best stage on rank r and its start time, or (-1, inf)."""
@@ -60,9 +56,13 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
         if tf <= tl and tb <= tl:  # both kinds ready: alternate (1F1B), highest priority of the wanted kind
             want_fwd = 1 - last_fwd[r]
             for i in ready[r]:
-                if problem.is_forward[i] == want_fwd and ready_at[i] <= tl and eligible(r, i, gate):
-                    if best < 0 or priority[i] > priority[best]:
-                        best = i
+                if (
+                    problem.is_forward[i] == want_fwd
+                    and ready_at[i] <= tl
+                    and eligible(r, i, gate)
+                    and (best < 0 or priority[i] > priority[best])
+                ):
+                    best = i
             return best, tl
         for i in ready[r]:  # otherwise the soonest start; ties by priority, then backward first
             if not eligible(r, i, gate):
@@ -74,9 +74,7 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
                     ready_at[i] == ready_at[best]
                     and (
                         priority[i] > priority[best]
-                        or (
-                            priority[i] == priority[best] and problem.is_forward[i] < problem.is_forward[best]
-                        )
+                        or (priority[i] == priority[best] and problem.is_forward[i] < problem.is_forward[best])
                     )
                 )
             ):

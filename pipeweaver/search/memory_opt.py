@@ -110,9 +110,7 @@ def greedy_choice(
             members[i].append(k)
     load = [sum(candidates[i][choice[i]].memory_bytes for i in live[k]) for k in range(n)]
     # Passes over the pairs, biggest possible saving first; each pair jumps to its fastest candidate that fits.
-    order = sorted(
-        range(n), key=lambda i: candidates[i][0].latency_ms - candidates[i][-1].latency_ms, reverse=True
-    )
+    order = sorted(range(n), key=lambda i: candidates[i][0].latency_ms - candidates[i][-1].latency_ms, reverse=True)
     improved = True
     while improved:
         improved = False
@@ -175,11 +173,7 @@ def optimise_rank(
         fixed = sum(int(candidates[i][0].memory_bytes / mem_unit) for i in ls if i not in mem_var)
         model.add(sum(mem_var[i] for i in ls if i in mem_var) + fixed <= cap_units)
     model.minimize(
-        sum(
-            int(round(candidates[i][j].latency_ms * scale_ms)) * x[i][j]
-            for i in free_pairs
-            for j in range(len(x[i]))
-        )
+        sum(round(candidates[i][j].latency_ms * scale_ms) * x[i][j] for i in free_pairs for j in range(len(x[i])))
     )
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s

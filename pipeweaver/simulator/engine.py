@@ -140,15 +140,13 @@ class LinkModel:
     def from_specs(hardware: HardwareSpec, parallel: ParallelSpec, *, dp_replica: int = 0) -> LinkModel:
         """NVLink between ranks on one node, the network across nodes.
 
-        A replica occupies pp * tp consecutive GPUs and pipeline rank r its GPU r * tp (TP groups innermost, so
-        a TP group never straddles a node); node = GPU // gpus_per_node.
+        A replica occupies pp * tp consecutive GPUs and pipeline rank r its GPU r * tp (TP groups innermost,
+        so a TP group never straddles a node); node = GPU // gpus_per_node.
         """
         pp, tp = parallel.pp, parallel.tp
         base = dp_replica * pp * tp
         gpu = [base + r * tp for r in range(pp)]
-        table = tuple(
-            tuple(hardware.link_bandwidth(gpu[a], gpu[b]) for b in range(pp)) for a in range(pp)
-        )
+        table = tuple(tuple(hardware.link_bandwidth(gpu[a], gpu[b]) for b in range(pp)) for a in range(pp))
         return LinkModel(latency_ms=hardware.p2p_latency_s * 1e3, bandwidth_bytes_per_s=table)
 
 
@@ -230,7 +228,7 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
     op_lo: list[int] = []
     op_hi: list[int] = []
     op_action: list[int] = []
-    op_transfers: list[tuple[StageKey, StageKey, tuple[TensorSpec, ...]]] = []
+    op_what: list[tuple[StageKey, StageKey, tuple[TensorSpec, ...]]] = []
     sends: dict[tuple[int, int], list[int]] = defaultdict(list)
     recvs: dict[tuple[int, int], list[int]] = defaultdict(list)
 
@@ -238,87 +236,91 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
         if rp.rank != r:
             raise InvalidPlan(f"rank list {r} is labelled rank {rp.rank}\n{plan.text()}")
         batches: dict[int, tuple[int, int]] = {}
-        for a in rp.actions:
+        for action in rp.actions:
             index = len(kind)
-            if isinstance(a, Compute):
-                stage = a.stage
-                ms = compute_ms.get(stage)
-                if ms is None:
+            lo = hi = 0
+            ms = alloc_b = free_b = 0.0
+            if isinstance(action, Compute):
+                stage = action.stage
+                cost = compute_ms.get(stage)
+                if cost is None:
                     raise ValueError(f"costs have no compute time for stage {stage} (rank {r})")
+                if not cost >= 0.0:
+                    raise ValueError(f"compute time of stage {stage} must be non-negative, got {cost}")
+                ms = cost
+                if stage.pass_ is Pass.F:
+                    alloc_b = act_bytes.get(stage, 0.0)
+                if stage.pass_ is frees.get(stage.pipeline):
+                    free_b = act_bytes.get(stage.with_pass(Pass.F), 0.0)
                 kind.append(COMPUTE)
-                duration.append(ms)
-                fwd = stage if stage.pass_ is Pass.F else stage.with_pass(Pass.F)
-                alloc.append(act_bytes.get(stage, 0.0) if stage.pass_ is Pass.F else 0.0)
-                free.append(act_bytes.get(fwd, 0.0) if stage.pass_ is frees.get(stage.pipeline) else 0.0)
-                op_lo.append(0)
-                op_hi.append(0)
-            elif isinstance(a, CommBatch):
-                if a.handle in batches:
-                    raise InvalidPlan(_render(plan, r, a, f"rank {r} posts batch #{a.handle} twice"))
+            elif isinstance(action, CommBatch):
+                if action.handle in batches:
+                    message = f"rank {r} posts batch #{action.handle} twice"
+                    raise InvalidPlan(_render(plan, r, action, message))
                 lo = len(op_action)
-                for t in a.ops:
-                    if not 0 <= t.peer < pp or t.peer == r:
-                        raise InvalidPlan(_render(plan, r, a, f"rank {r} has a transfer with peer {t.peer}"))
-                    o = len(op_action)
-                    op_action.append(index)
-                    op_transfers.append((t.src, t.dst, t.tensors))
-                    if t.direction is Direction.SEND:
-                        sends[(r, t.peer)].append(o)
+                for op in action.ops:
+                    if not 0 <= op.peer < pp or op.peer == r:
+                        message = f"rank {r} has a transfer with peer {op.peer}"
+                        raise InvalidPlan(_render(plan, r, action, message))
+                    if op.direction is Direction.SEND:
+                        sends[(r, op.peer)].append(len(op_action))
                     else:
-                        recvs[(t.peer, r)].append(o)
-                batches[a.handle] = (lo, len(op_action))
+                        recvs[(op.peer, r)].append(len(op_action))
+                    op_action.append(index)
+                    op_what.append((op.src, op.dst, op.tensors))
+                hi = len(op_action)
+                batches[action.handle] = (lo, hi)
                 kind.append(POST)
-                op_lo.append(lo)
-                op_hi.append(len(op_action))
-                duration.append(0.0)
-                alloc.append(0.0)
-                free.append(0.0)
             else:
-                if a.handle not in batches:
-                    raise InvalidPlan(_render(plan, r, a, f"rank {r} waits for batch #{a.handle} before posting it"))
-                lo, hi = batches[a.handle]
+                if action.handle not in batches:
+                    message = f"rank {r} waits for batch #{action.handle} before posting it"
+                    raise InvalidPlan(_render(plan, r, action, message))
+                lo, hi = batches[action.handle]
                 kind.append(WAIT)
-                op_lo.append(lo)
-                op_hi.append(hi)
-                duration.append(0.0)
-                alloc.append(0.0)
-                free.append(0.0)
+            duration.append(ms)
+            alloc.append(alloc_b)
+            free.append(free_b)
+            op_lo.append(lo)
+            op_hi.append(hi)
         rank_offsets.append(len(kind))
 
+    # Ops between two ranks pair up in posting order; transfer k of a directed link follows transfer k-1.
     op_match = [-1] * len(op_action)
     op_transfer = [-1] * len(op_action)
     transfer_ms: list[float] = []
     transfer_prev: list[int] = []
     for pair in sorted(set(sends) | set(recvs)):
-        a, b = pair
+        sender, receiver = pair
         s_ops, r_ops = sends.get(pair, []), recvs.get(pair, [])
+        if len(s_ops) != len(r_ops):
+            k = min(len(s_ops), len(r_ops))
+            if len(s_ops) > k:
+                extra, owner, side, other = s_ops[k], sender, "send", "receive"
+            else:
+                extra, owner, side, other = r_ops[k], receiver, "receive", "send"
+            src, dst, _ = op_what[extra]
+            message = (
+                f"{side} {src}->{dst} from rank {sender} to rank {receiver} has no matching {other} "
+                f"(transfer {k} of the pair)"
+            )
+            raise InvalidPlan(_render_op(plan, rank_offsets, owner, op_action[extra], message))
         prev = -1
-        for k in range(max(len(s_ops), len(r_ops))):
-            if k >= len(s_ops) or k >= len(r_ops):
-                o = s_ops[k] if k < len(s_ops) else r_ops[k]
-                side, owner = ("send", a) if k < len(s_ops) else ("receive", b)
-                src, dst, _ = op_transfers[o]
-                raise InvalidPlan(_render_op(
-                    plan, rank_offsets, owner, op_action[o],
-                    f"{side} {src}->{dst} between ranks {a} and {b} has no matching "
-                    f"{'receive' if side == 'send' else 'send'} (op {k} of the pair)",
-                ))
-            so, ro = s_ops[k], r_ops[k]
-            if op_transfers[so] != op_transfers[ro]:
-                s_src, s_dst, _ = op_transfers[so]
-                r_src, r_dst, _ = op_transfers[ro]
-                raise InvalidPlan(_render_op(
-                    plan, rank_offsets, b, op_action[ro],
-                    f"transfer {k} from rank {a} to rank {b} is sent as {s_src}->{s_dst} but received as "
-                    f"{r_src}->{r_dst} (or with other shapes): point-to-point ops match in posting order",
-                ))
-            t = len(transfer_ms)
+        for k, (so, ro) in enumerate(zip(s_ops, r_ops, strict=True)):
+            if op_what[so] != op_what[ro]:
+                s_src, s_dst, _ = op_what[so]
+                r_src, r_dst, _ = op_what[ro]
+                message = (
+                    f"transfer {k} from rank {sender} to rank {receiver} is sent as {s_src}->{s_dst} but "
+                    f"received as {r_src}->{r_dst} (or with other shapes): point-to-point ops match in "
+                    "posting order"
+                )
+                raise InvalidPlan(_render_op(plan, rank_offsets, receiver, op_action[ro], message))
+            tr = len(transfer_ms)
             op_match[so], op_match[ro] = ro, so
-            op_transfer[so] = op_transfer[ro] = t
-            transfer_ms.append(link.transfer_ms(a, b, transfer_bytes(op_transfers[so][2])))
+            op_transfer[so] = op_transfer[ro] = tr
+            transfer_ms.append(link.transfer_ms(sender, receiver, transfer_bytes(op_what[so][2])))
             transfer_prev.append(prev)
-            prev = t
-
+            prev = tr
     static = list(costs.static_bytes) if costs.static_bytes else [0.0] * pp
     i64, f64 = np.int64, np.float64
     return FlatPlan(

@@ -89,8 +89,13 @@ class FlatResult:
     """Per rank, the first action not executed (rank_offsets[r+1] when the rank finished)."""
 
 
-def _outputs(flat: FlatPlan) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray,
-                                      IntArray, IntArray, IntArray]:
+_Outputs = tuple[
+    FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, IntArray, IntArray, IntArray
+]
+
+
+def _outputs(flat: FlatPlan) -> _Outputs:
+    """Zeroed output arrays: start, end, busy, peak, event times, event bytes, event offsets, counts, pc."""
     n, pp = flat.num_actions, flat.pp
     offsets = flat.event_offsets()
     n_events = int(offsets[-1])
@@ -111,10 +116,27 @@ def _outputs(flat: FlatPlan) -> tuple[FloatArray, FloatArray, FloatArray, FloatA
 
 
 def _kernel(
-    rank_offsets: Any, kind: Any, duration_ms: Any, alloc_bytes: Any, free_bytes: Any, op_lo: Any,
-    op_hi: Any, op_match: Any, op_transfer: Any, transfer_ms: Any, transfer_prev: Any, static_bytes: Any,
-    event_offsets: Any, start_ms: Any, end_ms: Any, busy_ms: Any, peak_bytes: Any, event_time_ms: Any,
-    event_bytes: Any, event_count: Any, pc: Any,
+    rank_offsets: Any,
+    kind: Any,
+    duration_ms: Any,
+    alloc_bytes: Any,
+    free_bytes: Any,
+    op_lo: Any,
+    op_hi: Any,
+    op_match: Any,
+    op_transfer: Any,
+    transfer_ms: Any,
+    transfer_prev: Any,
+    static_bytes: Any,
+    event_offsets: Any,
+    start_ms: Any,
+    end_ms: Any,
+    busy_ms: Any,
+    peak_bytes: Any,
+    event_time_ms: Any,
+    event_bytes: Any,
+    event_count: Any,
+    pc: Any,
 ) -> int:
     """Round-robin dry run; fills the output arrays in place and returns OK or DEADLOCK.
 
@@ -221,9 +243,27 @@ def run_numba(flat: FlatPlan) -> FlatResult:
         raise ModuleNotFoundError("numba is missing: pip install 'pipeweaver[server]', or use_numba=False")
     start, end, busy, peak, ev_t, ev_b, ev_off, ev_n, pc = _outputs(flat)
     status = _numba_kernel(
-        flat.rank_offsets, flat.kind, flat.duration_ms, flat.alloc_bytes, flat.free_bytes, flat.op_lo,
-        flat.op_hi, flat.op_match, flat.op_transfer, flat.transfer_ms, flat.transfer_prev, flat.static_bytes,
-        ev_off, start, end, busy, peak, ev_t, ev_b, ev_n, pc,
+        flat.rank_offsets,
+        flat.kind,
+        flat.duration_ms,
+        flat.alloc_bytes,
+        flat.free_bytes,
+        flat.op_lo,
+        flat.op_hi,
+        flat.op_match,
+        flat.op_transfer,
+        flat.transfer_ms,
+        flat.transfer_prev,
+        flat.static_bytes,
+        ev_off,
+        start,
+        end,
+        busy,
+        peak,
+        ev_t,
+        ev_b,
+        ev_n,
+        pc,
     )
     return FlatResult(int(status), start, end, busy, peak, ev_t, ev_b, ev_off, ev_n, pc)
 

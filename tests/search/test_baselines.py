@@ -59,9 +59,7 @@ def sample(workload: Workload, seed: int) -> BatchMetadata:
 
 def order_keys(orders: list[list[Compute]]) -> list[list[tuple[int, Pass, int, int]]]:
     """Orders without pipeline names: (chunk, pass, microbatch, sub) per rank."""
-    return [
-        [(c.stage.chunk, c.stage.pass_, c.stage.microbatch, c.stage.sub) for c in order] for order in orders
-    ]
+    return [[(c.stage.chunk, c.stage.pass_, c.stage.microbatch, c.stage.sub) for c in order] for order in orders]
 
 
 # ---- helpers: a linear (one-module) model and text-only batches --------------------------------------------
@@ -157,21 +155,15 @@ def tiny_cases(draw: st.DrawFn) -> tuple[ModelSpec, ParallelSpec, BatchMetadata]
     0..3 media items each (microbatches without media, and some without any work, are common)."""
     w = draw(st.sampled_from([presets.tiny_vlm, presets.tiny_t2v]))()
     frozen = draw(st.lists(st.booleans(), min_size=2, max_size=2))
-    model = replace(
-        w.model, modules=tuple(replace(m, frozen=f) for m, f in zip(w.model.modules, frozen, strict=True))
-    )
+    model = replace(w.model, modules=tuple(replace(m, frozen=f) for m, f in zip(w.model.modules, frozen, strict=True)))
     m = draw(st.integers(1, 6))
     parallel = replace(w.parallel, pp=draw(st.integers(1, 4)), microbatches=m)
     media_module = next(mod for mod in model.modules if mod.input is not Modality.TEXT)
     if media_module.image is not None:
-        item = MediaItem(
-            Modality.IMAGE, media_module.image.patches_per_image, media_module.image.tokens_per_image
-        )
+        item = MediaItem(Modality.IMAGE, media_module.image.patches_per_image, media_module.image.tokens_per_image)
     else:
         assert media_module.video is not None
-        item = MediaItem(
-            Modality.VIDEO, media_module.video.tokens_for(draw(st.sampled_from([0.5, 2.0, 4.0])))
-        )
+        item = MediaItem(Modality.VIDEO, media_module.video.tokens_for(draw(st.sampled_from([0.5, 2.0, 4.0]))))
     docs = st.builds(lambda t, k: Document(t, (item,) * k), st.integers(0, 40), st.integers(0, 3))
     mbs = st.lists(docs, min_size=1, max_size=2).map(lambda d: Microbatch(tuple(d)))
     batch = BatchMetadata(
@@ -182,9 +174,7 @@ def tiny_cases(draw: st.DrawFn) -> tuple[ModelSpec, ParallelSpec, BatchMetadata]
 
 @settings(max_examples=60, deadline=None)
 @given(case=tiny_cases(), name=st.sampled_from(NAMES))
-def test_random_tiny_batches_give_valid_plans(
-    case: tuple[ModelSpec, ParallelSpec, BatchMetadata], name: str
-) -> None:
+def test_random_tiny_batches_give_valid_plans(case: tuple[ModelSpec, ParallelSpec, BatchMetadata], name: str) -> None:
     model, parallel, batch = case
     plan = build_baseline_plan(name, model=model, parallel=parallel, batch=batch, hardware=CPU)
     validate(plan)
@@ -250,9 +240,7 @@ def test_baseline_orders_match_the_plan() -> None:
         plan = build_baseline_plan(name, model=w.model, parallel=w.parallel, batch=batch)
         assert header == plan.header
         orders = baseline_orders(name, header)
-        assert [[c.stage for c in o] for o in orders] == [
-            list(plan.compute_order(r)) for r in range(w.parallel.pp)
-        ]
+        assert [[c.stage for c in o] for o in orders] == [list(plan.compute_order(r)) for r in range(w.parallel.pp)]
 
 
 def test_placements_per_family() -> None:
@@ -283,12 +271,7 @@ def test_dtype_follows_hardware_unless_given() -> None:
             tensors_dtype=tensors_dtype,
         )
         return {
-            t.dtype
-            for rp in plan.ranks
-            for a in rp.actions
-            if hasattr(a, "ops")
-            for op in a.ops
-            for t in op.tensors
+            t.dtype for rp in plan.ranks for a in rp.actions if hasattr(a, "ops") for op in a.ops for t in op.tensors
         }
 
     assert dtypes(hardware=CPU) == {"float32"}
@@ -306,11 +289,7 @@ def test_optimus_runs_encoder_forwards_first_and_encoder_backwards_last() -> Non
     for r in range(w.parallel.pp):
         order = plan.compute_order(r)
         kinds = [
-            "enc-F"
-            if s.pipeline == "vit" and s.pass_ is Pass.F
-            else "enc-B"
-            if s.pipeline == "vit"
-            else "llm"
+            "enc-F" if s.pipeline == "vit" and s.pass_ is Pass.F else "enc-B" if s.pipeline == "vit" else "llm"
             for s in order
         ]
         first_llm, last_llm = kinds.index("llm"), len(kinds) - 1 - kinds[::-1].index("llm")
@@ -378,9 +357,7 @@ def test_gpipe_1f1b_interleaved_bubbles(p: int) -> None:
     for m in (p, 2 * p, 4 * p):
         for name in ("gpipe", "1f1b"):
             plan = linear_plan(name, p, m)
-            assert simulate_uniform(plan, per_stage(plan, 1.0, 1.0, 1.0))[1] == pytest.approx(
-                (p - 1) / (m + p - 1)
-            )
+            assert simulate_uniform(plan, per_stage(plan, 1.0, 1.0, 1.0))[1] == pytest.approx((p - 1) / (m + p - 1))
         plan = linear_plan("interleaved-1f1b", p, m)
         _, bubble = simulate_uniform(plan, per_stage(plan, 1.0, 1.0, 1.0))
         assert bubble == pytest.approx((p - 1) / 2 / (m + (p - 1) / 2))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -61,13 +63,9 @@ def _random_problem(seed: int, pp: int, m: int, k_vit: int, cap: float, *, v_sha
     cap=st.sampled_from([2.0, 5.0, 1e9]),
     v_shape=st.booleans(),
 )
-def test_numba_kernel_equals_reference(
-    seed: int, pp: int, m: int, k_vit: int, cap: float, v_shape: bool
-) -> None:
+def test_numba_kernel_equals_reference(seed: int, pp: int, m: int, k_vit: int, cap: float, v_shape: bool) -> None:
     problem = _random_problem(seed, pp, m, k_vit, cap, v_shape=v_shape)
-    prio = stage_priorities(
-        problem, np.random.default_rng(seed).permutation(len(problem.groups)).astype(float)
-    )
+    prio = stage_priorities(problem, np.random.default_rng(seed).permutation(len(problem.groups)).astype(float))
     ref = interleave_reference(problem, prio)
     fast = interleave(problem, prio)
     assert np.array_equal(ref[0], fast[0])
@@ -88,7 +86,7 @@ def test_schedule_respects_dependencies_and_one_stage_at_a_time(seed: int, pp: i
             assert start[i] >= end[p] + problem.pred_delay_ms[q] - 1e-9
     for r in range(pp):
         idx = sorted(np.flatnonzero(problem.rank == r), key=lambda i: position[i])
-        for a, b in zip(idx, idx[1:], strict=False):
+        for a, b in itertools.pairwise(idx):
             assert start[b] >= end[a] - 1e-9
     assert makespan >= lower_bound_ms(problem) - 1e-9
 

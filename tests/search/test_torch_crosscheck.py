@@ -76,12 +76,9 @@ def our_orders(name: str, p: int, m: int) -> list[list[Action]]:
     )
     model = ModelSpec(name="linear", modules=(llm,))
     batch = BatchMetadata(0, tuple(Microbatch((Document(16),)) for _ in range(m)))
-    header = baseline_header(
-        name, model=model, parallel=ParallelSpec(pp=p, microbatches=m, seq_len=64), batch=batch
-    )
+    header = baseline_header(name, model=model, parallel=ParallelSpec(pp=p, microbatches=m, seq_len=64), batch=batch)
     return [
-        [(c.stage.chunk, c.stage.pass_.value, c.stage.microbatch) for c in o]
-        for o in baseline_orders(name, header)
+        [(c.stage.chunk, c.stage.pass_.value, c.stage.microbatch) for c in o] for o in baseline_orders(name, header)
     ]
 
 

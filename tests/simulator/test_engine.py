@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -49,18 +50,24 @@ from pipeweaver.simulator.sim_kernel import run_numba, run_reference
 from pipeweaver.spec import BatchMetadata, Document, MediaItem, Microbatch, Modality, ParallelSpec
 from pipeweaver.spec.hardware import H800
 
-# ---- helpers: single-pipeline schedules ------------------------------------------------------------------------
+# ---- helpers: single-pipeline schedules --------------------------------------------------------------------
 
 PIPE = "model"
 
 
 def chain_header(p: int, m: int, v: int = 1) -> PlanHeader:
-    """One pipeline of p*v one-layer chunks, chunk c on rank c % p; m microbatches of one sub-microbatch each."""
+    """One pipeline of p*v one-layer chunks (chunk c on rank c % p); m microbatches of one sub each."""
     chunks = tuple(Chunk(PIPE, c, c % p, (LayerRange("llm", c, c + 1),)) for c in range(p * v))
     placement = Placement(pp=p, pipelines=(PipelineInfo(PIPE, ("llm",)),), chunks=chunks)
     subs = tuple(SubMicrobatch(PIPE, j, 0, (("llm", (0,)),)) for j in range(m))
-    return PlanHeader(job_id="test", iteration=0, placement=placement, sub_microbatches=subs,
-                      num_microbatches=m, schedule="test")
+    return PlanHeader(
+        job_id="test",
+        iteration=0,
+        placement=placement,
+        sub_microbatches=subs,
+        num_microbatches=m,
+        schedule="test",
+    )
 
 
 def _c(chunk: int, mb: int, pass_: Pass) -> Compute:
@@ -124,14 +131,18 @@ def assert_same(a: SimResult, b: SimResult) -> None:
     assert a.bubble_fraction == b.bubble_fraction
     for x, y in [(a.busy_ms, b.busy_ms), (a.peak_memory_bytes, b.peak_memory_bytes)]:
         assert np.array_equal(x, y)
-    for xs, ys in [(a.start_ms, b.start_ms), (a.end_ms, b.end_ms), (a.memory_time_ms, b.memory_time_ms),
-                   (a.memory_bytes, b.memory_bytes)]:
+    for xs, ys in [
+        (a.start_ms, b.start_ms),
+        (a.end_ms, b.end_ms),
+        (a.memory_time_ms, b.memory_time_ms),
+        (a.memory_bytes, b.memory_bytes),
+    ]:
         assert len(xs) == len(ys)
         for x, y in zip(xs, ys, strict=True):
             assert np.array_equal(x, y)
 
 
-# ---- (b) exact bubble fractions ----------------------------------------------------------------------------------
+# ---- (b) exact bubble fractions ----------------------------------------------------------------------------
 
 GRID = [(p, m) for p in (2, 4, 8) for m in (4, 8, 16)]
 
@@ -158,22 +169,44 @@ def test_interleaved_1f1b_bubble(p: int, m: int, v: int) -> None:
     assert res.bubble_fraction == pytest.approx((p - 1) / (v * m + p - 1), abs=1e-12)
 
 
+@pytest.mark.parametrize(("p", "m"), [(2, 4), (4, 8), (4, 16), (8, 16)])
+def test_search_baselines_give_the_textbook_bubbles(p: int, m: int) -> None:
+    """The baselines package's orders, simulated: 1F1B/GPipe/interleaved as above; ZB-H1 (F = I = W) idles
+    (p-1) * (F + I - W) = (p-1) * f per rank (Qi et al., zero-bubble pipeline parallelism)."""
+    baselines = pytest.importorskip("pipeweaver.search.baselines")
+    expected = {"1f1b": (1, m + p - 1), "gpipe": (1, m + p - 1), "interleaved-1f1b": (2, 2 * m + p - 1)}
+    for name, (v, slots) in expected.items():
+        header = chain_header(p, m, v)
+        plan = assemble_plan(header, baselines.baseline_orders(name, header), no_tensors)
+        res = both(plan, StageCosts.uniform(header, forward_ms=1.0, backward_ms=2.0), LinkModel.zero(p))
+        assert res.makespan_ms == 3.0 * slots, name
+    header = replace(chain_header(p, m), split_backward=True)
+    plan = assemble_plan(header, baselines.baseline_orders("zb-h1", header), no_tensors)
+    res = both(plan, StageCosts.uniform(header, forward_ms=1.0, backward_ms=2.0), LinkModel.zero(p))
+    assert res.makespan_ms == 3.0 * m + (p - 1)
+    assert res.bubble_fraction == pytest.approx((p - 1) / (3 * m + p - 1), abs=1e-12)
+
+
 def test_mixed_placement_chain_matches_hand_built() -> None:
     """The issue's construction (layouts.mixed_placement on a model of pp*k layers) gives the same bubble."""
     p, m = 4, 8
     model = presets.tiny_vlm().model  # 16 layers end to end
     placement = mixed_placement(model, p, 1)
-    subs = tuple(
-        SubMicrobatch(PIPE, j, 0, tuple((n, (0,)) for n in model.module_names)) for j in range(m)
+    subs = tuple(SubMicrobatch(PIPE, j, 0, tuple((n, (0,)) for n in model.module_names)) for j in range(m))
+    header = PlanHeader(
+        job_id="t",
+        iteration=0,
+        placement=placement,
+        sub_microbatches=subs,
+        num_microbatches=m,
+        schedule="1f1b",
     )
-    header = PlanHeader(job_id="t", iteration=0, placement=placement, sub_microbatches=subs,
-                        num_microbatches=m, schedule="1f1b")
     plan = assemble_plan(header, one_f_one_b(p, m), no_tensors)
     res = both(plan, StageCosts.uniform(header, forward_ms=2.0, backward_ms=4.0), LinkModel.zero(p))
     assert res.bubble_fraction == pytest.approx((p - 1) / (m + p - 1), abs=1e-12)
 
 
-# ---- (c) the paper's motivating example ------------------------------------------------------------------------
+# ---- (c) the paper's motivating example --------------------------------------------------------------------
 
 
 def test_motivating_example_37b() -> None:
@@ -199,10 +232,18 @@ def test_motivating_example_37b() -> None:
 
     placement = Placement(pp=p, pipelines=(PipelineInfo(PIPE, model.module_names),), chunks=tuple(chunks))
     subs = tuple(SubMicrobatch(PIPE, j, 0, (("vit", (0,)), ("llm", (0,)))) for j in range(m))
-    header = PlanHeader(job_id="t", iteration=0, placement=placement, sub_microbatches=subs,
-                        num_microbatches=m, schedule="1f1b")
+    header = PlanHeader(
+        job_id="t",
+        iteration=0,
+        placement=placement,
+        sub_microbatches=subs,
+        num_microbatches=m,
+        schedule="1f1b",
+    )
     costs = StageCosts(
-        compute_ms={s: stage_ms[s.chunk] / 3 * (1 if s.pass_ is Pass.F else 2) for s in stage_graph(header).stages}
+        compute_ms={
+            s: stage_ms[s.chunk] / 3 * (1 if s.pass_ is Pass.F else 2) for s in stage_graph(header).stages
+        }
     )
     res = both(assemble_plan(header, one_f_one_b(p, m), no_tensors), costs, LinkModel.zero(p))
     assert 0.22 <= res.bubble_fraction <= 0.24
@@ -210,7 +251,7 @@ def test_motivating_example_37b() -> None:
     assert res.bubble_fraction == pytest.approx(1 - m * sum(stage_ms) / (p * 5734.5))
 
 
-# ---- (d) memory ------------------------------------------------------------------------------------------------
+# ---- (d) memory --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("p", "m"), [(2, 4), (4, 8), (8, 16)])
@@ -238,7 +279,33 @@ def test_split_backward_frees_at_w() -> None:
     assert res.memory_timeline(0) == [(0.0, 0.0), (0.0, 5.0), (3.0, 0.0)]
 
 
-# ---- transfers and the link model ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("info", "passes", "timeline"),
+    [
+        # Forward only (frozen, nothing trainable upstream): activations live for the forward alone.
+        (PipelineInfo(PIPE, ("llm",), backward=False), [Pass.F], [(0.0, 0.0), (0.0, 5.0), (1.0, 0.0)]),
+        # Frozen but passing gradients upstream, split backward: I is the last pass and frees.
+        (
+            PipelineInfo(PIPE, ("llm",), weight_grad=False),
+            [Pass.F, Pass.I],
+            [(0.0, 0.0), (0.0, 5.0), (2.0, 0.0)],
+        ),
+    ],
+)
+def test_activations_freed_by_the_last_pass(
+    info: PipelineInfo, passes: list[Pass], timeline: list[tuple[float, float]]
+) -> None:
+    base = chain_header(1, 1)
+    placement = replace(base.placement, pipelines=(info,))
+    header = replace(base, placement=placement, split_backward=True)
+    plan = assemble_plan(header, [[_c(0, 0, x) for x in passes]], no_tensors)
+    res = both(
+        plan, StageCosts.uniform(header, forward_ms=1.0, backward_ms=2.0, act_bytes=5.0), LinkModel.zero(1)
+    )
+    assert res.memory_timeline(0) == timeline
+
+
+# ---- transfers and the link model --------------------------------------------------------------------------
 
 
 def test_transfer_cost_and_fifo_link() -> None:
@@ -247,13 +314,16 @@ def test_transfer_cost_and_fifo_link() -> None:
     a1, b1 = StageKey(PIPE, 1, 0, 0, Pass.F), StageKey(PIPE, 1, 1, 0, Pass.F)
     tensors = (TensorSpec((1000, 500)), TensorSpec((10,), "float32"))
     assert transfer_bytes(tensors) == 1_000_040
-    send = CommBatch(0, (Transfer(Direction.SEND, 1, a, a1, tensors), Transfer(Direction.SEND, 1, b, b1, tensors)))
-    recv = CommBatch(0, (Transfer(Direction.RECV, 0, a, a1, tensors), Transfer(Direction.RECV, 0, b, b1, tensors)))
+    send = CommBatch(0, tuple(Transfer(Direction.SEND, 1, x, y, tensors) for x, y in [(a, a1), (b, b1)]))
+    recv = CommBatch(0, tuple(Transfer(Direction.RECV, 0, x, y, tensors) for x, y in [(a, a1), (b, b1)]))
     header = chain_header(2, 2)
-    plan = Plan(header, (
-        RankPlan(0, (Compute(a), Compute(b), send, Wait(0))),
-        RankPlan(1, (recv, Wait(0), Compute(a1), Compute(b1))),
-    ))
+    plan = Plan(
+        header,
+        (
+            RankPlan(0, (Compute(a), Compute(b), send, Wait(0))),
+            RankPlan(1, (recv, Wait(0), Compute(a1), Compute(b1))),
+        ),
+    )
     link = LinkModel.uniform(2, latency_ms=0.5, bandwidth_bytes_per_s=1e9)
     costs = StageCosts(compute_ms={a: 1.0, b: 2.0, a1: 4.0, b1: 8.0})
     res = both(plan, costs, link)
@@ -281,7 +351,7 @@ def test_link_model_from_specs() -> None:
     assert LinkModel.zero(3).transfer_ms(0, 2, 1e12) == 0.0
 
 
-# ---- (e) invalid plans -------------------------------------------------------------------------------------------
+# ---- (e) invalid plans -------------------------------------------------------------------------------------
 
 
 def test_deadlock_raises_invalid_plan() -> None:
@@ -315,7 +385,7 @@ def test_wait_before_post_and_missing_cost() -> None:
         simulate(plan, StageCosts(compute_ms={}), link=LinkModel.zero(1))
 
 
-# ---- (a) random plans: numba == reference, and == the longest path when links are free --------------------------
+# ---- (a) random plans: numba == reference, and == the longest path when links are free ---------------------
 
 
 def random_batch(draw: st.DrawFn, video: bool) -> BatchMetadata:
@@ -325,7 +395,8 @@ def random_batch(draw: st.DrawFn, video: bool) -> BatchMetadata:
         for _ in range(draw(st.integers(1, 3))):
             n_media = draw(st.integers(0, 2))
             if video:
-                media = tuple(MediaItem(Modality.VIDEO, draw(st.sampled_from([32, 64, 96]))) for _ in range(n_media))
+                sizes = [draw(st.sampled_from([32, 64, 96])) for _ in range(n_media)]
+                media = tuple(MediaItem(Modality.VIDEO, t) for t in sizes)
             else:
                 media = tuple(MediaItem(Modality.IMAGE, 16, 4) for _ in range(n_media))
             docs.append(Document(draw(st.integers(1, 40)), media))
@@ -333,7 +404,9 @@ def random_batch(draw: st.DrawFn, video: bool) -> BatchMetadata:
     return BatchMetadata(iteration=0, microbatches=tuple(mbs))
 
 
-def random_orders(graph: StageGraph, pp: int, rng: random.Random) -> tuple[list[list[Compute]], list[StageKey]]:
+def random_orders(
+    graph: StageGraph, pp: int, rng: random.Random
+) -> tuple[list[list[Compute]], list[StageKey]]:
     """Per-rank orders from one random topological order of the stage DAG (greedy on random priorities)."""
     priority = {s: rng.random() for s in graph.stages}
     missing = {s: len(graph.preds[s]) for s in graph.stages}
@@ -353,7 +426,9 @@ def random_orders(graph: StageGraph, pp: int, rng: random.Random) -> tuple[list[
     return orders, topo
 
 
-def longest_path_starts(graph: StageGraph, topo: Sequence[StageKey], costs: StageCosts, pp: int) -> dict[StageKey, float]:
+def longest_path_starts(
+    graph: StageGraph, topo: Sequence[StageKey], costs: StageCosts, pp: int
+) -> dict[StageKey, float]:
     """With free links a stage starts when its rank is free and all its predecessors have finished."""
     clock = [0.0] * pp
     finish: dict[StageKey, float] = {}
@@ -365,8 +440,11 @@ def longest_path_starts(graph: StageGraph, topo: Sequence[StageKey], costs: Stag
     return start
 
 
+Case = tuple[Plan, StageGraph, list[StageKey], StageCosts, LinkModel]
+
+
 @st.composite
-def random_case(draw: st.DrawFn) -> tuple[Plan, StageGraph, list[StageKey], StageCosts, LinkModel]:
+def random_case(draw: st.DrawFn) -> Case:
     name = draw(st.sampled_from(["tiny-vlm", "tiny-t2v"]))
     pp = draw(st.integers(2, 4))
     workload = presets.workload(name)
@@ -377,18 +455,28 @@ def random_case(draw: st.DrawFn) -> tuple[Plan, StageGraph, list[StageKey], Stag
         k = draw(st.integers(1, 8 // pp))
         placement = modular_placement(model, pp, {m: k for m in model.module_names}, order=order)
         media = model.module_names[0] if name == "tiny-vlm" else model.module_names[1]
-        subs = (split_sub_microbatches(model, placement, batch, {media: draw(st.integers(1, 2))})
-                if draw(st.booleans()) else whole_sub_microbatches(model, placement, batch))
+        subs = (
+            split_sub_microbatches(model, placement, batch, {media: draw(st.integers(1, 2))})
+            if draw(st.booleans())
+            else whole_sub_microbatches(model, placement, batch)
+        )
     else:
         placement = mixed_placement(model, pp, draw(st.integers(1, 16 // pp)), order=order)
         subs = whole_sub_microbatches(model, placement, batch)
-    header = PlanHeader(job_id="h", iteration=0, placement=placement, sub_microbatches=subs,
-                        num_microbatches=len(batch.microbatches), schedule="random",
-                        split_backward=draw(st.booleans()))
+    header = PlanHeader(
+        job_id="h",
+        iteration=0,
+        placement=placement,
+        sub_microbatches=subs,
+        num_microbatches=len(batch.microbatches),
+        schedule="random",
+        split_backward=draw(st.booleans()),
+    )
     graph = stage_graph(header)
     rng = random.Random(draw(st.integers(0, 2**32)))
     orders, topo = random_orders(graph, pp, rng)
-    plan = assemble_plan(header, orders, TransferShapes(model, batch, header, dtype="bfloat16").tensors, graph=graph)
+    shapes = TransferShapes(model, batch, header, dtype="bfloat16")
+    plan = assemble_plan(header, orders, shapes.tensors, graph=graph)
     costs = StageCosts(
         compute_ms={s: round(rng.uniform(0.1, 5.0), 3) for s in graph.stages},
         act_bytes={s: float(rng.randrange(0, 10**6)) for s in graph.stages if s.pass_ is Pass.F},
@@ -403,7 +491,7 @@ def random_case(draw: st.DrawFn) -> tuple[Plan, StageGraph, list[StageKey], Stag
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(random_case())
-def test_random_plans_numba_matches_reference(case: tuple[Plan, StageGraph, list[StageKey], StageCosts, LinkModel]) -> None:
+def test_random_plans_numba_matches_reference(case: Case) -> None:
     plan, graph, topo, costs, link = case
     pp = plan.header.placement.pp
     flat = flatten(plan, costs, link)
@@ -433,3 +521,25 @@ def test_random_plans_numba_matches_reference(case: tuple[Plan, StageGraph, list
                 assert free.start_ms[r][i] == expected[a.stage]
     assert free.makespan_ms == max(expected[s] + costs.compute_ms[s] for s in graph.stages)
     assert math.isfinite(res.makespan_ms) and res.makespan_ms >= free.makespan_ms
+
+
+def test_swapped_transfer_order_raises_invalid_plan() -> None:
+    """Receives posted out of the senders' order would pair the wrong tensors (NCCL matches by order)."""
+    header = chain_header(2, 2)
+    plan = assemble_plan(header, gpipe(2, 2), no_tensors)
+    rank1 = list(plan.ranks[1].actions)
+    recvs = [(i, a) for i, a in enumerate(rank1) if isinstance(a, CommBatch) and a.ops[0].src.pass_ is Pass.F]
+    (i, first), (j, second) = recvs
+    rank1[i], rank1[j] = CommBatch(first.handle, second.ops), CommBatch(second.handle, first.ops)
+    broken = Plan(header, (plan.ranks[0], RankPlan(1, tuple(rank1))))
+    with pytest.raises(InvalidPlan, match=re.escape("sent as model.0F0.0->model.1F0.0 but received as")):
+        simulate(broken, StageCosts.uniform(header, forward_ms=1.0, backward_ms=2.0), link=LinkModel.zero(2))
+
+
+def test_one_kernel_signature() -> None:
+    """Every call above reused one compiled specialisation (int64/float64 arrays only)."""
+    from pipeweaver.simulator import sim_kernel
+
+    plan = assemble_plan(chain_header(2, 4), one_f_one_b(2, 4), no_tensors)
+    simulate(plan, StageCosts.uniform(plan.header, forward_ms=1.0, backward_ms=2.0), link=LinkModel.zero(2))
+    assert len(sim_kernel._numba_kernel.signatures) == 1

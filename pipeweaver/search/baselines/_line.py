@@ -46,8 +46,7 @@ class Line:
         chunks = self.chunks_of_rank[rank]
         if len(chunks) != 1:
             raise ValueError(
-                f"{schedule} needs one chunk of pipeline '{self.pipeline}' per rank; "
-                f"rank {rank} holds {list(chunks)}"
+                f"{schedule} needs one chunk of pipeline '{self.pipeline}' per rank; rank {rank} holds {list(chunks)}"
             )
         return chunks[0]
 

@@ -36,9 +36,7 @@ def nominal_batch(model: ModelSpec, parallel: ParallelSpec) -> BatchMetadata:
         if m.input is Modality.IMAGE and m.image is not None:
             merged = m.image.tokens_per_image
             images = max(1, (parallel.seq_len // 2) // merged)
-            media += [
-                MediaItem(Modality.IMAGE, tokens=m.image.patches_per_image, merged_tokens=merged)
-            ] * images
+            media += [MediaItem(Modality.IMAGE, tokens=m.image.patches_per_image, merged_tokens=merged)] * images
             text = max(0, parallel.seq_len - images * merged)
         elif m.input is Modality.VIDEO and m.video is not None:
             media.append(MediaItem(Modality.VIDEO, tokens=m.video.tokens_for(NOMINAL_CLIP_S)))

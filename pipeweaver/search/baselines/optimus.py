@@ -33,9 +33,7 @@ def optimus_orders(header: PlanHeader) -> list[list[Compute]]:
             order += lower(line, [Op(c, Pass.F, u) for u in range(line.m) for c in chunks])
         for name in backbones:
             line = lines[name]
-            order += lower(
-                line, one_f_one_b_rank(line.only_chunk(r, "optimus-coarse"), line.num_chunks, line.m)
-            )
+            order += lower(line, one_f_one_b_rank(line.only_chunk(r, "optimus-coarse"), line.num_chunks, line.m))
         for name in reversed(encoders):
             line = lines[name]
             chunks = line.chunks_of_rank[r]

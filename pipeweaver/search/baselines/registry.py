@@ -59,9 +59,7 @@ def _single(ops: Callable[[Line], list[list[Op]]], name: str) -> OrdersFn:
 
 
 def _mixed(virtual: int, order: RankOrder = RankOrder.ROUND_ROBIN) -> PlacementFn:
-    def placement(
-        model: ModelSpec, parallel: ParallelSpec, representative: BatchMetadata | None
-    ) -> Placement:
+    def placement(model: ModelSpec, parallel: ParallelSpec, representative: BatchMetadata | None) -> Placement:
         return mixed_placement(model, parallel.pp, virtual, order=order)
 
     return placement
@@ -80,9 +78,7 @@ BASELINES: dict[str, BaselineSchedule] = {
     for b in (
         BaselineSchedule(
             name="gpipe",
-            description=(
-                "GPipe fill-drain: all forwards, then all backwards; modules end to end, one chunk a rank"
-            ),
+            description=("GPipe fill-drain: all forwards, then all backwards; modules end to end, one chunk a rank"),
             placement=_mixed(1),
             orders=_single(gpipe_ops, "gpipe"),
         ),
