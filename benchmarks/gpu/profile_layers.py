@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
 FORMAT = "pipeweaver.layer_profile/1"

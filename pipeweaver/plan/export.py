@@ -213,9 +213,7 @@ def _header_from(d: Mapping[str, Any]) -> PlanHeader:
         predicted_makespan_ms=float(d["predicted_makespan_ms"]),
         lower_bound_ms=float(d["lower_bound_ms"]),
         peak_memory_bytes=tuple(float(x) for x in d["peak_memory_bytes"]),
-        baseline_makespans_ms=tuple(
-            (b["schedule"], float(b["makespan_ms"])) for b in d["baseline_makespans_ms"]
-        ),
+        baseline_makespans_ms=tuple((b["schedule"], float(b["makespan_ms"])) for b in d["baseline_makespans_ms"]),
     )
 
 
@@ -273,9 +271,7 @@ def plan_to_text(plan: Plan) -> str:
             for c in p.chunks_of(info.name)
         )
         subs = sum(1 for s in h.sub_microbatches if s.pipeline == info.name)
-        lines.append(
-            f"pipeline {info.name} ({'+'.join(info.modules)}, {passes}, {subs} sub-microbatches): {chunks}"
-        )
+        lines.append(f"pipeline {info.name} ({'+'.join(info.modules)}, {passes}, {subs} sub-microbatches): {chunks}")
     lines += [f"edge {e.src} -> {e.dst}" for e in p.edges]
     for rp in plan.ranks:
         lines.append(f"rank {rp.rank}: {len(rp.actions)} actions")
@@ -309,9 +305,7 @@ def _windows(plan: Plan, timings: Timings | None) -> list[Sequence[tuple[float, 
             raise ValueError(f"timings has {len(timings)} ranks, the plan has {len(plan.ranks)}")
         for rp, t in zip(plan.ranks, timings, strict=True):
             if len(t) != len(rp.actions):
-                raise ValueError(
-                    f"timings for rank {rp.rank} has {len(t)} windows for {len(rp.actions)} actions"
-                )
+                raise ValueError(f"timings for rank {rp.rank} has {len(t)} windows for {len(rp.actions)} actions")
         return list(timings)
     return [
         rp.predicted_ms
@@ -321,9 +315,7 @@ def _windows(plan: Plan, timings: Timings | None) -> list[Sequence[tuple[float, 
     ]
 
 
-def _event(
-    rank: int, step: int, action: Action, window: tuple[float, float], colour: Mapping[str, int]
-) -> Json:
+def _event(rank: int, step: int, action: Action, window: tuple[float, float], colour: Mapping[str, int]) -> Json:
     start, end = window
     event: Json = {
         "name": cell_text(action),
@@ -358,9 +350,7 @@ def _event(
             args={"step": step, "handle": action.handle, "ops": [str(t) for t in action.ops]},
         )
     else:
-        event.update(
-            cat="wait", tid=_COMM_TID, cname=_COMM_COLOUR, args={"step": step, "handle": action.handle}
-        )
+        event.update(cat="wait", tid=_COMM_TID, cname=_COMM_COLOUR, args={"step": step, "handle": action.handle})
     return event
 
 
@@ -382,9 +372,7 @@ def chrome_trace(plan: Plan, timings: Timings | None = None) -> dict[str, Any]:
             {"name": "thread_name", "ph": "M", "pid": r, "tid": _COMM_TID, "args": {"name": "comm"}},
         ]
     for rp, ws in zip(plan.ranks, windows, strict=True):
-        events += [
-            _event(rp.rank, i, a, w, colour) for i, (a, w) in enumerate(zip(rp.actions, ws, strict=True))
-        ]
+        events += [_event(rp.rank, i, a, w, colour) for i, (a, w) in enumerate(zip(rp.actions, ws, strict=True))]
     h = plan.header
     return {
         "traceEvents": events,

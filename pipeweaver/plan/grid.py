@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeweaver.plan.ir import Action, CommBatch, Compute, Plan
+from pipeweaver.plan.ir import Action, CommBatch, Plan
 
 WINDOW = 6
 """Steps shown on each side of a marked cell when the plan is too wide to show whole."""
@@ -20,11 +20,7 @@ _END = "(end)"
 
 def cell_text(action: Action) -> str:
     """The short text of one action: a compute's stage (and memory strategy), `comm#h` or `wait#h`."""
-    if isinstance(action, Compute):
-        return str(action)
-    if isinstance(action, CommBatch):
-        return f"comm#{action.handle}"
-    return str(action)
+    return f"comm#{action.handle}" if isinstance(action, CommBatch) else str(action)
 
 
 def _columns(width: int, steps: Sequence[int], radius: int) -> list[int | None]:
@@ -73,9 +69,7 @@ def render_grid(plan: Plan, marks: Sequence[tuple[int, int]] = (), *, radius: in
 
     def line(label: str, cells: Sequence[str]) -> str:
         return (
-            label.ljust(label_width)
-            + " | "
-            + "  ".join(t.ljust(w) for t, w in zip(cells, widths, strict=True))
+            label.ljust(label_width) + " | " + "  ".join(t.ljust(w) for t, w in zip(cells, widths, strict=True))
         ).rstrip()
 
     out = [line("step", header)]

@@ -115,9 +115,7 @@ class _Checker:
             self.fail("rank count", f"the plan has {n_ranks} rank lists but the placement has pp={pp}")
         for r, rp in enumerate(self.plan.ranks):
             if rp.rank != r:
-                self.fail(
-                    "rank order", f"plan.ranks[{r}] holds rank {rp.rank}; list ranks 0..{pp - 1} in order"
-                )
+                self.fail("rank order", f"plan.ranks[{r}] holds rank {rp.rank}; list ranks 0..{pp - 1} in order")
             n, m = len(rp.predicted_ms), len(rp.actions)
             if n and n != m:
                 self.fail(
@@ -149,9 +147,7 @@ class _Checker:
                     )
                 if s in self.computes:
                     j = self.computes[s][1]
-                    self.fail(
-                        "duplicate action", f"rank {r} runs {s} twice (steps {j} and {i})", [(r, j), (r, i)]
-                    )
+                    self.fail("duplicate action", f"rank {r} runs {s} twice (steps {j} and {i})", [(r, j), (r, i)])
                 self.computes[s] = (r, i, action)
 
     def _check_missing(self) -> None:
@@ -160,9 +156,7 @@ class _Checker:
             if s in self.computes:
                 continue
             r = g.rank[s]
-            needers = sorted(
-                (self.computes[t][1], t) for t in g.succs[s] if self.computes.get(t, (-1,))[0] == r
-            )
+            needers = sorted((self.computes[t][1], t) for t in g.succs[s] if self.computes.get(t, (-1,))[0] == r)
             if needers:
                 step, needer = needers[0]
                 detail = f"{s} is never computed; rank {r} runs {needer} at step {step}, which needs it"
@@ -201,29 +195,21 @@ class _Checker:
                     self._check_wait(r, i, action.handle, handles)
             for h, i in handles.items():
                 if (r, h) not in self.waits:
-                    self.fail(
-                        "missing wait", f"rank {r} posts comm#{h} at step {i} but never waits on it", [(r, i)]
-                    )
+                    self.fail("missing wait", f"rank {r} posts comm#{h} at step {i} but never waits on it", [(r, i)])
 
     def _check_wait(self, r: int, i: int, h: int, handles: dict[int, int]) -> None:
         if h not in handles:
-            self.fail(
-                "wait without batch", f"rank {r} reaches wait#{h} at step {i} before any comm#{h}", [(r, i)]
-            )
+            self.fail("wait without batch", f"rank {r} reaches wait#{h} at step {i} before any comm#{h}", [(r, i)])
         if (r, h) in self.waits:
             j = self.waits[(r, h)]
-            self.fail(
-                "duplicate wait", f"rank {r} waits on comm#{h} twice (steps {j} and {i})", [(r, j), (r, i)]
-            )
+            self.fail("duplicate wait", f"rank {r} waits on comm#{h} twice (steps {j} and {i})", [(r, j), (r, i)])
         self.waits[(r, h)] = i
 
     def _check_batch(self, r: int, i: int, batch: CommBatch, handles: dict[int, int]) -> None:
         h = batch.handle
         if h in handles:
             j = handles[h]
-            self.fail(
-                "duplicate handle", f"rank {r} posts comm#{h} twice (steps {j} and {i})", [(r, j), (r, i)]
-            )
+            self.fail("duplicate handle", f"rank {r} posts comm#{h} twice (steps {j} and {i})", [(r, j), (r, i)])
         handles[h] = i
         if not batch.ops:
             self.fail("empty batch", f"rank {r} posts comm#{h} at step {i} with no transfers", [(r, i)])
@@ -376,8 +362,7 @@ class _DryRun:
             j = self.c.computes[p.op.src][1]
             self.c.fail(
                 "send before compute",
-                f"rank {p.rank} sends {p.op.src}->{p.op.dst} in {p.where}, "
-                f"before computing {p.op.src} (step {j})",
+                f"rank {p.rank} sends {p.op.src}->{p.op.dst} in {p.where}, before computing {p.op.src} (step {j})",
                 [(p.rank, p.step), (p.rank, j)],
             )
         self.posted_sends[p.pair] += 1
@@ -390,15 +375,10 @@ class _DryRun:
                     continue
                 recv = c.recvs[(p, stage)]
                 wait = c.waits[(r, recv.handle)]
-                late = (
-                    f"wait#{recv.handle} comes at step {wait}"
-                    if recv.step < i
-                    else f"{recv.where} comes later"
-                )
+                late = f"wait#{recv.handle} comes at step {wait}" if recv.step < i else f"{recv.where} comes later"
                 c.fail(
                     "use before receive",
-                    f"rank {r} runs {stage} at step {i}, which consumes {p} "
-                    f"before its receive completed ({late})",
+                    f"rank {r} runs {stage} at step {i}, which consumes {p} before its receive completed ({late})",
                     [(r, i), (r, wait if recv.step < i else recv.step)],
                 )
             if p in self.done:
@@ -425,13 +405,10 @@ class _DryRun:
             wait = self.ranks[r].actions[self.pos[r]]
             assert isinstance(wait, Wait)  # computes and posts never block
             needs = [self.unmatched(p) for p in self.c.batches[(r, wait.handle)] if not self.matched(p)]
-            lines.append(
-                f"  rank {r} blocks at step {self.pos[r]} on wait#{wait.handle}: " + "; ".join(needs)
-            )
+            lines.append(f"  rank {r} blocks at step {self.pos[r]} on wait#{wait.handle}: " + "; ".join(needs))
         self.c.fail(
             "deadlock",
-            f"ranks {', '.join(map(str, blocked))} wait on each other and none can progress\n"
-            + "\n".join(lines),
+            f"ranks {', '.join(map(str, blocked))} wait on each other and none can progress\n" + "\n".join(lines),
             [(r, self.pos[r]) for r in blocked],
         )
 

@@ -15,6 +15,16 @@ from pipeweaver.search.problem import F64, I64, Problem
 
 
 @numba.njit(cache=True)
+def _gated(gate: int, forward: int, source: int, pressure: bool, over: bool) -> bool:
+    """Memory gate (see the reference): 0 strict, 1 only admissions wait, 2 open."""
+    if gate >= 2 or forward == 0:
+        return False
+    if source == 1:
+        return pressure or over
+    return gate == 0 and over
+
+
+@numba.njit(cache=True)
 def _kernel(
     pp: int,
     rank: I64,
@@ -50,20 +60,27 @@ def _kernel(
             ready[r, nready[r]] = i
             nready[r] += 1
 
+    source = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        if pred_ptr[i + 1] == pred_ptr[i]:
+            source[i] = 1
     done = 0
     while done < n:
+        pressure = False
+        for q in range(pp):
+            if mem[q] > cap[q]:
+                pressure = True
         chosen = -1
         chosen_t = math.inf
         chosen_r = -1
-        for gate_pass in range(2):
-            gate = gate_pass == 0
+        for gate in range(3):
             for r in range(pp):
                 tl = t_last[r]
                 tf = math.inf
                 tb = math.inf
                 for k in range(nready[r]):
                     i = ready[r, k]
-                    if gate and is_forward[i] == 1 and mem[r] + alloc[i] > cap[r]:
+                    if _gated(gate, is_forward[i], source[i], pressure, mem[r] + alloc[i] > cap[r]):
                         continue
                     if is_forward[i] == 1:
                         if ready_at[i] < tf:
@@ -80,7 +97,7 @@ def _kernel(
                         i = ready[r, k]
                         if is_forward[i] != want or ready_at[i] > tl:
                             continue
-                        if gate and is_forward[i] == 1 and mem[r] + alloc[i] > cap[r]:
+                        if _gated(gate, is_forward[i], source[i], pressure, mem[r] + alloc[i] > cap[r]):
                             continue
                         if best < 0 or priority[i] > priority[best]:
                             best = i
@@ -88,7 +105,7 @@ def _kernel(
                 else:
                     for k in range(nready[r]):
                         i = ready[r, k]
-                        if gate and is_forward[i] == 1 and mem[r] + alloc[i] > cap[r]:
+                        if _gated(gate, is_forward[i], source[i], pressure, mem[r] + alloc[i] > cap[r]):
                             continue
                         if best < 0:
                             best = i

@@ -3,8 +3,10 @@
 Each rank keeps a forward and a backward queue of ready stages. The rank that can start something earliest goes
 next. If both a forward and a backward stage are ready by the time the rank is free, it alternates with the kind
 it ran last (1F1B emulation, memory-friendly) and takes the highest-priority ready stage of that kind; otherwise
-it takes the ready stage that can start soonest (fills the bubble). Forwards that would push the rank's live
-activations over its cap wait, unless no rank could otherwise progress (a gate that never deadlocks).
+it takes the ready stage that can start soonest (fills the bubble). A forward that would push the rank's live
+activations over its cap waits, and new work (a forward with no predecessor) also waits while any rank is over
+its cap. If no rank can progress, forwards of work already in flight may go (so their memory can be freed); only
+if still nothing can run does the gate open fully (it never deadlocks).
 """
 
 from __future__ import annotations
@@ -36,10 +38,19 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
         if remaining_preds[i] == 0:
             ready[int(problem.rank[i])].append(i)
 
-    def eligible(r: int, i: int, gate: bool) -> bool:
-        return not (gate and problem.is_forward[i] and mem[r] + problem.alloc_bytes[i] > problem.mem_cap_bytes[r])
+    source = np.diff(problem.pred_ptr) == 0
+    pressure = False
 
-    def pick(r: int, gate: bool) -> tuple[int, float]:
+    def eligible(r: int, i: int, gate: int) -> bool:
+        """Memory gate of level `gate`: 0 strict, 1 only admissions of new work wait, 2 open."""
+        if gate >= 2 or not problem.is_forward[i]:
+            return True
+        over = mem[r] + problem.alloc_bytes[i] > problem.mem_cap_bytes[r]
+        if source[i]:
+            return not (over or pressure)
+        return gate == 1 or not over
+
+    def pick(r: int, gate: int) -> tuple[int, float]:
         """Best stage on rank r and its start time, or (-1, inf)."""
         tl = t_last[r]
         tf, tb = math.inf, math.inf
@@ -83,8 +94,9 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
 
     done = 0
     while done < n:
+        pressure = bool(np.any(mem > problem.mem_cap_bytes))
         chosen, chosen_t, chosen_r = -1, math.inf, -1
-        for gate in (True, False):
+        for gate in (0, 1, 2):
             for r in range(pp):
                 i, t = pick(r, gate)
                 if i >= 0 and t < chosen_t:

@@ -86,6 +86,8 @@ class RankChoice:
     optimal_gap: float
     """Relative gap the solver proved (0 = optimal); 0 for the greedy fallback when it is trivially optimal."""
     feasible: bool
+    solved: bool = False
+    """Whether a 0-1 program was solved (False when memory never binds and the fastest choice is trivially optimal)."""
 
 
 def _live_sets(start: Sequence[float], end: Sequence[float]) -> list[list[int]]:
@@ -191,4 +193,4 @@ def optimise_rank(
     else:  # no proof in time: keep the greedy warm start (always memory-safe when the leanest choice fits)
         choice, gap, feasible = greedy, 1.0, status != cp_model.INFEASIBLE
     lat = sum(candidates[i][choice[i]].latency_ms for i in range(n))
-    return RankChoice(choice, lat, (time.perf_counter() - t0) * 1e3, gap, feasible)
+    return RankChoice(choice, lat, (time.perf_counter() - t0) * 1e3, gap, feasible, solved=True)

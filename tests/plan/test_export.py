@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_validator import Docs, Layout, build_plan, docs_strategy, layouts, random_orders
 
 from pipeweaver.plan.export import (
     chrome_trace,
@@ -20,6 +19,8 @@ from pipeweaver.plan.export import (
     write_chrome_trace,
 )
 from pipeweaver.plan.ir import CommBatch, Compute, Plan, PlanSource
+from tests.plan.test_validator import Docs, Layout, build_plan, docs_strategy, layouts, random_orders
+from tests.strategies import plans
 
 
 def decorated(plan: Plan) -> Plan:
@@ -51,6 +52,14 @@ def test_json_round_trip(layout: Layout, docs: Docs, rng: random.Random, timed: 
     assert back == plan
     assert plan_to_json(back) == text
     assert plan_from_json(plan_to_json(plan, indent=2)) == plan
+
+
+@settings(max_examples=100, deadline=None)
+@given(plan=plans())
+def test_json_round_trip_of_arbitrary_well_formed_plans(plan: Plan) -> None:
+    assert plan_from_json(plan_to_json(plan)) == plan
+    trace = json.loads(json.dumps(chrome_trace(plan)))
+    assert sum(e["ph"] == "X" for e in trace["traceEvents"]) == sum(len(rp.actions) for rp in plan.ranks)
 
 
 def test_json_layout_is_stable_and_readable() -> None:

@@ -311,6 +311,44 @@ def test_dry_run_agrees_with_a_naive_reference(layout: Layout, docs: Docs, rng: 
             validate(plan, graph=g)
 
 
+def mutate(plan: Plan, rng: random.Random) -> Plan:
+    """One to three random edits: swap, delete, duplicate or move an action, or shuffle a batch's ops."""
+    ranks = [list(rp.actions) for rp in plan.ranks]
+    for _ in range(rng.randint(1, 3)):
+        actions = ranks[rng.randrange(len(ranks))]
+        if not actions:
+            continue
+        i, j = rng.randrange(len(actions)), rng.randrange(len(actions))
+        edit = rng.choice(["swap", "delete", "duplicate", "move", "shuffle"])
+        if edit == "swap":
+            actions[i], actions[j] = actions[j], actions[i]
+        elif edit == "delete":
+            del actions[i]
+        elif edit == "duplicate":
+            actions.insert(j, actions[i])
+        elif edit == "move":
+            target = ranks[rng.randrange(len(ranks))]
+            target.insert(rng.randrange(len(target) + 1), actions.pop(i))
+        elif isinstance(batch := actions[i], CommBatch):
+            actions[i] = CommBatch(batch.handle, tuple(rng.sample(batch.ops, len(batch.ops))))
+    return dataclasses.replace(plan, ranks=tuple(RankPlan(r, tuple(a)) for r, a in enumerate(ranks)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(layout=layouts(), docs=docs_strategy, rng=st.randoms(use_true_random=False))
+def test_mutated_plans_are_rejected_with_a_marked_cell_or_really_run(
+    layout: Layout, docs: Docs, rng: random.Random
+) -> None:
+    plan, g = build_plan(layout, docs, lambda g, pp: random_orders(g, pp, rng))
+    bad = mutate(plan, rng)
+    try:
+        validate(bad, graph=g)
+    except InvalidPlan as e:
+        assert ">>" in str(e) and "<<" in str(e), str(e)
+    else:
+        assert naive_dry_run(bad, g) == "ok"
+
+
 def test_validates_20k_actions_quickly() -> None:
     docs = [[(6, 1), (6, 1)]] * 96
     plan, g = build_plan(Layout(pp=4, chunks_per_rank=2, sub_size=1, split_backward=True), docs)
@@ -323,9 +361,7 @@ def test_validates_20k_actions_quickly() -> None:
 # ---- mutations ---------------------------------------------------------------------------------------------
 
 
-def base_plan(
-    layout: Layout | None = None, orders: Callable[[StageGraph, int], Orders] = gpipe_orders
-) -> Plan:
+def base_plan(layout: Layout | None = None, orders: Callable[[StageGraph, int], Orders] = gpipe_orders) -> Plan:
     return build_plan(layout or Layout(sub_size=2), orders=orders)[0]
 
 
@@ -349,9 +385,7 @@ def compute_of(text: str) -> Callable[[Action], bool]:
 
 
 def batch_of(direction: Direction, *, ops: int = 1) -> Callable[[Action], bool]:
-    return lambda a: (
-        isinstance(a, CommBatch) and len(a.ops) >= ops and all(o.direction is direction for o in a.ops)
-    )
+    return lambda a: isinstance(a, CommBatch) and len(a.ops) >= ops and all(o.direction is direction for o in a.ops)
 
 
 def send_batch_for(plan: Plan, src: StageKey, dst: StageKey) -> tuple[int, int, CommBatch]:
@@ -405,9 +439,7 @@ def test_tensor_count_mismatch() -> None:
 
 def test_missing_recv() -> None:
     plan = base_plan()
-    r, _, batch = locate(
-        plan, lambda a: isinstance(a, CommBatch) and len(a.ops) == 1 and batch_of(Direction.RECV)(a)
-    )
+    r, _, batch = locate(plan, lambda a: isinstance(a, CommBatch) and len(a.ops) == 1 and batch_of(Direction.RECV)(a))
     assert isinstance(batch, CommBatch) and len(batch.ops) == 1
     op = batch.ops[0]
     _, _, send = send_batch_for(plan, op.src, op.dst)
@@ -423,9 +455,7 @@ def test_missing_send() -> None:
     op = batch.ops[0]
     peer, _, recv = locate(
         plan,
-        lambda a: (
-            isinstance(a, CommBatch) and any(o.direction is Direction.RECV and o.dst == op.dst for o in a.ops)
-        ),
+        lambda a: isinstance(a, CommBatch) and any(o.direction is Direction.RECV and o.dst == op.dst for o in a.ops),
     )
     assert isinstance(recv, CommBatch) and peer == op.peer
     bad = with_actions(plan, r, drop_batch(plan.ranks[r].actions, batch.handle))
@@ -554,9 +584,7 @@ def test_recompute_mismatch() -> None:
 def test_consumes_before_the_receive_completed() -> None:
     plan = base_plan()
     rp = plan.ranks[1]
-    i = next(
-        i for i, a in enumerate(rp.actions) if isinstance(a, Wait) and isinstance(rp.actions[i + 1], Compute)
-    )
+    i = next(i for i, a in enumerate(rp.actions) if isinstance(a, Wait) and isinstance(rp.actions[i + 1], Compute))
     consumer = rp.actions[i + 1]
     actions = list(rp.actions)
     actions[i], actions[i + 1] = actions[i + 1], actions[i]

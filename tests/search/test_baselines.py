@@ -361,3 +361,21 @@ def test_gpipe_1f1b_interleaved_bubbles(p: int) -> None:
         plan = linear_plan("interleaved-1f1b", p, m)
         _, bubble = simulate_uniform(plan, per_stage(plan, 1.0, 1.0, 1.0))
         assert bubble == pytest.approx((p - 1) / 2 / (m + (p - 1) / 2))
+
+
+def test_public_surface() -> None:
+    import pipeweaver.search.baselines as baselines
+
+    assert set(baselines.__all__) == {
+        "BASELINES",
+        "INTERLEAVED_VIRTUAL",
+        "BaselineSchedule",
+        "baseline",
+        "baseline_header",
+        "baseline_orders",
+        "baseline_placement",
+        "build_baseline_plan",
+        "layer_flops",
+        "nominal_batch",
+        "tensors_dtype_for",
+    }
