@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda", help="cuda (bf16) or cpu (float32)")
     parser.add_argument("--tiny", action="store_true", help="tiny dims and token counts (smoke test)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--kinds", nargs="*", default=[], help="restrict to these layer kinds")
     parser.add_argument("--transfers", action="store_true", help="also time cuda:0 -> cuda:1 copies")
     parser.add_argument("--out", default=None, help="output JSON (default: $OUT/layer_profile.json or ./)")

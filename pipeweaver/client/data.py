@@ -17,7 +17,8 @@ LATENT_CHANNELS = 16
 """Channels of a video latent (MovieGen's VAE); a DiT token carries LATENT_CHANNELS * patch^2 values."""
 
 
-def _seed(*key: object) -> int:
+def stable_seed(*key: object) -> int:
+    """A 63-bit seed from `key` that is the same in every process (unlike `hash`)."""
     digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
@@ -31,7 +32,7 @@ class SyntheticData:
     dp_replica: int = 0
 
     def generator(self, *key: object) -> torch.Generator:
-        return torch.Generator().manual_seed(_seed(self.seed, self.iteration, self.dp_replica, *key))
+        return torch.Generator().manual_seed(stable_seed(self.seed, self.iteration, self.dp_replica, *key))
 
     def text_ids(self, microbatch: int, document: int, tokens: int, vocab_size: int) -> torch.Tensor:
         """Token ids of one document's text (int64, shape (tokens,))."""

@@ -15,13 +15,11 @@ from pipeweaver.search.problem import F64, I64, Problem
 
 
 @numba.njit(cache=True)
-def _gated(gate: int, forward: int, source: int, pressure: bool, over: bool) -> bool:
-    """Memory gate (see the reference): 0 strict, 1 only admissions wait, 2 open."""
-    if gate >= 2 or forward == 0:
+def _gated(gate: int, forward: int, source: int, over: bool, holding: bool) -> bool:
+    """Memory gate (see the reference): 0 strict, 1 in-flight work may go, 2 open."""
+    if gate >= 2 or forward == 0 or not over or holding:
         return False
-    if source == 1:
-        return pressure or over
-    return gate == 0 and over
+    return not (gate == 1 and source == 0)
 
 
 @numba.njit(cache=True)
@@ -39,6 +37,7 @@ def _kernel(
     succ_idx: I64,
     cap: F64,
     priority: F64,
+    microbatch: I64,
 ) -> tuple[I64, F64, F64]:
     n = rank.shape[0]
     remaining = np.empty(n, dtype=np.int64)
@@ -60,16 +59,17 @@ def _kernel(
             ready[r, nready[r]] = i
             nready[r] += 1
 
+    n_mb = 0
+    for i in range(n):
+        if microbatch[i] + 1 > n_mb:
+            n_mb = microbatch[i] + 1
+    holds = np.zeros((pp, n_mb))
     source = np.zeros(n, dtype=np.int64)
     for i in range(n):
         if pred_ptr[i + 1] == pred_ptr[i]:
             source[i] = 1
     done = 0
     while done < n:
-        pressure = False
-        for q in range(pp):
-            if mem[q] > cap[q]:
-                pressure = True
         chosen = -1
         chosen_t = math.inf
         chosen_r = -1
@@ -80,7 +80,7 @@ def _kernel(
                 tb = math.inf
                 for k in range(nready[r]):
                     i = ready[r, k]
-                    if _gated(gate, is_forward[i], source[i], pressure, mem[r] + alloc[i] > cap[r]):
+                    if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, microbatch[i]] > 0):
                         continue
                     if is_forward[i] == 1:
                         if ready_at[i] < tf:
@@ -97,7 +97,9 @@ def _kernel(
                         i = ready[r, k]
                         if is_forward[i] != want or ready_at[i] > tl:
                             continue
-                        if _gated(gate, is_forward[i], source[i], pressure, mem[r] + alloc[i] > cap[r]):
+                        if _gated(
+                            gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, microbatch[i]] > 0
+                        ):
                             continue
                         if best < 0 or priority[i] > priority[best]:
                             best = i
@@ -105,7 +107,9 @@ def _kernel(
                 else:
                     for k in range(nready[r]):
                         i = ready[r, k]
-                        if _gated(gate, is_forward[i], source[i], pressure, mem[r] + alloc[i] > cap[r]):
+                        if _gated(
+                            gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, microbatch[i]] > 0
+                        ):
                             continue
                         if best < 0:
                             best = i
@@ -143,6 +147,7 @@ def _kernel(
         t_last[r] = end[i]
         last_fwd[r] = is_forward[i]
         mem[r] += alloc[i] - free[i]
+        holds[r, microbatch[i]] += alloc[i] - free[i]
         position[i] = count[r]
         count[r] += 1
         done += 1
@@ -179,6 +184,7 @@ def interleave(problem: Problem, priority: F64) -> tuple[I64, F64, F64, float]:
         problem.succ_idx,
         problem.mem_cap_bytes,
         np.ascontiguousarray(priority, dtype=np.float64),
+        problem.microbatch,
     )
     if problem.n and np.any(position < 0):
         raise RuntimeError("interleaver stuck: the stage graph has a cycle")

@@ -3,10 +3,10 @@
 Each rank keeps a forward and a backward queue of ready stages. The rank that can start something earliest goes
 next. If both a forward and a backward stage are ready by the time the rank is free, it alternates with the kind
 it ran last (1F1B emulation, memory-friendly) and takes the highest-priority ready stage of that kind; otherwise
-it takes the ready stage that can start soonest (fills the bubble). A forward that would push the rank's live
-activations over its cap waits, and new work (a forward with no predecessor) also waits while any rank is over
-its cap. If no rank can progress, forwards of work already in flight may go (so their memory can be freed); only
-if still nothing can run does the gate open fully (it never deadlocks).
+it takes the ready stage that can start soonest (fills the bubble). Memory: a forward that would push the rank
+over its cap waits unless its microbatch already holds activations on that rank (work in flight must finish to
+free memory; new microbatches wait, which is what makes 1F1B emerge). If no rank can progress, non-admission
+forwards may go; only if still nothing can run does the gate open fully (it never deadlocks).
 """
 
 from __future__ import annotations
@@ -39,16 +39,19 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
             ready[int(problem.rank[i])].append(i)
 
     source = np.diff(problem.pred_ptr) == 0
-    pressure = False
+    n_mb = int(problem.microbatch.max()) + 1 if n else 0
+    holds = np.zeros((pp, n_mb))  # activation bytes each microbatch holds on each rank
 
     def eligible(r: int, i: int, gate: int) -> bool:
-        """Memory gate of level `gate`: 0 strict, 1 only admissions of new work wait, 2 open."""
+        """Memory gate of level `gate`: 0 strict, 1 in-flight work may go, 2 open."""
         if gate >= 2 or not problem.is_forward[i]:
             return True
-        over = mem[r] + problem.alloc_bytes[i] > problem.mem_cap_bytes[r]
-        if source[i]:
-            return not (over or pressure)
-        return gate == 1 or not over
+        if mem[r] + problem.alloc_bytes[i] <= problem.mem_cap_bytes[r]:
+            return True
+        # Over the cap: a microbatch already holding memory here continues (its backward frees it); new ones wait.
+        if holds[r, problem.microbatch[i]] > 0:
+            return True
+        return gate == 1 and not source[i]
 
     def pick(r: int, gate: int) -> tuple[int, float]:
         """Best stage on rank r and its start time, or (-1, inf)."""
@@ -94,7 +97,6 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
 
     done = 0
     while done < n:
-        pressure = bool(np.any(mem > problem.mem_cap_bytes))
         chosen, chosen_t, chosen_r = -1, math.inf, -1
         for gate in (0, 1, 2):
             for r in range(pp):
@@ -112,6 +114,7 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
         t_last[r] = end[i]
         last_fwd[r] = problem.is_forward[i]
         mem[r] += problem.alloc_bytes[i] - problem.free_bytes[i]
+        holds[r, problem.microbatch[i]] += problem.alloc_bytes[i] - problem.free_bytes[i]
         position[i] = count[r]
         count[r] += 1
         done += 1

@@ -59,6 +59,8 @@ class Problem:
     intra: I64
     """Fixed order of a stage inside its group (by sub-microbatch, then chunk)."""
     groups: tuple[GroupKey, ...]
+    microbatch: I64
+    """Microbatch of each stage (the memory gate admits work per microbatch and rank)."""
     mem_cap_bytes: F64
     """Per-rank activation budget (capacity minus static memory)."""
 
@@ -139,6 +141,7 @@ def build_problem(
         group=group,
         intra=intra,
         groups=groups,
+        microbatch=np.array([s.microbatch for s in stages], dtype=np.int64),
         mem_cap_bytes=np.array(mem_cap_bytes, dtype=np.float64),
     )
 

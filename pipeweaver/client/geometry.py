@@ -1,0 +1,331 @@
+"""Token layouts of one module's work on one (sub-)microbatch: attention segments, positions and input data.
+
+Every layout follows `spec.batch.module_instances` order, the order the plan's sub-microbatches index and
+`plan.shapes` counts: images and clips in document order, one packed sequence per microbatch for text (each
+document's merged image tokens first, then its text). Geometries are pure functions of the batch metadata, the
+instance subset and the data seed, so any rank can build the one it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from pipeweaver.client.data import LATENT_CHANNELS, SyntheticData, cosine_alpha
+from pipeweaver.spec.batch import BatchMetadata, Microbatch
+from pipeweaver.spec.model import LayerKind, MergeKind, Modality, ModelSpec, ModuleSpec
+
+IGNORE_INDEX = -100
+"""Label of positions without a next-token target (image placeholders, a document's last token)."""
+
+Segment = tuple[int, int, int, int]
+"""(query start, query length, key start, key length): one independent attention block."""
+
+
+def patch_dim(module: ModuleSpec) -> int:
+    """Values of one ViT patch: 3 channels x 2 frames x patch_px^2 (Qwen2-VL's Conv3d patchify)."""
+    assert module.image is not None
+    return 3 * 2 * module.image.patch_px**2
+
+
+def latent_dim(module: ModuleSpec) -> int:
+    """Values of one DiT token: LATENT_CHANNELS x patch^2."""
+    assert module.video is not None
+    return LATENT_CHANNELS * module.video.patch**2
+
+
+def context_source(model: ModelSpec, module: str) -> ModuleSpec | None:
+    """The module whose output is `module`'s cross-attention context, if any."""
+    for e in model.upstream(module):
+        if e.merge is MergeKind.CROSS_ATTENTION_CONTEXT:
+            return model.module(e.src)
+    return None
+
+
+def scatters_images(model: ModelSpec, module: str) -> bool:
+    return any(e.merge is MergeKind.TOKEN_SCATTER for e in model.upstream(module))
+
+
+def _media(mb: Microbatch, modality: Modality) -> list[tuple[int, int, int, int]]:
+    """(document, item within the document's media, tokens, merged tokens) in module-instance order."""
+    return [
+        (d, k, m.tokens, m.merged_tokens)
+        for d, doc in enumerate(mb.documents)
+        for k, m in enumerate(doc.media)
+        if m.modality is modality
+    ]
+
+
+def _positions(lengths: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
+
+
+@dataclass(frozen=True, slots=True)
+class LossScale:
+    """Denominators that make the sum of per-microbatch losses the iteration's mean (pipelined == unpipelined)."""
+
+    text_targets: int
+    """Next-token targets of the whole iteration (at least 1)."""
+    video_values: int
+    """Latent values of every clip of the iteration (at least 1)."""
+
+    @staticmethod
+    def of(model: ModelSpec, batch: BatchMetadata) -> LossScale:
+        targets = sum(max(d.text_tokens - 1, 0) for mb in batch.microbatches for d in mb.documents)
+        values = 0
+        for m in model.modules:
+            if m.kind is LayerKind.DIT_BLOCK:
+                values += sum(x.tokens for mb in batch.microbatches for x in mb.media(Modality.VIDEO)) * latent_dim(m)
+        return LossScale(text_targets=max(targets, 1), video_values=max(values, 1))
+
+
+@dataclass(eq=False)
+class Geometry:
+    """What a module's parts need to process `instances` of microbatch `microbatch` (shared by every chunk)."""
+
+    model: ModelSpec
+    module: ModuleSpec
+    microbatch: int
+    instances: tuple[int, ...]
+    mb: Microbatch
+    data: SyntheticData
+    scale: LossScale
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def tokens(self) -> int:
+        return sum(q for _, q, _, _ in self.segments)
+
+    @cached_property
+    def segments(self) -> tuple[Segment, ...]:
+        """Self-attention blocks: one per image or clip, one per document for text."""
+        out: list[Segment] = []
+        start = 0
+        for n in self.spans:
+            out.append((start, n, start, n))
+            start += n
+        return tuple(out)
+
+    @property
+    def spans(self) -> list[int]:
+        raise NotImplementedError
+
+    def _float(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=self.device, dtype=self.dtype)
+
+
+@dataclass(eq=False)
+class VisionGeometry(Geometry):
+    """Images of a ViT sub-microbatch: each image attends within itself; merged in windows of merge^2 patches."""
+
+    @cached_property
+    def images(self) -> list[tuple[int, int, int, int]]:
+        every = _media(self.mb, Modality.IMAGE)
+        return [every[i] for i in self.instances]
+
+    @property
+    def spans(self) -> list[int]:
+        return [n for _, _, n, _ in self.images]
+
+    @cached_property
+    def window(self) -> int:
+        """Patches merged into one output token."""
+        assert self.module.image is not None
+        w = self.module.image.merge**2
+        for _, _, n, merged in self.images:
+            if merged and n != merged * w:
+                raise ValueError(
+                    f"module '{self.module.name}': an image of {n} patches cannot give {merged} merged tokens with "
+                    f"merge windows of {w} patches"
+                )
+        return w
+
+    @cached_property
+    def positions(self) -> torch.Tensor:
+        return _positions(self.spans).to(self.device)
+
+    @cached_property
+    def patches(self) -> torch.Tensor:
+        dim = patch_dim(self.module)
+        parts = [self.data.image_patches(self.microbatch, d, k, n, dim) for d, k, n, _ in self.images]
+        return self._float(torch.cat(parts) if parts else torch.zeros(0, dim))
+
+
+@dataclass(eq=False)
+class TextGeometry(Geometry):
+    """The packed text sequence of a microbatch: causal attention within each document, RoPE positions per
+    document, image placeholders (when a ViT scatters into it) before each document's text."""
+
+    @cached_property
+    def _layout(self) -> tuple[list[int], list[int], list[int], dict[int, list[int]]]:
+        """(per-document image tokens, per-document text tokens, document start, image instance -> slots)."""
+        scatter = scatters_images(self.model, self.module.name)
+        images, texts, starts = [], [], []
+        slots: dict[int, list[int]] = {}
+        pos, instance = 0, 0
+        for doc in self.mb.documents:
+            starts.append(pos)
+            n_img = 0
+            for m in doc.media:
+                if m.modality is not Modality.IMAGE:
+                    continue
+                if scatter:
+                    slots[instance] = list(range(pos + n_img, pos + n_img + m.merged_tokens))
+                    n_img += m.merged_tokens
+                instance += 1
+            images.append(n_img)
+            texts.append(doc.text_tokens)
+            pos += n_img + doc.text_tokens
+        return images, texts, starts, slots
+
+    @property
+    def spans(self) -> list[int]:
+        images, texts, _, _ = self._layout
+        return [i + t for i, t in zip(images, texts, strict=True) if i + t > 0]
+
+    @cached_property
+    def positions(self) -> torch.Tensor:
+        """Position of each token inside its document (RoPE restarts per document)."""
+        return _positions(self.spans).to(self.device)
+
+    @cached_property
+    def _ids_and_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, texts, _, _ = self._layout
+        vocab = self.module.vocab_size
+        ids: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        for d, (n_img, n_text) in enumerate(zip(images, texts, strict=True)):
+            text = self.data.text_ids(self.microbatch, d, n_text, vocab)
+            target = torch.full((n_text,), IGNORE_INDEX, dtype=torch.long)
+            target[:-1] = text[1:]
+            ids += [torch.zeros(n_img, dtype=torch.long), text]
+            labels += [torch.full((n_img,), IGNORE_INDEX, dtype=torch.long), target]
+        if not ids:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return torch.cat(ids), torch.cat(labels)
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        return self._ids_and_labels[0].to(self.device)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self._ids_and_labels[1].to(self.device)
+
+    def image_slots(self, image_instances: tuple[int, ...]) -> torch.Tensor:
+        """Sequence positions of the merged tokens of `image_instances`, in that order."""
+        slots = self._layout[3]
+        return torch.tensor([p for i in image_instances for p in slots[i]], dtype=torch.long, device=self.device)
+
+    @cached_property
+    def document_starts(self) -> list[int]:
+        return self._layout[2]
+
+
+@dataclass(eq=False)
+class VideoGeometry(Geometry):
+    """Clips of a DiT sub-microbatch: self-attention within each clip, cross-attention from each clip to its own
+    document's caption inside the microbatch's packed text sequence, one diffusion timestep per clip."""
+
+    @cached_property
+    def clips(self) -> list[tuple[int, int, int, int]]:
+        every = _media(self.mb, Modality.VIDEO)
+        return [every[i] for i in self.instances]
+
+    @property
+    def spans(self) -> list[int]:
+        return [n for _, _, n, _ in self.clips]
+
+    @cached_property
+    def positions(self) -> torch.Tensor:
+        return _positions(self.spans).to(self.device)
+
+    @cached_property
+    def clip_of_token(self) -> torch.Tensor:
+        return torch.cat(
+            [torch.full((n,), i, dtype=torch.long) for i, n in enumerate(self.spans)]
+            or [torch.zeros(0, dtype=torch.long)]
+        ).to(self.device)
+
+    @cached_property
+    def context_tokens(self) -> int:
+        """Length of the packed caption sequence the context carries (every document's text)."""
+        return self.mb.text_tokens if context_source(self.model, self.module.name) is not None else 0
+
+    @cached_property
+    def cross_segments(self) -> tuple[Segment, ...]:
+        starts: list[int] = []
+        pos = 0
+        for doc in self.mb.documents:
+            starts.append(pos)
+            pos += doc.text_tokens
+        out: list[Segment] = []
+        q = 0
+        for d, _, n, _ in self.clips:
+            k_len = self.mb.documents[d].text_tokens if self.context_tokens else 0
+            out.append((q, n, starts[d], k_len))
+            q += n
+        return tuple(out)
+
+    @cached_property
+    def timesteps(self) -> torch.Tensor:
+        t = [self.data.diffusion_timestep(self.microbatch, d, k) for d, k, _, _ in self.clips]
+        return self._float(torch.tensor(t, dtype=torch.float32))
+
+    @cached_property
+    def _latents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dim = latent_dim(self.module)
+        x0 = [self.data.video_latents(self.microbatch, d, k, n, dim) for d, k, n, _ in self.clips]
+        noise = [self.data.diffusion_noise(self.microbatch, d, k, n, dim) for d, k, n, _ in self.clips]
+        if not x0:
+            return torch.zeros(0, dim), torch.zeros(0, dim)
+        return torch.cat(x0), torch.cat(noise)
+
+    @property
+    def noise(self) -> torch.Tensor:
+        """The regression target (epsilon prediction)."""
+        return self._float(self._latents[1])
+
+    @property
+    def noisy_latents(self) -> torch.Tensor:
+        """x_t = a(t) * x0 + s(t) * noise, per clip."""
+        x0, noise = self._latents
+        t = torch.tensor([self.data.diffusion_timestep(self.microbatch, d, k) for d, k, _, _ in self.clips])
+        a, s = cosine_alpha(t)
+        per_token = self.clip_of_token.cpu()
+        return self._float(a[per_token, None] * x0 + s[per_token, None] * noise)
+
+def geometry(
+    model: ModelSpec,
+    batch: BatchMetadata,
+    module: str,
+    microbatch: int,
+    instances: tuple[int, ...],
+    data: SyntheticData,
+    scale: LossScale,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Geometry:
+    """The geometry of `module` on `instances` of microbatch `microbatch` (text modules: instance 0, the whole
+    packed sequence)."""
+    spec = model.module(module)
+    cls: type[Geometry] = {
+        LayerKind.VIT_BLOCK: VisionGeometry,
+        LayerKind.DECODER_BLOCK: TextGeometry,
+        LayerKind.DIT_BLOCK: VideoGeometry,
+    }[spec.kind]
+    return cls(
+        model=model,
+        module=spec,
+        microbatch=microbatch,
+        instances=instances,
+        mb=batch.microbatches[microbatch],
+        data=data,
+        scale=scale,
+        device=device or torch.device("cpu"),
+        dtype=dtype,
+    )
