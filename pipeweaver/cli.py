@@ -77,9 +77,7 @@ def _table(title: str, headers: list[str], rows: list[list[str]]) -> Table:
             table.add_column(name)
         else:
             width = max((len(row[i]) for row in rows if row), default=0)
-            table.add_column(
-                name, justify="right" if header.endswith(">") else "left", no_wrap=True, min_width=width
-            )
+            table.add_column(name, justify="right" if header.endswith(">") else "left", no_wrap=True, min_width=width)
     for row in rows:
         if row:
             table.add_row(*row)
@@ -223,9 +221,7 @@ def batch_to_dict(batch: BatchMetadata) -> dict[str, Any]:
 def _batch_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", required=True, help=f"preset name ({', '.join(presets.WORKLOADS)})")
     parser.add_argument("--seed", required=True, type=_non_negative_int, help="random seed")
-    parser.add_argument(
-        "--iteration", type=_non_negative_int, default=0, help="iteration to sample (default 0)"
-    )
+    parser.add_argument("--iteration", type=_non_negative_int, default=0, help="iteration to sample (default 0)")
     parser.add_argument(
         "--dynamic",
         action="store_true",
@@ -288,9 +284,7 @@ def _batch(args: argparse.Namespace) -> int:
     table = _table(title, [h + ">" for h in headers], rows)
     console = Console()
     console.print(table)
-    console.print(
-        f"{summary['text_only_microbatches']} of {summary['microbatches']} microbatches carry no {media}"
-    )
+    console.print(f"{summary['text_only_microbatches']} of {summary['microbatches']} microbatches carry no {media}")
     return 0
 
 
@@ -303,9 +297,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog=PROG, description="Per-batch pipeline schedule planner for multimodal model training."
-    )
+    parser = _Parser(prog=PROG, description="Per-batch pipeline schedule planner for multimodal model training.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)

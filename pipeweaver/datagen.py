@@ -89,10 +89,7 @@ def _obelics(rng: np.random.Generator, n: int, scale: _Scale) -> list[_Draft]:
     (lognormal, median 160, sigma 1.2, clipped to the paper's 0.4..3115): about 800 text tokens a document."""
     images = np.minimum(rng.geometric(0.4, n), 30)
     per_image = np.clip(rng.lognormal(math.log(160.0), 1.2, n), 0.4, 3115.0)
-    return [
-        _Draft(text_tokens=t, images=int(k))
-        for t, k in zip(_text(per_image * images, scale), images, strict=True)
-    ]
+    return [_Draft(text_tokens=t, images=int(k)) for t, k in zip(_text(per_image * images, scale), images, strict=True)]
 
 
 def _scienceqa(rng: np.random.Generator, n: int, scale: _Scale) -> list[_Draft]:
@@ -103,9 +100,7 @@ def _scienceqa(rng: np.random.Generator, n: int, scale: _Scale) -> list[_Draft]:
     return [_Draft(text_tokens=t, images=int(i)) for t, i in zip(_text(text, scale), has_image, strict=True)]
 
 
-def _video_source(
-    *, median_s: float, sigma_s: float, min_s: float, tokens_per_s: float, sigma_text: float
-) -> _Source:
+def _video_source(*, median_s: float, sigma_s: float, min_s: float, tokens_per_s: float, sigma_text: float) -> _Source:
     """Video-caption pairs: lognormal clip duration (clipped to [min_s, 16 s]) and a caption whose length is
     proportional to the duration, with a lognormal per-clip density of `tokens_per_s` (median)."""
 
@@ -113,8 +108,7 @@ def _video_source(
         seconds = np.clip(rng.lognormal(math.log(median_s), sigma_s, n), min_s, MAX_CLIP_SECONDS)
         density = rng.lognormal(math.log(tokens_per_s), sigma_text, n)
         frames = [
-            max(1, min(round(float(s) / scale.frame_s), math.floor(MAX_CLIP_SECONDS / scale.frame_s)))
-            for s in seconds
+            max(1, min(round(float(s) / scale.frame_s), math.floor(MAX_CLIP_SECONDS / scale.frame_s))) for s in seconds
         ]
         text = _text(seconds * density, scale)
         return [_Draft(text_tokens=t, clip_frames=f) for t, f in zip(text, frames, strict=True)]
@@ -290,9 +284,7 @@ def _pack_images(stream: _Stream, lim: _ImageLimits, low: int, high: int) -> Mic
         if room == 0:
             break
     else:
-        raise RuntimeError(
-            f"could not pack {low} images into a microbatch in {_MAX_DRAWS_PER_MICROBATCH} draws"
-        )
+        raise RuntimeError(f"could not pack {low} images into a microbatch in {_MAX_DRAWS_PER_MICROBATCH} draws")
     return Microbatch(documents=tuple(docs))
 
 
@@ -356,9 +348,7 @@ def _pack_video(stream: _Stream, lim: _VideoLimits, low_frames: int, high_frames
 
 
 def _generator(seed: int, iteration: int, dp_replica: int) -> np.random.Generator:
-    return np.random.Generator(
-        np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(iteration, dp_replica)))
-    )
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(iteration, dp_replica))))
 
 
 def _sample(
@@ -384,9 +374,7 @@ def _sample(
                 "microbatch holds",
             )
             hi_f = min(hi_f, math.floor(bounds.high / vlim.frame_s + 1e-9))
-            lo_f = min(
-                math.ceil(bounds.low / vlim.frame_s - 1e-9), hi_f
-            )  # the upper bound wins a rounding tie
+            lo_f = min(math.ceil(bounds.low / vlim.frame_s - 1e-9), hi_f)  # the upper bound wins a rounding tie
         scale = _Scale(text=text_scale, frame_s=vlim.frame_s)
 
         def pack(stream: _Stream) -> Microbatch:

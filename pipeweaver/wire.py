@@ -93,9 +93,7 @@ class _EnumMap(Generic[_E, _W]):
         # Fail at import, not on some rare request, when either enum gains a member the other lacks.
         wire_numbers = {v.number for v in wire.DESCRIPTOR.values if v.number != 0}
         if set(members) != set(py) or set(self._from_wire) != wire_numbers:
-            raise RuntimeError(
-                f"pipeweaver.wire: {py.__name__} and {wire.DESCRIPTOR.full_name} are out of sync"
-            )
+            raise RuntimeError(f"pipeweaver.wire: {py.__name__} and {wire.DESCRIPTOR.full_name} are out of sync")
 
     def encode(self, value: _E) -> _W:
         return self._to_wire[value]
@@ -152,9 +150,7 @@ _RECOMPUTE = _EnumMap(
         Recompute.FULL: pb.RECOMPUTE_FULL,
     },
 )
-_DIRECTION = _EnumMap(
-    Direction, pb.Direction, {Direction.SEND: pb.DIRECTION_SEND, Direction.RECV: pb.DIRECTION_RECV}
-)
+_DIRECTION = _EnumMap(Direction, pb.Direction, {Direction.SEND: pb.DIRECTION_SEND, Direction.RECV: pb.DIRECTION_RECV})
 _PLAN_SOURCE = _EnumMap(
     PlanSource,
     pb.PlanSource,
@@ -376,8 +372,7 @@ def batch_from_proto(msg: pb.BatchMetadata, *, path: str = "batch") -> BatchMeta
     microbatches = tuple(
         Microbatch(
             documents=tuple(
-                _document_from_proto(d, f"{path}.microbatches[{i}].documents[{j}]")
-                for j, d in enumerate(mb.documents)
+                _document_from_proto(d, f"{path}.microbatches[{i}].documents[{j}]") for j, d in enumerate(mb.documents)
             )
         )
         for i, mb in enumerate(msg.microbatches)
@@ -400,9 +395,7 @@ def stage_key_to_proto(s: StageKey) -> pb.StageKey:
 
 
 def stage_key_from_proto(msg: pb.StageKey, *, path: str = "stage") -> StageKey:
-    return StageKey(
-        msg.pipeline, msg.chunk, msg.microbatch, msg.sub, _PASS.decode(msg.pass_kind, f"{path}.pass_kind")
-    )
+    return StageKey(msg.pipeline, msg.chunk, msg.microbatch, msg.sub, _PASS.decode(msg.pass_kind, f"{path}.pass_kind"))
 
 
 def _transfer_to_proto(t: Transfer) -> pb.Transfer:
@@ -493,8 +486,7 @@ def placement_from_proto(msg: pb.Placement, *, path: str = "placement") -> Place
     return Placement(
         pp=msg.pp,
         pipelines=tuple(
-            PipelineInfo(i.name, tuple(i.modules), **_present(i, "backward", "weight_grad"))
-            for i in msg.pipelines
+            PipelineInfo(i.name, tuple(i.modules), **_present(i, "backward", "weight_grad")) for i in msg.pipelines
         ),
         chunks=tuple(
             Chunk(c.pipeline, c.index, c.rank, tuple(LayerRange(r.module, r.start, r.stop) for r in c.layers))
@@ -532,9 +524,7 @@ def header_to_proto(h: PlanHeader) -> pb.PlanHeader:
         predicted_makespan_ms=h.predicted_makespan_ms,
         lower_bound_ms=h.lower_bound_ms,
         peak_memory_bytes=h.peak_memory_bytes,
-        baseline_makespans=[
-            pb.BaselineMakespan(schedule=name, makespan_ms=ms) for name, ms in h.baseline_makespans_ms
-        ],
+        baseline_makespans=[pb.BaselineMakespan(schedule=name, makespan_ms=ms) for name, ms in h.baseline_makespans_ms],
     )
 
 

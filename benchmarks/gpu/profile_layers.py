@@ -268,11 +268,24 @@ def sweep(tiny: bool) -> list[Case]:
     return cases
 
 
+def warm_up(device: torch.device, seconds: float) -> None:
+    """Run large matrix products for a while so clocks and cuBLAS are warm before the first timed case."""
+    if device.type != "cuda":
+        return
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            a = (a @ a).clamp_(-1, 1)
+        torch.cuda.synchronize(device)
+
+
 def profile(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dims = TINY if args.tiny else PAPER
     timer = Timer(device)
+    warm_up(device, 3.0)
     torch.manual_seed(0)
     rows: list[dict[str, Any]] = []
     kinds = [k for k in ("vit_block", "decoder_block", "dit_block") if not args.kinds or k in args.kinds]

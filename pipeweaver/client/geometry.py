@@ -298,6 +298,7 @@ class VideoGeometry(Geometry):
         per_token = self.clip_of_token.cpu()
         return self._float(a[per_token, None] * x0 + s[per_token, None] * noise)
 
+
 def geometry(
     model: ModelSpec,
     batch: BatchMetadata,

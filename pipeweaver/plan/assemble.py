@@ -54,9 +54,7 @@ def assemble_plan(
     sends: dict[tuple[int, int], list[tuple[StageKey, StageKey]]] = defaultdict(list)
     for a, order in enumerate(compute_orders):
         for c in order:
-            consumers = sorted(
-                (s for s in g.remote_consumers(c.stage) if s in position), key=lambda s: position[s]
-            )
+            consumers = sorted((s for s in g.remote_consumers(c.stage) if s in position), key=lambda s: position[s])
             for dst in consumers:
                 sends[(a, position[dst][0])].append((c.stage, dst))
     pending: dict[tuple[int, int], deque[tuple[StageKey, StageKey]]] = {k: deque(v) for k, v in sends.items()}
@@ -93,9 +91,7 @@ def assemble_plan(
                 timing.append(window)
             send_ops = [
                 Transfer(Direction.SEND, g.rank[dst], c.stage, dst, tensors(c.stage, dst))
-                for dst in sorted(
-                    (s for s in g.remote_consumers(c.stage) if s in position), key=lambda s: position[s]
-                )
+                for dst in sorted((s for s in g.remote_consumers(c.stage) if s in position), key=lambda s: position[s])
             ]
             if send_ops:
                 actions.append(CommBatch(handle, tuple(send_ops)))

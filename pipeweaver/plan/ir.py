@@ -261,9 +261,7 @@ class PlanHeader:
     """Predicted makespans of the baselines on the same batch, for comparison."""
 
     def subs_of(self, pipeline: str, microbatch: int) -> tuple[SubMicrobatch, ...]:
-        return tuple(
-            s for s in self.sub_microbatches if s.pipeline == pipeline and s.microbatch == microbatch
-        )
+        return tuple(s for s in self.sub_microbatches if s.pipeline == pipeline and s.microbatch == microbatch)
 
 
 @dataclass(frozen=True, slots=True)

@@ -186,6 +186,8 @@ def split_sub_microbatches(
                 loads[g] += instances[i].tokens
             for k, group in enumerate(groups):
                 subs.append(
-                    SubMicrobatch(pipeline=info.name, microbatch=j, index=k, instances=((module, tuple(sorted(group))),))
+                    SubMicrobatch(
+                        pipeline=info.name, microbatch=j, index=k, instances=((module, tuple(sorted(group))),)
+                    )
                 )
     return tuple(subs)

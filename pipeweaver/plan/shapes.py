@@ -8,7 +8,7 @@ crosses from one module to the next is the producer's output (ViT: merged tokens
 from __future__ import annotations
 
 from pipeweaver.plan.ir import Chunk, PlanHeader, StageKey, SubMicrobatch, TensorSpec
-from pipeweaver.spec.batch import BatchMetadata, module_instances
+from pipeweaver.spec.batch import BatchMetadata, Instance, module_instances
 from pipeweaver.spec.model import LayerKind, MergeKind, ModelSpec
 
 
@@ -22,9 +22,19 @@ class TransferShapes:
         self.dtype = dtype
         self._subs = {(s.pipeline, s.microbatch, s.index): s for s in header.sub_microbatches}
         self._chunks = {(c.pipeline, c.index): c for c in header.placement.chunks}
+        self._instances: dict[tuple[str, int], tuple[Instance, ...]] = {}
+        self._memo: dict[tuple[StageKey, StageKey], tuple[TensorSpec, ...]] = {}
+
+    def _module_instances(self, module: str, microbatch: int) -> tuple[Instance, ...]:
+        key = (module, microbatch)
+        found = self._instances.get(key)
+        if found is None:
+            found = module_instances(self.model, module, self.batch.microbatches[microbatch])
+            self._instances[key] = found
+        return found
 
     def _tokens(self, sub: SubMicrobatch, module: str, *, output: bool) -> int:
-        instances = module_instances(self.model, module, self.batch.microbatches[sub.microbatch])
+        instances = self._module_instances(module, sub.microbatch)
         idx = sub.instances_of(module)
         return sum(instances[i].output_tokens if output else instances[i].tokens for i in idx)
 
@@ -34,8 +44,7 @@ class TransferShapes:
             return None
         for e in self.model.upstream(module):
             if e.merge is MergeKind.CROSS_ATTENTION_CONTEXT:
-                mb = self.batch.microbatches[sub.microbatch]
-                tokens = sum(i.tokens for i in module_instances(self.model, e.src, mb))
+                tokens = sum(i.tokens for i in self._module_instances(e.src, sub.microbatch))
                 return tokens, self.model.module(e.src).output_hidden()
         return None
 
@@ -54,15 +63,21 @@ class TransferShapes:
             return tuple(out)
         # The chunk starts a module inside a mixed pipeline: it receives the previous module's output.
         prev = [e.src for e in self.model.upstream(first.module) if e.src in self._pipeline_modules(sub.pipeline)]
-        return tuple(
-            self._spec(self._tokens(sub, p, output=True), self.model.module(p).output_hidden()) for p in prev
-        )
+        return tuple(self._spec(self._tokens(sub, p, output=True), self.model.module(p).output_hidden()) for p in prev)
 
     def _pipeline_modules(self, pipeline: str) -> tuple[str, ...]:
         return self.header.placement.pipeline(pipeline).modules
 
     def tensors(self, src: StageKey, dst: StageKey) -> tuple[TensorSpec, ...]:
         """Tensors `src`'s output hands to `dst` (gradients have the forward activation's shapes)."""
+        key = (src, dst)
+        found = self._memo.get(key)
+        if found is None:
+            found = self._tensors(src, dst)
+            self._memo[key] = found
+        return found
+
+    def _tensors(self, src: StageKey, dst: StageKey) -> tuple[TensorSpec, ...]:
         fwd_src, fwd_dst = (src, dst) if not src.pass_.is_backward else (dst, src)
         if fwd_src.pipeline == fwd_dst.pipeline:
             sub = self._subs[(fwd_dst.pipeline, fwd_dst.microbatch, fwd_dst.sub)]

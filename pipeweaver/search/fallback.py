@@ -7,6 +7,8 @@ rank derives the same order from the batch metadata without talking to the plann
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from pipeweaver.plan.assemble import assemble_plan
@@ -15,7 +17,7 @@ from pipeweaver.plan.ir import Compute, Pass, Placement, Plan, PlanHeader, PlanS
 from pipeweaver.plan.layouts import split_sub_microbatches
 from pipeweaver.plan.shapes import TransferShapes
 from pipeweaver.search.interleave_ref import interleave_reference
-from pipeweaver.search.problem import Problem, build_problem, stage_priorities
+from pipeweaver.search.problem import F64, I64, Problem, build_problem, stage_priorities
 from pipeweaver.spec.batch import BatchMetadata
 from pipeweaver.spec.model import ModelSpec
 
@@ -32,8 +34,14 @@ def heuristic_group_order(problem: Problem, pipelines: tuple[str, ...]) -> tuple
     return tuple(sorted(range(len(problem.groups)), key=key))
 
 
-def fallback_orders(header: PlanHeader) -> list[list[Compute]]:
-    """Per-rank compute orders of the static fallback schedule for `header`."""
+Interleaver = Callable[[Problem, F64], tuple[I64, F64, F64, float]]
+
+
+def fallback_orders(header: PlanHeader, interleaver: Interleaver = interleave_reference) -> list[list[Compute]]:
+    """Per-rank compute orders of the static fallback schedule for `header`.
+
+    The planner passes the numba interleaver (same result, much faster); trainers use the pure-Python default.
+    """
     graph = stage_graph(header)
     pp = header.placement.pp
     dur = {s: 1.0 if s.pass_ is Pass.F else (2.0 if s.pass_ is Pass.B else 1.0) for s in graph.stages}
@@ -44,7 +52,7 @@ def fallback_orders(header: PlanHeader) -> list[list[Compute]]:
     prio = np.zeros(len(problem.groups))
     for i, g in enumerate(order):
         prio[g] = len(order) - i
-    position, _, _, _ = interleave_reference(problem, stage_priorities(problem, prio))
+    position, _, _, _ = interleaver(problem, stage_priorities(problem, prio))
     orders: list[list[Compute]] = [[] for _ in range(pp)]
     for i in sorted(range(problem.n), key=lambda i: (int(problem.rank[i]), int(position[i]))):
         orders[int(problem.rank[i])].append(Compute(problem.stages[i]))

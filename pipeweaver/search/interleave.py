@@ -37,7 +37,7 @@ def _kernel(
     succ_idx: I64,
     cap: F64,
     priority: F64,
-    microbatch: I64,
+    unit: I64,
 ) -> tuple[I64, F64, F64]:
     n = rank.shape[0]
     remaining = np.empty(n, dtype=np.int64)
@@ -59,11 +59,11 @@ def _kernel(
             ready[r, nready[r]] = i
             nready[r] += 1
 
-    n_mb = 0
+    n_units = 0
     for i in range(n):
-        if microbatch[i] + 1 > n_mb:
-            n_mb = microbatch[i] + 1
-    holds = np.zeros((pp, n_mb))
+        if unit[i] + 1 > n_units:
+            n_units = unit[i] + 1
+    holds = np.zeros((pp, n_units))
     source = np.zeros(n, dtype=np.int64)
     for i in range(n):
         if pred_ptr[i + 1] == pred_ptr[i]:
@@ -80,7 +80,7 @@ def _kernel(
                 tb = math.inf
                 for k in range(nready[r]):
                     i = ready[r, k]
-                    if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, microbatch[i]] > 0):
+                    if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
                         continue
                     if is_forward[i] == 1:
                         if ready_at[i] < tf:
@@ -97,9 +97,7 @@ def _kernel(
                         i = ready[r, k]
                         if is_forward[i] != want or ready_at[i] > tl:
                             continue
-                        if _gated(
-                            gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, microbatch[i]] > 0
-                        ):
+                        if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
                             continue
                         if best < 0 or priority[i] > priority[best]:
                             best = i
@@ -107,9 +105,7 @@ def _kernel(
                 else:
                     for k in range(nready[r]):
                         i = ready[r, k]
-                        if _gated(
-                            gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, microbatch[i]] > 0
-                        ):
+                        if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
                             continue
                         if best < 0:
                             best = i
@@ -147,7 +143,7 @@ def _kernel(
         t_last[r] = end[i]
         last_fwd[r] = is_forward[i]
         mem[r] += alloc[i] - free[i]
-        holds[r, microbatch[i]] += alloc[i] - free[i]
+        holds[r, unit[i]] += alloc[i] - free[i]
         position[i] = count[r]
         count[r] += 1
         done += 1
@@ -184,7 +180,7 @@ def interleave(problem: Problem, priority: F64) -> tuple[I64, F64, F64, float]:
         problem.succ_idx,
         problem.mem_cap_bytes,
         np.ascontiguousarray(priority, dtype=np.float64),
-        problem.microbatch,
+        problem.unit,
     )
     if problem.n and np.any(position < 0):
         raise RuntimeError("interleaver stuck: the stage graph has a cycle")

@@ -4,8 +4,8 @@ Each rank keeps a forward and a backward queue of ready stages. The rank that ca
 next. If both a forward and a backward stage are ready by the time the rank is free, it alternates with the kind
 it ran last (1F1B emulation, memory-friendly) and takes the highest-priority ready stage of that kind; otherwise
 it takes the ready stage that can start soonest (fills the bubble). Memory: a forward that would push the rank
-over its cap waits unless its microbatch already holds activations on that rank (work in flight must finish to
-free memory; new microbatches wait, which is what makes 1F1B emerge). If no rank can progress, non-admission
+over its cap waits unless its sub-microbatch already holds activations on that rank (work in flight must finish
+to free memory; new work waits, which is what makes 1F1B emerge). If no rank can progress, non-admission
 forwards may go; only if still nothing can run does the gate open fully (it never deadlocks).
 """
 
@@ -39,8 +39,8 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
             ready[int(problem.rank[i])].append(i)
 
     source = np.diff(problem.pred_ptr) == 0
-    n_mb = int(problem.microbatch.max()) + 1 if n else 0
-    holds = np.zeros((pp, n_mb))  # activation bytes each microbatch holds on each rank
+    n_units = int(problem.unit.max()) + 1 if n else 0
+    holds = np.zeros((pp, n_units))  # bytes each (pipeline, microbatch, sub) unit holds per rank
 
     def eligible(r: int, i: int, gate: int) -> bool:
         """Memory gate of level `gate`: 0 strict, 1 in-flight work may go, 2 open."""
@@ -48,8 +48,8 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
             return True
         if mem[r] + problem.alloc_bytes[i] <= problem.mem_cap_bytes[r]:
             return True
-        # Over the cap: a microbatch already holding memory here continues (its backward frees it); new ones wait.
-        if holds[r, problem.microbatch[i]] > 0:
+        # Over the cap: a unit already holding memory here continues (its backward frees it); new ones wait.
+        if holds[r, problem.unit[i]] > 0:
             return True
         return gate == 1 and not source[i]
 
@@ -114,7 +114,7 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
         t_last[r] = end[i]
         last_fwd[r] = problem.is_forward[i]
         mem[r] += problem.alloc_bytes[i] - problem.free_bytes[i]
-        holds[r, problem.microbatch[i]] += problem.alloc_bytes[i] - problem.free_bytes[i]
+        holds[r, problem.unit[i]] += problem.alloc_bytes[i] - problem.free_bytes[i]
         position[i] = count[r]
         count[r] += 1
         done += 1

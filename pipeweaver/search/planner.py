@@ -25,9 +25,9 @@ from pipeweaver.search.bounds import lower_bound_ms
 from pipeweaver.search.fallback import build_fallback_plan, fallback_orders, heuristic_group_order
 from pipeweaver.search.interleave import interleave
 from pipeweaver.search.mcts import MCTSConfig, SegmentOrderSearch, priorities_from_order
-from pipeweaver.search.memory_opt import Candidate, optimise_rank
+from pipeweaver.search.memory_opt import Candidate, greedy_choice, optimise_rank
 from pipeweaver.search.partition import JobPartition, partition_job
-from pipeweaver.search.problem import Problem, build_problem, stage_priorities
+from pipeweaver.search.problem import Problem, build_problem, overflow, stage_priorities
 from pipeweaver.simulator.costmodel import CostModel, EfficiencyFactors, HeaderCosts
 from pipeweaver.simulator.engine import LinkModel, SimResult, StageCosts, simulate, transfer_bytes
 from pipeweaver.simulator.reuse import StageCostCache
@@ -119,6 +119,9 @@ class Planner:
         self.partition: JobPartition = partition_job(self.cost, sizes=sizes, segments=segments)
         self.link = LinkModel.from_specs(hardware, parallel)
         self.dtype = tensors_dtype_for(hardware)
+        self._costs_for: PlanHeader | None = None
+        self._costs_batch: BatchMetadata | None = None
+        self._costs_memo: dict[Recompute, HeaderCosts] = {}
 
     # ---- building blocks ----
     def header_for(self, batch: BatchMetadata, *, job_id: str, source: PlanSource, schedule: str) -> PlanHeader:
@@ -134,13 +137,24 @@ class Planner:
             dp_replica=batch.dp_replica,
         )
 
+    def _header_costs(self, header: PlanHeader, batch: BatchMetadata, recompute: Recompute) -> HeaderCosts:
+        """SEMU's costs of every stage under one strategy, memoised for the most recent (header, batch)."""
+        if self._costs_for is not header or self._costs_batch is not batch:
+            self._costs_memo = {}
+            self._costs_for, self._costs_batch = header, batch
+        found = self._costs_memo.get(recompute)
+        if found is None:
+            found = self.cost.header_costs(header, batch, recompute)
+            self._costs_memo[recompute] = found
+        return found
+
     def _mem_caps(self) -> list[float]:
         usable = self.hardware.memory_bytes * (1.0 - self.config.memory_reserve)
         return [max(usable - s, 0.0) for s in self.partition.static_memory_bytes]
 
     def _prepare(self, batch: BatchMetadata, header: PlanHeader, recompute: Recompute) -> _Prepared:
         graph = stage_graph(header)
-        costs = self.cost.header_costs(header, batch, recompute)
+        costs = self._header_costs(header, batch, recompute)
         shapes = TransferShapes(self.model, batch, header, dtype=self.dtype)
         delays = {
             (p, s): self.link.transfer_ms(graph.rank[p], graph.rank[s], transfer_bytes(shapes.tensors(p, s)))
@@ -159,7 +173,7 @@ class Planner:
         recompute: Mapping[tuple[str, int, int, int], Recompute] | None = None,
     ) -> StageCosts:
         """SEMU stage costs for any plan header (searched or baseline); `recompute` per (pipeline, chunk, mb, sub)."""
-        base = self.cost.header_costs(header, batch, Recompute.NONE)
+        base = self._header_costs(header, batch, Recompute.NONE)
         if not recompute:
             return StageCosts(
                 compute_ms=base.duration_ms,
@@ -168,15 +182,14 @@ class Planner:
             )
         durations = dict(base.duration_ms)
         acts = base.act_bytes_by_forward()
-        by_strategy = {rc: self.cost.header_costs(header, batch, rc) for rc in set(recompute.values())}
+        by_strategy = {rc: self._header_costs(header, batch, rc) for rc in set(recompute.values())}
+        for s in durations:
+            rc = recompute.get(_pair(s), Recompute.NONE)
+            if rc is not Recompute.NONE:
+                durations[s] = by_strategy[rc].duration_ms[s]
         for key, rc in recompute.items():
-            if rc is Recompute.NONE:
-                continue
-            alt = by_strategy[rc]
-            for s in durations:
-                if (s.pipeline, s.chunk, s.microbatch, s.sub) == key:
-                    durations[s] = alt.duration_ms[s]
-            acts[StageKey(key[0], key[1], key[2], key[3], Pass.F)] = alt.activation_bytes[key]
+            if rc is not Recompute.NONE:
+                acts[StageKey(key[0], key[1], key[2], key[3], Pass.F)] = by_strategy[rc].activation_bytes[key]
         return StageCosts(compute_ms=durations, act_bytes=acts, static_bytes=self._static_for(header))
 
     def _static_for(self, header: PlanHeader) -> tuple[float, ...]:
@@ -199,7 +212,7 @@ class Planner:
         return seqs
 
     def _strategy_costs(self, prep: _Prepared, batch: BatchMetadata) -> dict[Recompute, HeaderCosts]:
-        return {rc: self.cost.header_costs(prep.header, batch, rc) for rc in Recompute}
+        return {rc: self._header_costs(prep.header, batch, rc) for rc in Recompute}
 
     def _problem_with(self, prep: _Prepared, per: dict[Recompute, HeaderCosts], choice: RecomputeMap) -> Problem:
         """The same problem with each stage pair's costs under its chosen strategy."""
@@ -220,7 +233,13 @@ class Planner:
         return replace(p, duration_ms=dur, alloc_bytes=alloc, free_bytes=free)
 
     def _memory_choice(
-        self, prep: _Prepared, per: dict[Recompute, HeaderCosts], priority: np.ndarray, time_limit_s: float
+        self,
+        prep: _Prepared,
+        per: dict[Recompute, HeaderCosts],
+        priority: np.ndarray,
+        time_limit_s: float,
+        *,
+        exact: bool = True,
     ) -> tuple[RecomputeMap, list[float]]:
         """Level 4: per rank, choose each stage pair's strategy under the memory cap (paper section 5.3).
 
@@ -268,11 +287,15 @@ class Planner:
                 cands.append(frontier)
             if not pairs:
                 continue
-            result = optimise_rank(cands, starts, ends, caps[r], time_limit_s=time_limit_s)
-            if result.solved:
-                solve_ms.append(result.solve_ms)
-            for k, c, j in zip(pairs, cands, result.choice, strict=True):
-                picked = c[j]
+            if exact:
+                result = optimise_rank(cands, starts, ends, caps[r], time_limit_s=time_limit_s)
+                picks = result.choice
+                if result.solved:
+                    solve_ms.append(result.solve_ms)
+            else:
+                picks = greedy_choice(cands, starts, ends, caps[r])
+            for k, options_k, j in zip(pairs, cands, picks, strict=True):
+                picked = options_k[j]
                 choice[k] = (
                     Recompute.FULL if picked.full else Recompute.SELECTIVE if picked.selective else Recompute.NONE
                 )
@@ -299,40 +322,55 @@ class Planner:
         if level is SearchLevel.PARTITION:
             # A static order fixed before this batch's costs are known, with the fastest uniform strategy that fits.
             index = {s: i for i, s in enumerate(prep.problem.stages)}
-            seqs = [[index[c.stage] for c in order] for order in fallback_orders(header)]
+            seqs = [[index[c.stage] for c in order] for order in fallback_orders(header, interleave)]
             choice = self._uniform_fit(header, batch, seqs_plan=seqs, prep=prep)
         else:
-            problem = prep.problem
+            # Levels 2-3 schedule with the leanest strategy everywhere (paper 5.2: most headroom); level 4 buys
+            # back speed per stage pair wherever memory allows, and keeps it only if the schedule improves.
+            lean_choice: RecomputeMap = {k: Recompute.FULL for k in prep.costs.activation_bytes}
+            problem = self._problem_with(prep, per, lean_choice)
+            choice = lean_choice
+            reserve_s = 0.1 * budget / 1e3  # compiling and simulating the winner
             if level >= SearchLevel.MEMORY:
-                choice, solve_ms = self._memory_choice(prep, per, priority, self._ilp_limit(deadline))
-                mixed = self._problem_with(prep, per, choice)
-                fast_ms = interleave(problem, stage_priorities(problem, priority))[3]
-                if interleave(mixed, stage_priorities(mixed, priority))[3] < fast_ms:
-                    problem = mixed
-                else:
-                    choice = {}
+                t_mem = time.perf_counter()
+                found, _ = self._memory_choice(prep, per, priority, 0.0, exact=False)  # greedy: picks the target
+                mixed = self._problem_with(prep, per, found)
+                if schedule_score(mixed, priority) < schedule_score(problem, priority):
+                    choice, problem = found, mixed
+                # The exact re-fit after the search costs a few times the greedy pass.
+                reserve_s += 3 * (time.perf_counter() - t_mem)
+            heuristic_priority = priority
             if level >= SearchLevel.MCTS and len(problem.groups) > 1:
                 target = problem
 
                 def evaluate(group_priority: np.ndarray) -> float:
-                    return interleave(target, stage_priorities(target, group_priority))[3]
+                    return schedule_score(target, group_priority)
 
                 search = SegmentOrderSearch(
                     len(problem.groups), heuristic, evaluate, config=self.config.mcts, seed=self.config.seed
                 )
-                while time.perf_counter() < deadline:
+                search_deadline = deadline - reserve_s
+                search.step()  # at least one expansion, even on a budget spent by the preparation
+                while time.perf_counter() < search_deadline:
                     search.step()
                 priority = priorities_from_order(search.best_order)
                 evaluations = search.evaluations
-                if choice:  # re-fit the strategies to the better order's timeline; keep whichever is faster
-                    again, more_ms = self._memory_choice(prep, per, priority, self._ilp_limit(deadline))
+                if level >= SearchLevel.MEMORY:  # re-fit the strategies to the better order's timeline
+                    exact = time.perf_counter() < deadline  # out of budget: the greedy choice, no 0-1 programs
+                    again, more_ms = self._memory_choice(prep, per, priority, self._ilp_limit(deadline), exact=exact)
                     solve_ms += more_ms
                     candidate = self._problem_with(prep, per, again)
-                    pr = stage_priorities(candidate, priority)
-                    if interleave(candidate, pr)[3] < interleave(problem, stage_priorities(problem, priority))[3]:
+                    if schedule_score(candidate, priority) < schedule_score(problem, priority):
                         choice, problem = again, candidate
-            position, _, _, _ = interleave(problem, stage_priorities(problem, priority))
-            seqs = self._orders_from_positions(problem, position)
+            seqs = self._orders_from_positions(problem, interleave(problem, stage_priorities(problem, priority))[0])
+            if priority is not heuristic_priority:
+                # The interleaver models transfers as delays; SEMU also queues them on links. Keep the searched order
+                # only if SEMU agrees it beats the heuristic one, so a level never does worse than the one below.
+                plain = self._orders_from_positions(
+                    problem, interleave(problem, stage_priorities(problem, heuristic_priority))[0]
+                )
+                if self._simulate_seqs(prep, batch, plain, choice) < self._simulate_seqs(prep, batch, seqs, choice):
+                    seqs = plain
 
         stages = prep.problem.stages
         orders = [[Compute(stages[i], choice.get(_pair(stages[i]), Recompute.NONE)) for i in seq] for seq in seqs]
@@ -357,6 +395,14 @@ class Planner:
             peak_memory_bytes=tuple(float(x) for x in sim.peak_memory_bytes),
             memory_solve_ms=tuple(solve_ms),
         )
+
+    def _simulate_seqs(
+        self, prep: _Prepared, batch: BatchMetadata, seqs: list[list[int]], choice: RecomputeMap
+    ) -> float:
+        stages = prep.problem.stages
+        orders = [[Compute(stages[i], choice.get(_pair(stages[i]), Recompute.NONE)) for i in seq] for seq in seqs]
+        plan = assemble_plan(prep.header, orders, prep.shapes.tensors, graph=prep.graph)
+        return self.simulate_plan(plan, batch, choice).makespan_ms
 
     def _ilp_limit(self, deadline: float) -> float:
         left = deadline - time.perf_counter()
@@ -414,6 +460,16 @@ class Planner:
         return build_fallback_plan(
             self.model, part.placement, part.sub_microbatch_size, batch, job_id=job_id, dtype=self.dtype
         )
+
+
+OVERFLOW_PENALTY = 10.0
+"""Score multiplier per unit of relative memory overflow: a schedule that does not fit loses to one that does."""
+
+
+def schedule_score(problem: Problem, group_priority: np.ndarray) -> float:
+    """What the search minimises: the interleaved makespan, penalised when a rank's activations overflow its cap."""
+    _, start, end, makespan = interleave(problem, stage_priorities(problem, group_priority))
+    return makespan * (1.0 + OVERFLOW_PENALTY * overflow(problem, start, end))
 
 
 def _pair(s: StageKey) -> tuple[str, int, int, int]:

@@ -59,8 +59,8 @@ class Problem:
     intra: I64
     """Fixed order of a stage inside its group (by sub-microbatch, then chunk)."""
     groups: tuple[GroupKey, ...]
-    microbatch: I64
-    """Microbatch of each stage (the memory gate admits work per microbatch and rank)."""
+    unit: I64
+    """Index of each stage's (pipeline, microbatch, sub-microbatch): the unit the memory gate admits per rank."""
     mem_cap_bytes: F64
     """Per-rank activation budget (capacity minus static memory)."""
 
@@ -141,7 +141,7 @@ def build_problem(
         group=group,
         intra=intra,
         groups=groups,
-        microbatch=np.array([s.microbatch for s in stages], dtype=np.int64),
+        unit=_units(stages),
         mem_cap_bytes=np.array(mem_cap_bytes, dtype=np.float64),
     )
 
@@ -154,3 +154,29 @@ def stage_priorities(problem: Problem, group_priority: npt.NDArray[np.float64]) 
     spread = float(problem.intra.max() - low + 1)
     prio: F64 = group_priority[problem.group] - (problem.intra - low) / spread
     return prio
+
+
+def _units(stages: tuple[StageKey, ...]) -> I64:
+    ids: dict[tuple[str, int, int], int] = {}
+    return np.array([ids.setdefault((s.pipeline, s.microbatch, s.sub), len(ids)) for s in stages], dtype=np.int64)
+
+
+def peak_memory(problem: Problem, start: F64, end: F64) -> F64:
+    """Per-rank peak of live activation bytes of a timed schedule (allocated at F start, freed at backward end)."""
+    peaks = np.zeros(problem.pp)
+    for r in range(problem.pp):
+        idx = np.flatnonzero(problem.rank == r)
+        times = np.concatenate((start[idx], end[idx]))
+        deltas = np.concatenate((problem.alloc_bytes[idx], -problem.free_bytes[idx]))
+        # At equal times frees come first (a backward ending as a forward starts).
+        order = np.lexsort((deltas, times))
+        live = np.cumsum(deltas[order])
+        peaks[r] = float(live.max()) if len(live) else 0.0
+    return peaks
+
+
+def overflow(problem: Problem, start: F64, end: F64) -> float:
+    """Largest relative excess of a rank's peak over its cap (0 when the schedule fits)."""
+    peaks = peak_memory(problem, start, end)
+    caps = np.maximum(problem.mem_cap_bytes, 1.0)
+    return float(max(0.0, np.max((peaks - problem.mem_cap_bytes) / caps))) if problem.pp else 0.0

@@ -31,6 +31,7 @@ import numpy.typing as npt
 from pipeweaver.plan.ir import Pass, Recompute
 from pipeweaver.simulator.costmodel import (
     ANY,
+    HOST_OVERLAP_P,
     ClassFactors,
     EfficiencyFactors,
     FactorKey,
@@ -86,8 +87,15 @@ class LayerProfile:
     def module(self) -> ModuleSpec:
         """A one-layer module with these dims (what the cost model evaluates)."""
         d = self.dims
-        common: dict[str, Any] = {"name": "layer", "kind": self.kind, "layers": 1, "hidden": d.hidden,
-                                  "ffn_hidden": d.ffn_hidden, "heads": d.heads, "kv_heads": d.kv_heads}
+        common: dict[str, Any] = {
+            "name": "layer",
+            "kind": self.kind,
+            "layers": 1,
+            "hidden": d.hidden,
+            "ffn_hidden": d.ffn_hidden,
+            "heads": d.heads,
+            "kv_heads": d.kv_heads,
+        }
         if self.kind is LayerKind.VIT_BLOCK:
             return ModuleSpec(**common, input=Modality.IMAGE, image=ImageGeometry())
         if self.kind is LayerKind.DIT_BLOCK:
@@ -98,17 +106,26 @@ class LayerProfile:
         """Decoder: one packed sequence of documents; ViT / DiT: one instance per image / clip."""
         if self.kind is LayerKind.DECODER_BLOCK:
             return (Instance(tokens=self.tokens, attention_spans=self.spans, output_tokens=self.tokens),)
-        return tuple(Instance(tokens=s, attention_spans=(s,), context_tokens=self.context_tokens, output_tokens=s)
-                     for s in self.spans)
+        return tuple(
+            Instance(tokens=s, attention_spans=(s,), context_tokens=self.context_tokens, output_tokens=s)
+            for s in self.spans
+        )
 
     def ops(self, dtype_bytes: int) -> tuple[Op, ...]:
-        return layer_ops(self.module(), self.instances(), tp=1, pass_=self.pass_, recompute=Recompute.NONE,
-                         dtype_bytes=dtype_bytes)
+        return layer_ops(
+            self.module(), self.instances(), tp=1, pass_=self.pass_, recompute=Recompute.NONE, dtype_bytes=dtype_bytes
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind.value, "dims": self.dims.to_json(), "tokens": self.tokens,
-                "spans": list(self.spans), "context_tokens": self.context_tokens, "pass": self.pass_.value,
-                "measured_ms": self.measured_ms}
+        return {
+            "kind": self.kind.value,
+            "dims": self.dims.to_json(),
+            "tokens": self.tokens,
+            "spans": list(self.spans),
+            "context_tokens": self.context_tokens,
+            "pass": self.pass_.value,
+            "measured_ms": self.measured_ms,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +140,12 @@ class TransferProfile:
     measured_ms: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"op_class": self.op_class.value, "bytes": self.num_bytes, "link_bandwidth": self.link_bandwidth,
-                "measured_ms": self.measured_ms}
+        return {
+            "op_class": self.op_class.value,
+            "bytes": self.num_bytes,
+            "link_bandwidth": self.link_bandwidth,
+            "measured_ms": self.measured_ms,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,10 +164,14 @@ def load_profile(path: str | Path, hardware: HardwareSpec | None = None) -> Prof
     card, version = str(data.get("card", "")), str(data.get("torch_version", ""))
     rows = tuple(
         LayerProfile(
-            kind=LayerKind(r["kind"]), dims=LayerDims(**{k: int(v) for k, v in r["dims"].items()}),
-            tokens=int(r["tokens"]), spans=tuple(int(s) for s in r["spans"]),
-            context_tokens=int(r.get("context_tokens", 0)), pass_=Pass(r["pass"]),
-            measured_ms=float(r["measured_ms"]), card=str(r.get("card", card)),
+            kind=LayerKind(r["kind"]),
+            dims=LayerDims(**{k: int(v) for k, v in r["dims"].items()}),
+            tokens=int(r["tokens"]),
+            spans=tuple(int(s) for s in r["spans"]),
+            context_tokens=int(r.get("context_tokens", 0)),
+            pass_=Pass(r["pass"]),
+            measured_ms=float(r["measured_ms"]),
+            card=str(r.get("card", card)),
             torch_version=str(r.get("torch_version", version)),
         )
         for r in data["rows"]
@@ -158,14 +183,17 @@ def load_profile(path: str | Path, hardware: HardwareSpec | None = None) -> Prof
             if hardware is None:
                 continue
             bw = hardware.nvlink_bandwidth if t.get("link", "nvlink") == "nvlink" else hardware.internode_bandwidth
-        transfers.append(TransferProfile(OpClass(t["op_class"]), float(t["bytes"]), float(bw),
-                                         float(t["measured_ms"])))
+        transfers.append(TransferProfile(OpClass(t["op_class"]), float(t["bytes"]), float(bw), float(t["measured_ms"])))
     meta = {k: v for k, v in data.items() if k not in ("rows", "transfers")}
     return Profile(rows=rows, transfers=tuple(transfers), meta=meta)
 
 
-def save_profile(path: str | Path, rows: Sequence[LayerProfile], transfers: Sequence[TransferProfile] = (),
-                 meta: Mapping[str, Any] | None = None) -> None:
+def save_profile(
+    path: str | Path,
+    rows: Sequence[LayerProfile],
+    transfers: Sequence[TransferProfile] = (),
+    meta: Mapping[str, Any] | None = None,
+) -> None:
     cards = {r.card for r in rows}
     versions = {r.torch_version for r in rows}
     data: dict[str, Any] = {
@@ -173,8 +201,9 @@ def save_profile(path: str | Path, rows: Sequence[LayerProfile], transfers: Sequ
         "card": cards.pop() if len(cards) == 1 else "mixed",
         "torch_version": versions.pop() if len(versions) == 1 else "mixed",
         **(dict(meta) if meta else {}),
-        "rows": [r.to_json() | ({"card": r.card, "torch_version": r.torch_version} if len(cards) > 1 else {})
-                 for r in rows],
+        "rows": [
+            r.to_json() | ({"card": r.card, "torch_version": r.torch_version} if len(cards) > 1 else {}) for r in rows
+        ],
         "transfers": [t.to_json() for t in transfers],
     }
     data["format"] = PROFILE_FORMAT
@@ -243,12 +272,21 @@ _N_PARAMS = 6  # a_gemm, a_gemm*half_gemm, a_attn, a_attn*half_attn, a_elem, ove
 
 
 def _theta_of(gemm: ClassFactors, attn: ClassFactors, elem: ClassFactors) -> F64:
-    return np.array([gemm.a_flop, gemm.a_flop * gemm.half_rows, attn.a_flop, attn.a_flop * attn.half_rows,
-                     elem.a_mem, gemm.overhead_s])
+    return np.array(
+        [
+            gemm.a_flop,
+            gemm.a_flop * gemm.half_rows,
+            attn.a_flop,
+            attn.a_flop * attn.half_rows,
+            elem.a_mem,
+            gemm.overhead_s,
+        ]
+    )
 
 
-def _features(ops: Sequence[Op], theta: F64, prior: Mapping[OpClass, ClassFactors],
-              hardware: HardwareSpec) -> tuple[F64, float]:
+def _features(
+    ops: Sequence[Op], theta: F64, prior: Mapping[OpClass, ClassFactors], hardware: HardwareSpec
+) -> tuple[F64, float]:
     """(feature row, constant seconds) of one measured block under the binding roofline terms of `theta`."""
     x = np.zeros(_N_PARAMS)
     const = 0.0
@@ -301,8 +339,13 @@ def _solve(x: F64, const: F64, y: F64, theta0: F64, ridge: float) -> F64:
     return result
 
 
-def _fit_device(ops_rows: Sequence[Sequence[Op]], y: F64, prior: Mapping[OpClass, ClassFactors],
-                hardware: HardwareSpec, ridge: float) -> F64:
+def _fit_device(
+    ops_rows: Sequence[Sequence[Op]],
+    y: F64,
+    prior: Mapping[OpClass, ClassFactors],
+    hardware: HardwareSpec,
+    ridge: float,
+) -> F64:
     theta0 = _theta_of(prior[OpClass.GEMM], prior[OpClass.ATTENTION], prior[OpClass.ELEMENTWISE])
     theta = theta0.copy()
     for _ in range(4):  # re-choose each operator's binding roofline term under the new factors
@@ -320,49 +363,69 @@ def _class_factors(theta: F64, prior: Mapping[OpClass, ClassFactors], host_s: fl
     a_g, ah_g, a_a, ah_a, a_e, ovh = (float(v) for v in theta)
     g, a, e = prior[OpClass.GEMM], prior[OpClass.ATTENTION], prior[OpClass.ELEMENTWISE]
     return {
-        OpClass.GEMM: ClassFactors(a_flop=a_g, a_mem=g.a_mem, a_net=g.a_net,
-                                   half_rows=ah_g / a_g if a_g > 0 else 0.0, overhead_s=ovh, host_s=host_s),
-        OpClass.ATTENTION: ClassFactors(a_flop=a_a, a_mem=a.a_mem, a_net=a.a_net,
-                                        half_rows=ah_a / a_a if a_a > 0 else 0.0, overhead_s=ovh, host_s=host_s),
-        OpClass.ELEMENTWISE: ClassFactors(a_flop=e.a_flop, a_mem=a_e, a_net=e.a_net, overhead_s=ovh,
-                                          host_s=host_s),
+        OpClass.GEMM: ClassFactors(
+            a_flop=a_g,
+            a_mem=g.a_mem,
+            a_net=g.a_net,
+            half_rows=ah_g / a_g if a_g > 0 else 0.0,
+            overhead_s=ovh,
+            host_s=host_s,
+        ),
+        OpClass.ATTENTION: ClassFactors(
+            a_flop=a_a,
+            a_mem=a.a_mem,
+            a_net=a.a_net,
+            half_rows=ah_a / a_a if a_a > 0 else 0.0,
+            overhead_s=ovh,
+            host_s=host_s,
+        ),
+        OpClass.ELEMENTWISE: ClassFactors(a_flop=e.a_flop, a_mem=a_e, a_net=e.a_net, overhead_s=ovh, host_s=host_s),
     }
 
 
-def _group_error(rows: Sequence[LayerProfile], kind: LayerKind, backward: bool, cfs: Mapping[OpClass, ClassFactors],
-                 base: EfficiencyFactors, hardware: HardwareSpec) -> float:
+def _group_error(
+    rows: Sequence[LayerProfile],
+    kind: LayerKind,
+    backward: bool,
+    cfs: Mapping[OpClass, ClassFactors],
+    base: EfficiencyFactors,
+    hardware: HardwareSpec,
+) -> float:
     d = direction(backward)
     trial = base.with_entries({(kind.value, d, c): f for c, f in cfs.items()})
     err = [(predict_ms(r, hardware, trial) - r.measured_ms) / r.measured_ms for r in rows]
     return float(np.sum(np.square(err)))
 
 
-def _fit_group(rows: Sequence[LayerProfile], kind: LayerKind, backward: bool, base: EfficiencyFactors,
-               hardware: HardwareSpec, ridge: float) -> dict[OpClass, ClassFactors]:
+def _fit_group(
+    rows: Sequence[LayerProfile],
+    kind: LayerKind,
+    backward: bool,
+    base: EfficiencyFactors,
+    hardware: HardwareSpec,
+    ridge: float,
+) -> dict[OpClass, ClassFactors]:
     prior = {c: base.lookup(c, kind=kind, backward=backward) for c in OpClass}
     order = sorted(rows, key=lambda r: r.measured_ms)
     ops_rows = [r.ops(hardware.dtype_bytes) for r in order]
     y = np.array([r.measured_ms for r in order]) * 1e-3
+    n_ops = len(ops_rows[0])
+    p = HOST_OVERLAP_P
     best: tuple[float, dict[OpClass, ClassFactors]] | None = None
-    # k fastest rows bound by host dispatch (the floor); the device roofline is fitted on the rest.
-    n_min = min(len(order), 3)
-    for k in range(0, max(1, len(order) - n_min) + 1):
-        if len(order) - k < 1:
-            break
-        theta = _fit_device(ops_rows[k:], y[k:], prior, hardware, ridge)
-        n_ops = len(ops_rows[0])
-        if k:
-            inv = 1.0 / y[:k]
-            floor = float(np.sum(inv) / np.sum(inv * inv))  # relative least squares constant
-            host = floor / n_ops
-        else:
-            host = 0.0
-        cfs = _class_factors(theta, prior, host)
+    # Host floor candidates: none, or a fraction of the fastest row; the device part is what remains of each
+    # row once the host's share is taken out, fitted on the rows the host does not dominate.
+    for frac in (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0):
+        floor = frac * float(y[0])
+        keep = y > floor * 1.05 if floor else np.ones(len(y), dtype=bool)
+        if keep.sum() < min(3, len(y)):
+            continue
+        yk = y[keep]
+        dev = yk if not floor else (yk**p - floor**p) ** (1.0 / p) if math.isfinite(p) else yk
+        theta = _fit_device([o for o, k in zip(ops_rows, keep, strict=True) if k], dev, prior, hardware, ridge)
+        cfs = _class_factors(theta, prior, floor / n_ops)
         err = _group_error(order, kind, backward, cfs, base, hardware)
         if best is None or err < best[0] - 1e-12:
             best = (err, cfs)
-        if k >= len(order) // 2:
-            break
     assert best is not None
     return best[1]
 
@@ -396,8 +459,11 @@ def fit_layer_factors(
         candidates = [k for (k, b) in fitted if b == backward]
         if not candidates:
             continue
-        pick = (LayerKind.DECODER_BLOCK if LayerKind.DECODER_BLOCK in candidates
-                else max(candidates, key=lambda k: len(groups[(k, backward)])))
+        pick = (
+            LayerKind.DECODER_BLOCK
+            if LayerKind.DECODER_BLOCK in candidates
+            else max(candidates, key=lambda k: len(groups[(k, backward)]))
+        )
         for c, f in fitted[(pick, backward)].items():
             updates[(ANY, direction(backward), c)] = f
     return factors.with_entries(updates)
@@ -417,9 +483,14 @@ def fit_transfer_factors(
         x = np.array([[t.num_bytes / t.link_bandwidth, 1.0] for t in g])
         y = np.array([t.measured_ms * 1e-3 for t in g])
         theta = _solve(x, np.zeros(len(g)), y, np.array([prior.a_net, max(prior.overhead_s, 1e-6)]), 1e-6)
-        updates[(ANY, ANY, c)] = ClassFactors(a_flop=prior.a_flop, a_mem=prior.a_mem, a_net=float(theta[0]),
-                                              half_rows=prior.half_rows, overhead_s=float(theta[1]),
-                                              host_s=prior.host_s)
+        updates[(ANY, ANY, c)] = ClassFactors(
+            a_flop=prior.a_flop,
+            a_mem=prior.a_mem,
+            a_net=float(theta[0]),
+            half_rows=prior.half_rows,
+            overhead_s=float(theta[1]),
+            host_s=prior.host_s,
+        )
     return factors.with_entries(updates)
 
 

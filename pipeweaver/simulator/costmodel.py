@@ -15,6 +15,7 @@ holds the first/last layer.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,8 +57,14 @@ class ClassFactors:
     the host runs ahead of large kernels but bounds small ones (eager PyTorch on small sub-microbatches)."""
 
     def to_json(self) -> dict[str, float]:
-        return {"a_flop": self.a_flop, "a_mem": self.a_mem, "a_net": self.a_net, "half_rows": self.half_rows,
-                "overhead_s": self.overhead_s, "host_s": self.host_s}
+        return {
+            "a_flop": self.a_flop,
+            "a_mem": self.a_mem,
+            "a_net": self.a_net,
+            "half_rows": self.half_rows,
+            "overhead_s": self.overhead_s,
+            "host_s": self.host_s,
+        }
 
 
 ANY = ""
@@ -106,18 +113,30 @@ class EfficiencyFactors:
         return EfficiencyFactors(tuple(((ANY, ANY, c), f) for c, f in DEFAULT_CLASS_FACTORS.items()))
 
     def to_json(self) -> dict[str, Any]:
-        return {"entries": [{"kind": k, "direction": d, "op_class": c.value, **f.to_json()}
-                            for (k, d, c), f in self.entries]}
+        return {
+            "entries": [
+                {"kind": k, "direction": d, "op_class": c.value, **f.to_json()} for (k, d, c), f in self.entries
+            ]
+        }
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> EfficiencyFactors:
         entries = []
         for e in data["entries"]:
             key: FactorKey = (str(e["kind"]), str(e["direction"]), OpClass(e["op_class"]))
-            entries.append((key, ClassFactors(a_flop=float(e["a_flop"]), a_mem=float(e["a_mem"]),
-                                              a_net=float(e["a_net"]), half_rows=float(e["half_rows"]),
-                                              overhead_s=float(e["overhead_s"]),
-                                              host_s=float(e.get("host_s", 0.0)))))
+            entries.append(
+                (
+                    key,
+                    ClassFactors(
+                        a_flop=float(e["a_flop"]),
+                        a_mem=float(e["a_mem"]),
+                        a_net=float(e["a_net"]),
+                        half_rows=float(e["half_rows"]),
+                        overhead_s=float(e["overhead_s"]),
+                        host_s=float(e.get("host_s", 0.0)),
+                    ),
+                )
+            )
         return EfficiencyFactors(tuple(entries))
 
     def dumps(self) -> str:
@@ -129,8 +148,7 @@ DEFAULT_CLASS_FACTORS: dict[OpClass, ClassFactors] = {
     # efficiency halves around 128 rows.
     OpClass.GEMM: ClassFactors(a_flop=1 / 0.7, a_mem=1 / 0.8, half_rows=128.0, overhead_s=5e-6, host_s=20e-6),
     # Flash attention forward runs ~50-60% of peak on long blocks; short documents run less efficiently.
-    OpClass.ATTENTION: ClassFactors(a_flop=1 / 0.55, a_mem=1 / 0.8, half_rows=256.0, overhead_s=5e-6,
-                                    host_s=20e-6),
+    OpClass.ATTENTION: ClassFactors(a_flop=1 / 0.55, a_mem=1 / 0.8, half_rows=256.0, overhead_s=5e-6, host_s=20e-6),
     OpClass.ELEMENTWISE: ClassFactors(a_flop=1.0, a_mem=1 / 0.7, overhead_s=5e-6, host_s=20e-6),
     # NCCL ring all-reduce reaches ~70% of the link's bandwidth; tens of microseconds of latency.
     OpClass.TP_ALLREDUCE: ClassFactors(a_net=1 / 0.7, overhead_s=15e-6),
@@ -138,6 +156,21 @@ DEFAULT_CLASS_FACTORS: dict[OpClass, ClassFactors] = {
     OpClass.DP_ALLREDUCE: ClassFactors(a_net=1 / 0.7, overhead_s=30e-6),
     OpClass.OPTIMIZER: ClassFactors(a_mem=1 / 0.7, overhead_s=50e-6),
 }
+
+
+HOST_OVERLAP_P = 4.0
+"""A block takes (device^p + host^p)^(1/p): the larger of its device and host times where one dominates, more
+near the crossover, where the GPU sometimes waits for a launch and the host for a free queue slot."""
+
+
+def combine_host_device(device: float, host: float) -> float:
+    if host <= 0.0:
+        return device
+    if math.isinf(HOST_OVERLAP_P):
+        return max(device, host)
+    p = HOST_OVERLAP_P
+    big = max(device, host)
+    return big * ((device / big) ** p + (host / big) ** p) ** (1.0 / p)
 
 
 def class_time_s(op: Op, cf: ClassFactors, peak_flops: float, hbm_bandwidth: float, link_bw: float) -> float:
@@ -170,7 +203,7 @@ def ops_time_s(
         cf = factors.lookup(op.op_class, kind=kind, backward=op.backward)
         device += class_time_s(op, cf, hardware.peak_flops, hardware.hbm_bandwidth, bw)
         host += cf.host_s
-    return max(device, host)
+    return combine_host_device(device, host)
 
 
 def op_time_s(
@@ -242,8 +275,9 @@ class CostModel:
         self.tp = parallel.tp
         self.dtype_bytes = hardware.dtype_bytes
         # TP groups are innermost in the GPU order, so they stay inside a node whenever tp <= gpus_per_node.
-        self.tp_link_bw = (hardware.nvlink_bandwidth if parallel.tp <= hardware.gpus_per_node
-                           else hardware.internode_bandwidth)
+        self.tp_link_bw = (
+            hardware.nvlink_bandwidth if parallel.tp <= hardware.gpus_per_node else hardware.internode_bandwidth
+        )
         self._modules = {m.name: m for m in model.modules}
         self._needs_backward = {m.name: model.needs_backward(m.name) for m in model.modules}
         self._dims: dict[str, Hashable] = {m.name: _dims_key(m) for m in model.modules}
@@ -258,11 +292,18 @@ class CostModel:
         except KeyError:
             raise KeyError(f"model '{self.model.name}' has no module '{name}'") from None
 
-    def layer_ops(self, module_name: str, instances: Sequence[Instance], pass_: Pass,
-                  recompute: Recompute = Recompute.NONE) -> tuple[Op, ...]:
+    def layer_ops(
+        self, module_name: str, instances: Sequence[Instance], pass_: Pass, recompute: Recompute = Recompute.NONE
+    ) -> tuple[Op, ...]:
         """Operators of one block (for inspection; costs go through `layer_time_ms`)."""
-        return layer_ops(self.module(module_name), instances, tp=self.tp, pass_=pass_, recompute=recompute,
-                         dtype_bytes=self.dtype_bytes)
+        return layer_ops(
+            self.module(module_name),
+            instances,
+            tp=self.tp,
+            pass_=pass_,
+            recompute=recompute,
+            dtype_bytes=self.dtype_bytes,
+        )
 
     def _factors_for(self, kind: LayerKind | None, backward: bool) -> dict[OpClass, ClassFactors]:
         key = (kind, backward)
@@ -284,7 +325,7 @@ class CostModel:
             cf = (bwd if op.backward else fwd)[op.op_class]
             device += class_time_s(op, cf, peak, hbm, link)
             host += cf.host_s
-        return max(device, host)
+        return combine_host_device(device, host)
 
     # ---- per layer ----
     def _skip(self, module_name: str, pass_: Pass) -> bool:
@@ -292,8 +333,9 @@ class CostModel:
 
     def _layer_ms(self, module_name: str, sig: TokenSignature, pass_: Pass, recompute: Recompute) -> float:
         m = self._modules[module_name]
-        ops = layer_ops(m, signature_instances(sig), tp=self.tp, pass_=pass_, recompute=recompute,
-                        dtype_bytes=self.dtype_bytes)
+        ops = layer_ops(
+            m, signature_instances(sig), tp=self.tp, pass_=pass_, recompute=recompute, dtype_bytes=self.dtype_bytes
+        )
         return self.ops_time_s(ops, m.kind) * 1e3
 
     def _part_ms(self, module_name: str, part: str, sig: TokenSignature, pass_: Pass) -> float:
@@ -314,8 +356,9 @@ class CostModel:
         key = (part, self._modules[module_name], self.tp, sig, pass_)
         return self.cache.lookup(self._table, key, lambda: self._part_ms(module_name, part, sig, pass_))
 
-    def layer_time_ms(self, module_name: str, instances: Sequence[Instance], pass_: Pass,
-                      recompute: Recompute = Recompute.NONE) -> float:
+    def layer_time_ms(
+        self, module_name: str, instances: Sequence[Instance], pass_: Pass, recompute: Recompute = Recompute.NONE
+    ) -> float:
         """Time of one block of `module_name` running `pass_` on a sub-microbatch of `instances`."""
         self.module(module_name)
         if not instances or self._skip(module_name, pass_):
@@ -335,8 +378,9 @@ class CostModel:
         return self._cached_part_ms(module_name, "post", token_signature(instances), pass_)
 
     # ---- per stage ----
-    def _signatures(self, chunk: Chunk,
-                    instances_by_module: Mapping[str, Sequence[Instance]]) -> tuple[TokenSignature, ...]:
+    def _signatures(
+        self, chunk: Chunk, instances_by_module: Mapping[str, Sequence[Instance]]
+    ) -> tuple[TokenSignature, ...]:
         return tuple(token_signature(instances_by_module.get(r.module, ())) for r in chunk.layers)
 
     def _structure(self, chunk: Chunk) -> tuple[tuple[str, int, bool, bool], ...]:
@@ -346,8 +390,13 @@ class CostModel:
             out.append((r.module, r.stop - r.start, r.start == 0, r.stop == m.layers))
         return tuple(out)
 
-    def _stage_ms(self, structure: tuple[tuple[str, int, bool, bool], ...], sigs: tuple[TokenSignature, ...],
-                  pass_: Pass, recompute: Recompute) -> float:
+    def _stage_ms(
+        self,
+        structure: tuple[tuple[str, int, bool, bool], ...],
+        sigs: tuple[TokenSignature, ...],
+        pass_: Pass,
+        recompute: Recompute,
+    ) -> float:
         total = 0.0
         for (name, n, pre, post), sig in zip(structure, sigs, strict=True):
             if not sig or self._skip(name, pass_):
@@ -361,19 +410,26 @@ class CostModel:
                 total += self._cached_part_ms(name, "post", sig, pass_)
         return total
 
-    def stage_time_ms(self, chunk: Chunk, instances_by_module: Mapping[str, Sequence[Instance]], pass_: Pass,
-                      recompute: Recompute = Recompute.NONE) -> float:
+    def stage_time_ms(
+        self,
+        chunk: Chunk,
+        instances_by_module: Mapping[str, Sequence[Instance]],
+        pass_: Pass,
+        recompute: Recompute = Recompute.NONE,
+    ) -> float:
         """Time of `chunk` running `pass_` on one sub-microbatch (instances per module it touches)."""
         structure = self._structure(chunk)
         sigs = self._signatures(chunk, instances_by_module)
         if self._table is None or self.cache is None:
             return self._stage_ms(structure, sigs, pass_, recompute)
         key = ("stage", structure, sigs, pass_, recompute)
-        return self.cache.lookup(self._table, key, lambda: self._stage_ms(structure, sigs, pass_, recompute),
-                                 stage=True)
+        return self.cache.lookup(
+            self._table, key, lambda: self._stage_ms(structure, sigs, pass_, recompute), stage=True
+        )
 
-    def _stage_act(self, structure: tuple[tuple[str, int, bool, bool], ...], sigs: tuple[TokenSignature, ...],
-                   recompute: Recompute) -> float:
+    def _stage_act(
+        self, structure: tuple[tuple[str, int, bool, bool], ...], sigs: tuple[TokenSignature, ...], recompute: Recompute
+    ) -> float:
         total = 0.0
         tp, b = self.tp, self.dtype_bytes
         for (name, n, pre, post), sig in zip(structure, sigs, strict=True):
@@ -394,8 +450,9 @@ class CostModel:
                 total += memory.post_activation_bytes(m, inst, tp=tp, dtype_bytes=b)
         return total
 
-    def stage_activation_bytes(self, chunk: Chunk, instances_by_module: Mapping[str, Sequence[Instance]],
-                               recompute: Recompute = Recompute.NONE) -> float:
+    def stage_activation_bytes(
+        self, chunk: Chunk, instances_by_module: Mapping[str, Sequence[Instance]], recompute: Recompute = Recompute.NONE
+    ) -> float:
         """Bytes one rank holds from the chunk's F to its last backward pass for one sub-microbatch."""
         structure = self._structure(chunk)
         sigs = self._signatures(chunk, instances_by_module)
@@ -424,8 +481,7 @@ class CostModel:
             inst = sub_microbatch_instances(self.model, batch, sub)
             for c in range(placement.num_chunks(sub.pipeline)):
                 chunk = chunks[(sub.pipeline, c)]
-                rc = recompute if isinstance(recompute, Recompute) else recompute.get((sub.pipeline, c),
-                                                                                       Recompute.NONE)
+                rc = recompute if isinstance(recompute, Recompute) else recompute.get((sub.pipeline, c), Recompute.NONE)
                 for p in passes[sub.pipeline]:
                     key = StageKey(sub.pipeline, c, sub.microbatch, sub.index, p)
                     durations[key] = self.stage_time_ms(chunk, inst, p, rc)
@@ -494,8 +550,11 @@ def training_flops(model: ModelSpec, batch: BatchMetadata) -> float:
     attention_scale = ATTENTION_BACKWARD_MODEL_FLOPS / ATTENTION_BACKWARD_FLOPS
 
     def flops(ops: Sequence[Op]) -> float:
-        return sum(o.flops * (attention_scale if o.backward and o.op_class is OpClass.ATTENTION else 1.0)
-                   for o in ops if o.op_class in (OpClass.GEMM, OpClass.ATTENTION))
+        return sum(
+            o.flops * (attention_scale if o.backward and o.op_class is OpClass.ATTENTION else 1.0)
+            for o in ops
+            if o.op_class in (OpClass.GEMM, OpClass.ATTENTION)
+        )
 
     total = 0.0
     for mb in batch.microbatches:

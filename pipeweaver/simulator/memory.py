@@ -94,14 +94,16 @@ def static_memory(model: ModelSpec, parallel: ParallelSpec, placement: Placement
         total /= parallel.tp
         trainable /= parallel.tp
         shards = parallel.dp if parallel.distributed_optimizer else 1
-        out.append(RankStaticMemory(
-            rank=r,
-            params=total,
-            trainable_params=trainable,
-            param_bytes=PARAM_BYTES * total,
-            grad_bytes=GRAD_BYTES * trainable,
-            optimizer_bytes=OPTIMIZER_BYTES * trainable / shards,
-        ))
+        out.append(
+            RankStaticMemory(
+                rank=r,
+                params=total,
+                trainable_params=trainable,
+                param_bytes=PARAM_BYTES * total,
+                grad_bytes=GRAD_BYTES * trainable,
+                optimizer_bytes=OPTIMIZER_BYTES * trainable / shards,
+            )
+        )
     return tuple(out)
 
 
@@ -177,9 +179,7 @@ def pre_activation_bytes(module: ModuleSpec, instances: Sequence[Instance], *, t
     return 0.0
 
 
-def post_activation_bytes(
-    module: ModuleSpec, instances: Sequence[Instance], *, tp: int, dtype_bytes: int = 2
-) -> float:
+def post_activation_bytes(module: ModuleSpec, instances: Sequence[Instance], *, tp: int, dtype_bytes: int = 2) -> float:
     """Bytes the post part keeps: final norm in/out, merger activations, fp32 softmax of the vocab-parallel loss."""
     if not instances:
         return 0.0

@@ -89,8 +89,9 @@ class _Fwd:
 def _gemm(name: str, m: int, k: int, n: int, b: int, *, trainable: bool, input_grad: bool = True) -> _Fwd:
     flops = 2.0 * m * k * n
     mem = float(b * (m * k + k * n + m * n))
-    return _Fwd(Op(name, OpClass.GEMM, flops, mem, rows=m), gemm=(m, k, n), weight_grad=trainable,
-                input_grad=input_grad)
+    return _Fwd(
+        Op(name, OpClass.GEMM, flops, mem, rows=m), gemm=(m, k, n), weight_grad=trainable, input_grad=input_grad
+    )
 
 
 def _elem(name: str, elements: float, b: int, *, selective: bool = False) -> _Fwd:
@@ -142,8 +143,14 @@ def _block_forward(module: ModuleSpec, instances: Sequence[Instance], tp: int, b
         ops.append(_elem("input_norm", 2 * ts * h, b))
         ops.append(_gemm("qkv_proj", t, h, hp + 2 * kvp, b, trainable=trainable))
         ops.append(_elem("rotary", 2 * t * (hp + kvp), b))
-        ops.append(_attention("self_attention", _self_attention_flops(instances, module, tp, causal=True),
-                              float(b * t * (2 * hp + 2 * kvp)), _weighted_span(spans)))
+        ops.append(
+            _attention(
+                "self_attention",
+                _self_attention_flops(instances, module, tp, causal=True),
+                float(b * t * (2 * hp + 2 * kvp)),
+                _weighted_span(spans),
+            )
+        )
         ops.append(_gemm("out_proj", t, hp, h, b, trainable=trainable))
         if tp > 1:
             ops.append(_allreduce("attention_allreduce", t * h, b, tp))
@@ -160,8 +167,14 @@ def _block_forward(module: ModuleSpec, instances: Sequence[Instance], tp: int, b
         ops.append(_elem("norm1", 2 * ts * h, b))
         ops.append(_gemm("qkv_proj", t, h, 3 * hp, b, trainable=trainable))
         ops.append(_elem("rotary", 2 * t * 2 * hp, b))
-        ops.append(_attention("self_attention", _self_attention_flops(instances, module, tp, causal=False),
-                              float(b * t * 4 * hp), _weighted_span(spans)))
+        ops.append(
+            _attention(
+                "self_attention",
+                _self_attention_flops(instances, module, tp, causal=False),
+                float(b * t * 4 * hp),
+                _weighted_span(spans),
+            )
+        )
         ops.append(_gemm("out_proj", t, hp, h, b, trainable=trainable))
         if tp > 1:
             ops.append(_allreduce("attention_allreduce", t * h, b, tp))
@@ -179,8 +192,14 @@ def _block_forward(module: ModuleSpec, instances: Sequence[Instance], tp: int, b
     ops.append(_elem("norm1", 2 * ts * h, b))
     ops.append(_elem("modulate1", 2 * ts * h, b))
     ops.append(_gemm("qkv_proj", t, h, 3 * hp, b, trainable=trainable))
-    ops.append(_attention("self_attention", _self_attention_flops(instances, module, tp, causal=False),
-                          float(b * t * 4 * hp), _weighted_span(spans)))
+    ops.append(
+        _attention(
+            "self_attention",
+            _self_attention_flops(instances, module, tp, causal=False),
+            float(b * t * 4 * hp),
+            _weighted_span(spans),
+        )
+    )
     ops.append(_gemm("out_proj", t, hp, h, b, trainable=trainable))
     if tp > 1:
         ops.append(_allreduce("attention_allreduce", t * h, b, tp))
@@ -190,8 +209,9 @@ def _block_forward(module: ModuleSpec, instances: Sequence[Instance], tp: int, b
     if c > 0:
         ops.append(_gemm("cross_kv_proj", c, h, 2 * hp, b, trainable=trainable))
         cross_flops = 4.0 * sum(i.tokens * i.context_tokens for i in instances) * module.head_dim * (module.heads // tp)
-        ops.append(_attention("cross_attention", cross_flops, float(b * (2 * t * hp + 2 * c * hp)),
-                              _context_rows(instances)))
+        ops.append(
+            _attention("cross_attention", cross_flops, float(b * (2 * t * hp + 2 * c * hp)), _context_rows(instances))
+        )
     ops.append(_gemm("cross_out_proj", t, hp, h, b, trainable=trainable))
     if tp > 1:
         ops.append(_allreduce("cross_attention_allreduce", t * h, b, tp))
@@ -280,12 +300,10 @@ def _post_forward(module: ModuleSpec, instances: Sequence[Instance], tp: int, b:
         vp = module.vocab_size // tp
         if tp > 1:
             # Sequence parallel: gather the normed tokens before the vocab-parallel head.
-            ops.append(_Fwd(Op("head_allgather", OpClass.TP_ALLREDUCE, 0.0, 0.0,
-                               net_bytes=(tp - 1) / tp * t * h * b)))
+            ops.append(_Fwd(Op("head_allgather", OpClass.TP_ALLREDUCE, 0.0, 0.0, net_bytes=(tp - 1) / tp * t * h * b)))
         ops.append(_gemm("lm_head", t, h, vp, b, trainable=trainable))
         # Vocab-parallel cross-entropy: read bf16 logits, write and re-read fp32 softmax.
-        ops.append(_Fwd(Op("cross_entropy", OpClass.ELEMENTWISE, float(5 * t * vp),
-                           float(t * vp * (b + 8)), rows=1)))
+        ops.append(_Fwd(Op("cross_entropy", OpClass.ELEMENTWISE, float(5 * t * vp), float(t * vp * (b + 8)), rows=1)))
         if tp > 1:
             ops.append(_allreduce("cross_entropy_allreduce", 3 * t * 2, b, tp))  # max, sum, target logit (fp32)
     return ops
@@ -312,26 +330,65 @@ def _backward(fwd: Sequence[_Fwd], b: int, pass_: Pass, recompute: Recompute, *,
             assert f.gemm is not None
             m, k, n = f.gemm
             if f.input_grad:
-                grads_i.append(Op(f"{op.name}.dgrad", OpClass.GEMM, 2.0 * m * k * n,
-                                  float(b * (m * n + k * n + m * k)), rows=m, backward=True))
+                grads_i.append(
+                    Op(
+                        f"{op.name}.dgrad",
+                        OpClass.GEMM,
+                        2.0 * m * k * n,
+                        float(b * (m * n + k * n + m * k)),
+                        rows=m,
+                        backward=True,
+                    )
+                )
             if f.weight_grad:
                 # dW accumulates into fp32 main grads (read + write 4 B each).
-                grads_w.append(Op(f"{op.name}.wgrad", OpClass.GEMM, 2.0 * m * k * n,
-                                  float(b * (m * k + m * n) + 8 * k * n), rows=m, backward=True))
+                grads_w.append(
+                    Op(
+                        f"{op.name}.wgrad",
+                        OpClass.GEMM,
+                        2.0 * m * k * n,
+                        float(b * (m * k + m * n) + 8 * k * n),
+                        rows=m,
+                        backward=True,
+                    )
+                )
         elif op.op_class is OpClass.ATTENTION:
-            grads_i.append(Op(f"{op.name}.bwd", OpClass.ATTENTION, ATTENTION_BACKWARD_FLOPS * op.flops,
-                              2.0 * op.mem_bytes, rows=op.rows, backward=True))
+            grads_i.append(
+                Op(
+                    f"{op.name}.bwd",
+                    OpClass.ATTENTION,
+                    ATTENTION_BACKWARD_FLOPS * op.flops,
+                    2.0 * op.mem_bytes,
+                    rows=op.rows,
+                    backward=True,
+                )
+            )
         elif op.op_class is OpClass.TP_ALLREDUCE:
-            grads_i.append(Op(f"{op.name}.bwd", OpClass.TP_ALLREDUCE, 0.0, 0.0, net_bytes=op.net_bytes,
-                              backward=True))
+            grads_i.append(Op(f"{op.name}.bwd", OpClass.TP_ALLREDUCE, 0.0, 0.0, net_bytes=op.net_bytes, backward=True))
         elif op.name == "embedding":
             if f.weight_grad:
                 # Scatter-add of the token gradients into the fp32 embedding gradient: a weight gradient.
-                grads_w.append(Op("embedding.wgrad", OpClass.ELEMENTWISE, 0.0, op.mem_bytes / 2 * (1 + 8 / b),
-                                  rows=1, backward=True))
+                grads_w.append(
+                    Op(
+                        "embedding.wgrad",
+                        OpClass.ELEMENTWISE,
+                        0.0,
+                        op.mem_bytes / 2 * (1 + 8 / b),
+                        rows=1,
+                        backward=True,
+                    )
+                )
         elif f.input_grad:
-            grads_i.append(Op(f"{op.name}.bwd", OpClass.ELEMENTWISE, 2.0 * op.flops, 2.0 * op.mem_bytes,
-                              rows=op.rows, backward=True))
+            grads_i.append(
+                Op(
+                    f"{op.name}.bwd",
+                    OpClass.ELEMENTWISE,
+                    2.0 * op.flops,
+                    2.0 * op.mem_bytes,
+                    rows=op.rows,
+                    backward=True,
+                )
+            )
     if want_i:
         ops.extend(grads_i)
     if want_w:

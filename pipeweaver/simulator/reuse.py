@@ -26,8 +26,9 @@ def token_signature(instances: Iterable[Instance]) -> TokenSignature:
 
     Layer costs are invariant under reordering instances (they are packed) and spans (attention sums over them).
     """
-    return tuple(sorted((i.tokens, tuple(sorted(i.attention_spans)), i.context_tokens, i.output_tokens)
-                        for i in instances))
+    return tuple(
+        sorted((i.tokens, tuple(sorted(i.attention_spans)), i.context_tokens, i.output_tokens) for i in instances)
+    )
 
 
 def signature_instances(signature: TokenSignature) -> tuple[Instance, ...]:
@@ -82,8 +83,9 @@ class StageCostCache:
             t = self._tables.setdefault(context, {})
         return t
 
-    def lookup(self, table: dict[Hashable, float], key: Hashable, compute: Callable[[], float], *,
-               stage: bool = False) -> float:
+    def lookup(
+        self, table: dict[Hashable, float], key: Hashable, compute: Callable[[], float], *, stage: bool = False
+    ) -> float:
         value = table.get(key)
         if value is not None:
             if stage:
@@ -137,5 +139,7 @@ class StageCostCache:
 
     def __repr__(self) -> str:
         s = self.stats()
-        return (f"StageCostCache({len(self)} entries, hit rate {s.hit_rate:.1%}: layers {s.layer_hits}/"
-                f"{s.layer_hits + s.layer_misses}, stages {s.stage_hits}/{s.stage_hits + s.stage_misses})")
+        return (
+            f"StageCostCache({len(self)} entries, hit rate {s.hit_rate:.1%}: layers {s.layer_hits}/"
+            f"{s.layer_hits + s.layer_misses}, stages {s.stage_hits}/{s.stage_hits + s.stage_misses})"
+        )

@@ -89,9 +89,7 @@ class FlatResult:
     """Per rank, the first action not executed (rank_offsets[r+1] when the rank finished)."""
 
 
-_Outputs = tuple[
-    FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, IntArray, IntArray, IntArray
-]
+_Outputs = tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, IntArray, IntArray, IntArray]
 
 
 def _outputs(flat: FlatPlan) -> _Outputs:

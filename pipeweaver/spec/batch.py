@@ -78,8 +78,10 @@ class BatchMetadata:
     def signature(self) -> tuple[object, ...]:
         """A hashable key of everything that shapes a plan (not the iteration number): the plan-cache key."""
         return tuple(
-            tuple((d.text_tokens, tuple((m.modality.value, m.tokens, m.merged_tokens) for m in d.media))
-                  for d in mb.documents)
+            tuple(
+                (d.text_tokens, tuple((m.modality.value, m.tokens, m.merged_tokens) for m in d.media))
+                for d in mb.documents
+            )
             for mb in self.microbatches
         )
 
@@ -118,8 +120,12 @@ def module_instances(model: ModelSpec, module_name: str, microbatch: Microbatch)
         )
     if module.input is Modality.VIDEO:
         return tuple(
-            Instance(tokens=m.tokens, attention_spans=(m.tokens,), context_tokens=max(d.text_tokens, 1),
-                     output_tokens=m.tokens)
+            Instance(
+                tokens=m.tokens,
+                attention_spans=(m.tokens,),
+                context_tokens=max(d.text_tokens, 1),
+                output_tokens=m.tokens,
+            )
             for d in microbatch.documents
             for m in d.media
             if m.modality is Modality.VIDEO

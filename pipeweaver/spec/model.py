@@ -240,8 +240,10 @@ class ModuleSpec:
                 return 2 * h
             assert self.image is not None
             merged = h * self.image.merge**2
-            return 2 * h + (merged * self.projector_hidden + self.projector_hidden) + (
-                self.projector_hidden * self.projector_out + self.projector_out
+            return (
+                2 * h
+                + (merged * self.projector_hidden + self.projector_hidden)
+                + (self.projector_hidden * self.projector_out + self.projector_out)
             )
         if self.kind is LayerKind.DIT_BLOCK:
             assert self.video is not None

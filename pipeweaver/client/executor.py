@@ -1,0 +1,670 @@
+"""Runs one rank's share of a plan with torch: chunk forwards and backwards, batched point-to-point transfers.
+
+The executor holds only the chunks placed on its rank. `run_iteration` first proves the plan (validator, placement,
+sub-microbatch coverage, transfer shapes against the batch) and refuses it with `InvalidPlan` before touching a
+tensor; then it walks the rank's actions: a `CommBatch` posts `batch_isend_irecv` with receive buffers allocated
+from the plan's shapes (no handshake), a `Wait` completes a batch, a `Compute` runs F, B, I or W of a chunk on a
+sub-microbatch. Every chunk boundary is an autograd boundary, even between two chunks on one rank: a chunk's
+inputs are fresh leaves and gradients travel as explicit tensors, exactly as they would between ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from pipeweaver.client.data import SyntheticData, stable_seed
+from pipeweaver.client.geometry import Geometry, LossScale, geometry
+from pipeweaver.client.models import (
+    BlockPart,
+    ModalityModule,
+    Piece,
+    PostPart,
+    PrePart,
+    Stream,
+    build_part,
+    part_key,
+    reference_modules,
+)
+from pipeweaver.errors import InvalidPlan
+from pipeweaver.plan.graph import StageGraph, stage_graph
+from pipeweaver.plan.ir import (
+    Chunk,
+    CommBatch,
+    Compute,
+    Direction,
+    LayerRange,
+    Pass,
+    Placement,
+    Plan,
+    PlanSource,
+    Recompute,
+    StageKey,
+    SubMicrobatch,
+    Transfer,
+    Wait,
+)
+from pipeweaver.plan.shapes import TransferShapes
+from pipeweaver.plan.validator import validate
+from pipeweaver.spec.batch import BatchMetadata, module_instances
+from pipeweaver.spec.model import ModelSpec
+
+__all__ = ["IterationStats", "PipelineExecutor", "wire_dtype"]
+
+_WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+Edge = tuple[StageKey, StageKey]
+ChunkId = tuple[str, int]
+Unit = tuple[str, int, int, int]
+"""(pipeline, chunk, microbatch, sub-microbatch): one chunk's work on one sub-microbatch, across its passes."""
+
+
+def wire_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a plan's `TensorSpec.dtype`."""
+    try:
+        return _WIRE_DTYPES[name]
+    except KeyError:
+        raise InvalidPlan(f"unsupported transfer dtype '{name}'; use one of {sorted(_WIRE_DTYPES)}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class IterationStats:
+    """What one rank did in one iteration."""
+
+    iteration: int
+    schedule: str
+    source: PlanSource
+    loss: float
+    """Sum of the losses this rank's chunks computed (the iteration loss is the sum over ranks)."""
+    computes: int
+    sent_bytes: int
+    received_bytes: int
+    wall_ms: float
+    fallback_reason: str = ""
+    """Why a fallback plan ran instead of the planner's (empty when it did not)."""
+
+
+@dataclass(slots=True)
+class _Part:
+    """The layers of one module that a chunk holds, with the module's pre/post parts when it holds its ends."""
+
+    layers: LayerRange
+    pre: PrePart | None
+    blocks: list[BlockPart]
+    post: PostPart | None
+
+
+@dataclass(slots=True)
+class _Unit:
+    """Autograd state of one chunk on one sub-microbatch, from its forward to its last backward pass."""
+
+    recompute: Recompute
+    inputs: dict[StageKey, tuple[Tensor, ...]]
+    """Producer forward stage -> the leaves received from it (gradients go back to its backward)."""
+    outputs: dict[StageKey, tuple[Tensor, ...]]
+    """Consumer forward stage -> the tensors handed to it (its backward returns their gradients)."""
+    loss: Tensor | None
+    pending: tuple[list[Tensor], list[Tensor]] | None = None
+    """(outputs, their gradients) kept by I for W."""
+
+
+@dataclass(slots=True)
+class _Iteration:
+    """Per-iteration state: nothing here survives into the next iteration (shapes change every batch)."""
+
+    plan: Plan
+    batch: BatchMetadata
+    graph: StageGraph
+    data: SyntheticData
+    scale: LossScale
+    subs: dict[tuple[str, int, int], SubMicrobatch]
+    mailbox: dict[Edge, tuple[Tensor, ...]] = field(default_factory=dict)
+    outbox: dict[Edge, tuple[Tensor, ...]] = field(default_factory=dict)
+    units: dict[Unit, _Unit] = field(default_factory=dict)
+    geometries: dict[tuple[str, int, tuple[int, ...]], Geometry] = field(default_factory=dict)
+    in_flight: dict[int, tuple[list[dist.Work], list[tuple[Edge, list[Tensor]]], list[Tensor]]] = field(
+        default_factory=dict
+    )
+    loss: float = 0.0
+    computes: int = 0
+    sent_bytes: int = 0
+    received_bytes: int = 0
+
+
+def _unit(s: StageKey) -> Unit:
+    return (s.pipeline, s.chunk, s.microbatch, s.sub)
+
+
+class PipelineExecutor:
+    """One pipeline rank of a job: builds the chunks `placement` puts on `rank` and executes plans for them.
+
+    `pp_ranks[r]` is the global rank of pipeline rank r (default: r); `pp_group` is the process group of this
+    pipeline (default: the world). `dp_group`, when given, all-reduces (averages) gradients across data-parallel
+    replicas after each plan.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        placement: Placement,
+        rank: int,
+        *,
+        pp_ranks: Sequence[int] | None = None,
+        pp_group: dist.ProcessGroup | None = None,
+        dp_group: dist.ProcessGroup | None = None,
+        modules: Mapping[str, ModalityModule] | None = None,
+        init_seed: int = 0,
+        data_seed: int = 0,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not 0 <= rank < placement.pp:
+            raise ValueError(f"rank must be in [0, {placement.pp}) for a placement of pp={placement.pp}, got {rank}")
+        self.model = model
+        self.placement = placement
+        self.rank = rank
+        self.pp_ranks = tuple(pp_ranks) if pp_ranks is not None else tuple(range(placement.pp))
+        if len(self.pp_ranks) != placement.pp:
+            raise ValueError(f"pp_ranks has {len(self.pp_ranks)} entries, placement has pp={placement.pp}")
+        self.pp_group = pp_group
+        self.dp_group = dp_group
+        self.data_seed = data_seed
+        self.device = device or torch.device("cpu")
+        self.dtype = dtype
+        self.modules = dict(modules) if modules is not None else reference_modules(model)
+        self.parts: dict[str, nn.Module] = {}
+        self.chunks: dict[ChunkId, list[_Part]] = {}
+        self._chunk_of: dict[ChunkId, Chunk] = {(c.pipeline, c.index): c for c in placement.chunks}
+        for chunk in placement.chunks:
+            if chunk.rank == rank:
+                self.chunks[(chunk.pipeline, chunk.index)] = self._build_chunk(chunk, init_seed)
+
+    # ---- model --------------------------------------------------------------------------------------------
+
+    def _build(self, module: str, part: str | int, seed: int) -> nn.Module | None:
+        built = build_part(self.modules[module], part, seed=seed, device=self.device, dtype=self.dtype)
+        if built is not None:
+            self.parts[part_key(module, part)] = built
+        return built
+
+    def _build_chunk(self, chunk: Chunk, seed: int) -> list[_Part]:
+        out: list[_Part] = []
+        for rng in chunk.layers:
+            spec = self.model.module(rng.module)
+            pre = self._build(rng.module, "pre", seed) if rng.start == 0 else None
+            blocks = [self._build(rng.module, i, seed) for i in range(rng.start, rng.stop)]
+            post = self._build(rng.module, "post", seed) if rng.stop == spec.layers else None
+            assert pre is None or isinstance(pre, PrePart)
+            assert post is None or isinstance(post, PostPart)
+            assert all(isinstance(b, BlockPart) for b in blocks)
+            out.append(_Part(rng, pre, [b for b in blocks if isinstance(b, BlockPart)], post))
+        return out
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters under their global names (``llm.blocks.3.q.weight``)."""
+        for key, part in self.parts.items():
+            for name, p in part.named_parameters():
+                yield f"{key}.{name}", p
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, p in self.named_parameters():
+            yield p
+
+    def gradients(self) -> dict[str, Tensor]:
+        """Gradient of every trainable parameter of this rank (zeros where the iteration did not reach it)."""
+        return {
+            name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            for name, p in self.named_parameters()
+            if p.requires_grad
+        }
+
+    def _chunk_params(self, chunk: list[_Part]) -> list[nn.Parameter]:
+        parts: list[nn.Module] = [m for part in chunk for m in (part.pre, *part.blocks, part.post) if m is not None]
+        return [p for m in parts for p in m.parameters() if p.requires_grad]
+
+    # ---- checks -------------------------------------------------------------------------------------------
+
+    def check(self, plan: Plan, batch: BatchMetadata) -> StageGraph:
+        """Raise `InvalidPlan` unless `plan` is valid, fits this executor's placement and was built for `batch`.
+
+        Touches no tensor and no process group, so every rank refuses the same plan the same way.
+        """
+        graph = stage_graph(plan.header)
+        validate(plan, graph=graph)
+        h = plan.header
+        if h.placement != self.placement:
+            raise InvalidPlan(
+                f"plan '{h.job_id}' iteration {h.iteration} ({h.schedule}) uses another placement than this "
+                "executor's; placements are static for a job (rebuild the executor to change it)"
+            )
+        if h.num_microbatches != len(batch.microbatches):
+            raise InvalidPlan(
+                f"plan '{h.job_id}' iteration {h.iteration} has {h.num_microbatches} microbatches, the batch has "
+                f"{len(batch.microbatches)}"
+            )
+        self._check_coverage(plan, batch)
+        shapes = TransferShapes(self.model, batch, h, dtype="float32")
+        for rp in plan.ranks:
+            for i, action in enumerate(rp.actions):
+                if not isinstance(action, CommBatch):
+                    continue
+                for op in action.ops:
+                    want = tuple(t.shape for t in shapes.tensors(op.src, op.dst))
+                    got = tuple(t.shape for t in op.tensors)
+                    if want != got:
+                        raise InvalidPlan(
+                            f"rank {rp.rank} step {i}: {op} carries shapes {list(got)} but this batch needs "
+                            f"{list(want)}; the plan was built for another batch"
+                        )
+                    for t in op.tensors:
+                        wire_dtype(t.dtype)
+        return graph
+
+    def _check_coverage(self, plan: Plan, batch: BatchMetadata) -> None:
+        """Every instance of every module of every microbatch is in exactly one sub-microbatch of its pipeline."""
+        h = plan.header
+        for info in h.placement.pipelines:
+            for j, mb in enumerate(batch.microbatches):
+                subs = h.subs_of(info.name, j)
+                indices = sorted(s.index for s in subs)
+                if indices != list(range(len(subs))):
+                    raise InvalidPlan(
+                        f"pipeline '{info.name}' microbatch {j}: sub-microbatch indices {indices} are not 0..{len(subs) - 1}"
+                    )
+                for module in info.modules:
+                    n = len(module_instances(self.model, module, mb))
+                    got = sorted(i for s in subs for i in s.instances_of(module))
+                    if got != list(range(n)) and not (n == 0 and not got):
+                        raise InvalidPlan(
+                            f"pipeline '{info.name}' microbatch {j}: the sub-microbatches carry instances {got} of "
+                            f"module '{module}', which has {n} in this batch; each must be carried exactly once"
+                        )
+                    if n and not subs:
+                        raise InvalidPlan(
+                            f"pipeline '{info.name}' microbatch {j}: module '{module}' has {n} instances but the "
+                            "plan has no sub-microbatch for them"
+                        )
+
+    # ---- running ------------------------------------------------------------------------------------------
+
+    def run_iteration(
+        self, plan: Plan, batch: BatchMetadata, *, optimizer: torch.optim.Optimizer | None = None
+    ) -> IterationStats:
+        """Run this rank's actions of `plan` on `batch`, all-reduce gradients across replicas, step `optimizer`.
+
+        Raises `InvalidPlan` (before any tensor or communication) for a plan that fails `check`.
+        """
+        start = time.perf_counter()
+        graph = self.check(plan, batch)
+        it = _Iteration(
+            plan=plan,
+            batch=batch,
+            graph=graph,
+            data=SyntheticData(seed=self.data_seed, iteration=batch.iteration, dp_replica=batch.dp_replica),
+            scale=LossScale.of(self.model, batch),
+            subs={(s.pipeline, s.microbatch, s.index): s for s in plan.header.sub_microbatches},
+        )
+        for p in self.parameters():
+            p.grad = None
+        for action in plan.ranks[self.rank].actions:
+            if isinstance(action, Compute):
+                self._compute(it, action)
+            elif isinstance(action, CommBatch):
+                self._post(it, action)
+            elif isinstance(action, Wait):
+                self._wait(it, action.handle)
+        it.units.clear()
+        self._all_reduce_gradients()
+        if optimizer is not None:
+            optimizer.step()
+        h = plan.header
+        return IterationStats(
+            iteration=h.iteration,
+            schedule=h.schedule,
+            source=h.source,
+            loss=it.loss,
+            computes=it.computes,
+            sent_bytes=it.sent_bytes,
+            received_bytes=it.received_bytes,
+            wall_ms=(time.perf_counter() - start) * 1e3,
+        )
+
+    def run_with_fallback(
+        self,
+        plan: Plan | None,
+        batch: BatchMetadata,
+        fallback: Callable[[BatchMetadata], Plan],
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> IterationStats:
+        """Run `plan` if every rank of the pipeline holds the same valid plan, else `fallback(batch)` everywhere.
+
+        One small all-reduce over the pipeline group makes the decision unanimous: a rank whose plan is missing,
+        late or invalid, or differs from its peers', sends everyone to the fallback instead of deadlocking them.
+        """
+        reason = ""
+        digest = 0
+        if plan is None:
+            reason = "no plan arrived"
+        else:
+            try:
+                self.check(plan, batch)
+                digest = stable_seed("plan", repr(plan)) & ((1 << 62) - 1)
+            except InvalidPlan as e:
+                reason = f"invalid plan: {str(e).splitlines()[0]}"
+        ok = 0 if reason else 1
+        votes = torch.tensor([ok, digest >> 31, digest & ((1 << 31) - 1)], dtype=torch.int64)
+        votes = torch.cat([votes, -votes[1:]]).to(self.device)
+        if dist.is_initialized():
+            dist.all_reduce(votes, op=dist.ReduceOp.MIN, group=self.pp_group)
+        agreed = int(votes[0]) == 1 and int(votes[1]) == -int(votes[3]) and int(votes[2]) == -int(votes[4])
+        if agreed and plan is not None:
+            return self.run_iteration(plan, batch, optimizer=optimizer)
+        if not reason:
+            reason = "another rank had no valid plan, or a different one"
+        stats = self.run_iteration(fallback(batch), batch, optimizer=optimizer)
+        return IterationStats(
+            iteration=stats.iteration,
+            schedule=stats.schedule,
+            source=PlanSource.FALLBACK,
+            loss=stats.loss,
+            computes=stats.computes,
+            sent_bytes=stats.sent_bytes,
+            received_bytes=stats.received_bytes,
+            wall_ms=stats.wall_ms,
+            fallback_reason=reason,
+        )
+
+    def warm_up(self) -> None:
+        """One ring exchange in which every pipeline rank takes part (NCCL's first batched p2p call must involve
+        all ranks of the group in some torch versions). Call once after the process group starts."""
+        pp = self.placement.pp
+        if pp == 1 or not dist.is_initialized():
+            return
+        send = torch.zeros(1, device=self.device)
+        recv = torch.empty(1, device=self.device)
+        ops = [
+            dist.P2POp(dist.isend, send, self.pp_ranks[(self.rank + 1) % pp], group=self.pp_group),
+            dist.P2POp(dist.irecv, recv, self.pp_ranks[(self.rank - 1) % pp], group=self.pp_group),
+        ]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+    def _all_reduce_gradients(self) -> None:
+        if self.dp_group is None:
+            return
+        world = dist.get_world_size(self.dp_group)
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=self.dp_group)
+            p.grad.div_(world)
+
+    # ---- communication ------------------------------------------------------------------------------------
+
+    def _post(self, it: _Iteration, batch: CommBatch) -> None:
+        ops: list[dist.P2POp] = []
+        recvs: list[tuple[Edge, list[Tensor]]] = []
+        keep: list[Tensor] = []
+        for op in batch.ops:
+            peer = self.pp_ranks[op.peer]
+            if op.direction is Direction.SEND:
+                for t in self._outgoing(it, op):
+                    keep.append(t)
+                    if t.numel():  # both ends know the shape: empty tensors are not sent at all
+                        ops.append(dist.P2POp(dist.isend, t, peer, group=self.pp_group))
+                        it.sent_bytes += t.numel() * t.element_size()
+            else:
+                bufs = [
+                    torch.empty(spec.shape, dtype=wire_dtype(spec.dtype), device=self.device) for spec in op.tensors
+                ]
+                for t in bufs:
+                    if t.numel():
+                        ops.append(dist.P2POp(dist.irecv, t, peer, group=self.pp_group))
+                        it.received_bytes += t.numel() * t.element_size()
+                recvs.append(((op.src, op.dst), bufs))
+        works = dist.batch_isend_irecv(ops) if ops else []
+        it.in_flight[batch.handle] = (works, recvs, keep)
+
+    def _outgoing(self, it: _Iteration, op: Transfer) -> list[Tensor]:
+        tensors = it.outbox.pop((op.src, op.dst))
+        if len(tensors) != len(op.tensors) or any(
+            tuple(t.shape) != spec.shape for t, spec in zip(tensors, op.tensors, strict=False)
+        ):
+            raise RuntimeError(
+                f"rank {self.rank}: {op} should carry {[s.shape for s in op.tensors]} but the chunk produced "
+                f"{[tuple(t.shape) for t in tensors]}; the model and the plan's shapes disagree"
+            )
+        return [t.detach().to(wire_dtype(s.dtype)).contiguous() for t, s in zip(tensors, op.tensors, strict=True)]
+
+    def _wait(self, it: _Iteration, handle: int) -> None:
+        works, recvs, _ = it.in_flight.pop(handle)
+        for work in works:
+            work.wait()
+        for edge, bufs in recvs:
+            it.mailbox[edge] = tuple(b.to(self.dtype) for b in bufs)
+
+    def _deliver(self, it: _Iteration, src: StageKey, dst: StageKey, tensors: tuple[Tensor, ...]) -> None:
+        if it.graph.rank[dst] == self.rank:
+            it.mailbox[(src, dst)] = tensors
+        else:
+            it.outbox[(src, dst)] = tensors
+
+    # ---- compute ------------------------------------------------------------------------------------------
+
+    def _compute(self, it: _Iteration, action: Compute) -> None:
+        it.computes += 1
+        s = action.stage
+        if s.pass_ is Pass.F:
+            self._forward(it, s, action.recompute)
+        elif s.pass_ is Pass.W:
+            self._weight_backward(it, s)
+        else:
+            self._backward(it, s)
+
+    def _geometry(self, it: _Iteration, module: str, microbatch: int, instances: tuple[int, ...]) -> Geometry:
+        key = (module, microbatch, instances)
+        if key not in it.geometries:
+            it.geometries[key] = geometry(
+                self.model,
+                it.batch,
+                module,
+                microbatch,
+                instances,
+                it.data,
+                it.scale,
+                device=self.device,
+                dtype=self.dtype,
+            )
+        return it.geometries[key]
+
+    def _forward(self, it: _Iteration, s: StageKey, recompute: Recompute) -> None:
+        g = it.graph
+        chunk = self.chunks[(s.pipeline, s.chunk)]
+        sub = it.subs[(s.pipeline, s.microbatch, s.sub)]
+        producers = list(g.data_preds[s])
+        inputs: dict[StageKey, tuple[Tensor, ...]] = {}
+        for p in producers:
+            received = it.mailbox.pop((p, s))
+            inputs[p] = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in received)
+        consumers = [c for c in g.succs[s] if s in g.data_preds[c]]
+        flat_in = [t for p in producers for t in inputs[p]]
+        counts = [len(inputs[p]) for p in producers]
+        layout: list[list[int]] = [[]]
+        """Tensors per consumer, then 1 when a loss follows (set by each run, recompute included)."""
+
+        def run(*flat: Tensor) -> tuple[Tensor, ...]:
+            by_producer: dict[StageKey, tuple[Tensor, ...]] = {}
+            pos = 0
+            for p, n in zip(producers, counts, strict=True):
+                by_producer[p] = tuple(flat[pos : pos + n])
+                pos += n
+            per_consumer, loss = self._chunk_forward(it, s, chunk, sub, by_producer, consumers, recompute)
+            layout[0] = [len(ts) for ts in per_consumer] + ([1] if loss is not None else [])
+            out = tuple(t for ts in per_consumer for t in ts)
+            return (*out, loss) if loss is not None else out
+
+        if recompute is Recompute.FULL:
+            result: tuple[Tensor, ...] = checkpoint(run, *flat_in, use_reentrant=False)
+        else:
+            result = run(*flat_in)
+        sizes = layout[0]
+        loss = result[-1] if len(sizes) > len(consumers) else None
+        outputs: dict[StageKey, tuple[Tensor, ...]] = {}
+        pos = 0
+        for c, n in zip(consumers, sizes, strict=False):
+            outputs[c] = tuple(result[pos : pos + n])
+            pos += n
+            self._deliver(it, s, c, tuple(t.detach() for t in outputs[c]))
+        if loss is not None:
+            it.loss += float(loss.detach())
+        it.units[_unit(s)] = _Unit(recompute=recompute, inputs=inputs, outputs=outputs, loss=loss)
+
+    def _pipeline_upstream(self, pipeline: str, module: str) -> list[str]:
+        """Upstream modules of `module` inside `pipeline`, in the order their outputs travel (plan.shapes)."""
+        members = self.placement.pipeline(pipeline).modules
+        return [e.src for e in self.model.upstream(module) if e.src in members]
+
+    def _chunk_forward(
+        self,
+        it: _Iteration,
+        s: StageKey,
+        chunk: list[_Part],
+        sub: SubMicrobatch,
+        inputs: dict[StageKey, tuple[Tensor, ...]],
+        consumers: list[StageKey],
+        recompute: Recompute,
+    ) -> tuple[list[tuple[Tensor, ...]], Tensor | None]:
+        """Run the chunk's parts in order; return the tensors for each consumer and the loss."""
+        selective = recompute is Recompute.SELECTIVE
+        stream: Stream | None = None
+        module_outputs: dict[str, Tensor] = {}
+        loss: Tensor | None = None
+        for k, part in enumerate(chunk):
+            rng = part.layers
+            geom = self._geometry(it, rng.module, s.microbatch, sub.instances_of(rng.module))
+            if part.pre is not None:  # the chunk's inputs feed its first part; later parts take local outputs
+                pieces = self._pieces(it, s, sub, rng.module, inputs if k == 0 else {}, module_outputs)
+                stream = part.pre.run(pieces, geom)
+            elif stream is None:  # the chunk starts inside a module: (hidden[, context]) from the previous chunk
+                (received,) = inputs.values()
+                stream = Stream(received[0], received[1] if len(received) > 1 else None)
+            for block in part.blocks:
+                stream = block.run(stream, geom, selective)
+            if part.post is not None:
+                out = part.post.run(stream, geom)
+                if out.output is not None:
+                    module_outputs[rng.module] = out.output
+                if out.loss is not None:
+                    loss = out.loss if loss is None else loss + out.loss
+                stream = None
+        per_consumer: list[tuple[Tensor, ...]] = []
+        last = chunk[-1].layers.module
+        for c in consumers:
+            if c.pipeline != s.pipeline:  # another pipeline's first chunk: this pipeline's output
+                per_consumer.append((module_outputs[last],))
+                continue
+            first = self._chunk_of[(s.pipeline, c.chunk)].layers[0]
+            if first.start > 0:  # the next chunk continues the module: (hidden[, context])
+                assert stream is not None
+                ctx = stream.context
+                per_consumer.append((stream.hidden,) if ctx is None else (stream.hidden, ctx.view_as(ctx)))
+                continue
+            outs: list[Tensor] = []
+            for src in self._pipeline_upstream(s.pipeline, first.module):
+                if src not in module_outputs:
+                    raise NotImplementedError(
+                        f"chunk {s.chunk} of pipeline '{s.pipeline}' must forward the output of module '{src}', "
+                        "which ended in an earlier chunk; forwarding outputs across chunks is not supported"
+                    )
+                outs.append(module_outputs[src])
+            per_consumer.append(tuple(outs))
+        return per_consumer, loss
+
+    def _pieces(
+        self,
+        it: _Iteration,
+        s: StageKey,
+        sub: SubMicrobatch,
+        module: str,
+        inputs: dict[StageKey, tuple[Tensor, ...]],
+        local: dict[str, Tensor],
+    ) -> dict[str, list[Piece]]:
+        """Upstream outputs `module`'s pre part consumes: from this chunk, the previous chunk or other pipelines."""
+        pieces: dict[str, list[Piece]] = {}
+        for e in self.model.upstream(module):
+            if e.src in local:
+                pieces[e.src] = [Piece(sub.instances_of(e.src), local[e.src])]
+        for p, tensors in inputs.items():
+            if p.pipeline == s.pipeline:  # previous chunk of a mixed pipeline: one tensor per upstream module
+                for src, t in zip(self._pipeline_upstream(s.pipeline, module), tensors, strict=True):
+                    pieces.setdefault(src, []).append(Piece(sub.instances_of(src), t))
+            else:  # another pipeline's last chunk: its last module's output for one of its sub-microbatches
+                src = self._chunk_of[(p.pipeline, p.chunk)].layers[-1].module
+                producer_sub = it.subs[(p.pipeline, p.microbatch, p.sub)]
+                pieces.setdefault(src, []).append(Piece(producer_sub.instances_of(src), tensors[0]))
+        return pieces
+
+    # ---- backward -----------------------------------------------------------------------------------------
+
+    def _grad_pairs(self, it: _Iteration, s: StageKey, unit: _Unit) -> tuple[list[Tensor], list[Tensor]]:
+        """(outputs, gradients) to backpropagate: received gradients of the outputs, and 1 for the loss."""
+        by_id: dict[int, tuple[Tensor, Tensor]] = {}
+        for q in it.graph.data_preds[s]:
+            grads = it.mailbox.pop((q, s))
+            for out, grad in zip(unit.outputs[q.with_pass(Pass.F)], grads, strict=True):
+                if not out.requires_grad:
+                    continue
+                if id(out) in by_id:
+                    prev = by_id[id(out)]
+                    by_id[id(out)] = (out, prev[1] + grad)
+                else:
+                    by_id[id(out)] = (out, grad)
+        pairs = list(by_id.values())
+        if unit.loss is not None and unit.loss.requires_grad:
+            pairs.append((unit.loss, torch.ones_like(unit.loss)))
+        return [o for o, _ in pairs], [g for _, g in pairs]
+
+    def _backward(self, it: _Iteration, s: StageKey) -> None:
+        """B (input and weight gradients) or I (input gradients only; W follows)."""
+        key = _unit(s)
+        unit = it.units[key]
+        outs, grads = self._grad_pairs(it, s, unit)
+        leaves = [t for ts in unit.inputs.values() for t in ts if t.requires_grad]
+        input_grads: dict[int, Tensor] = {}
+        if s.pass_ is Pass.B:
+            if outs:
+                torch.autograd.backward(outs, grads)
+            input_grads = {id(t): t.grad for t in leaves if t.grad is not None}
+            del it.units[key]
+        else:
+            has_w = s.with_pass(Pass.W) in it.graph.rank
+            if outs and leaves:
+                got = torch.autograd.grad(outs, leaves, grads, retain_graph=has_w, allow_unused=True)
+                input_grads = {id(t): gr for t, gr in zip(leaves, got, strict=True) if gr is not None}
+            if has_w:
+                unit.pending = (outs, grads)
+            else:
+                del it.units[key]
+        for c in it.graph.succs[s]:
+            if s not in it.graph.data_preds[c]:
+                continue
+            sent = tuple(input_grads.get(id(t), torch.zeros_like(t)).detach() for t in unit.inputs[c.with_pass(Pass.F)])
+            self._deliver(it, s, c, sent)
+
+    def _weight_backward(self, it: _Iteration, s: StageKey) -> None:
+        key = _unit(s)
+        unit = it.units.pop(key)
+        assert unit.pending is not None, f"{s} runs before its I pass"
+        outs, grads = unit.pending
+        params = self._chunk_params(self.chunks[(s.pipeline, s.chunk)])
+        if outs and params:
+            torch.autograd.backward(outs, grads, inputs=params)

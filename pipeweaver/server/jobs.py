@@ -1,0 +1,304 @@
+"""Registered jobs and their plan state: ids, the plan window, the plan cache and the online refit.
+
+- A job id is a hash of what the job is (model, parallelism, hardware, calibration, budget), so registering the
+  same spec again, from every rank or after a trainer restart, returns the same id and partition.
+- The plan window holds one `PlanEntry` per (data-parallel replica, iteration): the first rank's request starts
+  the planning, every other rank's request for that iteration attaches to it, and all of them get the plan the
+  entry resolves to, once. That is what keeps the ranks of a pipeline on the same plan.
+- The plan cache maps a batch's signature to the searched plan for it (temporal reuse across iterations).
+
+No grpc and no processes here: plain asyncio state, driven by `planning.Planning`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeweaver.server import work
+from pipeweaver.v1 import planner_pb2 as pb
+
+REFIT_ALPHA = 0.3
+"""Weight of the newest iteration in the job's measured / predicted ratio (an exponential moving average)."""
+REFIT_RATIO_RANGE = (0.01, 100.0)
+"""Ratios outside this range are clipped: a report that far off is a broken clock, not a cost model."""
+RECENT_ERRORS = 50
+OVERHEAD_ALPHA = 0.3
+
+
+def job_id_for(spec: work.JobSpec, budget_ms: float) -> str:
+    """A stable id from what the job is: identical registrations (every rank's, a restart's) get the same id."""
+    identity = repr((spec.model, spec.parallel, spec.hardware, spec.calibration, float(budget_ms)))
+    return "job-" + hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def batch_digest(batch: pb.BatchMetadata) -> bytes:
+    """A digest of the batch's microbatches: equal exactly when `BatchMetadata.signature()` is equal.
+
+    The microbatches message holds exactly the fields `signature()` reads (per document: text tokens; per media
+    item: modality, tokens, merged tokens), and a re-serialized message with unknown fields dropped is canonical.
+    Hashing it costs one C call, where building the dataclasses first would cost ~20 ms of Python per large
+    batch on the event loop.
+    """
+    canonical = pb.BatchMetadata(microbatches=batch.microbatches)
+    canonical.DiscardUnknownFields()
+    return hashlib.blake2b(canonical.SerializeToString(deterministic=True), digest_size=16).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """The plan an entry resolved to (shared by every rank of the pipeline)."""
+
+    plan: Any
+    """A `pb.Plan` with every rank's actions; never mutated once served."""
+    source: str
+    """search, cache or fallback."""
+    raw_predicted_ms: float = 0.0
+    """Predicted makespan before the online refit's scale (0: not predicted, as for fallback plans)."""
+
+    @property
+    def fallback(self) -> bool:
+        return self.source == "fallback"
+
+    @property
+    def predicted_ms(self) -> float:
+        return float(self.plan.header.predicted_makespan_ms)
+
+    def rank_plan(self, rank: int) -> Any:
+        """This rank's `pb.RankPlan`."""
+        ranks = self.plan.ranks
+        if rank < len(ranks) and ranks[rank].rank == rank:
+            return ranks[rank]
+        for rp in ranks:
+            if rp.rank == rank:
+                return rp
+        raise KeyError(f"the plan has no rank {rank}")
+
+
+class PlanEntry:
+    """One (job, replica, iteration): resolved exactly once, to a searched, cached or fallback plan."""
+
+    def __init__(self, replica: int, iteration: int, digest: bytes, batch: bytes) -> None:
+        self.replica = replica
+        self.iteration = iteration
+        self.digest = digest
+        self.batch = batch
+        """The batch as serialized by the first request (what the workers decode)."""
+        self.final: asyncio.Future[Served] = asyncio.get_running_loop().create_future()
+        self.waiters = 0
+        self.search: asyncio.Task[None] | None = None
+        self.fallback: asyncio.Task[None] | None = None
+
+    def resolve(self, served: Served) -> bool:
+        """Fix the plan for every rank; False when it was already fixed (first resolution wins)."""
+        if self.final.done():
+            return False
+        self.final.set_result(served)
+        return True
+
+    def fail(self, error: BaseException) -> None:
+        if not self.final.done():
+            self.final.set_exception(error)
+            # Every waiter sees the error; nobody may be left holding an unretrieved exception.
+            self.final.exception()
+
+    def served(self) -> Served | None:
+        if self.final.done() and not self.final.cancelled() and self.final.exception() is None:
+            return self.final.result()
+        return None
+
+    def cancel_tasks(self) -> None:
+        for task in (self.search, self.fallback):
+            if task is not None and not task.done():
+                task.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class CachedPlan:
+    plan: Any
+    raw_predicted_ms: float
+
+
+class JobState:
+    """Everything the service keeps about one registered job."""
+
+    def __init__(
+        self, job: work.Job, response: Any, *, budget_ms: float, plan_window: int, plan_cache_size: int
+    ) -> None:
+        self.job = job
+        self.response = response
+        """The `pb.RegisterJobResponse` every registration of this job gets."""
+        self.budget_ms = budget_ms
+        self._plan_window = plan_window
+        self._plan_cache_size = plan_cache_size
+        self._windows: dict[int, OrderedDict[int, PlanEntry]] = {}
+        self._cache: OrderedDict[bytes, CachedPlan] = OrderedDict()
+        self.overhead_ms = 100.0
+        """Worker time beyond the search budget (decode, baselines, encode): an EWMA, used to fit deadlines."""
+        self.fallback_ms = 100.0
+        """Wall time of a fallback task: an EWMA, reserved before a deadline."""
+        self.time_scale = 1.0
+        """Online refit: EWMA of measured / predicted makespan, applied to later predictions."""
+        self._errors: deque[float] = deque(maxlen=RECENT_ERRORS)
+        self._folded: OrderedDict[int, None] = OrderedDict()
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+    @property
+    def pp(self) -> int:
+        return self.job.spec.parallel.pp
+
+    # ---- the plan window ----
+    def entry(self, replica: int, iteration: int) -> PlanEntry | None:
+        window = self._windows.get(replica)
+        return window.get(iteration) if window is not None else None
+
+    def add_entry(self, entry: PlanEntry) -> None:
+        window = self._windows.setdefault(entry.replica, OrderedDict())
+        window[entry.iteration] = entry
+        while len(window) > self._plan_window:
+            # The oldest iteration: every rank of a pipeline moves in lockstep, so none still needs it.
+            window.popitem(last=False)
+
+    def drop(self, entry: PlanEntry) -> None:
+        """Forget `entry` (failed or abandoned) so the next request for its iteration plans afresh."""
+        window = self._windows.get(entry.replica)
+        if window is not None and window.get(entry.iteration) is entry:
+            del window[entry.iteration]
+
+    def served_for(self, iteration: int) -> list[Served]:
+        out = []
+        for window in self._windows.values():
+            entry = window.get(iteration)
+            served = entry.served() if entry is not None else None
+            if served is not None:
+                out.append(served)
+        return out
+
+    # ---- the plan cache ----
+    def cached(self, digest: bytes) -> CachedPlan | None:
+        hit = self._cache.get(digest)
+        if hit is not None:
+            self._cache.move_to_end(digest)
+        return hit
+
+    def remember(self, digest: bytes, plan: Any, raw_predicted_ms: float) -> None:
+        if self._plan_cache_size == 0:
+            return
+        self._cache[digest] = CachedPlan(plan, raw_predicted_ms)
+        self._cache.move_to_end(digest)
+        while len(self._cache) > self._plan_cache_size:
+            self._cache.popitem(last=False)
+
+    @property
+    def caching(self) -> bool:
+        return self._plan_cache_size > 0
+
+    # ---- timing estimates ----
+    def record_overhead(self, worker_ms: float, budget_ms: float) -> None:
+        self.overhead_ms = (1 - OVERHEAD_ALPHA) * self.overhead_ms + OVERHEAD_ALPHA * max(worker_ms - budget_ms, 0.0)
+
+    def record_fallback(self, wall_ms: float) -> None:
+        self.fallback_ms = (1 - OVERHEAD_ALPHA) * self.fallback_ms + OVERHEAD_ALPHA * wall_ms
+
+    # ---- online refit ----
+    def fold_report(self, iteration: int, measured_ms: float) -> tuple[float, float, bool]:
+        """Compare a measured iteration with the plan served for it; refit once per iteration.
+
+        Returns (iteration error, mean recent error, whether this report updated the refit). The error is NaN
+        when no predicted plan for the iteration is known (a fallback plan, or one out of the window).
+        """
+        served = [s for s in self.served_for(iteration) if s.predicted_ms > 0]
+        if not served:
+            return math.nan, self.mean_error(), False
+        # Without a replica in the report, replicas' plans for the iteration are averaged (usually one).
+        predicted = sum(s.predicted_ms for s in served) / len(served)
+        error = abs(predicted - measured_ms) / measured_ms
+        if iteration in self._folded:
+            return error, self.mean_error(), False
+        self._folded[iteration] = None
+        while len(self._folded) > 4 * self._plan_window:
+            self._folded.popitem(last=False)
+        raws = [s.raw_predicted_ms for s in served if s.raw_predicted_ms > 0]
+        if raws:
+            lo, hi = REFIT_RATIO_RANGE
+            ratio = min(max(measured_ms / (sum(raws) / len(raws)), lo), hi)
+            self.time_scale = (1 - REFIT_ALPHA) * self.time_scale + REFIT_ALPHA * ratio
+        self._errors.append(error)
+        return error, self.mean_error(), True
+
+    def close(self) -> None:
+        """Stop planning for this job (it was forgotten or the server is stopping)."""
+        for window in self._windows.values():
+            for entry in window.values():
+                entry.cancel_tasks()
+        self._windows.clear()
+
+    def mean_error(self) -> float:
+        return sum(self._errors) / len(self._errors) if self._errors else math.nan
+
+
+class JobRegistry:
+    """Jobs by id (least recently used forgotten past `max_jobs`); concurrent identical registrations share one
+    partitioner run."""
+
+    def __init__(self, max_jobs: int, *, on_change: Callable[[int], None] | None = None) -> None:
+        self._max_jobs = max_jobs
+        self._jobs: OrderedDict[str, JobState] = OrderedDict()
+        self._pending: dict[str, asyncio.Task[JobState]] = {}
+        self._on_change = on_change
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def get(self, job_id: str) -> JobState | None:
+        job = self._jobs.get(job_id)
+        if job is not None:
+            self._jobs.move_to_end(job_id)
+        return job
+
+    async def register(self, job_id: str, create: Callable[[], Awaitable[JobState]]) -> JobState:
+        """The job `job_id`, created by `create()` unless it exists or is being created.
+
+        The creation runs as its own task: a registering client that goes away does not cancel it for the
+        other ranks registering the same job.
+        """
+        existing = self.get(job_id)
+        if existing is not None:
+            return existing
+        pending = self._pending.get(job_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._create(job_id, create))
+            pending.add_done_callback(_retrieve)
+            self._pending[job_id] = pending
+        return await asyncio.shield(pending)
+
+    async def _create(self, job_id: str, create: Callable[[], Awaitable[JobState]]) -> JobState:
+        try:
+            job = await create()
+        finally:
+            del self._pending[job_id]
+        self._jobs[job_id] = job
+        while len(self._jobs) > self._max_jobs:
+            _, old = self._jobs.popitem(last=False)
+            old.close()
+        if self._on_change is not None:
+            self._on_change(len(self._jobs))
+        return job
+
+    def close(self) -> None:
+        for job in self._jobs.values():
+            job.close()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a background task's outcome as seen (its waiters, if any, got it already)."""
+    if not task.cancelled():
+        task.exception()

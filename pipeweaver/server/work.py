@@ -1,0 +1,388 @@
+"""What the worker processes run: partition a job, search or fall back for one batch, simulate a schedule.
+
+Never imports grpc (workers are spawned next to a gRPC server; see pool.py). Tasks and results are plain
+picklable dataclasses; batches and plans cross the process boundary as serialized protobuf bytes, so the main
+process never builds Python objects for them. Each worker keeps one `Planner` per job (it holds SEMU's cost
+cache), rebuilt from the registered B_i/K_i so every worker, and every replacement worker, uses the placement
+the job registered with.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Literal
+
+from pipeweaver.errors import DoesNotFit, SpecError
+from pipeweaver.plan.ir import Compute, Pass, Placement, Plan, Recompute
+from pipeweaver.spec.batch import BatchLimits, BatchMetadata, validate_batch
+from pipeweaver.spec.hardware import HardwareSpec
+from pipeweaver.spec.model import LayerKind, ModelSpec
+from pipeweaver.spec.parallel import ParallelSpec
+from pipeweaver.v1 import planner_pb2 as pb
+from pipeweaver.wire import batch_from_proto, placement_to_proto, plan_to_proto
+
+if TYPE_CHECKING:
+    from pipeweaver.search.planner import Planner
+    from pipeweaver.simulator.costmodel import EfficiencyFactors
+
+Mode = Literal["search", "fallback"]
+
+PLANNERS_PER_WORKER = 16
+"""Jobs whose `Planner` a worker keeps (least recently used dropped)."""
+DIT_CALIBRATION_CONTEXT_TOKENS = 64
+"""Caption length assumed for DiT calibration rows (the proto's LayerTiming carries no context length)."""
+
+
+# ---- tasks and results ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LayerTiming:
+    """One calibration row: a block of `module` on `tokens` tokens (one image/clip/document), tp = 1."""
+
+    module: str
+    tokens: int
+    pass_: Pass
+    measured_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What a job is: its specs plus the calibration rows and the baselines it is compared against."""
+
+    model: ModelSpec
+    parallel: ParallelSpec
+    hardware: HardwareSpec
+    calibration: tuple[LayerTiming, ...] = ()
+    compare_baselines: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """The registered partition: what every worker rebuilds its `Planner` with."""
+
+    placement: Placement
+    sub_microbatch_size: dict[str, int]
+    segments: dict[str, int]
+    static_memory_bytes: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    job_id: str
+    spec: JobSpec
+    partition: Partition | None = None
+    """None only for the registration task itself."""
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    field: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The request cannot be served as sent; `precondition` selects FAILED_PRECONDITION over INVALID_ARGUMENT."""
+
+    message: str
+    violations: tuple[Violation, ...]
+    precondition: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    partition: Partition
+    placement: bytes
+    """The placement as a serialized `pb.Placement`."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlanTask:
+    job: Job
+    batch: bytes
+    """A serialized `pb.BatchMetadata`."""
+    mode: Mode
+    budget_ms: float
+    limits: BatchLimits = field(default_factory=BatchLimits)
+    time_scale: float = 1.0
+    """Online refit of the job (measured / predicted makespan): applied to every predicted time of the plan."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlanOutcome:
+    plan: bytes
+    """A serialized `pb.Plan` (every rank)."""
+    mode: Mode
+    predicted_ms: float = 0.0
+    """Predicted makespan, after `time_scale`; 0 for fallback plans (not simulated)."""
+    raw_predicted_ms: float = 0.0
+    """Predicted makespan before `time_scale` (what the online refit compares with)."""
+    lower_bound_ms: float = 0.0
+    baseline_ms: dict[str, float] = field(default_factory=dict)
+    search_ms: float = 0.0
+    evaluations: int = 0
+    cache_hit_rate: float = 0.0
+    bubble_fraction: float = 0.0
+    worker_ms: float = 0.0
+    """Wall time of the whole task in the worker (decode, search, baselines, encode)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SimulateTask:
+    job: Job
+    batch: bytes
+    schedule: str
+    limits: BatchLimits = field(default_factory=BatchLimits)
+    budget_ms: float = 500.0
+
+
+@dataclass(frozen=True, slots=True)
+class SimulateOutcome:
+    makespan_ms: float
+    bubble_fraction: float
+    busy_ms: tuple[float, ...]
+    peak_memory_bytes: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WarmReport:
+    pid: int
+    seconds: float
+
+
+# ---- worker process state ------------------------------------------------------------------------------------
+
+_planners: OrderedDict[str, Planner] = OrderedDict()
+
+
+def init_worker() -> None:
+    """Pool initializer: leave Ctrl-C and SIGTERM to the server, which shuts the pool down in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def warm_up(hold_s: float) -> WarmReport:
+    """Import the planner and plan one tiny batch (numba compiles or loads its cache), then hold the worker for
+    `hold_s` so that N warm-up tasks land on N different workers."""
+    t0 = time.perf_counter()
+    from pipeweaver.datagen import sample_batch
+    from pipeweaver.presets import tiny_vlm
+    from pipeweaver.search.planner import Planner, SearchConfig
+
+    w = tiny_vlm(pp=2)
+    planner = Planner(w.model, w.parallel, w.hardware, config=SearchConfig(budget_ms=20.0, compare_baselines=()))
+    batch = sample_batch(w, seed=0, iteration=0)
+    planner.plan(batch, job_id="warm-up", budget_ms=20.0)
+    planner.fallback_plan(batch, job_id="warm-up")
+    elapsed = time.perf_counter() - t0
+    time.sleep(hold_s)
+    return WarmReport(pid=os.getpid(), seconds=elapsed)
+
+
+# ---- tasks ---------------------------------------------------------------------------------------------------
+
+
+def register_job(job: Job) -> Registered | Rejected:
+    """Run the offline partitioner for `job` (B_i, K_i, placement, static memory) and keep its `Planner`."""
+    try:
+        planner = _build_planner(job)
+    except DoesNotFit as exc:
+        return Rejected(str(exc), (Violation("parallel", str(exc)),), precondition=True)
+    except SpecError as exc:
+        return Rejected(str(exc), (split_violation(str(exc), "model"),))
+    except ValueError as exc:  # the partitioner cannot cut a module into pp * K chunks
+        return Rejected(str(exc), (Violation("parallel.pp", str(exc)),))
+    part = planner.partition
+    partition = Partition(
+        placement=part.placement,
+        sub_microbatch_size=dict(part.sub_microbatch_size),
+        segments=dict(part.segments),
+        static_memory_bytes=tuple(float(x) for x in part.static_memory_bytes),
+    )
+    _remember(job.job_id, planner)
+    return Registered(partition=partition, placement=placement_to_proto(part.placement).SerializeToString())
+
+
+def plan_batch(task: PlanTask) -> PlanOutcome | Rejected:
+    """Search (within `task.budget_ms`) or build the fallback plan for one batch of a registered job."""
+    t0 = time.perf_counter()
+    decoded = _decode_batch(task.job, task.batch, task.limits)
+    if isinstance(decoded, Rejected):
+        return decoded
+    planner = _planner(task.job)
+    if task.mode == "fallback":
+        plan = planner.fallback_plan(decoded, job_id=task.job.job_id)
+        return PlanOutcome(
+            plan=plan_to_proto(plan).SerializeToString(),
+            mode="fallback",
+            worker_ms=(time.perf_counter() - t0) * 1e3,
+        )
+    result = planner.plan(decoded, job_id=task.job.job_id, budget_ms=task.budget_ms)
+    plan = _scaled(result.plan, task.time_scale)
+    return PlanOutcome(
+        plan=plan_to_proto(plan).SerializeToString(),
+        mode="search",
+        predicted_ms=result.predicted_ms * task.time_scale,
+        raw_predicted_ms=result.predicted_ms,
+        lower_bound_ms=result.lower_bound_ms * task.time_scale,
+        baseline_ms={k: v * task.time_scale for k, v in result.baseline_ms.items()},
+        search_ms=result.search_ms,
+        evaluations=result.evaluations,
+        cache_hit_rate=result.cache_hit_rate,
+        bubble_fraction=result.bubble_fraction,
+        worker_ms=(time.perf_counter() - t0) * 1e3,
+    )
+
+
+def simulate(task: SimulateTask) -> SimulateOutcome | Rejected:
+    """SEMU's prediction for `task.schedule` (a baseline, ``pipeweaver`` or ``fallback``) on one batch."""
+    try:
+        planner = _planner(task.job)
+    except DoesNotFit as exc:
+        return Rejected(str(exc), (Violation("spec.parallel", str(exc)),), precondition=True)
+    except (SpecError, ValueError) as exc:
+        return Rejected(str(exc), (split_violation(str(exc), "spec"),))
+    decoded = _decode_batch(task.job, task.batch, task.limits)
+    if isinstance(decoded, Rejected):
+        return decoded
+    spec = task.job.spec
+    if task.schedule == "pipeweaver":
+        plan = planner.plan(decoded, job_id=task.job.job_id, budget_ms=task.budget_ms).plan
+    elif task.schedule == "fallback":
+        plan = planner.fallback_plan(decoded, job_id=task.job.job_id)
+    else:
+        from pipeweaver.search.baselines import build_baseline_plan
+
+        try:
+            plan = build_baseline_plan(
+                task.schedule, model=spec.model, parallel=spec.parallel, batch=decoded, hardware=spec.hardware
+            )
+        except ValueError as exc:
+            return Rejected(str(exc), (Violation("schedule", str(exc)),))
+    sim = planner.simulate_plan(plan, decoded, _recompute_of(plan))
+    return SimulateOutcome(
+        makespan_ms=float(sim.makespan_ms),
+        bubble_fraction=float(sim.bubble_fraction),
+        busy_ms=tuple(float(x) for x in sim.busy_ms),
+        peak_memory_bytes=tuple(float(x) for x in sim.peak_memory_bytes),
+    )
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+
+
+def split_violation(message: str, default_field: str) -> Violation:
+    """Split a `SpecError` message ``path: description`` into a field violation (no path: `default_field`)."""
+    head, sep, tail = message.partition(": ")
+    if sep and head and " " not in head and "'" not in head:
+        return Violation(head, tail)
+    return Violation(default_field, message)
+
+
+def _decode_batch(job: Job, data: bytes, limits: BatchLimits) -> BatchMetadata | Rejected:
+    msg = pb.BatchMetadata.FromString(data)
+    try:
+        batch = batch_from_proto(msg)
+    except SpecError as exc:
+        return Rejected(str(exc), (split_violation(str(exc), "batch"),))
+    try:
+        validate_batch(job.spec.model, job.spec.parallel, batch, limits)
+    except SpecError as exc:
+        v = split_violation(str(exc), "")
+        path = f"batch.{v.field}" if v.field else "batch"
+        return Rejected(f"{path}: {v.description}", (Violation(path, v.description),))
+    return batch
+
+
+def _factors(job: Job) -> EfficiencyFactors | None:
+    if not job.spec.calibration:
+        return None
+    from pipeweaver.simulator.calibration import LayerDims, LayerProfile, fit_layer_factors
+
+    model = job.spec.model
+    rows = []
+    for t in job.spec.calibration:
+        module = model.module(t.module)
+        context = DIT_CALIBRATION_CONTEXT_TOKENS if module.kind is LayerKind.DIT_BLOCK else 0
+        rows.append(
+            LayerProfile(
+                kind=module.kind,
+                dims=LayerDims.of(module),
+                tokens=t.tokens,
+                spans=(t.tokens,),
+                context_tokens=context,
+                pass_=t.pass_,
+                measured_ms=t.measured_ms,
+            )
+        )
+    return fit_layer_factors(rows, job.spec.hardware)
+
+
+def _build_planner(job: Job) -> Planner:
+    from pipeweaver.search.planner import Planner, SearchConfig
+
+    spec = job.spec
+    part = job.partition
+    return Planner(
+        spec.model,
+        spec.parallel,
+        spec.hardware,
+        factors=_factors(job),
+        config=SearchConfig(compare_baselines=spec.compare_baselines),
+        sizes=part.sub_microbatch_size if part is not None else None,
+        segments=part.segments if part is not None else None,
+    )
+
+
+def _remember(job_id: str, planner: Planner) -> None:
+    _planners[job_id] = planner
+    _planners.move_to_end(job_id)
+    while len(_planners) > PLANNERS_PER_WORKER:
+        _planners.popitem(last=False)
+
+
+def _planner(job: Job) -> Planner:
+    planner = _planners.get(job.job_id)
+    if planner is None:
+        planner = _build_planner(job)
+        if job.partition is not None and planner.partition.placement != job.partition.placement:
+            # Every rank must run the placement the job registered with; a planner that partitions differently
+            # (a changed cost model, say) must not serve this job.
+            raise RuntimeError(
+                f"job {job.job_id}: this worker's partitioner produced a different placement from the "
+                "registered one; re-register the job"
+            )
+    _remember(job.job_id, planner)
+    return planner
+
+
+def _scaled(plan: Plan, scale: float) -> Plan:
+    if scale == 1.0:
+        return plan
+    h = plan.header
+    header = replace(
+        h,
+        predicted_makespan_ms=h.predicted_makespan_ms * scale,
+        lower_bound_ms=h.lower_bound_ms * scale,
+        baseline_makespans_ms=tuple((name, ms * scale) for name, ms in h.baseline_makespans_ms),
+    )
+    ranks = tuple(
+        replace(rp, predicted_ms=tuple((s * scale, e * scale) for s, e in rp.predicted_ms)) for rp in plan.ranks
+    )
+    return replace(plan, header=header, ranks=ranks)
+
+
+def _recompute_of(plan: Plan) -> dict[tuple[str, int, int, int], Recompute]:
+    """The memory strategy of every forward stage the plan runs with one (what SEMU needs to replay it)."""
+    out: dict[tuple[str, int, int, int], Recompute] = {}
+    for rp in plan.ranks:
+        for a in rp.actions:
+            if isinstance(a, Compute) and a.stage.pass_ is Pass.F and a.recompute is not Recompute.NONE:
+                s = a.stage
+                out[(s.pipeline, s.chunk, s.microbatch, s.sub)] = a.recompute
+    return out
