@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pipeweaver import presets
+from pipeweaver import cli_plan, presets
 from pipeweaver.datagen import describe, dynamic_batch, dynamic_bounds, sample_batch
 from pipeweaver.errors import PipeWeaverError
 from pipeweaver.spec import BatchMetadata, Modality, Workload
@@ -288,11 +288,31 @@ def _batch(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- pipeweaver serve --------------------------------------------------------------------------------------
+
+
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    from pipeweaver.server.config import add_arguments
+
+    add_arguments(parser)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # Imported here: grpc and the server load only for this subcommand (and never in spawned workers).
+    from pipeweaver.server.app import run
+    from pipeweaver.server.config import from_args
+
+    return run(from_args(args))
+
+
 # ---- entry point -------------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
     "workloads": Command("list the preset workloads", _workloads_args, _workloads),
     "batch": Command("sample one iteration's batch metadata", _batch_args, _batch),
+    "simulate": Command("simulate one iteration of a schedule with SEMU", cli_plan.simulate_args, cli_plan.simulate),
+    "plan": Command("search a plan for one sampled iteration", cli_plan.plan_args, cli_plan.plan),
+    "serve": Command("run the planner service (gRPC sidecar)", _serve_args, _serve),
 }
 
 

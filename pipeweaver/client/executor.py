@@ -275,7 +275,8 @@ class PipelineExecutor:
                 indices = sorted(s.index for s in subs)
                 if indices != list(range(len(subs))):
                     raise InvalidPlan(
-                        f"pipeline '{info.name}' microbatch {j}: sub-microbatch indices {indices} are not 0..{len(subs) - 1}"
+                        f"pipeline '{info.name}' microbatch {j}: sub-microbatch indices {indices} are not "
+                        f"0..{len(subs) - 1}"
                     )
                 for module in info.modules:
                     n = len(module_instances(self.model, module, mb))

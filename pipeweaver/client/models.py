@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F  # noqa: N812 - torch convention
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -340,7 +340,7 @@ class DiTBlock(BlockPart):
             cw = src.output_hidden()
             self.norm2 = nn.LayerNorm(h)
             self.cross = nn.ModuleDict(
-                {"q": nn.Linear(h, h), "k": nn.Linear(cw, h), "v": nn.Linear(cw, h), "o": nn.Linear(h, h)}
+                {"q": nn.Linear(h, h), "k": nn.Linear(cw, h, bias=False), "v": nn.Linear(cw, h), "o": nn.Linear(h, h)}
             )
         self.norm3 = nn.LayerNorm(h)
         self.fc1 = nn.Linear(h, f)

@@ -106,7 +106,7 @@ class ReferenceModel:
             if loss is None:
                 continue
             if loss.requires_grad:
-                loss.backward()
+                torch.autograd.backward(loss)
             total += float(loss.detach())
         grads = {
             name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))

@@ -49,13 +49,18 @@ def assemble_plan(
     if len(compute_orders) != pp:
         raise ValueError(f"compute_orders has {len(compute_orders)} ranks, placement has pp={pp}")
     position = {c.stage: (r, i) for r, order in enumerate(compute_orders) for i, c in enumerate(order)}
+    # Remote consumers of each stage in the receivers' order (the order both sides post their ops in).
+    consumers = {
+        c.stage: sorted((s for s in g.remote_consumers(c.stage) if s in position), key=position.__getitem__)
+        for order in compute_orders
+        for c in order
+    }
 
     # Sends from a to b in a's posting order: by producer position, then by consumer position on b.
     sends: dict[tuple[int, int], list[tuple[StageKey, StageKey]]] = defaultdict(list)
     for a, order in enumerate(compute_orders):
         for c in order:
-            consumers = sorted((s for s in g.remote_consumers(c.stage) if s in position), key=lambda s: position[s])
-            for dst in consumers:
+            for dst in consumers[c.stage]:
                 sends[(a, position[dst][0])].append((c.stage, dst))
     pending: dict[tuple[int, int], deque[tuple[StageKey, StageKey]]] = {k: deque(v) for k, v in sends.items()}
 
@@ -90,8 +95,7 @@ def assemble_plan(
             if window is not None:
                 timing.append(window)
             send_ops = [
-                Transfer(Direction.SEND, g.rank[dst], c.stage, dst, tensors(c.stage, dst))
-                for dst in sorted((s for s in g.remote_consumers(c.stage) if s in position), key=lambda s: position[s])
+                Transfer(Direction.SEND, g.rank[dst], c.stage, dst, tensors(c.stage, dst)) for dst in consumers[c.stage]
             ]
             if send_ops:
                 actions.append(CommBatch(handle, tuple(send_ops)))

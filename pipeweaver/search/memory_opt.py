@@ -105,24 +105,29 @@ def greedy_choice(
     """Start from the leanest candidate everywhere, then speed up pairs, largest saving per byte first."""
     n = len(candidates)
     choice = [len(c) - 1 for c in candidates]
-    live = _live_sets(start, end)
-    members: list[list[int]] = [[] for _ in range(n)]  # constraints each pair appears in
-    for k, ls in enumerate(live):
-        for i in ls:
-            members[i].append(k)
-    load = [sum(candidates[i][choice[i]].memory_bytes for i in live[k]) for k in range(n)]
+    if n == 0:
+        return ()
+    st = np.asarray(start, dtype=np.float64)
+    en = np.asarray(end, dtype=np.float64)
+    alive = (st[None, :] <= st[:, None]) & (st[:, None] < en[None, :])  # alive[k, i]: pair i live at k's start
+    np.fill_diagonal(alive, True)
+    members = [np.flatnonzero(alive[:, i]) for i in range(n)]  # constraints each pair appears in
+    mem = np.array([candidates[i][choice[i]].memory_bytes for i in range(n)])
+    load = alive.astype(np.float64) @ mem
     # Passes over the pairs, biggest possible saving first; each pair jumps to its fastest candidate that fits.
     order = sorted(range(n), key=lambda i: candidates[i][0].latency_ms - candidates[i][-1].latency_ms, reverse=True)
     improved = True
     while improved:
         improved = False
         for i in order:
+            if choice[i] == 0:
+                continue
             cur = candidates[i][choice[i]]
+            headroom = cap_bytes - float(load[members[i]].max())
             for j in range(choice[i]):
                 extra = candidates[i][j].memory_bytes - cur.memory_bytes
-                if all(load[k] + extra <= cap_bytes for k in members[i]):
-                    for k in members[i]:
-                        load[k] += extra
+                if extra <= headroom:
+                    load[members[i]] += extra
                     choice[i] = j
                     improved = True
                     break

@@ -26,6 +26,7 @@ from pipeweaver.search.fallback import build_fallback_plan, fallback_orders, heu
 from pipeweaver.search.interleave import interleave
 from pipeweaver.search.mcts import MCTSConfig, SegmentOrderSearch, priorities_from_order
 from pipeweaver.search.memory_opt import Candidate, greedy_choice, optimise_rank
+from pipeweaver.search.parallel import SearchPool
 from pipeweaver.search.partition import JobPartition, partition_job
 from pipeweaver.search.problem import Problem, build_problem, overflow, stage_priorities
 from pipeweaver.simulator.costmodel import CostModel, EfficiencyFactors, HeaderCosts
@@ -60,6 +61,8 @@ class SearchConfig:
     level: SearchLevel = SearchLevel.MEMORY
     seed: int = 0
     mcts: MCTSConfig = field(default_factory=MCTSConfig)
+    workers: int = 1
+    """Search worker processes; 1 searches in the calling process."""
     memory_reserve: float = 0.05
     """Fraction of device memory kept free (allocator fragmentation, workspace)."""
     compare_baselines: tuple[str, ...] = tuple(BASELINES)
@@ -122,6 +125,9 @@ class Planner:
         self._costs_for: PlanHeader | None = None
         self._costs_batch: BatchMetadata | None = None
         self._costs_memo: dict[Recompute, HeaderCosts] = {}
+        self._search_pool: SearchPool | None = None
+        if self.config.workers > 1:
+            self._pool()  # spawn and warm the workers now, not inside the first plan's budget
 
     # ---- building blocks ----
     def header_for(self, batch: BatchMetadata, *, job_id: str, source: PlanSource, schedule: str) -> PlanHeader:
@@ -337,8 +343,8 @@ class Planner:
                 mixed = self._problem_with(prep, per, found)
                 if schedule_score(mixed, priority) < schedule_score(problem, priority):
                     choice, problem = found, mixed
-                # The exact re-fit after the search costs a few times the greedy pass.
-                reserve_s += 3 * (time.perf_counter() - t_mem)
+                # The exact re-fit after the search costs about twice the greedy pass.
+                reserve_s += 2 * (time.perf_counter() - t_mem)
             heuristic_priority = priority
             if level >= SearchLevel.MCTS and len(problem.groups) > 1:
                 target = problem
@@ -346,15 +352,20 @@ class Planner:
                 def evaluate(group_priority: np.ndarray) -> float:
                     return schedule_score(target, group_priority)
 
-                search = SegmentOrderSearch(
-                    len(problem.groups), heuristic, evaluate, config=self.config.mcts, seed=self.config.seed
-                )
                 search_deadline = deadline - reserve_s
-                search.step()  # at least one expansion, even on a budget spent by the preparation
-                while time.perf_counter() < search_deadline:
-                    search.step()
-                priority = priorities_from_order(search.best_order)
-                evaluations = search.evaluations
+                if self.config.workers > 1:
+                    best_order, _, evaluations = self._pool().search(
+                        problem, heuristic, config=self.config.mcts, seed=self.config.seed, deadline=search_deadline
+                    )
+                else:
+                    search = SegmentOrderSearch(
+                        len(problem.groups), heuristic, evaluate, config=self.config.mcts, seed=self.config.seed
+                    )
+                    search.step()  # at least one expansion, even on a budget spent by the preparation
+                    while time.perf_counter() < search_deadline:
+                        search.step()
+                    best_order, evaluations = search.best_order, search.evaluations
+                priority = priorities_from_order(best_order)
                 if level >= SearchLevel.MEMORY:  # re-fit the strategies to the better order's timeline
                     exact = time.perf_counter() < deadline  # out of budget: the greedy choice, no 0-1 programs
                     again, more_ms = self._memory_choice(prep, per, priority, self._ilp_limit(deadline), exact=exact)
@@ -363,7 +374,7 @@ class Planner:
                     if schedule_score(candidate, priority) < schedule_score(problem, priority):
                         choice, problem = again, candidate
             seqs = self._orders_from_positions(problem, interleave(problem, stage_priorities(problem, priority))[0])
-            if priority is not heuristic_priority:
+            if priority is not heuristic_priority and time.perf_counter() < deadline:
                 # The interleaver models transfers as delays; SEMU also queues them on links. Keep the searched order
                 # only if SEMU agrees it beats the heuristic one, so a level never does worse than the one below.
                 plain = self._orders_from_positions(
@@ -376,6 +387,8 @@ class Planner:
         orders = [[Compute(stages[i], choice.get(_pair(stages[i]), Recompute.NONE)) for i in seq] for seq in seqs]
         plan = assemble_plan(header, orders, prep.shapes.tensors, graph=prep.graph)
         sim = self.simulate_plan(plan, batch, choice)
+        if not self._fits(sim):
+            plan, sim, choice = self._fit_memory(prep, batch, plan, sim, orders)
         plan = _with_header(sim.annotate(plan), lower_bound_ms=bound)
         search_ms = (time.perf_counter() - t0) * 1e3
         if self.config.validate_plans:
@@ -396,6 +409,26 @@ class Planner:
             memory_solve_ms=tuple(solve_ms),
         )
 
+    def _fit_memory(
+        self, prep: _Prepared, batch: BatchMetadata, plan: Plan, sim: SimResult, orders: list[list[Compute]]
+    ) -> tuple[Plan, SimResult, RecomputeMap]:
+        """SEMU says the plan overflows a device: try the same order with the leanest strategies, then the static
+        fallback order (which bounds in-flight work per rank by count) with them; keep the first that fits, else
+        the one that overflows least."""
+        lean = {k: Recompute.FULL for k in prep.costs.activation_bytes}
+        tried: list[tuple[Plan, SimResult, RecomputeMap]] = [(plan, sim, _recompute_map(orders))]
+        candidates = [
+            [[Compute(c.stage, Recompute.FULL) for c in order] for order in orders],
+            [[Compute(c.stage, Recompute.FULL) for c in order] for order in fallback_orders(prep.header, interleave)],
+        ]
+        for lean_orders in candidates:
+            lean_plan = assemble_plan(prep.header, lean_orders, prep.shapes.tensors, graph=prep.graph)
+            lean_sim = self.simulate_plan(lean_plan, batch, lean)
+            tried.append((lean_plan, lean_sim, lean))
+            if self._fits(lean_sim):
+                return tried[-1]
+        return min(tried, key=lambda t: float(np.max(t[1].peak_memory_bytes)))
+
     def _simulate_seqs(
         self, prep: _Prepared, batch: BatchMetadata, seqs: list[list[int]], choice: RecomputeMap
     ) -> float:
@@ -403,6 +436,19 @@ class Planner:
         orders = [[Compute(stages[i], choice.get(_pair(stages[i]), Recompute.NONE)) for i in seq] for seq in seqs]
         plan = assemble_plan(prep.header, orders, prep.shapes.tensors, graph=prep.graph)
         return self.simulate_plan(plan, batch, choice).makespan_ms
+
+    def _pool(self) -> SearchPool:
+        if self._search_pool is None or self._search_pool.workers != self.config.workers:
+            if self._search_pool is not None:
+                self._search_pool.close()
+            self._search_pool = SearchPool(self.config.workers)
+        return self._search_pool
+
+    def close(self) -> None:
+        """Shut the search worker processes down (if any were started)."""
+        if self._search_pool is not None:
+            self._search_pool.close()
+            self._search_pool = None
 
     def _ilp_limit(self, deadline: float) -> float:
         left = deadline - time.perf_counter()
@@ -472,9 +518,39 @@ def schedule_score(problem: Problem, group_priority: np.ndarray) -> float:
     return makespan * (1.0 + OVERFLOW_PENALTY * overflow(problem, start, end))
 
 
+def _recompute_map(orders: list[list[Compute]]) -> RecomputeMap:
+    return {_pair(c.stage): c.recompute for order in orders for c in order if c.stage.pass_ is Pass.F}
+
+
 def _pair(s: StageKey) -> tuple[str, int, int, int]:
     return (s.pipeline, s.chunk, s.microbatch, s.sub)
 
 
 def _with_header(plan: Plan, **changes: object) -> Plan:
     return replace(plan, header=replace(plan.header, **changes))  # type: ignore[arg-type]
+
+
+def warm_kernels() -> None:
+    """Compile (or load from the numba cache) the search's kernels on a tiny problem."""
+    from pipeweaver.plan.graph import StageGraph as _G  # noqa: F401 - keeps the import graph explicit
+
+    tiny = Problem(
+        stages=(),
+        pp=1,
+        rank=np.zeros(0, dtype=np.int64),
+        duration_ms=np.zeros(0),
+        is_forward=np.zeros(0, dtype=np.int64),
+        alloc_bytes=np.zeros(0),
+        free_bytes=np.zeros(0),
+        pred_ptr=np.zeros(1, dtype=np.int64),
+        pred_idx=np.zeros(0, dtype=np.int64),
+        pred_delay_ms=np.zeros(0),
+        succ_ptr=np.zeros(1, dtype=np.int64),
+        succ_idx=np.zeros(0, dtype=np.int64),
+        group=np.zeros(0, dtype=np.int64),
+        intra=np.zeros(0, dtype=np.int64),
+        groups=(),
+        unit=np.zeros(0, dtype=np.int64),
+        mem_cap_bytes=np.ones(1),
+    )
+    interleave(tiny, np.zeros(0))

@@ -13,6 +13,7 @@ running one, whose worker stays busy until the task's own time limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -152,10 +153,8 @@ class Lane:
 
         def done(_: object) -> None:
             # Runs in the executor's thread; the slot is only free once the worker is.
-            try:
+            with contextlib.suppress(RuntimeError):  # a closed loop has nothing left to release for
                 loop.call_soon_threadsafe(self._release)
-            except RuntimeError:  # the loop is closed: nothing left to release for
-                pass
 
         cfut.add_done_callback(done)
         try:
@@ -221,7 +220,7 @@ class Lane:
             if remaining[0] == 0 and not combined.done():
                 errors = [f.exception() for f in futures if f.exception() is not None]
                 if errors:
-                    combined.set_exception(errors[0])  # type: ignore[arg-type]
+                    combined.set_exception(errors[0])
                 else:
                     combined.set_result([f.result() for f in futures])
 

@@ -4,15 +4,16 @@ A layer profile (written by `benchmarks/gpu/profile_layers.py`) holds, per layer
 backward times over a sweep of token counts at tp = 1. For each (layer kind, direction) the fit finds
 
     device(row) = a_gemm * (G1 + half_gemm * G2) + a_attn * (A1 + half_attn * A2) + a_elem * E + overhead * N
-    time(row)   = max(device(row), host_floor)
+    time(row)   = (device(row)^p + host^p)^(1/p)          (p = costmodel.HOST_OVERLAP_P = 4)
 
 where G1 = sum of GEMM flops / peak, G2 = sum of GEMM flops / (peak * rows), A1, A2 the same for attention, E the
 elementwise bytes / HBM bandwidth and N the operator count: exactly `CostModel`'s roofline with those factors
 (checked after fitting, with the binding roofline term re-chosen per operator). It is linear in
 (a_gemm, a_gemm * half_gemm, a_attn, a_attn * half_attn, a_elem, overhead): relative-error least squares with a
 light ridge toward the prior factors (collinear columns, e.g. a ViT whose images all have 2,704 patches, then
-keep prior proportions) and non-negativity. The host floor (CPU dispatch of small kernels) is fitted on the
-fastest rows when a floor improves the fit. Transfers fit overhead + a_net * bytes / bandwidth per class.
+keep prior proportions) and non-negativity. The host time (CPU dispatch, which bounds small eager-mode blocks)
+is chosen on a grid of fractions of the fastest row, the device part fitted on what remains of the others; the
+candidate with the least relative error wins. Transfers fit overhead + a_net * bytes / bandwidth per class.
 """
 
 from __future__ import annotations
@@ -420,7 +421,7 @@ def _fit_group(
         if keep.sum() < min(3, len(y)):
             continue
         yk = y[keep]
-        dev = yk if not floor else (yk**p - floor**p) ** (1.0 / p) if math.isfinite(p) else yk
+        dev = (yk**p - floor**p) ** (1.0 / p) if floor and math.isfinite(p) else yk
         theta = _fit_device([o for o, k in zip(ops_rows, keep, strict=True) if k], dev, prior, hardware, ridge)
         cfs = _class_factors(theta, prior, floor / n_ops)
         err = _group_error(order, kind, backward, cfs, base, hardware)

@@ -4,7 +4,8 @@ Each operator takes max(a_flop * flops / peak_flops, a_mem * bytes / hbm_bw, a_n
 fixed per-operator overhead (kernel launch, collective latency), with efficiency factors a per operator class.
 The flop term grows for small work: a_flop_eff = a_flop * (1 + half_rows / rows), so efficiency is
 rows / (rows + half_rows) of its large-size value. Small sub-microbatches therefore cost more per token, which is
-the whole reason sub-microbatch sizes B_i exist; a cost linear in tokens would make splitting look free.
+the whole reason sub-microbatch sizes B_i exist; a cost linear in tokens would make splitting look free. A block
+also cannot run faster than the host dispatches its kernels (`ClassFactors.host_s`, `combine_host_device`).
 
 Factors can differ per layer kind and per direction (forward or backward kernels): calibration fits them from
 measured layer times (`calibration.fit_factors`). A stage is a chunk running one pass on one sub-microbatch; its
@@ -53,8 +54,9 @@ class ClassFactors:
     overhead_s: float = 0.0
     """Fixed device time per operator: gaps between kernels, collective latency."""
     host_s: float = 0.0
-    """Host (CPU) time to dispatch the operator. A layer takes max(sum of device times, sum of host times):
-    the host runs ahead of large kernels but bounds small ones (eager PyTorch on small sub-microbatches)."""
+    """Host (CPU) time to dispatch the operator. A block takes about max(sum of device times, sum of host
+    times) (`combine_host_device`): the host runs ahead of large kernels but bounds small ones (eager PyTorch on
+    small sub-microbatches)."""
 
     def to_json(self) -> dict[str, float]:
         return {
@@ -164,13 +166,14 @@ near the crossover, where the GPU sometimes waits for a launch and the host for 
 
 
 def combine_host_device(device: float, host: float) -> float:
+    """Time of a block whose kernels take `device` seconds on the GPU and `host` seconds to dispatch."""
     if host <= 0.0:
         return device
     if math.isinf(HOST_OVERLAP_P):
         return max(device, host)
     p = HOST_OVERLAP_P
     big = max(device, host)
-    return big * ((device / big) ** p + (host / big) ** p) ** (1.0 / p)
+    return big * float(((device / big) ** p + (host / big) ** p) ** (1.0 / p))
 
 
 def class_time_s(op: Op, cf: ClassFactors, peak_flops: float, hbm_bandwidth: float, link_bw: float) -> float:
@@ -195,7 +198,8 @@ def ops_time_s(
     *,
     kind: LayerKind | None = None,
 ) -> float:
-    """Seconds of a sequence of operators (one block or part): max(device time, host dispatch time)."""
+    """Seconds of a sequence of operators (one block or part): device time and host dispatch time combined by
+    `combine_host_device`."""
     bw = link_bw if link_bw is not None else hardware.nvlink_bandwidth
     device = 0.0
     host = 0.0
@@ -283,7 +287,10 @@ class CostModel:
         self._dims: dict[str, Hashable] = {m.name: _dims_key(m) for m in model.modules}
         self._resolved: dict[tuple[LayerKind | None, bool], dict[OpClass, ClassFactors]] = {}
         context = ("costmodel/1", hardware, self.factors, self.dtype_bytes, self.tp)
+        # Layer and part costs depend on dims, never on module names: one table per (hardware, factors, dtype,
+        # tp), shared by every model. Stage keys name modules, so stages get a table per model as well.
         self._table = cache.table(context) if cache is not None else None
+        self._stage_table = cache.table((*context, model)) if cache is not None else None
 
     # ---- operators ----
     def module(self, name: str) -> ModuleSpec:
@@ -314,8 +321,9 @@ class CostModel:
         return r
 
     def ops_time_s(self, ops: Sequence[Op], kind: LayerKind | None) -> float:
-        """max(sum of device roofline times, sum of host dispatch times): one stream, nothing overlaps inside
-        a block, and the host runs ahead of the device unless the kernels are shorter than their dispatch."""
+        """Sum of device roofline times (one stream, nothing overlaps inside a block) combined with the sum of
+        host dispatch times by `combine_host_device`: the host runs ahead unless kernels are shorter than their
+        dispatch."""
         peak, hbm, link = self.hardware.peak_flops, self.hardware.hbm_bandwidth, self.tp_link_bw
         fwd = self._factors_for(kind, False)
         bwd = self._factors_for(kind, True)
@@ -420,11 +428,11 @@ class CostModel:
         """Time of `chunk` running `pass_` on one sub-microbatch (instances per module it touches)."""
         structure = self._structure(chunk)
         sigs = self._signatures(chunk, instances_by_module)
-        if self._table is None or self.cache is None:
+        if self._stage_table is None or self.cache is None:
             return self._stage_ms(structure, sigs, pass_, recompute)
         key = ("stage", structure, sigs, pass_, recompute)
         return self.cache.lookup(
-            self._table, key, lambda: self._stage_ms(structure, sigs, pass_, recompute), stage=True
+            self._stage_table, key, lambda: self._stage_ms(structure, sigs, pass_, recompute), stage=True
         )
 
     def _stage_act(
@@ -439,16 +447,21 @@ class CostModel:
             inst = signature_instances(sig)
             if pre:
                 total += memory.pre_activation_bytes(m, inst, tp=tp, dtype_bytes=b)
-            if recompute is Recompute.FULL:
-                total += memory.chunk_input_bytes(m, inst, tp=tp, dtype_bytes=b)
-            else:
-                total += n * memory.layer_activation_bytes(m, inst, tp=tp, recompute=recompute, dtype_bytes=b)
-                if m.kind is LayerKind.DIT_BLOCK:
-                    # The projected caption every block's cross-attention reads, kept once per chunk.
-                    total += sum(i.context_tokens for i in inst) * m.hidden / tp * b
+            total += n * memory.layer_activation_bytes(m, inst, tp=tp, recompute=recompute, dtype_bytes=b)
+            total += memory.caption_bytes(m, inst, tp=tp, dtype_bytes=b)
             if post:
                 total += memory.post_activation_bytes(m, inst, tp=tp, dtype_bytes=b)
         return total
+
+    def layer_activation_bytes(
+        self, module_name: str, instances: Sequence[Instance], recompute: Recompute = Recompute.NONE
+    ) -> float:
+        """Bytes one block keeps from F to B (for per-layer strategy mixes; 0 where no backward runs)."""
+        m = self.module(module_name)
+        if not instances or not self._needs_backward[module_name]:
+            return 0.0
+        b = self.dtype_bytes
+        return memory.layer_activation_bytes(m, instances, tp=self.tp, recompute=recompute, dtype_bytes=b)
 
     def stage_activation_bytes(
         self, chunk: Chunk, instances_by_module: Mapping[str, Sequence[Instance]], recompute: Recompute = Recompute.NONE
@@ -456,10 +469,12 @@ class CostModel:
         """Bytes one rank holds from the chunk's F to its last backward pass for one sub-microbatch."""
         structure = self._structure(chunk)
         sigs = self._signatures(chunk, instances_by_module)
-        if self._table is None or self.cache is None:
+        if self._stage_table is None or self.cache is None:
             return self._stage_act(structure, sigs, recompute)
         key = ("act", structure, sigs, recompute)
-        return self.cache.lookup(self._table, key, lambda: self._stage_act(structure, sigs, recompute), stage=True)
+        return self.cache.lookup(
+            self._stage_table, key, lambda: self._stage_act(structure, sigs, recompute), stage=True
+        )
 
     # ---- whole plans ----
     def header_costs(

@@ -17,7 +17,8 @@ dit        16h + 2f  (+2h per context tok)   14h + f   (+2h per context token)
 =========  ================================  =============================================
 
 In bytes (bf16) the decoder's NONE line is ~34 h per token, Korthikanti's 34 sbh without the 5as/h score term.
-FULL keeps only each chunk's input (T h bytes / tp) and recomputes the rest in backward.
+FULL checkpoints every block: it keeps only the block's input (T h elements / tp, Korthikanti's 2sbh per layer)
+and recomputes the rest in backward, one block at a time. A DiT chunk also keeps its projected caption once.
 """
 
 from __future__ import annotations
@@ -141,10 +142,15 @@ def _per_token_elements(module: ModuleSpec, tp: int, recompute: Recompute) -> fl
 def layer_activation_bytes(
     module: ModuleSpec, instances: Sequence[Instance], *, tp: int, recompute: Recompute, dtype_bytes: int = 2
 ) -> float:
-    """Bytes one block keeps from its forward to its backward (0 under FULL: see `chunk_input_bytes`)."""
-    if recompute is Recompute.FULL or not instances:
+    """Bytes one block keeps from its forward to its backward (FULL: its input only).
+
+    A DiT's projected caption, which every block reads, is the chunk's (`caption_bytes`), not the block's.
+    """
+    if not instances:
         return 0.0
     t = sum(i.tokens for i in instances)
+    if recompute is Recompute.FULL:
+        return float(t * module.hidden / tp * dtype_bytes)
     per_token = _per_token_elements(module, tp, recompute) * dtype_bytes
     per_token += ATTENTION_STATS_BYTES * module.heads / tp
     total = t * per_token
@@ -154,14 +160,11 @@ def layer_activation_bytes(
     return float(total)
 
 
-def chunk_input_bytes(module: ModuleSpec, instances: Sequence[Instance], *, tp: int, dtype_bytes: int = 2) -> float:
-    """Bytes of the hidden states entering a run of `module`'s blocks (kept by FULL recompute), plus a DiT's
-    projected caption context, which every block's cross-attention reads."""
-    t = sum(i.tokens for i in instances)
-    total = t * module.hidden / tp * dtype_bytes
-    if module.kind is LayerKind.DIT_BLOCK:
-        total += sum(i.context_tokens for i in instances) * module.hidden / tp * dtype_bytes
-    return float(total)
+def caption_bytes(module: ModuleSpec, instances: Sequence[Instance], *, tp: int, dtype_bytes: int = 2) -> float:
+    """Bytes of a DiT's projected caption context, read by every block's cross-attention (kept once per chunk)."""
+    if module.kind is not LayerKind.DIT_BLOCK:
+        return 0.0
+    return float(sum(i.context_tokens for i in instances) * module.hidden / tp * dtype_bytes)
 
 
 def pre_activation_bytes(module: ModuleSpec, instances: Sequence[Instance], *, tp: int, dtype_bytes: int = 2) -> float:

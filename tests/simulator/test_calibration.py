@@ -6,6 +6,7 @@ as `benchmarks/results/layer_profile_*.json` (written by `benchmarks/gpu/profile
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import subprocess
@@ -50,7 +51,8 @@ DIMS = {
 def sweep() -> list[tuple[LayerKind, tuple[int, ...], int]]:
     """(kind, spans, caption tokens): the sweep profile_layers.py runs at the paper's dims."""
     cases: list[tuple[LayerKind, tuple[int, ...], int]] = [
-        (LayerKind.VIT_BLOCK, (2704,) * n, 0) for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)]
+        (LayerKind.VIT_BLOCK, (2704,) * n, 0) for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+    ]
     for t in (1024, 2048, 3072, 4096, 6144, 8192, 12288, 16384):
         cases.append((LayerKind.DECODER_BLOCK, (t,), 0))
         cases += [(LayerKind.DECODER_BLOCK, (d,) * (t // d), 0) for d in (512, 2048) if d < t and t % d == 0]
@@ -62,22 +64,35 @@ def sweep() -> list[tuple[LayerKind, tuple[int, ...], int]]:
 def true_factors() -> EfficiencyFactors:
     """A made-up GPU, unlike the defaults: slower GEMMs, faster attention, host-bound small forwards."""
     updates = {}
-    for kind, g, a in ((LayerKind.VIT_BLOCK, 1.6, 1.7), (LayerKind.DECODER_BLOCK, 1.5, 1.9),
-                       (LayerKind.DIT_BLOCK, 1.45, 1.6)):
+    for kind, g, a in (
+        (LayerKind.VIT_BLOCK, 1.6, 1.7),
+        (LayerKind.DECODER_BLOCK, 1.5, 1.9),
+        (LayerKind.DIT_BLOCK, 1.45, 1.6),
+    ):
         for backward, host in ((False, 9e-5), (True, 2e-5)):
             d = direction(backward)
-            updates[(kind.value, d, OpClass.GEMM)] = ClassFactors(a_flop=g * (1.05 if backward else 1.0),
-                                                                  a_mem=1.25, half_rows=160.0, overhead_s=7e-6,
-                                                                  host_s=host)
-            updates[(kind.value, d, OpClass.ATTENTION)] = ClassFactors(a_flop=a, a_mem=1.25, half_rows=300.0,
-                                                                       overhead_s=7e-6, host_s=host)
+            updates[(kind.value, d, OpClass.GEMM)] = ClassFactors(
+                a_flop=g * (1.05 if backward else 1.0), a_mem=1.25, half_rows=160.0, overhead_s=7e-6, host_s=host
+            )
+            updates[(kind.value, d, OpClass.ATTENTION)] = ClassFactors(
+                a_flop=a, a_mem=1.25, half_rows=300.0, overhead_s=7e-6, host_s=host
+            )
             updates[(kind.value, d, OpClass.ELEMENTWISE)] = ClassFactors(a_mem=1.6, overhead_s=7e-6, host_s=host)
     return EfficiencyFactors.uncalibrated().with_entries(updates)
 
 
 def row(kind: LayerKind, spans: tuple[int, ...], ctx: int, pass_: Pass, ms: float = 0.0) -> LayerProfile:
-    return LayerProfile(kind=kind, dims=DIMS[kind], tokens=sum(spans), spans=spans, context_tokens=ctx,
-                        pass_=pass_, measured_ms=ms, card="synthetic", torch_version="none")
+    return LayerProfile(
+        kind=kind,
+        dims=DIMS[kind],
+        tokens=sum(spans),
+        spans=spans,
+        context_tokens=ctx,
+        pass_=pass_,
+        measured_ms=ms,
+        card="synthetic",
+        torch_version="none",
+    )
 
 
 def synthetic_profile(noise: float = 0.01, seed: int = 0) -> Profile:
@@ -107,8 +122,10 @@ def test_fit_predicts_held_out_layer_times_within_3_percent(path: Path | None) -
     factors = fit_factors(fit_rows, hardware, transfers=profile.transfers)
     held_mape = profile_mape(held, hardware, factors)
     before = profile_mape(held, hardware, EfficiencyFactors.uncalibrated())
-    print(f"\n{path.name if path else 'synthetic'}: held-out MAPE {held_mape:.2%} (uncalibrated {before:.2%}), "
-          f"fit on {len(fit_rows)} rows, {len(held)} held out")
+    print(
+        f"\n{path.name if path else 'synthetic'}: held-out MAPE {held_mape:.2%} (uncalibrated {before:.2%}), "
+        f"fit on {len(fit_rows)} rows, {len(held)} held out"
+    )
     assert held_mape <= 0.03
     for kind in {r.kind for r in held}:
         for p in (Pass.F, Pass.B):
@@ -123,9 +140,12 @@ def test_fit_recovers_the_synthetic_gpu() -> None:
     factors = fit_factors(profile.rows, H100_SXM)
     truth = true_factors()
     probes = [
-        (LayerKind.VIT_BLOCK, (2704,) * 5, 0), (LayerKind.VIT_BLOCK, (2704,) * 20, 0),
-        (LayerKind.DECODER_BLOCK, (1536,) * 5, 0), (LayerKind.DECODER_BLOCK, (700, 3000, 4000), 0),
-        (LayerKind.DECODER_BLOCK, (20000,), 0), (LayerKind.DIT_BLOCK, (4608 * 5,), 100),
+        (LayerKind.VIT_BLOCK, (2704,) * 5, 0),
+        (LayerKind.VIT_BLOCK, (2704,) * 20, 0),
+        (LayerKind.DECODER_BLOCK, (1536,) * 5, 0),
+        (LayerKind.DECODER_BLOCK, (700, 3000, 4000), 0),
+        (LayerKind.DECODER_BLOCK, (20000,), 0),
+        (LayerKind.DIT_BLOCK, (4608 * 5,), 100),
         (LayerKind.DIT_BLOCK, (4608 * 3, 4608 * 7), 256),
     ]
     pred, want = [], []
@@ -147,15 +167,19 @@ def test_fit_recovers_the_synthetic_gpu() -> None:
 def test_fitted_model_makes_small_sub_microbatches_less_efficient() -> None:
     factors = fit_factors(synthetic_profile().rows, H100_SXM)
     for kind, unit in ((LayerKind.VIT_BLOCK, 2704), (LayerKind.DECODER_BLOCK, 1024)):
-        per_token = [sum(predict_ms(row(kind, (unit,) * n, 0, p), H100_SXM, factors) for p in (Pass.F, Pass.B))
-                     / (n * unit) for n in (1, 2, 4, 16)]
-        assert all(a > b for a, b in zip(per_token, per_token[1:], strict=False)), (kind, per_token)
+        per_token = [
+            sum(predict_ms(row(kind, (unit,) * n, 0, p), H100_SXM, factors) for p in (Pass.F, Pass.B)) / (n * unit)
+            for n in (1, 2, 4, 16)
+        ]
+        assert all(a > b for a, b in itertools.pairwise(per_token)), (kind, per_token)
 
 
 def test_transfer_fit_recovers_bandwidth_efficiency_and_latency() -> None:
     bw = H100_SXM.nvlink_bandwidth
-    rows = [TransferProfile(OpClass.P2P, n, bw, (12e-6 + 1.3 * n / bw) * 1e3 * (1 + 0.005 * (-1) ** i))
-            for i, n in enumerate(2.0**k for k in range(16, 30))]
+    rows = [
+        TransferProfile(OpClass.P2P, n, bw, (12e-6 + 1.3 * n / bw) * 1e3 * (1 + 0.005 * (-1) ** i))
+        for i, n in enumerate(2.0**k for k in range(16, 30))
+    ]
     factors = fit_transfer_factors(rows)
     cf = factors.lookup(OpClass.P2P)
     assert cf.a_net == pytest.approx(1.3, rel=0.02)
@@ -190,8 +214,12 @@ def test_profile_script_smoke_on_cpu(tmp_path: Path) -> None:
     """The GPU profiling script runs on CPU with tiny dims, and its output loads and fits."""
     pytest.importorskip("torch")
     out = tmp_path / "layer_profile.json"
-    subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--warmup", "1", "--reps", "3",
-                    "--out", str(out)], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--warmup", "1", "--reps", "3", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     meta = json.loads(out.read_text())
     assert meta["card"] == "cpu" and meta["torch_version"] and meta["date"]
     profile = load_profile(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -35,7 +36,7 @@ def clip(seconds: int) -> MediaItem:
 def vlm_batch() -> BatchMetadata:
     """Two packed microbatches: interleaved documents (images + text) and caption pairs."""
     mb0 = Microbatch((Document(900, (IMAGE,) * 6), Document(2400, (IMAGE,) * 4), Document(300)))
-    mb1 = Microbatch(tuple(Document(40, (IMAGE,)) for _ in range(20)) + (Document(1500),))
+    mb1 = Microbatch((*(Document(40, (IMAGE,)) for _ in range(20)), Document(1500)))
     return BatchMetadata(iteration=0, microbatches=(mb0, mb1))
 
 
@@ -131,11 +132,14 @@ def _count(ops: tuple[Op, ...], cls: OpClass) -> int:
     return sum(1 for o in ops if o.op_class is cls)
 
 
-@pytest.mark.parametrize("module, n_allreduce", [
-    (presets.vit_5b(projector_out=4096), 2),
-    (presets.llama3_8b(), 2),
-    (presets.dit_5b(context_hidden=4096), 3),
-])
+@pytest.mark.parametrize(
+    "module, n_allreduce",
+    [
+        (presets.vit_5b(projector_out=4096), 2),
+        (presets.llama3_8b(), 2),
+        (presets.dit_5b(context_hidden=4096), 3),
+    ],
+)
 def test_tensor_parallel_allreduces_per_block(module: ModuleSpec, n_allreduce: int) -> None:
     inst = (Instance(tokens=4608, attention_spans=(4608,), context_tokens=100),)
     for pass_ in (Pass.F, Pass.B, Pass.I):
@@ -217,9 +221,11 @@ def one_module_cost(module: ModuleSpec, tp: int = 1) -> CostModel:
 
 
 def test_roofline_op_time() -> None:
-    f = EfficiencyFactors.uncalibrated().with_entries({
-        (ANY, ANY, OpClass.GEMM): ClassFactors(a_flop=2.0, a_mem=1.0, half_rows=100.0, overhead_s=1e-6),
-    })
+    f = EfficiencyFactors.uncalibrated().with_entries(
+        {
+            (ANY, ANY, OpClass.GEMM): ClassFactors(a_flop=2.0, a_mem=1.0, half_rows=100.0, overhead_s=1e-6),
+        }
+    )
     gemm = Op("g", OpClass.GEMM, flops=989.4e12, mem_bytes=1.0, rows=100)
     assert op_time_s(gemm, H100_SXM, f) == pytest.approx(2.0 * 2 + 1e-6)  # 1 s at peak, a=2, half efficiency
     small = Op("g", OpClass.GEMM, flops=1.0, mem_bytes=3.35e12, rows=100)
@@ -228,11 +234,14 @@ def test_roofline_op_time() -> None:
     assert op_time_s(net, H100_SXM, f) == pytest.approx(1 / 0.7 + 15e-6)
 
 
-@pytest.mark.parametrize("module, unit, gain", [
-    (presets.vit_5b(projector_out=4096), 2704, 1.05),
-    (presets.llama3_8b(), 512, 1.05),
-    (presets.dit_5b(context_hidden=4096), 4608, 1.02),  # one-second clips already fill an H100
-])
+@pytest.mark.parametrize(
+    "module, unit, gain",
+    [
+        (presets.vit_5b(projector_out=4096), 2704, 1.05),
+        (presets.llama3_8b(), 512, 1.05),
+        (presets.dit_5b(context_hidden=4096), 4608, 1.02),  # one-second clips already fill an H100
+    ],
+)
 def test_small_sub_microbatches_cost_more_per_token(module: ModuleSpec, unit: int, gain: float) -> None:
     """The reason sub-microbatch sizes exist: time per token falls as the sub-microbatch grows."""
     for tp in (1, 4):
@@ -240,10 +249,11 @@ def test_small_sub_microbatches_cost_more_per_token(module: ModuleSpec, unit: in
         per_token = []
         for n in (1, 2, 4, 8):
             # Same document/image/clip size, more of them: attention per token is constant, GEMMs get fuller.
-            inst = tuple(Instance(tokens=unit, attention_spans=(unit,), context_tokens=64, output_tokens=unit)
-                         for _ in range(n))
+            inst = tuple(
+                Instance(tokens=unit, attention_spans=(unit,), context_tokens=64, output_tokens=unit) for _ in range(n)
+            )
             per_token.append(sum(cm.layer_time_ms(module.name, inst, p) for p in (Pass.F, Pass.B)) / (n * unit))
-        assert all(a > b for a, b in zip(per_token, per_token[1:], strict=False)), per_token
+        assert all(a > b for a, b in itertools.pairwise(per_token)), per_token
         assert per_token[0] > gain * per_token[-1]
 
 
@@ -268,7 +278,7 @@ def test_split_backward_adds_up_and_frozen_modules_cost_nothing_where_not_needed
     inst = (Instance(tokens=8192, attention_spans=(8192,)),)
     b = cm.layer_time_ms("llm", inst, Pass.B)
     iw = cm.layer_time_ms("llm", inst, Pass.I) + cm.layer_time_ms("llm", inst, Pass.W)
-    assert iw == pytest.approx(b, rel=1e-9)
+    assert iw == pytest.approx(b, rel=1e-3)  # exact but for the host-dispatch floor of each pass
     frozen = ModuleSpec(**{**_fields(presets.llama3_8b()), "frozen": True})
     cf = CostModel(ModelSpec(name="m", modules=(frozen,)), ParallelSpec(pp=1, microbatches=1), H100_SXM)
     assert cf.layer_time_ms("llm", inst, Pass.F) > 0
@@ -285,7 +295,8 @@ def test_recompute_costs_time_and_saves_memory() -> None:
     assert times[0] < times[1] < times[2]
     assert mems[0] > mems[1] > mems[2] > 0
     assert cm.stage_time_ms(chunk, {"vit": inst}, Pass.F, Recompute.FULL) == cm.stage_time_ms(
-        chunk, {"vit": inst}, Pass.F)
+        chunk, {"vit": inst}, Pass.F
+    )
 
 
 def test_stage_time_sums_layer_ranges_and_pre_post_parts() -> None:
@@ -297,8 +308,12 @@ def test_stage_time_sums_layer_ranges_and_pre_post_parts() -> None:
     # A Megatron-style mixed chunk: the ViT's last 3 layers (with its merger) and the LLM's first 2 (embedding).
     chunk = Chunk("model", 5, 1, (LayerRange("vit", 60, 63), LayerRange("llm", 0, 2)))
     for p in (Pass.F, Pass.B):
-        want = (3 * cm.layer_time_ms("vit", vit, p) + cm.post_time_ms("vit", vit, p)
-                + cm.pre_time_ms("llm", llm, p) + 2 * cm.layer_time_ms("llm", llm, p))
+        want = (
+            3 * cm.layer_time_ms("vit", vit, p)
+            + cm.post_time_ms("vit", vit, p)
+            + cm.pre_time_ms("llm", llm, p)
+            + 2 * cm.layer_time_ms("llm", llm, p)
+        )
         assert cm.stage_time_ms(chunk, by_module, p) == pytest.approx(want, rel=1e-12)
     assert cm.stage_time_ms(chunk, {}, Pass.F) == 0.0
     assert cm.post_time_ms("vit", vit, Pass.F) > 0
@@ -312,8 +327,15 @@ def test_header_costs_cover_every_stage() -> None:
     batch = vlm_batch()
     subs = split_sub_microbatches(model, placement, batch, {"vit": 8})
     for split in (False, True):
-        header = PlanHeader(job_id="t", iteration=0, placement=placement, sub_microbatches=subs,
-                            num_microbatches=2, schedule="test", split_backward=split)
+        header = PlanHeader(
+            job_id="t",
+            iteration=0,
+            placement=placement,
+            sub_microbatches=subs,
+            num_microbatches=2,
+            schedule="test",
+            split_backward=split,
+        )
         cm = CostModel(model, w.parallel, w.hardware)
         costs = cm.header_costs(header, batch, Recompute.SELECTIVE)
         assert set(costs.duration_ms) == set(stage_graph(header).stages)
@@ -332,9 +354,14 @@ def test_mixed_placement_costs_and_transfer_time() -> None:
     batch = t2v_batch()
     from pipeweaver.plan.layouts import whole_sub_microbatches
 
-    header = PlanHeader(job_id="t", iteration=0, placement=placement,
-                        sub_microbatches=whole_sub_microbatches(w.model, placement, batch), num_microbatches=2,
-                        schedule="test")
+    header = PlanHeader(
+        job_id="t",
+        iteration=0,
+        placement=placement,
+        sub_microbatches=whole_sub_microbatches(w.model, placement, batch),
+        num_microbatches=2,
+        schedule="test",
+    )
     cm = CostModel(w.model, w.parallel, w.hardware)
     costs = cm.header_costs(header, batch)
     total_f = sum(v for k, v in costs.duration_ms.items() if k.pass_ is Pass.F)
@@ -351,8 +378,9 @@ def test_mixed_placement_costs_and_transfer_time() -> None:
 def test_factor_lookup_fallbacks_and_json_round_trip() -> None:
     base = EfficiencyFactors.uncalibrated()
     special = ClassFactors(a_flop=3.0)
-    f = base.with_entries({(LayerKind.VIT_BLOCK.value, "B", OpClass.GEMM): special,
-                           (ANY, "F", OpClass.GEMM): ClassFactors(a_flop=2.0)})
+    f = base.with_entries(
+        {(LayerKind.VIT_BLOCK.value, "B", OpClass.GEMM): special, (ANY, "F", OpClass.GEMM): ClassFactors(a_flop=2.0)}
+    )
     assert f.lookup(OpClass.GEMM, kind=LayerKind.VIT_BLOCK, backward=True) == special
     assert f.lookup(OpClass.GEMM, kind=LayerKind.VIT_BLOCK, backward=False).a_flop == 2.0
     assert f.lookup(OpClass.GEMM, kind=LayerKind.DIT_BLOCK, backward=True) == base.lookup(OpClass.GEMM)

@@ -10,8 +10,8 @@ from pipeweaver.plan.ir import Chunk, LayerRange, Recompute
 from pipeweaver.plan.layouts import mixed_placement, modular_placement
 from pipeweaver.simulator.costmodel import CostModel
 from pipeweaver.simulator.memory import (
+    caption_bytes,
     check_fits,
-    chunk_input_bytes,
     layer_activation_bytes,
     static_memory,
     static_memory_bytes,
@@ -35,13 +35,16 @@ def test_llama3_8b_parameter_count() -> None:
     assert presets.llama3_8b().total_params() == LLAMA3_8B_PARAMS
 
 
-@pytest.mark.parametrize("tp, dp, distributed, bytes_per_param", [
-    (1, 1, True, 2 + 4 + 12),  # bf16 weights, fp32 grads, fp32 master + Adam m, v
-    (4, 1, True, (2 + 4 + 12) / 4),
-    (1, 8, True, 2 + 4 + 12 / 8),  # distributed optimizer shards the 12 B across dp
-    (1, 8, False, 2 + 4 + 12),
-    (2, 4, True, (2 + 4 + 12 / 4) / 2),
-])
+@pytest.mark.parametrize(
+    "tp, dp, distributed, bytes_per_param",
+    [
+        (1, 1, True, 2 + 4 + 12),  # bf16 weights, fp32 grads, fp32 master + Adam m, v
+        (4, 1, True, (2 + 4 + 12) / 4),
+        (1, 8, True, 2 + 4 + 12 / 8),  # distributed optimizer shards the 12 B across dp
+        (1, 8, False, 2 + 4 + 12),
+        (2, 4, True, (2 + 4 + 12 / 4) / 2),
+    ],
+)
 def test_static_memory_of_llama3_8b(tp: int, dp: int, distributed: bool, bytes_per_param: float) -> None:
     model = llama_only()
     parallel = ParallelSpec(pp=1, tp=tp, dp=dp, microbatches=1, distributed_optimizer=distributed)
@@ -75,7 +78,7 @@ def test_does_not_fit_names_rank_need_and_capacity() -> None:
     need = static_memory_bytes(model, ParallelSpec(pp=1, microbatches=1), modular_placement(model, 1))
     with pytest.raises(DoesNotFit, match=r"rank 0 needs 144\.5 GB of static memory but the h800's 80\.0 GB"):
         check_fits(need, H800)
-    with pytest.raises(DoesNotFit, match="rank 1 needs 3.0 GB of activations"):
+    with pytest.raises(DoesNotFit, match=r"rank 1 needs 3\.0 GB of activations"):
         check_fits([1 * GB, 3 * GB], 2 * GB, what="activations")
 
 
@@ -89,12 +92,14 @@ def test_decoder_activations_per_token_match_korthikanti() -> None:
         assert got == pytest.approx(34 * h * 8192 / tp, rel=0.01)
         sel = layer_activation_bytes(llm, inst, tp=tp, recompute=Recompute.SELECTIVE, dtype_bytes=2)
         assert 0.6 * got < sel < 0.85 * got
-        assert layer_activation_bytes(llm, inst, tp=tp, recompute=Recompute.FULL) == 0.0
-        assert chunk_input_bytes(llm, inst, tp=tp) == 8192 * h * 2 / tp
+        # Full recompute keeps each block's input: Korthikanti's 2sbh per layer.
+        assert layer_activation_bytes(llm, inst, tp=tp, recompute=Recompute.FULL) == 8192 * h * 2 / tp
+        assert caption_bytes(llm, inst, tp=tp) == 0.0
     # Activations follow tokens, not documents (flash attention keeps no score matrix).
     one_doc = (Instance(tokens=8192, attention_spans=(8192,)),)
     assert layer_activation_bytes(llm, one_doc, tp=1, recompute=Recompute.NONE) == layer_activation_bytes(
-        llm, inst, tp=1, recompute=Recompute.NONE)
+        llm, inst, tp=1, recompute=Recompute.NONE
+    )
 
 
 def test_stage_activation_bytes_per_strategy() -> None:
@@ -105,7 +110,10 @@ def test_stage_activation_bytes_per_strategy() -> None:
     middle = Chunk("llm", 1, 1, (LayerRange("llm", 8, 16),))
     per_layer = layer_activation_bytes(llm, inst["llm"], tp=4, recompute=Recompute.NONE)
     assert cm.stage_activation_bytes(middle, inst) == pytest.approx(8 * per_layer)
-    assert cm.stage_activation_bytes(middle, inst, Recompute.FULL) == pytest.approx(8192 * 4096 * 2 / 4)
+    assert cm.stage_activation_bytes(middle, inst, Recompute.FULL) == pytest.approx(8 * 8192 * 4096 * 2 / 4)
+    assert cm.layer_activation_bytes("llm", inst["llm"], Recompute.SELECTIVE) == layer_activation_bytes(
+        llm, inst["llm"], tp=4, recompute=Recompute.SELECTIVE
+    )
     # The last chunk also keeps the loss's fp32 softmax over the vocab-parallel logits.
     last = Chunk("llm", 3, 3, (LayerRange("llm", 24, 32),))
     extra = cm.stage_activation_bytes(last, inst) - cm.stage_activation_bytes(middle, inst)
@@ -114,10 +122,13 @@ def test_stage_activation_bytes_per_strategy() -> None:
     vit = (Instance(tokens=2704, attention_spans=(2704,), output_tokens=169),) * 4
     vit_chunk = Chunk("vit", 1, 1, (LayerRange("vit", 16, 32),))
     assert cm.stage_activation_bytes(vit_chunk, {"vit": vit}) == pytest.approx(
-        16 * layer_activation_bytes(w.model.module("vit"), vit, tp=4, recompute=Recompute.NONE))
+        16 * layer_activation_bytes(w.model.module("vit"), vit, tp=4, recompute=Recompute.NONE)
+    )
     dit = presets.dit_5b(context_hidden=4096)
     with_caption = (Instance(tokens=4608, attention_spans=(4608,), context_tokens=200),)
     without = (Instance(tokens=4608, attention_spans=(4608,), context_tokens=0),)
-    diff = (layer_activation_bytes(dit, with_caption, tp=1, recompute=Recompute.NONE)
-            - layer_activation_bytes(dit, without, tp=1, recompute=Recompute.NONE))
+    diff = layer_activation_bytes(dit, with_caption, tp=1, recompute=Recompute.NONE) - layer_activation_bytes(
+        dit, without, tp=1, recompute=Recompute.NONE
+    )
     assert diff == pytest.approx(200 * 2 * 3584 * 2)
+    assert caption_bytes(dit, with_caption, tp=4) == 200 * 3584 * 2 / 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,12 +25,20 @@ def random_instances(rng: random.Random, w: Workload, module: str) -> tuple[Inst
     if m.input is Modality.IMAGE:
         assert m.image is not None
         p = m.image.patches_per_image
-        return tuple(Instance(tokens=p, attention_spans=(p,), output_tokens=m.image.tokens_per_image)
-                     for _ in range(rng.randint(1, 12)))
+        return tuple(
+            Instance(tokens=p, attention_spans=(p,), output_tokens=m.image.tokens_per_image)
+            for _ in range(rng.randint(1, 12))
+        )
     if m.input is Modality.VIDEO:
-        return tuple(Instance(tokens=(s := 16 * rng.randint(1, 64)), attention_spans=(s,),
-                              context_tokens=rng.randint(1, 300), output_tokens=s)
-                     for _ in range(rng.randint(1, 4)))
+        return tuple(
+            Instance(
+                tokens=(s := 16 * rng.randint(1, 64)),
+                attention_spans=(s,),
+                context_tokens=rng.randint(1, 300),
+                output_tokens=s,
+            )
+            for _ in range(rng.randint(1, 4))
+        )
     docs = tuple(rng.randint(1, 2000) for _ in range(rng.randint(1, 6)))
     return (Instance(tokens=sum(docs), attention_spans=docs, output_tokens=sum(docs)),)
 
@@ -79,8 +88,9 @@ def test_token_signature_is_canonical() -> None:
 
 def vlm_batch(iteration: int, images: int) -> BatchMetadata:
     image = MediaItem(Modality.IMAGE, tokens=2704, merged_tokens=169)
-    mbs = tuple(Microbatch((Document(500 + 100 * (j % 3), (image,) * (images + j % 5)), Document(800)))
-                for j in range(8))
+    mbs = tuple(
+        Microbatch((Document(500 + 100 * (j % 3), (image,) * (images + j % 5)), Document(800))) for j in range(8)
+    )
     return BatchMetadata(iteration=iteration, microbatches=mbs)
 
 
@@ -93,8 +103,15 @@ def test_spatial_and_temporal_reuse_hit_rate() -> None:
     def costs(iteration: int) -> dict[object, float]:
         batch = vlm_batch(iteration, images=12)
         subs = split_sub_microbatches(w.model, placement, batch, {"vit": 12})
-        header = PlanHeader(job_id="t", iteration=iteration, placement=placement, sub_microbatches=subs,
-                            num_microbatches=8, schedule="test", split_backward=True)
+        header = PlanHeader(
+            job_id="t",
+            iteration=iteration,
+            placement=placement,
+            sub_microbatches=subs,
+            num_microbatches=8,
+            schedule="test",
+            split_backward=True,
+        )
         return dict(cm.header_costs(header, batch).duration_ms)
 
     first = costs(0)
@@ -108,9 +125,11 @@ def test_spatial_and_temporal_reuse_hit_rate() -> None:
     assert second == first
     assert temporal.stage_misses == spatial.stage_misses
     assert temporal.hit_rate > spatial.hit_rate
-    print(f"\nreuse: {cache!r}; spatial hit rate {spatial.hit_rate:.1%}, after a second iteration "
-          f"{temporal.hit_rate:.1%}; {temporal.layers_served} block evaluations from "
-          f"{temporal.layer_hits + temporal.layer_misses} layer lookups")
+    print(
+        f"\nreuse: {cache!r}; spatial hit rate {spatial.hit_rate:.1%}, after a second iteration "
+        f"{temporal.hit_rate:.1%}; {temporal.layers_served} block evaluations from "
+        f"{temporal.layer_hits + temporal.layer_misses} layer lookups"
+    )
     cache.clear()
     assert len(cache) == 0 and cache.hits == 0 and cache.hit_rate == 0.0
 
@@ -141,3 +160,20 @@ def test_bounded_cache_still_answers_correctly() -> None:
         inst = {"llm": (Instance(tokens=t, attention_spans=(t,)),)}
         assert cm.stage_time_ms(chunk, inst, Pass.B) == plain.stage_time_ms(chunk, inst, Pass.B)
     assert len(cache) <= 3
+
+
+def test_models_sharing_a_cache_never_mix() -> None:
+    """vlm-s and vlm-m both name their modules 'vit' and 'llm' (with other dims): stages stay apart."""
+    cache = StageCostCache()
+    chunk = Chunk("llm", 0, 0, (LayerRange("llm", 0, 8),))
+    inst = {"llm": (Instance(tokens=4096, attention_spans=(4096,)),)}
+    results = []
+    for name in ("vlm-s", "vlm-m", "vlm-s"):
+        w = presets.workload(name)
+        parallel = replace(w.parallel, tp=4)
+        cached = CostModel(w.model, parallel, w.hardware, cache=cache)
+        plain = CostModel(w.model, parallel, w.hardware)
+        got = cached.stage_time_ms(chunk, inst, Pass.F)
+        assert got == plain.stage_time_ms(chunk, inst, Pass.F)
+        results.append(got)
+    assert results[0] != results[1] and results[0] == results[2]

@@ -1,0 +1,327 @@
+"""How a request becomes a plan: registration, the per-iteration search or fallback, deadlines, the refit.
+
+One search per (job, replica, iteration) however many ranks ask (`jobs.PlanEntry`); a repeated batch signature
+is answered from the job's plan cache. With a deadline, the search gets the budget that still leaves time for
+the worker's overhead and a fallback; if no plan is there when only the fallback's time is left, the fallback is
+built on the control lane and becomes *the* plan of that iteration for every rank. A search worker that dies
+makes its iterations' plans fallbacks too. All CPU work happens in the pool; this module only awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import grpc
+
+from pipeweaver.search.baselines.registry import BASELINES
+from pipeweaver.server import work
+from pipeweaver.server.config import ServerConfig
+from pipeweaver.server.jobs import JobRegistry, JobState, PlanEntry, Served, batch_digest, job_id_for
+from pipeweaver.server.metrics import Metrics
+from pipeweaver.server.pool import PoolClosed, QueueFull, WorkerCrashed, WorkerPool
+from pipeweaver.server.validation import (
+    JobRequest,
+    RequestError,
+    Violation,
+    check_batch,
+    check_job_spec,
+    check_timings,
+    from_rejected,
+    invalid,
+    unknown_job,
+)
+from pipeweaver.v1 import planner_pb2 as pb
+
+log = logging.getLogger("pipeweaver.server")
+
+MIN_SEARCH_BUDGET_MS = 5.0
+"""Below this a search is not worth starting: the fallback is built instead."""
+SLACK_MS = 10.0
+"""Event loop, IPC and serialization time kept free before a deadline."""
+SIMULATE_SCHEDULES = ("pipeweaver", "fallback")
+
+
+def shutting_down() -> RequestError:
+    return RequestError(grpc.StatusCode.UNAVAILABLE, "the planner is shutting down; reconnect", reason="SHUTTING_DOWN")
+
+
+def queue_full(exc: QueueFull) -> RequestError:
+    return RequestError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"{exc}; retry later or plan with a client-side fallback",
+        reason="QUEUE_FULL",
+        retry_after_s=0.5,
+    )
+
+
+def _restamp(plan: Any, entry: PlanEntry) -> Any:
+    """A cached plan re-issued for another iteration (and replica): same actions, new identity, source CACHE."""
+    out = pb.Plan()
+    out.CopyFrom(plan)
+    out.header.iteration = entry.iteration
+    out.header.dp_replica = entry.replica
+    out.header.source = pb.PLAN_SOURCE_CACHE
+    return out
+
+
+class Planning:
+    def __init__(self, config: ServerConfig, pool: WorkerPool, metrics: Metrics) -> None:
+        self.config = config
+        self.pool = pool
+        self.m = metrics
+        self.registry = JobRegistry(config.max_jobs, on_change=metrics.jobs.set)
+
+    def job(self, job_id: str) -> JobState:
+        if not job_id:
+            raise invalid([Violation("job_id", "missing; use the id RegisterJob returned")])
+        job = self.registry.get(job_id)
+        if job is None:
+            raise unknown_job(job_id)
+        return job
+
+    # ---- RegisterJob ----
+    async def register(self, req: JobRequest) -> JobState:
+        job_id = job_id_for(req.spec, req.budget_ms)
+
+        async def create() -> JobState:
+            outcome = await self._run(self.pool.control, work.register_job, work.Job(job_id, req.spec), "register")
+            if isinstance(outcome, work.Rejected):
+                raise from_rejected(outcome)
+            part = outcome.partition
+            response = pb.RegisterJobResponse(
+                job_id=job_id,
+                placement=pb.Placement.FromString(outcome.placement),
+                module_splits=[
+                    pb.ModuleSplit(
+                        module=m.name,
+                        sub_microbatch_size=part.sub_microbatch_size[m.name],
+                        segments=part.segments[m.name],
+                    )
+                    for m in req.spec.model.modules
+                ],
+                static_memory_bytes=part.static_memory_bytes,
+            )
+            log.info("registered %s (%s, pp %d)", job_id, req.spec.model.name, req.spec.parallel.pp)
+            return JobState(
+                work.Job(job_id, req.spec, part),
+                response,
+                budget_ms=req.budget_ms,
+                plan_window=self.config.plan_window,
+                plan_cache_size=self.config.plan_cache_size,
+            )
+
+        return await self.registry.register(job_id, create)
+
+    async def _run(self, lane: Any, fn: Any, arg: Any, what: str) -> Any:
+        """Run a control task, mapping pool failures to statuses (registration, simulation)."""
+        try:
+            return await lane.run(fn, arg)
+        except QueueFull as exc:
+            raise queue_full(exc) from None
+        except WorkerCrashed:
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE, f"the worker running this {what} died; retry", reason="WORKER_CRASHED"
+            ) from None
+        except PoolClosed:
+            raise shutting_down() from None
+
+    # ---- GetPlan / StreamPlans ----
+    async def plan(self, job: JobState, batch: Any, *, budget_ms: float, deadline: float | None) -> Served:
+        """The plan of `batch` for every rank of its pipeline; `deadline` is on the `time.monotonic` clock."""
+        digest = batch_digest(batch)
+        entry = job.entry(batch.dp_replica, batch.iteration)
+        if entry is not None:
+            if entry.digest != digest:
+                raise RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"batch: differs from the batch already sent for iteration {batch.iteration} of replica "
+                    f"{batch.dp_replica}; every rank of a pipeline must send the same metadata",
+                    [Violation("batch", "differs from another rank's batch for the same iteration and replica")],
+                    reason="BATCH_CONFLICT",
+                )
+            self.m.deduplicated.inc()
+        else:
+            entry = PlanEntry(batch.dp_replica, batch.iteration, digest, batch.SerializeToString())
+            job.add_entry(entry)
+            self._start(job, entry, budget_ms, deadline)
+        entry.waiters += 1
+        try:
+            return await self._wait(job, entry, deadline)
+        finally:
+            entry.waiters -= 1
+            if entry.waiters == 0 and not entry.final.done():
+                # Everyone who asked went away (a cancelled stream, an expired call): stop planning it.
+                entry.cancel_tasks()
+                job.drop(entry)
+
+    def _start(self, job: JobState, entry: PlanEntry, budget_ms: float, deadline: float | None) -> None:
+        if job.caching:
+            hit = job.cached(entry.digest)
+            if hit is not None:
+                self.m.plan_cache.labels(result="hit").inc()
+                entry.resolve(Served(_restamp(hit.plan, entry), "cache", hit.raw_predicted_ms))
+                self.m.plans.labels(source="cache").inc()
+                return
+            self.m.plan_cache.labels(result="miss").inc()
+        budget = budget_ms
+        if deadline is not None:
+            left_ms = (deadline - time.monotonic()) * 1e3 - job.overhead_ms - job.fallback_ms - SLACK_MS
+            budget = min(budget, left_ms)
+        if budget < MIN_SEARCH_BUDGET_MS:
+            self._start_fallback(job, entry, "deadline")
+            return
+        entry.search = asyncio.create_task(self._search(job, entry, budget))
+
+    async def _wait(self, job: JobState, entry: PlanEntry, deadline: float | None) -> Served:
+        if deadline is not None and not entry.final.done():
+            until_fallback = deadline - time.monotonic() - (job.fallback_ms + SLACK_MS) / 1e3
+            if until_fallback > 0:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(entry.final), until_fallback)
+                except TimeoutError:
+                    pass
+            if not entry.final.done():
+                self._start_fallback(job, entry, "deadline")
+        return await asyncio.shield(entry.final)
+
+    async def _search(self, job: JobState, entry: PlanEntry, budget_ms: float) -> None:
+        task = work.PlanTask(
+            job.job, entry.batch, "search", budget_ms, limits=self.config.limits, time_scale=job.time_scale
+        )
+        try:
+            outcome = await self.pool.search.run(work.plan_batch, task)
+        except QueueFull as exc:
+            entry.fail(queue_full(exc))
+            job.drop(entry)
+            return
+        except WorkerCrashed:
+            self._start_fallback(job, entry, "worker_crash")
+            return
+        except PoolClosed:
+            entry.fail(shutting_down())
+            job.drop(entry)
+            return
+        except Exception:
+            log.exception("search failed for %s iteration %d; falling back", job.job_id, entry.iteration)
+            self._start_fallback(job, entry, "error")
+            return
+        if isinstance(outcome, work.Rejected):
+            entry.fail(from_rejected(outcome))
+            job.drop(entry)
+            return
+        plan = pb.Plan.FromString(outcome.plan)
+        job.record_overhead(outcome.worker_ms, budget_ms)
+        job.remember(entry.digest, plan, outcome.raw_predicted_ms)
+        self._observe_search(outcome)
+        if entry.resolve(Served(plan, "search", outcome.raw_predicted_ms)):
+            self.m.plans.labels(source="search").inc()
+
+    def _observe_search(self, outcome: work.PlanOutcome) -> None:
+        m = self.m
+        m.worker_task_seconds.labels(lane="search", task="search").observe(outcome.worker_ms / 1e3)
+        m.search_seconds.observe(outcome.search_ms / 1e3)
+        m.bubble.observe(outcome.bubble_fraction)
+        m.semu_cache_hit.observe(outcome.cache_hit_rate)
+        if outcome.predicted_ms > 0:
+            for name, ms in outcome.baseline_ms.items():
+                m.speedup.labels(baseline=name).observe(ms / outcome.predicted_ms)
+
+    def _start_fallback(self, job: JobState, entry: PlanEntry, reason: str) -> None:
+        if entry.final.done() or entry.fallback is not None:
+            return
+        entry.fallback = asyncio.create_task(self._fallback(job, entry, reason))
+
+    async def _fallback(self, job: JobState, entry: PlanEntry, reason: str) -> None:
+        task = work.PlanTask(job.job, entry.batch, "fallback", 0.0, limits=self.config.limits)
+        started = time.monotonic()
+        error: RequestError | None = None
+        outcome: work.PlanOutcome | work.Rejected | None = None
+        try:
+            outcome = await self.pool.control.run(work.plan_batch, task)
+        except QueueFull as exc:
+            error = queue_full(exc)
+        except (WorkerCrashed, PoolClosed) as exc:
+            error = RequestError(grpc.StatusCode.UNAVAILABLE, f"no plan: {exc}", reason="NO_PLAN")
+        except Exception as exc:
+            log.exception("fallback failed for %s iteration %d", job.job_id, entry.iteration)
+            error = RequestError(grpc.StatusCode.INTERNAL, f"no plan: the fallback failed: {exc}", reason="NO_PLAN")
+        if isinstance(outcome, work.Rejected):
+            error = from_rejected(outcome)
+        if error is not None or not isinstance(outcome, work.PlanOutcome):
+            search_pending = entry.search is not None and not entry.search.done()
+            if not search_pending:  # else the search may still deliver
+                entry.fail(error or RequestError(grpc.StatusCode.INTERNAL, "no plan"))
+                job.drop(entry)
+            return
+        wall_ms = (time.monotonic() - started) * 1e3
+        job.record_fallback(wall_ms)
+        self.m.worker_task_seconds.labels(lane="control", task="fallback").observe(outcome.worker_ms / 1e3)
+        if entry.resolve(Served(pb.Plan.FromString(outcome.plan), "fallback")):
+            self.m.plans.labels(source="fallback").inc()
+            self.m.fallbacks.labels(reason=reason).inc()
+            if entry.search is not None and not entry.search.done():
+                entry.search.cancel()  # free its queue slot; this iteration's plan is fixed now
+
+    # ---- ReportTimings ----
+    def report(self, job: JobState, req: Any) -> Any:
+        measured = check_timings(req, job.job.spec.parallel)
+        served = job.served_for(req.iteration)
+        n = len(req.measured_start_ms)
+        if served and n:
+            counts = sorted({len(s.rank_plan(req.rank).actions) for s in served})
+            if n not in counts:
+                raise invalid(
+                    [
+                        Violation(
+                            "measured_start_ms",
+                            f"{n} entries, but the plan served for iteration {req.iteration} on rank {req.rank} "
+                            f"has {' or '.join(map(str, counts))} actions",
+                        )
+                    ]
+                )
+        error, mean, folded = job.fold_report(req.iteration, measured)
+        if folded:
+            self.m.prediction_error.observe(error)
+        return pb.ReportTimingsResponse(iteration_error=error, mean_error=mean)
+
+    # ---- Simulate ----
+    async def simulate(self, req: Any) -> Any:
+        which = req.WhichOneof("job")
+        if which == "job_id":
+            job = self.job(req.job_id).job
+        elif which == "spec":
+            spec = req.spec
+            model, parallel, hardware = check_job_spec(
+                spec.model if spec.HasField("model") else None,
+                spec.parallel if spec.HasField("parallel") else None,
+                spec.hardware if spec.HasField("hardware") else None,
+                self.config.limits,
+                prefix="spec.",
+            )
+            job_spec = work.JobSpec(model=model, parallel=parallel, hardware=hardware)
+            job = work.Job("sim-" + job_id_for(job_spec, 0.0).removeprefix("job-"), job_spec)
+        else:
+            raise invalid([Violation("job", "set job_id (a registered job) or spec (an inline one)")])
+        schedule = req.schedule.replace("_", "-") if req.schedule not in SIMULATE_SCHEDULES else req.schedule
+        if schedule not in BASELINES and schedule not in SIMULATE_SCHEDULES:
+            choices = ", ".join([*SIMULATE_SCHEDULES, *sorted(BASELINES)])
+            raise invalid([Violation("schedule", f"unknown schedule {req.schedule!r}; choose one of {choices}")])
+        if not req.HasField("batch"):
+            raise invalid([Violation("batch", "missing")])
+        check_batch(req.batch, job.spec.parallel, self.config.limits)
+        task = work.SimulateTask(
+            job, req.batch.SerializeToString(), schedule, limits=self.config.limits, budget_ms=self.config.budget_ms
+        )
+        lane = self.pool.search if schedule == "pipeweaver" else self.pool.control
+        outcome = await self._run(lane, work.simulate, task, "simulation")
+        if isinstance(outcome, work.Rejected):
+            raise from_rejected(outcome)
+        return pb.SimulateResponse(
+            makespan_ms=outcome.makespan_ms,
+            bubble_fraction=outcome.bubble_fraction,
+            busy_ms=outcome.busy_ms,
+            peak_memory_bytes=outcome.peak_memory_bytes,
+        )

@@ -1,0 +1,254 @@
+"""The planner service end to end on a real server: registration, plans per rank, dedup, cache, streams,
+deadlines and fallbacks, timing reports, simulation, health and reflection."""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from pipeweaver.plan.validator import validate
+from pipeweaver.v1 import planner_pb2 as pb
+from pipeweaver.wire import plan_from_proto
+from tests.server.harness import (
+    SERVICE,
+    ServerProcess,
+    batch,
+    register_request,
+    stream_requests,
+    tiny_workload,
+)
+
+W = tiny_workload()
+
+
+def whole_plan(responses: list[Any]) -> Any:
+    """The plan the ranks run together, from each rank's response (all share one header)."""
+    header = responses[0].header
+    return pb.Plan(header=header, ranks=sorted((r.rank_plan for r in responses), key=lambda rp: rp.rank))
+
+
+def same_header(a: Any, b: Any) -> bool:
+    return bool(a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True))
+
+
+# ---- health and reflection ---------------------------------------------------------------------------------
+
+
+def test_liveness_and_readiness_are_serving(planner: ServerProcess) -> None:
+    assert planner.health("") == health_pb2.HealthCheckResponse.SERVING
+    assert planner.health(SERVICE) == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as info:
+        planner.health("no.such.Service")
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_services(planner: ServerProcess) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(planner.channel())
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+
+# ---- RegisterJob -------------------------------------------------------------------------------------------
+
+
+def test_register_job_is_idempotent_and_returns_the_partition(planner: ServerProcess, job_id: str) -> None:
+    stub = planner.stub()
+    again = stub.RegisterJob(register_request(W), timeout=60)
+    assert again.job_id == job_id
+    assert again.placement.pp == W.parallel.pp
+    assert {c.rank for c in again.placement.chunks} == set(range(W.parallel.pp))
+    assert [s.module for s in again.module_splits] == [m.name for m in W.model.modules]
+    assert all(s.sub_microbatch_size >= 1 and s.segments >= 1 for s in again.module_splits)
+    assert len(again.static_memory_bytes) == W.parallel.pp and min(again.static_memory_bytes) > 0
+
+    other = stub.RegisterJob(register_request(W, planning_budget_ms=75.0), timeout=60)
+    assert other.job_id != job_id  # a different spec (budget) is a different job
+
+
+def test_concurrent_registrations_of_one_job_agree(planner: ServerProcess) -> None:
+    stub = planner.stub()
+    request = register_request(W, planning_budget_ms=33.0)
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda _: stub.RegisterJob(request, timeout=60), range(4)))
+    assert len({r.SerializeToString(deterministic=True) for r in responses}) == 1
+
+
+# ---- GetPlan -----------------------------------------------------------------------------------------------
+
+
+def test_each_rank_gets_its_own_actions_and_the_shared_header(planner: ServerProcess, job_id: str) -> None:
+    stub = planner.stub()
+    b = batch(W, 100)
+    responses = [stub.GetPlan(pb.GetPlanRequest(job_id=job_id, rank=r, batch=b), timeout=30) for r in (0, 1)]
+    assert [r.rank_plan.rank for r in responses] == [0, 1]
+    assert same_header(responses[0].header, responses[1].header)
+    header = responses[0].header
+    assert header.job_id == job_id and header.iteration == 100
+    assert header.source in (pb.PLAN_SOURCE_SEARCH, pb.PLAN_SOURCE_CACHE) and not responses[0].fallback
+    assert header.predicted_makespan_ms > 0
+    assert [b.schedule for b in header.baseline_makespans] == ["1f1b"]
+    # Together the ranks' action lists form one valid plan (every send meets its receive).
+    validate(plan_from_proto(whole_plan(responses)))
+
+
+def test_an_iteration_is_planned_once_however_many_ranks_ask(planner: ServerProcess, job_id: str) -> None:
+    stub = planner.stub()
+    b = batch(W, 110, seed=7)
+    plans_before = sum(planner.sample("pipeweaver_plans_total", source=s) for s in ("search", "cache", "fallback"))
+    dedup_before = planner.sample("pipeweaver_plan_requests_deduplicated_total")
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(
+            pool.map(lambda r: stub.GetPlan(pb.GetPlanRequest(job_id=job_id, rank=r % 2, batch=b), timeout=30), range(6))
+        )
+    assert all(same_header(r.header, responses[0].header) for r in responses)
+    plans_after = sum(planner.sample("pipeweaver_plans_total", source=s) for s in ("search", "cache", "fallback"))
+    assert plans_after - plans_before == 1
+    assert planner.sample("pipeweaver_plan_requests_deduplicated_total") - dedup_before == 5
+
+
+def test_a_repeated_batch_signature_is_served_from_the_plan_cache(planner: ServerProcess, job_id: str) -> None:
+    stub = planner.stub()
+    first = batch(W, 120, seed=11)
+    hits_before = planner.sample("pipeweaver_plan_cache_lookups_total", result="hit")
+    a = stub.GetPlan(pb.GetPlanRequest(job_id=job_id, rank=0, batch=first), timeout=30)
+    repeat = pb.BatchMetadata()
+    repeat.CopyFrom(first)
+    repeat.iteration = 121  # same microbatches, later iteration: same signature
+    b = stub.GetPlan(pb.GetPlanRequest(job_id=job_id, rank=0, batch=repeat), timeout=30)
+    assert a.header.source == pb.PLAN_SOURCE_SEARCH
+    assert b.header.source == pb.PLAN_SOURCE_CACHE and b.header.iteration == 121 and not b.fallback
+    assert b.rank_plan == a.rank_plan
+    assert planner.sample("pipeweaver_plan_cache_lookups_total", result="hit") - hits_before == 1
+
+    different = batch(W, 122, seed=12)
+    c = stub.GetPlan(pb.GetPlanRequest(job_id=job_id, rank=0, batch=different), timeout=30)
+    assert c.header.source == pb.PLAN_SOURCE_SEARCH
+
+
+def test_ranks_that_disagree_on_an_iterations_batch_are_refused(planner: ServerProcess, job_id: str) -> None:
+    stub = planner.stub()
+    stub.GetPlan(pb.GetPlanRequest(job_id=job_id, rank=0, batch=batch(W, 130, seed=1)), timeout=30)
+    other = batch(W, 130, seed=2)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetPlan(pb.GetPlanRequest(job_id=job_id, rank=1, batch=other), timeout=30)
+    assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+
+
+# ---- StreamPlans -------------------------------------------------------------------------------------------
+
+
+def test_streams_answer_every_iteration_for_every_rank(planner: ServerProcess, job_id: str) -> None:
+    stub = planner.stub()
+    batches = [batch(W, it, seed=3) for it in range(200, 205)]
+
+    def run(rank: int) -> dict[int, Any]:
+        responses = stub.StreamPlans(iter(stream_requests(job_id, rank, batches)), timeout=60)
+        return {r.header.iteration: r for r in responses}
+
+    with ThreadPoolExecutor(2) as pool:
+        by_rank = list(pool.map(run, (0, 1)))
+    for it in range(200, 205):
+        r0, r1 = by_rank[0][it], by_rank[1][it]
+        assert r0.rank_plan.rank == 0 and r1.rank_plan.rank == 1
+        assert same_header(r0.header, r1.header)
+        validate(plan_from_proto(whole_plan([r0, r1])))
+
+
+# ---- deadlines ---------------------------------------------------------------------------------------------
+
+
+def test_a_deadline_shorter_than_the_budget_still_gets_a_searched_plan(planner: ServerProcess) -> None:
+    stub = planner.stub()
+    slow = stub.RegisterJob(register_request(W, planning_budget_ms=20_000.0), timeout=60).job_id
+    started = time.monotonic()
+    r = stub.GetPlan(pb.GetPlanRequest(job_id=slow, rank=0, batch=batch(W, 300, seed=5)), timeout=3.0)
+    assert time.monotonic() - started < 3.0
+    assert not r.fallback and r.header.source == pb.PLAN_SOURCE_SEARCH
+
+
+def test_no_plan_by_the_deadline_means_the_flagged_fallback(planner: ServerProcess) -> None:
+    stub = planner.stub()
+    busy = stub.RegisterJob(register_request(W, planning_budget_ms=4_000.0), timeout=60).job_id
+    fallbacks_before = planner.sample("pipeweaver_fallback_plans_total", reason="deadline")
+    with ThreadPoolExecutor(1) as pool:
+        # Keep the only search worker busy for seconds...
+        long_search = pool.submit(
+            stub.GetPlan, pb.GetPlanRequest(job_id=busy, rank=0, batch=batch(W, 400, seed=6)), timeout=60
+        )
+        time.sleep(0.5)
+        # ...so this request's search cannot even start before its deadline.
+        r = stub.GetPlan(pb.GetPlanRequest(job_id=busy, rank=1, batch=batch(W, 401, seed=6)), timeout=1.5)
+        assert r.fallback and r.header.source == pb.PLAN_SOURCE_FALLBACK and r.rank_plan.rank == 1
+        # The fallback is now *the* plan of that iteration: the other rank gets it too.
+        r0 = stub.GetPlan(pb.GetPlanRequest(job_id=busy, rank=0, batch=batch(W, 401, seed=6)), timeout=30)
+        assert r0.fallback and same_header(r0.header, r.header)
+        validate(plan_from_proto(whole_plan([r0, r])))
+        assert not long_search.result().fallback
+    assert planner.sample("pipeweaver_fallback_plans_total", reason="deadline") - fallbacks_before == 1
+
+
+# ---- ReportTimings -----------------------------------------------------------------------------------------
+
+
+def test_timing_reports_refit_the_predictions_and_export_the_error(planner: ServerProcess) -> None:
+    stub = planner.stub()
+    jid = stub.RegisterJob(register_request(W, planning_budget_ms=40.0), timeout=60).job_id
+    count_before = planner.sample("pipeweaver_prediction_error_ratio_count")
+    slowdown, alpha = 1.5, 0.3  # the hardware is 1.5x slower than modelled; the server's refit is an EWMA
+    scale, errors = 1.0, []
+    for it in range(500, 506):
+        b = batch(W, it, seed=8)
+        plans = [stub.GetPlan(pb.GetPlanRequest(job_id=jid, rank=r, batch=b), timeout=30) for r in (0, 1)]
+        served = plans[0].header.predicted_makespan_ms
+        assert served > 0 and plans[0].header.source == pb.PLAN_SOURCE_SEARCH
+        measured = slowdown * served / scale  # served = unscaled prediction x the refit's current scale
+        reports = []
+        for r in (0, 1):  # every rank reports; the refit counts the iteration once
+            n = len(plans[r].rank_plan.actions)
+            request = pb.ReportTimingsRequest(
+                job_id=jid,
+                iteration=it,
+                rank=r,
+                measured_start_ms=[0.0] * n,
+                measured_end_ms=[measured] * n,
+                measured_iteration_ms=measured,
+            )
+            reports.append(stub.ReportTimings(request, timeout=10))
+        assert math.isclose(reports[0].iteration_error, abs(served - measured) / measured, rel_tol=1e-6)
+        assert math.isclose(reports[1].iteration_error, reports[0].iteration_error, rel_tol=1e-9)
+        errors.append(reports[0].iteration_error)
+        scale = (1 - alpha) * scale + alpha * slowdown
+    assert math.isclose(errors[0], 1 / 3, rel_tol=1e-6)  # |p - 1.5p| / 1.5p before any refit
+    assert errors[-1] < errors[0] / 3, errors  # the refit has learned most of the 1.5x
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert planner.sample("pipeweaver_prediction_error_ratio_count") - count_before == 6  # once per iteration
+
+    with pytest.raises(grpc.RpcError) as info:  # a report that does not match the plan served to that rank
+        stub.ReportTimings(
+            pb.ReportTimingsRequest(job_id=jid, iteration=505, rank=0, measured_start_ms=[0.0], measured_end_ms=[1.0]),
+            timeout=10,
+        )
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ---- Simulate ----------------------------------------------------------------------------------------------
+
+
+def test_simulate_a_baseline_on_a_registered_job_and_an_inline_spec(planner: ServerProcess, job_id: str) -> None:
+    stub = planner.stub()
+    b = batch(W, 0, seed=9)
+    r = stub.Simulate(pb.SimulateRequest(job_id=job_id, batch=b, schedule="interleaved_1f1b"), timeout=60)
+    assert r.makespan_ms > 0 and 0 <= r.bubble_fraction < 1 and len(r.busy_ms) == W.parallel.pp
+    spec = pb.JobSpec(model=register_request(W).model, parallel=register_request(W).parallel, hardware=register_request(W).hardware)
+    inline = stub.Simulate(pb.SimulateRequest(spec=spec, batch=b, schedule="1f1b"), timeout=60)
+    assert inline.makespan_ms > 0
+    searched = stub.Simulate(pb.SimulateRequest(job_id=job_id, batch=b, schedule="pipeweaver"), timeout=60)
+    assert 0 < searched.makespan_ms
