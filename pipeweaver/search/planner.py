@@ -63,6 +63,8 @@ class SearchConfig:
     mcts: MCTSConfig = field(default_factory=MCTSConfig)
     workers: int = 1
     """Search worker processes; 1 searches in the calling process."""
+    max_evaluations: int | None = None
+    """Stop the search after this many rollouts instead of at the deadline (deterministic: tests, ablations)."""
     memory_reserve: float = 0.05
     """Fraction of device memory kept free (allocator fragmentation, workspace)."""
     compare_baselines: tuple[str, ...] = tuple(BASELINES)
@@ -362,19 +364,22 @@ class Planner:
                         len(problem.groups), heuristic, evaluate, config=self.config.mcts, seed=self.config.seed
                     )
                     search.step()  # at least one expansion, even on a budget spent by the preparation
-                    while time.perf_counter() < search_deadline:
+                    cap = self.config.max_evaluations
+                    while (search.evaluations < cap) if cap is not None else (time.perf_counter() < search_deadline):
                         search.step()
                     best_order, evaluations = search.best_order, search.evaluations
                 priority = priorities_from_order(best_order)
                 if level >= SearchLevel.MEMORY:  # re-fit the strategies to the better order's timeline
-                    exact = time.perf_counter() < deadline  # out of budget: the greedy choice, no 0-1 programs
+                    # Out of budget: the greedy choice, no 0-1 programs (unless the run is deterministic).
+                    exact = self.config.max_evaluations is not None or time.perf_counter() < deadline
                     again, more_ms = self._memory_choice(prep, per, priority, self._ilp_limit(deadline), exact=exact)
                     solve_ms += more_ms
                     candidate = self._problem_with(prep, per, again)
                     if schedule_score(candidate, priority) < schedule_score(problem, priority):
                         choice, problem = again, candidate
             seqs = self._orders_from_positions(problem, interleave(problem, stage_priorities(problem, priority))[0])
-            if priority is not heuristic_priority and time.perf_counter() < deadline:
+            in_time = self.config.max_evaluations is not None or time.perf_counter() < deadline
+            if priority is not heuristic_priority and in_time:
                 # The interleaver models transfers as delays; SEMU also queues them on links. Keep the searched order
                 # only if SEMU agrees it beats the heuristic one, so a level never does worse than the one below.
                 plain = self._orders_from_positions(

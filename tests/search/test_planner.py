@@ -52,7 +52,7 @@ def test_ablation_levels_never_get_worse_on_simulated_makespan() -> None:
     planner = Planner(w.model, w.parallel, w.hardware, config=FAST)
     times = []
     for level in SearchLevel:
-        planner.config = SearchConfig(budget_ms=300, level=level, compare_baselines=())
+        planner.config = SearchConfig(budget_ms=300, level=level, compare_baselines=(), max_evaluations=300)
         times.append(planner.plan(batch).predicted_ms)
     # Interleaving, search and memory tuning each keep or improve the previous level.
     assert times[1] <= times[0]
