@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pipeweaver import cli_plan, presets
+from pipeweaver import bench, cli_plan, presets
 from pipeweaver.datagen import describe, dynamic_batch, dynamic_bounds, sample_batch
 from pipeweaver.errors import PipeWeaverError
 from pipeweaver.spec import BatchMetadata, Modality, Workload
@@ -312,6 +312,7 @@ COMMANDS: dict[str, Command] = {
     "batch": Command("sample one iteration's batch metadata", _batch_args, _batch),
     "simulate": Command("simulate one iteration of a schedule with SEMU", cli_plan.simulate_args, cli_plan.simulate),
     "plan": Command("search a plan for one sampled iteration", cli_plan.plan_args, cli_plan.plan),
+    "bench": Command("plan sampled iterations and compare with every baseline", bench.bench_args, bench.bench),
     "serve": Command("run the planner service (gRPC sidecar)", _serve_args, _serve),
 }
 

@@ -338,7 +338,8 @@ class Planner:
             lean_choice: RecomputeMap = {k: Recompute.FULL for k in prep.costs.activation_bytes}
             problem = self._problem_with(prep, per, lean_choice)
             choice = lean_choice
-            reserve_s = 0.1 * budget / 1e3  # compiling and simulating the winner
+            # Compiling, simulating and validating the winner costs about as much as preparing the problem did.
+            reserve_s = 0.05 * budget / 1e3 + (time.perf_counter() - t0)
             if level >= SearchLevel.MEMORY:
                 t_mem = time.perf_counter()
                 found, _ = self._memory_choice(prep, per, priority, 0.0, exact=False)  # greedy: picks the target
@@ -477,9 +478,13 @@ class Planner:
         return bool(np.all(sim.peak_memory_bytes <= self.hardware.memory_bytes))
 
     def baseline_makespans(self, batch: BatchMetadata, names: Sequence[str] | None = None) -> dict[str, float]:
-        """Each baseline's predicted makespan on `batch`, with the fastest uniform recompute strategy that fits
-        device memory (what a Megatron user sets with --recompute-granularity); full recompute if none fits."""
-        out: dict[str, float] = {}
+        """Each baseline's predicted makespan on `batch` (see `baseline_results`)."""
+        return {name: sim.makespan_ms for name, sim in self.baseline_results(batch, names).items()}
+
+    def baseline_results(self, batch: BatchMetadata, names: Sequence[str] | None = None) -> dict[str, SimResult]:
+        """Each baseline simulated on `batch`, with the fastest uniform recompute strategy that fits device memory
+        (what a Megatron user sets with --recompute-granularity); full recompute if none fits."""
+        out: dict[str, SimResult] = {}
         for name in names or self.config.compare_baselines:
             try:
                 plan = build_baseline_plan(
@@ -487,7 +492,7 @@ class Planner:
                 )
             except ValueError:
                 continue  # the baseline cannot cut this model (e.g. too few layers for its chunks)
-            out[name] = self.baseline_result(plan, batch).makespan_ms
+            out[name] = self.baseline_result(plan, batch)
         return out
 
     def baseline_result(self, plan: Plan, batch: BatchMetadata) -> SimResult:
