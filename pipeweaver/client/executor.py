@@ -246,7 +246,7 @@ class PipelineExecutor:
         if h.num_microbatches != len(batch.microbatches):
             raise InvalidPlan(
                 f"plan '{h.job_id}' iteration {h.iteration} has {h.num_microbatches} microbatches, the batch has "
-                f"{len(batch.microbatches)}"
+                f"{len(batch.microbatches)}; the plan was built for another batch"
             )
         self._check_coverage(plan, batch)
         shapes = TransferShapes(self.model, batch, h, dtype="float32")
@@ -284,12 +284,13 @@ class PipelineExecutor:
                     if got != list(range(n)) and not (n == 0 and not got):
                         raise InvalidPlan(
                             f"pipeline '{info.name}' microbatch {j}: the sub-microbatches carry instances {got} of "
-                            f"module '{module}', which has {n} in this batch; each must be carried exactly once"
+                            f"module '{module}', which has {n} in this batch; each must be carried exactly once (was the "
+                            "plan built for another batch?)"
                         )
                     if n and not subs:
                         raise InvalidPlan(
                             f"pipeline '{info.name}' microbatch {j}: module '{module}' has {n} instances but the "
-                            "plan has no sub-microbatch for them"
+                            "plan has no sub-microbatch for them (was the plan built for another batch?)"
                         )
 
     # ---- running ------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
+from prometheus_client import disable_created_metrics, start_http_server
 
 from pipeweaver.server.config import ServerConfig
 from pipeweaver.server.forward import ForwardingService, leader_channel
@@ -235,6 +235,10 @@ async def serve(config: ServerConfig) -> int:
         log.error("%s", exc)
         await server.stop(0)
         return 1
+    except Exception:
+        log.exception("the server failed to start")
+        await server.stop(0)
+        return 1
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -244,6 +248,7 @@ async def serve(config: ServerConfig) -> int:
 
 def run(config: ServerConfig) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series: noise here
     # Numba threads per worker: one (workers are the parallelism); inherited by the spawned workers.
     os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     return asyncio.run(serve(config))

@@ -83,8 +83,9 @@ class ServerConfig:
     """Registered jobs kept; the least recently used beyond this are forgotten."""
     plan_cache_size: int = 256
     """Searched plans kept per job for repeated batch signatures (temporal reuse)."""
-    plan_window: int = 64
-    """Iterations per (job, data-parallel replica) whose plans are kept so every rank gets the same one."""
+    plan_window: int = 16
+    """Iterations per (job, data-parallel replica) whose plans are kept so every rank gets the same one (the
+    ranks of a pipeline run in lockstep, so a few iterations of prefetch is all a window must cover)."""
     limits: BatchLimits = field(default_factory=BatchLimits)
     """Largest batches accepted."""
     tls: TLSConfig | None = None
@@ -256,7 +257,8 @@ _LIMIT_FIELDS = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` flags; each also reads its PIPEWEAVER_* variable (the flag wins)."""
     for o in OPTIONS:
-        parser.add_argument(o.flag, dest=o.dest, default=None, metavar=o.metavar, help=f"{o.help} [env {o.env}]")
+        metavar = o.metavar or o.flag.lstrip("-").upper().replace("-", "_")
+        parser.add_argument(o.flag, dest=o.dest, default=None, metavar=metavar, help=f"{o.help} [env {o.env}]")
 
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:

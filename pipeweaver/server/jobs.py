@@ -31,6 +31,10 @@ RECENT_ERRORS = 50
 OVERHEAD_ALPHA = 0.3
 
 
+class JobClosed(Exception):
+    """The job was forgotten (registry full) while a plan for it was pending."""
+
+
 def job_id_for(spec: work.JobSpec, budget_ms: float) -> str:
     """A stable id from what the job is: identical registrations (every rank's, a restart's) get the same id."""
     identity = repr((spec.model, spec.parallel, spec.hardware, spec.calibration, float(budget_ms)))
@@ -239,6 +243,7 @@ class JobState:
         for window in self._windows.values():
             for entry in window.values():
                 entry.cancel_tasks()
+                entry.fail(JobClosed(self.job_id))
         self._windows.clear()
 
     def mean_error(self) -> float:

@@ -19,7 +19,7 @@ import grpc
 from pipeweaver.search.baselines.registry import BASELINES
 from pipeweaver.server import work
 from pipeweaver.server.config import ServerConfig
-from pipeweaver.server.jobs import JobRegistry, JobState, PlanEntry, Served, batch_digest, job_id_for
+from pipeweaver.server.jobs import JobClosed, JobRegistry, JobState, PlanEntry, Served, batch_digest, job_id_for
 from pipeweaver.server.metrics import Metrics
 from pipeweaver.server.pool import PoolClosed, QueueFull, WorkerCrashed, WorkerPool
 from pipeweaver.server.validation import (
@@ -150,6 +150,8 @@ class Planning:
         entry.waiters += 1
         try:
             return await self._wait(job, entry, deadline)
+        except JobClosed:
+            raise unknown_job(job.job_id) from None
         finally:
             entry.waiters -= 1
             if entry.waiters == 0 and not entry.final.done():

@@ -18,7 +18,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -118,21 +117,25 @@ class Lane:
         executor = self._executor
         if executor is None:
             return
-        # The executor's process table is private, but it is the only reliable list of live workers to reap.
+        # The executor's process table is private, but it is the only list of live workers to kill if need be.
         processes = list(getattr(executor, "_processes", {}).values())
         executor.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + timeout_s
-
-        def reap() -> None:
-            for p in processes:
-                p.join(max(0.0, deadline - time.monotonic()))
-            for p in processes:
-                if p.is_alive() and p.pid is not None:
-                    log.warning("%s worker %d did not stop within %.1f s; killing it", self.name, p.pid, timeout_s)
+        # shutdown(wait=True) joins the executor's own thread, which reaps every worker; it runs in a thread so
+        # that the event loop can give up waiting.
+        joined = asyncio.ensure_future(asyncio.to_thread(executor.shutdown, True))
+        try:
+            await asyncio.wait_for(asyncio.shield(joined), timeout_s)
+            return
+        except TimeoutError:
+            pass
+        level = logging.WARNING if self._ready else logging.INFO  # still warming up: expected
+        for p in processes:
+            if p.pid is not None and p.exitcode is None:
+                log.log(level, "%s worker %d did not stop within %.1f s; killing it", self.name, p.pid, timeout_s)
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGKILL)
-                    p.join(5.0)
-
-        await asyncio.to_thread(reap)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(joined, 10.0)
 
     # ---- running tasks ----
     async def run(self, fn: Callable[[T], R], arg: T) -> R:

@@ -182,7 +182,7 @@ def class_time_s(op: Op, cf: ClassFactors, peak_flops: float, hbm_bandwidth: flo
     if op.flops:
         t = cf.a_flop * op.flops / peak_flops
         if cf.half_rows:
-            t *= 1.0 + cf.half_rows / op.rows
+            t *= 1.0 + cf.half_rows / max(op.rows, 1)
     if op.mem_bytes:
         t = max(t, cf.a_mem * op.mem_bytes / hbm_bandwidth)
     if op.net_bytes:

@@ -210,3 +210,25 @@ def wait_until(condition: Any, timeout_s: float, what: str, interval_s: float = 
 
 def stream_requests(job_id: str, rank: int, batches: Sequence[Any], **fields: Any) -> list[Any]:
     return [pb.StreamPlansRequest(job_id=job_id, rank=rank, batch=b, **fields) for b in batches]
+
+
+def stream_client(address: str, job_id: str, rank: int, batches: list[bytes]) -> dict[int, tuple[bytes, int, bool]]:
+    """One trainer rank in its own process: stream `batches`, return {iteration: (header, rank, fallback)}."""
+    with grpc.insecure_channel(address) as channel:
+        stub = planner_pb2_grpc.PlannerServiceStub(channel)
+        requests = [
+            pb.StreamPlansRequest(job_id=job_id, rank=rank, batch=pb.BatchMetadata.FromString(b)) for b in batches
+        ]
+        out = {}
+        for r in stub.StreamPlans(iter(requests), timeout=180):
+            out[r.header.iteration] = (r.header.SerializeToString(deterministic=True), r.rank_plan.rank, r.fallback)
+        return out
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting to be reaped does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -124,7 +124,13 @@ CASES: list[tuple[str, str, Callable[[str], Any], grpc.StatusCode, str]] = [
         "parallel.microbatches",
     ),
     ("register: absurd pp", "RegisterJob", _register(parallel__pp=100_000), INVALID, "parallel.pp"),
-    ("register: unspecified layer kind", "RegisterJob", lambda _: _unspecified_kind(), INVALID, "model.modules[0].kind"),
+    (
+        "register: unspecified layer kind",
+        "RegisterJob",
+        lambda _: _unspecified_kind(),
+        INVALID,
+        "model.modules[0].kind",
+    ),
     ("register: negative hardware", "RegisterJob", _register(hardware__peak_flops=-1.0), INVALID, "hardware"),
     ("register: negative budget", "RegisterJob", _register(planning_budget_ms=-3.0), INVALID, "planning_budget_ms"),
     (
@@ -158,7 +164,13 @@ CASES: list[tuple[str, str, Callable[[str], Any], grpc.StatusCode, str]] = [
         INVALID,
         "batch.microbatches[0].documents[0].media[",
     ),
-    ("plan: video for a VLM", "GetPlan", _plan(e=_video_in_a_vlm), INVALID, "batch.microbatches[0].documents[0].media["),
+    (
+        "plan: video for a VLM",
+        "GetPlan",
+        _plan(e=_video_in_a_vlm),
+        INVALID,
+        "batch.microbatches[0].documents[0].media[",
+    ),
     (
         "plan: unspecified modality",
         "GetPlan",
@@ -282,8 +294,9 @@ def test_a_message_over_the_size_limit_is_refused_with_a_field_violation(planner
     # The shared server runs with --max-message-bytes 1 MiB: a 1.5 MiB batch reaches the service and is refused
     # with a field violation; one beyond twice the limit is stopped by the transport itself.
     big = batch(W, 950)
+    filler = [pb.Document(text_tokens=1, media=[pb.MediaItem(modality=pb.MODALITY_IMAGE, tokens=16)])] * 10_000
     while big.ByteSize() < 1_500_000:
-        big.microbatches[0].documents.add(text_tokens=1)
+        big.microbatches[0].documents.extend(filler)
     with pytest.raises(grpc.RpcError) as info:
         planner.stub().GetPlan(pb.GetPlanRequest(job_id=job_id, rank=0, batch=big), timeout=30)
     assert info.value.code() is INVALID
@@ -291,7 +304,7 @@ def test_a_message_over_the_size_limit_is_refused_with_a_field_violation(planner
     assert [f for f, _ in bad_request(info.value)] == ["batch"]
 
     while big.ByteSize() < 2_200_000:
-        big.microbatches[0].documents.add(text_tokens=1)
+        big.microbatches[0].documents.extend(filler)
     with pytest.raises(grpc.RpcError) as info:
         planner.stub().GetPlan(pb.GetPlanRequest(job_id=job_id, rank=0, batch=big), timeout=30)
     assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -328,5 +341,7 @@ def test_bad_rpcs_are_counted_by_code(planner: ServerProcess) -> None:
     )
     with pytest.raises(grpc.RpcError):
         planner.stub().GetPlan(pb.GetPlanRequest(job_id="job-x", rank=0, batch=batch(W, 1)), timeout=30)
-    after = planner.sample("pipeweaver_grpc_server_handled_total", grpc_method="GetPlan", grpc_code="FAILED_PRECONDITION")
+    after = planner.sample(
+        "pipeweaver_grpc_server_handled_total", grpc_method="GetPlan", grpc_code="FAILED_PRECONDITION"
+    )
     assert after - before == 1

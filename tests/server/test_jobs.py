@@ -1,0 +1,121 @@
+"""Job ids, the batch digest behind the plan cache, the plan window and the online refit (no server needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeweaver.server import work
+from pipeweaver.server.jobs import JobRegistry, JobState, PlanEntry, Served, batch_digest, job_id_for
+from pipeweaver.spec import BatchMetadata
+from pipeweaver.v1 import planner_pb2 as pb
+from pipeweaver.wire import batch_to_proto
+from tests.server.harness import tiny_workload
+from tests.strategies import batch_metadata
+
+W = tiny_workload()
+SPEC = work.JobSpec(model=W.model, parallel=W.parallel, hardware=W.hardware)
+
+
+def test_job_ids_are_stable_and_follow_the_spec() -> None:
+    assert job_id_for(SPEC, 50.0) == job_id_for(
+        work.JobSpec(model=W.model, parallel=W.parallel, hardware=W.hardware), 50
+    )
+    assert job_id_for(SPEC, 50.0) != job_id_for(SPEC, 60.0)
+    assert job_id_for(SPEC, 50.0) != job_id_for(replace(SPEC, parallel=replace(W.parallel, microbatches=9)), 50.0)
+    calibrated = replace(SPEC, calibration=(work.LayerTiming("vit", 16, work.Pass.F, 1.0),))
+    assert job_id_for(SPEC, 50.0) != job_id_for(calibrated, 50.0)
+    # The baselines compared against are a server setting, not part of what the job is.
+    assert job_id_for(SPEC, 50.0) == job_id_for(replace(SPEC, compare_baselines=("zb-h1",)), 50.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch_metadata(), batch_metadata())
+def test_the_digest_is_equal_exactly_when_the_signature_is(a: BatchMetadata, b: BatchMetadata) -> None:
+    same_signature = a.signature() == b.signature()
+    assert (batch_digest(batch_to_proto(a)) == batch_digest(batch_to_proto(b))) == same_signature
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch_metadata(), st.integers(0, 1 << 30), st.integers(0, 64))
+def test_the_digest_ignores_iteration_and_replica(a: BatchMetadata, iteration: int, replica: int) -> None:
+    moved = replace(a, iteration=iteration, dp_replica=replica)
+    assert batch_digest(batch_to_proto(a)) == batch_digest(batch_to_proto(moved))
+
+
+def _state() -> JobState:
+    job = work.Job("job-x", SPEC)
+    return JobState(job, pb.RegisterJobResponse(job_id="job-x"), budget_ms=50.0, plan_window=4, plan_cache_size=2)
+
+
+def _plan(predicted_ms: float, actions: int = 3) -> pb.Plan:
+    plan = pb.Plan(header=pb.PlanHeader(predicted_makespan_ms=predicted_ms))
+    for r in range(2):
+        plan.ranks.add(rank=r, actions=[pb.Action(wait=pb.Wait(handle=i)) for i in range(actions)])
+    return plan
+
+
+def test_an_entry_resolves_once_and_the_window_keeps_the_latest_iterations() -> None:
+    async def main() -> None:
+        job = _state()
+        entries = [PlanEntry(0, it, b"d", b"") for it in range(6)]
+        for e in entries:
+            job.add_entry(e)
+        assert job.entry(0, 0) is None and job.entry(0, 1) is None and job.entry(0, 5) is entries[5]
+        e = entries[5]
+        assert e.resolve(Served(_plan(10.0), "search", 10.0))
+        assert not e.resolve(Served(_plan(99.0), "fallback"))
+        assert e.served() is not None and e.served().source == "search"  # type: ignore[union-attr]
+        job.drop(e)
+        assert job.entry(0, 5) is None
+
+    asyncio.run(main())
+
+
+def test_the_plan_cache_keeps_the_most_recently_used() -> None:
+    job = _state()
+    for key in (b"a", b"b"):
+        job.remember(key, _plan(1.0), 1.0)
+    assert job.cached(b"a") is not None  # a is now the most recent
+    job.remember(b"c", _plan(1.0), 1.0)
+    assert job.cached(b"b") is None and job.cached(b"a") is not None and job.cached(b"c") is not None
+
+
+def test_the_refit_learns_the_measured_ratio_once_per_iteration() -> None:
+    async def main() -> None:
+        job = _state()
+        entry = PlanEntry(0, 7, b"d", b"")
+        job.add_entry(entry)
+        entry.resolve(Served(_plan(100.0), "search", raw_predicted_ms=100.0))
+        error, mean, folded = job.fold_report(7, 200.0)
+        assert folded and math.isclose(error, 0.5) and math.isclose(mean, 0.5)
+        assert math.isclose(job.time_scale, 0.7 + 0.3 * 2.0)
+        again = job.fold_report(7, 200.0)  # another rank's report of the same iteration
+        assert not again[2] and math.isclose(job.time_scale, 0.7 + 0.3 * 2.0)
+        unknown = job.fold_report(8, 200.0)
+        assert math.isnan(unknown[0]) and not unknown[2]
+
+    asyncio.run(main())
+
+
+def test_concurrent_registrations_share_one_creation() -> None:
+    async def main() -> None:
+        registry = JobRegistry(max_jobs=1)
+        calls = 0
+
+        async def create() -> JobState:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.05)
+            return _state()
+
+        first, second = await asyncio.gather(registry.register("job-x", create), registry.register("job-x", create))
+        assert first is second and calls == 1 and registry.get("job-x") is first
+        await registry.register("job-y", create)
+        assert registry.get("job-x") is None and len(registry) == 1  # least recently used forgotten
+
+    asyncio.run(main())
