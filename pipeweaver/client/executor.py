@@ -284,8 +284,8 @@ class PipelineExecutor:
                     if got != list(range(n)) and not (n == 0 and not got):
                         raise InvalidPlan(
                             f"pipeline '{info.name}' microbatch {j}: the sub-microbatches carry instances {got} of "
-                            f"module '{module}', which has {n} in this batch; each must be carried exactly once (was the "
-                            "plan built for another batch?)"
+                            f"module '{module}', which has {n} in this batch; each must be carried exactly once "
+                            "(was the plan built for another batch?)"
                         )
                     if n and not subs:
                         raise InvalidPlan(
@@ -325,6 +325,8 @@ class PipelineExecutor:
         self._all_reduce_gradients()
         if optimizer is not None:
             optimizer.step()
+        if self.device.type == "cuda":  # kernels run asynchronously: time the work, not its launch
+            torch.cuda.synchronize(self.device)
         h = plan.header
         return IterationStats(
             iteration=h.iteration,

@@ -28,7 +28,11 @@ REFIT_ALPHA = 0.3
 REFIT_RATIO_RANGE = (0.01, 100.0)
 """Ratios outside this range are clipped: a report that far off is a broken clock, not a cost model."""
 RECENT_ERRORS = 50
-OVERHEAD_ALPHA = 0.3
+TIMING_WINDOW = 16
+"""Recent worker timings kept per job; the estimates below are their maximum (a deadline is no place for means)."""
+OVERHEAD_PRIOR_MS = 250.0
+"""Worker time beyond the search budget assumed before a job's first search (large models take more)."""
+FALLBACK_PRIOR_MS = 100.0
 
 
 class JobClosed(Exception):
@@ -142,10 +146,8 @@ class JobState:
         self._plan_cache_size = plan_cache_size
         self._windows: dict[int, OrderedDict[int, PlanEntry]] = {}
         self._cache: OrderedDict[bytes, CachedPlan] = OrderedDict()
-        self.overhead_ms = 100.0
-        """Worker time beyond the search budget (decode, baselines, encode): an EWMA, used to fit deadlines."""
-        self.fallback_ms = 100.0
-        """Wall time of a fallback task: an EWMA, reserved before a deadline."""
+        self._overheads: deque[float] = deque(maxlen=TIMING_WINDOW)
+        self._fallbacks: deque[float] = deque(maxlen=TIMING_WINDOW)
         self.time_scale = 1.0
         """Online refit: EWMA of measured / predicted makespan, applied to later predictions."""
         self._errors: deque[float] = deque(maxlen=RECENT_ERRORS)
@@ -206,11 +208,22 @@ class JobState:
         return self._plan_cache_size > 0
 
     # ---- timing estimates ----
+    @property
+    def overhead_ms(self) -> float:
+        """Worker time beyond the search budget (decode, memory pass, baselines, encode), kept free before a
+        deadline: the largest of the job's recent searches."""
+        return max(self._overheads, default=OVERHEAD_PRIOR_MS)
+
+    @property
+    def fallback_ms(self) -> float:
+        """Wall time of a fallback plan, reserved before a deadline: the largest of the job's recent ones."""
+        return max(self._fallbacks, default=FALLBACK_PRIOR_MS)
+
     def record_overhead(self, worker_ms: float, budget_ms: float) -> None:
-        self.overhead_ms = (1 - OVERHEAD_ALPHA) * self.overhead_ms + OVERHEAD_ALPHA * max(worker_ms - budget_ms, 0.0)
+        self._overheads.append(max(worker_ms - budget_ms, 0.0))
 
     def record_fallback(self, wall_ms: float) -> None:
-        self.fallback_ms = (1 - OVERHEAD_ALPHA) * self.fallback_ms + OVERHEAD_ALPHA * wall_ms
+        self._fallbacks.append(wall_ms)
 
     # ---- online refit ----
     def fold_report(self, iteration: int, measured_ms: float) -> tuple[float, float, bool]:

@@ -37,8 +37,6 @@ from pipeweaver.v1 import planner_pb2 as pb
 
 log = logging.getLogger("pipeweaver.server")
 
-MIN_SEARCH_BUDGET_MS = 5.0
-"""Below this a search is not worth starting: the fallback is built instead."""
 SLACK_MS = 10.0
 """Event loop, IPC and serialization time kept free before a deadline."""
 SIMULATE_SCHEDULES = ("pipeweaver", "fallback")
@@ -168,14 +166,20 @@ class Planning:
                 self.m.plans.labels(source="cache").inc()
                 return
             self.m.plan_cache.labels(result="miss").inc()
-        budget = budget_ms
-        if deadline is not None:
-            left_ms = (deadline - time.monotonic()) * 1e3 - job.overhead_ms - job.fallback_ms - SLACK_MS
-            budget = min(budget, left_ms)
-        if budget < MIN_SEARCH_BUDGET_MS:
+        task = work.PlanTask(
+            job.job,
+            entry.batch,
+            "search",
+            budget_ms,
+            limits=self.config.limits,
+            time_scale=job.time_scale,
+            deadline=deadline,
+            reserve_ms=job.overhead_ms + job.fallback_ms + SLACK_MS,
+        )
+        if task.search_budget_ms() < work.MIN_SEARCH_BUDGET_MS:
             self._start_fallback(job, entry, "deadline")
             return
-        entry.search = asyncio.create_task(self._search(job, entry, budget))
+        entry.search = asyncio.create_task(self._search(job, entry, task))
 
     async def _wait(self, job: JobState, entry: PlanEntry, deadline: float | None) -> Served:
         if deadline is not None and not entry.final.done():
@@ -189,10 +193,8 @@ class Planning:
                 self._start_fallback(job, entry, "deadline")
         return await asyncio.shield(entry.final)
 
-    async def _search(self, job: JobState, entry: PlanEntry, budget_ms: float) -> None:
-        task = work.PlanTask(
-            job.job, entry.batch, "search", budget_ms, limits=self.config.limits, time_scale=job.time_scale
-        )
+    async def _search(self, job: JobState, entry: PlanEntry, task: work.PlanTask) -> None:
+        """Search in a worker; the worker clips the budget to the deadline when the task actually starts."""
         try:
             outcome = await self.pool.search.run(work.plan_batch, task)
         except QueueFull as exc:
@@ -214,8 +216,11 @@ class Planning:
             entry.fail(from_rejected(outcome))
             job.drop(entry)
             return
+        if isinstance(outcome, work.Expired):  # it waited for a worker past the point a search could fit
+            self._start_fallback(job, entry, "deadline")
+            return
         plan = pb.Plan.FromString(outcome.plan)
-        job.record_overhead(outcome.worker_ms, budget_ms)
+        job.record_overhead(outcome.worker_ms, outcome.budget_ms)
         job.remember(entry.digest, plan, outcome.raw_predicted_ms)
         self._observe_search(outcome)
         if entry.resolve(Served(plan, "search", outcome.raw_predicted_ms)):
@@ -240,7 +245,7 @@ class Planning:
         task = work.PlanTask(job.job, entry.batch, "fallback", 0.0, limits=self.config.limits)
         started = time.monotonic()
         error: RequestError | None = None
-        outcome: work.PlanOutcome | work.Rejected | None = None
+        outcome: work.PlanOutcome | work.Rejected | work.Expired | None = None
         try:
             outcome = await self.pool.control.run(work.plan_batch, task)
         except QueueFull as exc:

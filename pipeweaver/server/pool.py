@@ -141,23 +141,15 @@ class Lane:
     async def run(self, fn: Callable[[T], R], arg: T) -> R:
         """Run `fn(arg)` in a worker. Raises QueueFull, WorkerCrashed or PoolClosed, or what `fn` raised."""
         await self._acquire()
-        generation = self._generation
-        executor = self._executor
-        assert executor is not None, "spawn() first"
-        try:
-            cfut = executor.submit(fn, arg)
-        except (BrokenProcessPool, RuntimeError) as exc:
-            self._release()
-            if self._closing:
-                raise PoolClosed(f"the {self.name} pool is shutting down") from exc
-            self._broken(generation)
-            raise WorkerCrashed(f"the {self.name} pool was broken; it has been replaced") from exc
+        cfut, generation = self._submit(fn, arg)
         loop = asyncio.get_running_loop()
 
-        def done(_: object) -> None:
-            # Runs in the executor's thread; the slot is only free once the worker is.
+        def done(f: Future[R]) -> None:
+            # Runs in the executor's thread. The slot is only free once the worker is; a pool that broke under a
+            # task nobody awaits any more (its requester left) is still replaced now, not at the next request.
+            broken = not f.cancelled() and isinstance(f.exception(), BrokenProcessPool)
             with contextlib.suppress(RuntimeError):  # a closed loop has nothing left to release for
-                loop.call_soon_threadsafe(self._release)
+                loop.call_soon_threadsafe(self._finished, generation, broken)
 
         cfut.add_done_callback(done)
         try:
@@ -167,6 +159,29 @@ class Lane:
                 raise PoolClosed(f"the {self.name} pool is shutting down") from exc
             self._broken(generation)
             raise WorkerCrashed(f"a {self.name} worker died while running this task; it has been replaced") from exc
+
+    def _submit(self, fn: Callable[[T], R], arg: T) -> tuple[Future[R], int]:
+        """Submit to the current executor; one that broke while idle is replaced and the task resubmitted once."""
+        for attempt in range(2):
+            generation = self._generation
+            executor = self._executor
+            assert executor is not None, "spawn() first"
+            try:
+                return executor.submit(fn, arg), generation
+            except (BrokenProcessPool, RuntimeError) as exc:
+                if self._closing:
+                    self._release()
+                    raise PoolClosed(f"the {self.name} pool is shutting down") from exc
+                self._broken(generation)
+                if attempt == 1:
+                    self._release()
+                    raise WorkerCrashed(f"the {self.name} pool is broken; it is being replaced") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _finished(self, generation: int, broken: bool) -> None:
+        self._release()
+        if broken:
+            self._broken(generation)
 
     async def _acquire(self) -> None:
         if self._closing:

@@ -33,6 +33,8 @@ Mode = Literal["search", "fallback"]
 
 PLANNERS_PER_WORKER = 16
 """Jobs whose `Planner` a worker keeps (least recently used dropped)."""
+MIN_SEARCH_BUDGET_MS = 5.0
+"""Below this a search is not worth starting: the caller builds the fallback instead."""
 DIT_CALIBRATION_CONTEXT_TOKENS = 64
 """Caption length assumed for DiT calibration rows (the proto's LayerTiming carries no context length)."""
 
@@ -111,6 +113,22 @@ class PlanTask:
     limits: BatchLimits = field(default_factory=BatchLimits)
     time_scale: float = 1.0
     """Online refit of the job (measured / predicted makespan): applied to every predicted time of the plan."""
+    deadline: float | None = None
+    """When the plan is needed, on the `time.monotonic` clock (one clock for every process of a host)."""
+    reserve_ms: float = 0.0
+    """Time to keep free before `deadline` (the worker's overhead beyond the search, the fallback, slack)."""
+
+    def search_budget_ms(self) -> float:
+        """The budget the search may still use now: the requested one, clipped to what the deadline leaves."""
+        if self.deadline is None:
+            return self.budget_ms
+        left_ms = (self.deadline - time.monotonic()) * 1e3 - self.reserve_ms
+        return min(self.budget_ms, left_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """The task waited so long that no search fits before its deadline any more."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +142,8 @@ class PlanOutcome:
     """Predicted makespan before `time_scale` (what the online refit compares with)."""
     lower_bound_ms: float = 0.0
     baseline_ms: dict[str, float] = field(default_factory=dict)
+    budget_ms: float = 0.0
+    """The search budget the task ran with (after the deadline's clipping)."""
     search_ms: float = 0.0
     evaluations: int = 0
     cache_hit_rate: float = 0.0
@@ -208,9 +228,12 @@ def register_job(job: Job) -> Registered | Rejected:
     return Registered(partition=partition, placement=placement_to_proto(part.placement).SerializeToString())
 
 
-def plan_batch(task: PlanTask) -> PlanOutcome | Rejected:
-    """Search (within `task.budget_ms`) or build the fallback plan for one batch of a registered job."""
+def plan_batch(task: PlanTask) -> PlanOutcome | Rejected | Expired:
+    """Search (within `task.search_budget_ms()`) or build the fallback plan for one batch of a registered job."""
     t0 = time.perf_counter()
+    budget_ms = task.search_budget_ms()
+    if task.mode == "search" and budget_ms < MIN_SEARCH_BUDGET_MS:
+        return Expired()
     decoded = _decode_batch(task.job, task.batch, task.limits)
     if isinstance(decoded, Rejected):
         return decoded
@@ -222,7 +245,7 @@ def plan_batch(task: PlanTask) -> PlanOutcome | Rejected:
             mode="fallback",
             worker_ms=(time.perf_counter() - t0) * 1e3,
         )
-    result = planner.plan(decoded, job_id=task.job.job_id, budget_ms=task.budget_ms)
+    result = planner.plan(decoded, job_id=task.job.job_id, budget_ms=task.search_budget_ms())
     plan = _scaled(result.plan, task.time_scale)
     return PlanOutcome(
         plan=plan_to_proto(plan).SerializeToString(),
@@ -231,6 +254,7 @@ def plan_batch(task: PlanTask) -> PlanOutcome | Rejected:
         raw_predicted_ms=result.predicted_ms,
         lower_bound_ms=result.lower_bound_ms * task.time_scale,
         baseline_ms={k: v * task.time_scale for k, v in result.baseline_ms.items()},
+        budget_ms=budget_ms,
         search_ms=result.search_ms,
         evaluations=result.evaluations,
         cache_hit_rate=result.cache_hit_rate,

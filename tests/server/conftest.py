@@ -19,6 +19,10 @@ def planner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
         str(1 << 20),
         "--max-microbatches",
         "64",
+        "--max-documents",
+        "256",
+        "--max-media",
+        "32",
     )
     yield server
     code = server.stop()

@@ -95,6 +95,16 @@ def _too_many_microbatches(b: Any) -> None:
         b.microbatches.add().documents.add(text_tokens=1)
 
 
+def _too_many_documents(b: Any) -> None:
+    for _ in range(300):
+        b.microbatches[0].documents.add(text_tokens=0)
+
+
+def _too_many_media(b: Any) -> None:
+    for _ in range(40):
+        b.microbatches[0].documents[0].media.add(modality=pb.MODALITY_IMAGE, tokens=16)
+
+
 def _no_microbatches(b: Any) -> None:
     del b.microbatches[:]
 
@@ -180,6 +190,14 @@ CASES: list[tuple[str, str, Callable[[str], Any], grpc.StatusCode, str]] = [
     ),
     ("plan: longer than seq_len", "GetPlan", _plan(e=_too_long_for_seq_len), INVALID, "batch.microbatches[1]"),
     ("plan: microbatches over the limit", "GetPlan", _plan(e=_too_many_microbatches), INVALID, "batch.microbatches"),
+    (
+        "plan: documents over the limit",
+        "GetPlan",
+        _plan(e=_too_many_documents),
+        INVALID,
+        "batch.microbatches[0].documents",
+    ),
+    ("plan: media items over the limit", "GetPlan", _plan(e=_too_many_media), INVALID, "batch.microbatches[0]"),
     ("plan: no microbatches", "GetPlan", _plan(e=_no_microbatches), INVALID, "batch.microbatches"),
     ("plan: empty microbatch", "GetPlan", _plan(e=_empty_microbatch), INVALID, "batch.microbatches[8].documents"),
     ("plan: replica beyond dp", "GetPlan", _plan(e=_replica), INVALID, "batch.dp_replica"),

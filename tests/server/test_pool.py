@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 
 import pytest
@@ -93,5 +94,19 @@ def test_closing_refuses_new_and_waiting_tasks() -> None:
             await waiting
         with pytest.raises(PoolClosed):
             await lane.run(abs, -1)
+
+    asyncio.run(main())
+
+
+def test_a_worker_that_dies_while_idle_is_replaced_before_the_next_task() -> None:
+    async def main() -> None:
+        lane = await _lane(workers=1, queue_size=4)
+        try:
+            os.kill(lane.pids[0], signal.SIGKILL)
+            await asyncio.sleep(1.0)  # the executor notices the death on its own thread
+            assert await lane.run(abs, -9) == 9  # resubmitted to the replacement, not failed
+            assert lane.restarts == 1
+        finally:
+            await lane.close(5)
 
     asyncio.run(main())

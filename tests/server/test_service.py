@@ -7,6 +7,7 @@ import itertools
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -57,6 +58,14 @@ def test_reflection_lists_the_services(planner: ServerProcess) -> None:
     assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
 
 
+def test_workers_never_load_grpc(planner: ServerProcess) -> None:
+    for pid in planner.search_worker_pids + planner.control_worker_pids:
+        maps = Path(f"/proc/{pid}/maps")
+        if not maps.exists():
+            pytest.skip("needs /proc")
+        assert "cygrpc" not in maps.read_text(), f"worker {pid} loaded grpc"
+
+
 # ---- RegisterJob -------------------------------------------------------------------------------------------
 
 
@@ -72,6 +81,15 @@ def test_register_job_is_idempotent_and_returns_the_partition(planner: ServerPro
 
     other = stub.RegisterJob(register_request(W, planning_budget_ms=75.0), timeout=60)
     assert other.job_id != job_id  # a different spec (budget) is a different job
+
+
+def test_registration_with_a_calibration_profile(planner: ServerProcess, job_id: str) -> None:
+    request = register_request(W)
+    for module, tokens in (("vit", 16), ("vit", 64), ("llm", 64), ("llm", 256)):
+        for pass_kind, ms in ((pb.PASS_FORWARD, tokens / 100), (pb.PASS_BACKWARD, tokens / 50)):
+            request.calibration.timings.add(module=module, tokens=tokens, pass_kind=pass_kind, measured_ms=ms)
+    response = planner.stub().RegisterJob(request, timeout=60)
+    assert response.job_id != job_id and response.placement.pp == W.parallel.pp
 
 
 def test_concurrent_registrations_of_one_job_agree(planner: ServerProcess) -> None:

@@ -75,6 +75,11 @@ def test_sigterm_under_load(tmp_path: Path) -> None:
             streaming = threading.Thread(target=stream, daemon=True)
             streaming.start()
             wait_until(lambda: server.sample("pipeweaver_workers_busy", lane="search") == 1, 30, "a running search")
+            wait_until(
+                lambda: server.sample("pipeweaver_grpc_server_msg_received_total", grpc_method="StreamPlans") == 1,
+                30,
+                "the streamed request to arrive",
+            )
             started = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)

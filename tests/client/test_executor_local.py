@@ -1,0 +1,132 @@
+"""Single-process executor checks: pp 1 plans (every chunk on one rank, so every boundary is local and no process
+group is needed), refusals, deterministic per-layer weights, and the package's public surface."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import pipeweaver.client as client
+from pipeweaver import presets
+from pipeweaver.client import PipelineExecutor, ReferenceModel
+from pipeweaver.client.models import build_part, reference_modules
+from pipeweaver.datagen import sample_batch
+from pipeweaver.errors import InvalidPlan
+from pipeweaver.plan.assemble import assemble_plan
+from pipeweaver.plan.graph import stage_graph
+from pipeweaver.plan.ir import Compute, Pass, Plan, PlanHeader, PlanSource, Recompute
+from pipeweaver.plan.layouts import mixed_placement, modular_placement, split_sub_microbatches
+from pipeweaver.plan.shapes import TransferShapes
+from pipeweaver.spec import BatchMetadata, ModelSpec, Workload
+
+WORKLOADS = {"tiny-vlm": presets.tiny_vlm, "tiny-t2v": presets.tiny_t2v}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def small(name: str) -> Workload:
+    wl = WORKLOADS[name](pp=1)
+    return replace(wl, parallel=replace(wl.parallel, microbatches=3))
+
+
+def local_plan(model: ModelSpec, batch: BatchMetadata, *, mixed: bool, split: bool) -> Plan:
+    """pp 1: two chunks per module (or a mixed pipeline of 3 chunks), small sub-microbatches, recompute on two
+    thirds of the units, all W passes last."""
+    placement = (
+        mixed_placement(model, 1, 3) if mixed else modular_placement(model, 1, {m.name: 2 for m in model.modules})
+    )
+    header = PlanHeader(
+        job_id="local",
+        iteration=batch.iteration,
+        placement=placement,
+        sub_microbatches=split_sub_microbatches(model, placement, batch, {"vit": 2, "dit": 1}),
+        num_microbatches=len(batch.microbatches),
+        schedule="local",
+        source=PlanSource.SEARCH,
+        split_backward=split,
+    )
+    graph = stage_graph(header)
+    rule = (Recompute.FULL, Recompute.SELECTIVE, Recompute.NONE)
+    order = [Compute(s, rule[(s.microbatch + s.sub) % 3]) for s in graph.stages if s.pass_ is not Pass.W]
+    order += [Compute(s, rule[(s.microbatch + s.sub) % 3]) for s in graph.stages if s.pass_ is Pass.W]
+    return assemble_plan(header, [order], TransferShapes(model, batch, header, dtype="float32").tensors, graph=graph)
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+@pytest.mark.parametrize(("mixed", "split"), [(False, False), (False, True), (True, True)])
+def test_single_rank_plan_matches_reference(name: str, mixed: bool, split: bool) -> None:
+    wl = small(name)
+    batch = sample_batch(wl, seed=5)
+    plan = local_plan(wl.model, batch, mixed=mixed, split=split)
+    ex = PipelineExecutor(wl.model, plan.header.placement, 0)
+    stats = ex.run_iteration(plan, batch)
+    ref = ReferenceModel(wl.model).step(batch)
+    assert stats.loss == pytest.approx(ref.loss, rel=1e-5)
+    grads = ex.gradients()
+    assert set(grads) == set(ref.grads)
+    for k, want in ref.grads.items():
+        torch.testing.assert_close(grads[k], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=k)
+    assert stats.sent_bytes == stats.received_bytes == 0
+
+
+def test_refuses_a_plan_for_another_placement_or_batch_before_touching_tensors() -> None:
+    wl = small("tiny-vlm")
+    batch = sample_batch(wl, seed=5)
+    plan = local_plan(wl.model, batch, mixed=False, split=False)
+    other = local_plan(wl.model, batch, mixed=True, split=False)
+    ex = PipelineExecutor(wl.model, other.header.placement, 0)
+    with pytest.raises(InvalidPlan, match="another placement"):
+        ex.run_iteration(plan, batch)
+    ex = PipelineExecutor(wl.model, plan.header.placement, 0)
+    with pytest.raises(InvalidPlan, match="another batch"):
+        ex.run_iteration(plan, sample_batch(wl, seed=6))
+    broken = replace(plan, ranks=(replace(plan.ranks[0], actions=plan.ranks[0].actions[1:]),))
+    with pytest.raises(InvalidPlan):
+        ex.run_iteration(broken, batch)
+    assert all(p.grad is None for p in ex.parameters())
+
+
+def test_weights_depend_on_the_layer_not_on_the_rank_or_placement() -> None:
+    model = presets.tiny_vlm().model
+    modules = reference_modules(model)
+    a = build_part(modules["llm"], 3, seed=0)
+    b = build_part(modules["llm"], 3, seed=0)
+    c = build_part(modules["llm"], 4, seed=0)
+    assert a is not None and b is not None and c is not None
+    for (n, p), (_, q), (_, r) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+        assert not torch.equal(p, r), n
+    ex = PipelineExecutor(model, modular_placement(model, 4), 2)
+    ref = dict(ReferenceModel(model).named_parameters())
+    for name, p in ex.named_parameters():
+        assert torch.equal(p, ref[name]), name
+
+
+def test_public_surface() -> None:
+    assert sorted(client.__all__) == [
+        "BlockPart",
+        "Geometry",
+        "IterationStats",
+        "LossScale",
+        "ModalityModule",
+        "Piece",
+        "PipelineExecutor",
+        "PostOutput",
+        "PostPart",
+        "PrePart",
+        "ReferenceModel",
+        "ReferenceResult",
+        "Stream",
+        "SyntheticData",
+        "TextGeometry",
+        "VideoGeometry",
+        "VisionGeometry",
+        "reference_modules",
+        "reference_step",
+        "wire_dtype",
+    ]

@@ -1,0 +1,95 @@
+"""The worker tasks, run in this process: partition, search, fallback, rejection, expiry, the refit's scale."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from pipeweaver.plan.ir import Pass, PlanSource
+from pipeweaver.server import work
+from pipeweaver.v1 import planner_pb2 as pb
+from pipeweaver.wire import plan_from_proto
+from tests.server.harness import batch, tiny_workload
+
+W = tiny_workload()
+SPEC = work.JobSpec(model=W.model, parallel=W.parallel, hardware=W.hardware, compare_baselines=("1f1b",))
+
+
+@pytest.fixture(scope="module")
+def job() -> work.Job:
+    registered = work.register_job(work.Job("job-work", SPEC))
+    assert isinstance(registered, work.Registered)
+    assert pb.Placement.FromString(registered.placement).pp == W.parallel.pp
+    return work.Job("job-work", SPEC, registered.partition)
+
+
+def test_a_search_and_its_scaled_predictions(job: work.Job) -> None:
+    data = batch(W, 3).SerializeToString()
+    plain = work.plan_batch(work.PlanTask(job, data, "search", 30.0))
+    scaled = work.plan_batch(work.PlanTask(job, data, "search", 30.0, time_scale=2.0))
+    assert isinstance(plain, work.PlanOutcome) and isinstance(scaled, work.PlanOutcome)
+    a, b = plan_from_proto(pb.Plan.FromString(plain.plan)), plan_from_proto(pb.Plan.FromString(scaled.plan))
+    assert a.header.source is PlanSource.SEARCH and a.header.iteration == 3
+    assert math.isclose(scaled.predicted_ms, 2 * scaled.raw_predicted_ms)
+    assert math.isclose(b.header.predicted_makespan_ms, 2 * scaled.raw_predicted_ms)
+    # Per-action predictions are scaled with the makespan: the last action ends at the scaled makespan.
+    assert math.isclose(max(end for rp in b.ranks for _, end in rp.predicted_ms), b.header.predicted_makespan_ms)
+    assert set(plain.baseline_ms) == {"1f1b"}
+
+
+def test_the_fallback_is_built_on_the_registered_placement(job: work.Job) -> None:
+    out = work.plan_batch(work.PlanTask(job, batch(W, 4).SerializeToString(), "fallback", 0.0))
+    assert isinstance(out, work.PlanOutcome)
+    plan = plan_from_proto(pb.Plan.FromString(out.plan))
+    assert plan.header.source is PlanSource.FALLBACK
+    assert job.partition is not None and plan.header.placement == job.partition.placement
+
+
+def test_a_bad_batch_is_rejected_with_its_field_path(job: work.Job) -> None:
+    bad = batch(W, 5)
+    bad.microbatches[2].documents[0].media.add(modality=pb.MODALITY_IMAGE, tokens=-3)
+    out = work.plan_batch(work.PlanTask(job, bad.SerializeToString(), "search", 30.0))
+    assert isinstance(out, work.Rejected)
+    assert [v.field for v in out.violations] == ["batch.microbatches[2].documents[0].media[0]"]
+
+
+def test_a_task_that_waited_past_its_deadline_expires(job: work.Job) -> None:
+    task = work.PlanTask(job, batch(W, 6).SerializeToString(), "search", 30.0, deadline=time.monotonic() - 1)
+    assert isinstance(work.plan_batch(task), work.Expired)
+
+
+def test_a_model_that_does_not_fit_is_a_failed_precondition() -> None:
+    from dataclasses import replace
+
+    tiny_memory = replace(W.hardware, memory_bytes=1e3)
+    out = work.register_job(work.Job("job-small", replace(SPEC, hardware=tiny_memory)))
+    assert isinstance(out, work.Rejected) and out.precondition
+
+
+def test_simulate_a_baseline(job: work.Job) -> None:
+    out = work.simulate(work.SimulateTask(job, batch(W, 7).SerializeToString(), "1f1b"))
+    assert isinstance(out, work.SimulateOutcome)
+    assert out.makespan_ms > 0 and len(out.busy_ms) == W.parallel.pp
+
+
+def test_a_calibration_profile_changes_the_cost_model(job: work.Job) -> None:
+    rows = tuple(
+        work.LayerTiming(module, tokens, pass_, ms)
+        for module, tokens, pass_, ms in [
+            ("vit", 16, Pass.F, 0.2), ("vit", 64, Pass.F, 0.5), ("vit", 256, Pass.F, 1.6),
+            ("vit", 16, Pass.B, 0.4), ("vit", 64, Pass.B, 1.0), ("vit", 256, Pass.B, 3.3),
+            ("llm", 64, Pass.F, 0.3), ("llm", 128, Pass.F, 0.6), ("llm", 256, Pass.F, 1.2),
+            ("llm", 64, Pass.B, 0.6), ("llm", 128, Pass.B, 1.2), ("llm", 256, Pass.B, 2.5),
+        ]
+    )  # fmt: skip
+    spec = work.JobSpec(model=W.model, parallel=W.parallel, hardware=W.hardware, calibration=rows)
+    registered = work.register_job(work.Job("job-calibrated", spec))
+    assert isinstance(registered, work.Registered)
+    calibrated = work.Job("job-calibrated", spec, registered.partition)
+    data = batch(W, 8).SerializeToString()
+    a = work.plan_batch(work.PlanTask(job, data, "search", 30.0))
+    b = work.plan_batch(work.PlanTask(calibrated, data, "search", 30.0))
+    assert isinstance(a, work.PlanOutcome) and isinstance(b, work.PlanOutcome)
+    assert not math.isclose(a.raw_predicted_ms, b.raw_predicted_ms, rel_tol=0.05)
