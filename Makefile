@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[server,client,dev]'
+	bash scripts/install_prometheus.sh
 	touch $(STAMP)
 
 lint: install

@@ -220,10 +220,6 @@ class TextGeometry(Geometry):
         slots = self._layout[3]
         return torch.tensor([p for i in image_instances for p in slots[i]], dtype=torch.long, device=self.device)
 
-    @cached_property
-    def document_starts(self) -> list[int]:
-        return self._layout[2]
-
 
 @dataclass(eq=False)
 class VideoGeometry(Geometry):

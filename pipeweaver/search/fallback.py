@@ -67,6 +67,7 @@ def build_fallback_plan(
     *,
     job_id: str = "",
     dtype: str = "bfloat16",
+    interleaver: Interleaver = interleave_reference,
 ) -> Plan:
     """The fallback plan for `batch` on `placement` (header.source = FALLBACK)."""
     header = PlanHeader(
@@ -80,4 +81,4 @@ def build_fallback_plan(
         dp_replica=batch.dp_replica,
     )
     shapes = TransferShapes(model, batch, header, dtype=dtype)
-    return assemble_plan(header, fallback_orders(header), shapes.tensors)
+    return assemble_plan(header, fallback_orders(header, interleaver), shapes.tensors)

@@ -95,12 +95,18 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
                 best = i
         return best, max(tl, float(ready_at[best]))
 
+    # A rank's pick depends only on its own state; cache it until that state changes (a rank's stage runs, or a
+    # stage becomes ready on it). Same results as recomputing every pick, several times faster at large pp.
+    picks: list[list[tuple[int, float] | None]] = [[None] * pp for _ in range(3)]
     done = 0
     while done < n:
         chosen, chosen_t, chosen_r = -1, math.inf, -1
         for gate in (0, 1, 2):
             for r in range(pp):
-                i, t = pick(r, gate)
+                cached = picks[gate][r]
+                if cached is None:
+                    cached = picks[gate][r] = pick(r, gate)
+                i, t = cached
                 if i >= 0 and t < chosen_t:
                     chosen, chosen_t, chosen_r = i, t, r
             if chosen >= 0:
@@ -108,6 +114,8 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
         if chosen < 0:
             raise RuntimeError("interleaver stuck: the stage graph has a cycle")
         r, i = chosen_r, chosen
+        for level in picks:
+            level[r] = None
         ready[r].remove(i)
         start[i] = chosen_t
         end[i] = chosen_t + problem.duration_ms[i]
@@ -128,4 +136,6 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
                     t = max(t, end[p] + problem.pred_delay_ms[q])
                 ready_at[j] = t
                 ready[int(problem.rank[j])].append(j)
+                for level in picks:
+                    level[int(problem.rank[j])] = None
     return position, start, end, float(np.max(end)) if n else 0.0

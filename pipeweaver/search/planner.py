@@ -514,7 +514,13 @@ class Planner:
     def fallback_plan(self, batch: BatchMetadata, *, job_id: str = "") -> Plan:
         part = self.partition
         return build_fallback_plan(
-            self.model, part.placement, part.sub_microbatch_size, batch, job_id=job_id, dtype=self.dtype
+            self.model,
+            part.placement,
+            part.sub_microbatch_size,
+            batch,
+            job_id=job_id,
+            dtype=self.dtype,
+            interleaver=interleave,
         )
 
 

@@ -1,0 +1,116 @@
+"""Search-quality benchmarks that `pipeweaver bench` does not cover (issue: the planner's search).
+
+1. Gap to the CP-SAT optimum on small instances (pp 4, up to 8 microbatches, tiny-vlm and tiny-t2v costs).
+2. Per-rank memory program solve times on vlm-s batches (median, p90).
+3. One worker vs two worker processes at the same budget on t2v-s.
+
+    .venv/bin/python benchmarks/bench_search.py [--quick] > benchmarks/results/search_quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from pipeweaver.datagen import sample_batch
+from pipeweaver.plan.ir import PlanSource, Recompute
+from pipeweaver.presets import workload
+from pipeweaver.search.bounds import exact_makespan_ms, lower_bound_ms
+from pipeweaver.search.fallback import heuristic_group_order
+from pipeweaver.search.interleave import interleave
+from pipeweaver.search.mcts import SegmentOrderSearch
+from pipeweaver.search.planner import Planner, SearchConfig, SearchLevel
+from pipeweaver.search.problem import stage_priorities
+from pipeweaver.spec import BatchMetadata
+
+
+def cp_sat_gaps(seeds: range, microbatches: int) -> list[dict[str, float]]:
+    rows = []
+    for name in ("tiny-vlm", "tiny-t2v"):
+        w = workload(name)
+        planner = Planner(w.model, w.parallel, w.hardware, config=SearchConfig(compare_baselines=()))
+        for seed in seeds:
+            full = sample_batch(w, seed=seed)
+            batch = BatchMetadata(0, full.microbatches[:microbatches])
+            header = planner.header_for(batch, job_id="", source=PlanSource.SEARCH, schedule="bench")
+            prep = planner._prepare(batch, header, Recompute.NONE)
+            problem = prep.problem
+            optimum, proven = exact_makespan_ms(problem, time_limit_s=60, workers=2)
+            heuristic = heuristic_group_order(problem, tuple(p.name for p in header.placement.pipelines))
+            search = SegmentOrderSearch(
+                len(problem.groups), heuristic, lambda g, p=problem: interleave(p, stage_priorities(p, g))[3], seed=0
+            )
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 1.0:
+                search.step()
+            rows.append(
+                {
+                    "workload": name,
+                    "seed": seed,
+                    "stages": problem.n,
+                    "optimum_ms": round(optimum, 3),
+                    "proven_optimal": proven,
+                    "heuristic_ms": round(search.reference_ms, 3),
+                    "mcts_ms": round(search.best_ms, 3),
+                    "gap": round(search.best_ms / optimum - 1, 4),
+                    "lower_bound_ms": round(lower_bound_ms(problem), 3),
+                }
+            )
+            print(rows[-1], file=sys.stderr)
+    return rows
+
+
+def memory_solve_times(batches: int) -> dict[str, float]:
+    w = workload("vlm-s")
+    planner = Planner(
+        w.model, w.parallel, w.hardware, config=SearchConfig(budget_ms=1500, compare_baselines=(), max_evaluations=200)
+    )
+    times: list[float] = []
+    for i in range(batches):
+        times += planner.plan(sample_batch(w, seed=0, iteration=i)).memory_solve_ms
+    times.sort()
+    return {
+        "programs": len(times),
+        "median_ms": round(statistics.median(times), 2),
+        "p90_ms": round(times[int(0.9 * (len(times) - 1))], 2),
+    }
+
+
+def workers_comparison(batches: int, budget_ms: float) -> dict[str, float]:
+    w = workload("t2v-s")
+    out = {}
+    for workers in (1, 2):
+        planner = Planner(
+            w.model,
+            w.parallel,
+            w.hardware,
+            config=SearchConfig(budget_ms=budget_ms, compare_baselines=(), level=SearchLevel.MCTS, workers=workers),
+        )
+        try:
+            values = [planner.plan(sample_batch(w, seed=0, iteration=i)).predicted_ms for i in range(batches)]
+        finally:
+            planner.close()
+        out[f"workers_{workers}_mean_ms"] = round(statistics.fmean(values), 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer instances (smoke run)")
+    args = parser.parse_args()
+    seeds = range(3) if args.quick else range(8)
+    report = {
+        "cp_sat_small_instances": cp_sat_gaps(seeds, microbatches=8 if not args.quick else 4),
+        "memory_program": memory_solve_times(2 if args.quick else 5),
+        "workers_t2v_s": workers_comparison(2 if args.quick else 5, 1000.0),
+    }
+    gaps = [r["gap"] for r in report["cp_sat_small_instances"]]
+    report["cp_sat_mean_gap"] = round(statistics.fmean(gaps), 4)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
