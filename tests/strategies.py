@@ -177,9 +177,7 @@ def parallel_specs(draw: st.DrawFn, *, model: ModelSpec | None = None) -> Parall
             tp
             for tp in range(1, 17)
             if all(
-                m.heads % tp == 0
-                and m.ffn_hidden % tp == 0
-                and (m.kv_heads % tp == 0 or tp % m.kv_heads == 0)
+                m.heads % tp == 0 and m.ffn_hidden % tp == 0 and (m.kv_heads % tp == 0 or tp % m.kv_heads == 0)
                 for m in model.modules
             )
         ]
@@ -210,18 +208,14 @@ def hardware_specs(draw: st.DrawFn) -> HardwareSpec:
 
 
 @st.composite
-def media_items(
-    draw: st.DrawFn, *, modalities: tuple[Modality, ...] = (Modality.IMAGE, Modality.VIDEO)
-) -> MediaItem:
+def media_items(draw: st.DrawFn, *, modalities: tuple[Modality, ...] = (Modality.IMAGE, Modality.VIDEO)) -> MediaItem:
     modality = draw(st.sampled_from(modalities))
     merged = draw(st.integers(0, 4096)) if modality is Modality.IMAGE else 0
     return MediaItem(modality=modality, tokens=draw(st.integers(1, 1 << 20)), merged_tokens=merged)
 
 
 @st.composite
-def batch_metadata(
-    draw: st.DrawFn, *, model: ModelSpec | None = None, max_microbatches: int = 4
-) -> BatchMetadata:
+def batch_metadata(draw: st.DrawFn, *, model: ModelSpec | None = None, max_microbatches: int = 4) -> BatchMetadata:
     """A batch; with `model`, media only of the model's modalities and no empty microbatch.
 
     Token totals are not bounded by any `seq_len`: callers that run `validate_batch` pick a large one.
@@ -229,9 +223,7 @@ def batch_metadata(
     media_modalities: tuple[Modality, ...] = (Modality.IMAGE, Modality.VIDEO)
     if model is not None:
         media_modalities = tuple(m for m in media_modalities if m in {mod.input for mod in model.modules})
-    media = (
-        st.lists(media_items(modalities=media_modalities), max_size=3) if media_modalities else st.just([])
-    )
+    media = st.lists(media_items(modalities=media_modalities), max_size=3) if media_modalities else st.just([])
     documents = st.builds(
         lambda text, items: Document(text_tokens=text, media=tuple(items)), st.integers(0, 4096), media
     )
@@ -267,9 +259,7 @@ def placements(draw: st.DrawFn, *, max_pp: int = 4) -> Placement:
         for index in range(draw(st.integers(1, 3))):
             stop = start + draw(st.integers(1, 8))
             layers = (LayerRange(module=draw(st.sampled_from(p.modules)), start=start, stop=stop),)
-            chunks.append(
-                Chunk(pipeline=p.name, index=index, rank=draw(st.integers(0, pp - 1)), layers=layers)
-            )
+            chunks.append(Chunk(pipeline=p.name, index=index, rank=draw(st.integers(0, pp - 1)), layers=layers))
             start = stop
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     edges = draw(st.lists(st.sampled_from(pairs), unique=True)) if pairs else []
@@ -279,9 +269,7 @@ def placements(draw: st.DrawFn, *, max_pp: int = 4) -> Placement:
 
 
 @st.composite
-def stage_keys(
-    draw: st.DrawFn, placement: Placement, *, num_microbatches: int, split_backward: bool
-) -> StageKey:
+def stage_keys(draw: st.DrawFn, placement: Placement, *, num_microbatches: int, split_backward: bool) -> StageKey:
     chunk = draw(st.sampled_from(placement.chunks))
     passes = [Pass.F, Pass.I, Pass.W] if split_backward else [Pass.F, Pass.B]
     return StageKey(
@@ -344,9 +332,7 @@ def plans(draw: st.DrawFn, *, max_pp: int = 4) -> Plan:
             pipeline=p.name,
             microbatch=mb,
             index=index,
-            instances=tuple(
-                (module, tuple(draw(st.lists(st.integers(0, 64), max_size=4)))) for module in p.modules
-            ),
+            instances=tuple((module, tuple(draw(st.lists(st.integers(0, 64), max_size=4)))) for module in p.modules),
         )
         for p in placement.pipelines
         for mb in range(num_microbatches)
@@ -364,9 +350,7 @@ def plans(draw: st.DrawFn, *, max_pp: int = 4) -> Plan:
         split_backward=split_backward,
         predicted_makespan_ms=draw(durations_ms),
         lower_bound_ms=draw(durations_ms),
-        peak_memory_bytes=tuple(
-            draw(st.lists(positive_floats, min_size=placement.pp, max_size=placement.pp))
-        ),
+        peak_memory_bytes=tuple(draw(st.lists(positive_floats, min_size=placement.pp, max_size=placement.pp))),
         baseline_makespans_ms=tuple(
             draw(st.lists(st.tuples(st.sampled_from(["1f1b", "zb_h1"]), durations_ms), max_size=2))
         ),

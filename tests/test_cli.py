@@ -51,9 +51,7 @@ def test_batch_json_parses() -> None:
 
 
 def test_dynamic_batch_reports_its_bounds() -> None:
-    result = pipeweaver(
-        "batch", "--workload", "tiny-t2v", "--seed", "2", "--iteration", "4", "--dynamic", "--json"
-    )
+    result = pipeweaver("batch", "--workload", "tiny-t2v", "--seed", "2", "--iteration", "4", "--dynamic", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["bounds"]["unit"] == "seconds"
 

@@ -46,10 +46,7 @@ def image_limits(w: Workload) -> tuple[int, int]:
 def video_seconds(w: Workload, batch: BatchMetadata) -> list[float]:
     dit = next(m for m in w.model.modules if m.input is Modality.VIDEO)
     assert dit.video is not None
-    return [
-        sum(c.tokens for c in mb.media(Modality.VIDEO)) / dit.video.tokens_per_second
-        for mb in batch.microbatches
-    ]
+    return [sum(c.tokens for c in mb.media(Modality.VIDEO)) / dit.video.tokens_per_second for mb in batch.microbatches]
 
 
 def assert_limits(w: Workload, batch: BatchMetadata) -> None:
@@ -129,9 +126,7 @@ def test_a_document_longer_than_the_sequence_is_truncated() -> None:
     w = with_dataset("vlm-s", DatasetKind.OBELICS)
     batches = [sample_batch(w, seed=s) for s in range(4)]
     full = [mb for b in batches for mb in b.microbatches if mb.language_tokens() == w.parallel.seq_len]
-    assert any(len(mb.documents) == 1 for mb in full), (
-        "heavy-tailed OBELICS should yield truncated lone documents"
-    )
+    assert any(len(mb.documents) == 1 for mb in full), "heavy-tailed OBELICS should yield truncated lone documents"
 
 
 @settings(max_examples=40, deadline=None)
@@ -252,16 +247,12 @@ def test_video_captions_scale_with_duration_and_differ_by_dataset() -> None:
     assert max(seconds) == MAX_VIDEO_SECONDS_PER_MICROBATCH and min(seconds) < 4
     assert np.corrcoef(seconds, text)[0, 1] > 0.2
     density = np.array(text) / np.array(seconds)
-    assert (
-        np.percentile(density, 90) / np.percentile(density, 10) > 4
-    )  # InternVid short vs ShareGPT4Video long
+    assert np.percentile(density, 90) / np.percentile(density, 10) > 4  # InternVid short vs ShareGPT4Video long
 
 
 def test_tiny_workloads_still_mix() -> None:
     w = preset("tiny-vlm")
-    images = [
-        n for k in range(6) for n in describe(sample_batch(w, seed=0, iteration=k))["images_per_microbatch"]
-    ]
+    images = [n for k in range(6) for n in describe(sample_batch(w, seed=0, iteration=k))["images_per_microbatch"]]
     assert images.count(0) >= 1, "some microbatches are text only"
     assert sum(1 for n in images if 1 <= n <= 8) >= len(images) // 4, "many carry a few images"
     assert max(images) > 8
@@ -281,9 +272,7 @@ def test_dynamic_bounds_follow_the_paper_pattern() -> None:
     assert all(b.low == b.high == 0 for b in bounds[14:])
     assert dynamic_bounds(w, DYNAMIC_PERIOD + 3) == bounds[3]
     video = dynamic_bounds(preset("t2v-s"), 4)
-    assert (
-        video.unit == "seconds" and video.low == pytest.approx(16 / 3) and video.high == pytest.approx(32 / 3)
-    )
+    assert video.unit == "seconds" and video.low == pytest.approx(16 / 3) and video.high == pytest.approx(32 / 3)
 
 
 @pytest.mark.parametrize("name", ["vlm-s", "tiny-vlm", "t2v-s"])

@@ -75,9 +75,7 @@ def test_model_round_trips(model: ModelSpec) -> None:
 @given(st.data())
 def test_parallel_round_trips(data: st.DataObject) -> None:
     model = data.draw(st.none() | model_specs())
-    assert_round_trips(
-        data.draw(parallel_specs(model=model)), wire.parallel_to_proto, wire.parallel_from_proto
-    )
+    assert_round_trips(data.draw(parallel_specs(model=model)), wire.parallel_to_proto, wire.parallel_from_proto)
 
 
 @given(hardware_specs())
@@ -128,9 +126,7 @@ def test_real_placement_and_split_round_trip() -> None:
     workload = presets.tiny_vlm(pp=2)
     placement = modular_placement(workload.model, 2, {"vit": 2, "llm": 1})
     image = MediaItem(Modality.IMAGE, 16, 4)
-    batch = BatchMetadata(
-        3, (Microbatch((Document(20, (image,) * 3), Document(5))), Microbatch((Document(9),)))
-    )
+    batch = BatchMetadata(3, (Microbatch((Document(20, (image,) * 3), Document(5))), Microbatch((Document(9),))))
     header = PlanHeader(
         job_id="job-1",
         iteration=batch.iteration,
@@ -151,9 +147,7 @@ def test_real_placement_and_split_round_trip() -> None:
 
 
 def test_unset_optional_fields_take_dataclass_defaults() -> None:
-    assert wire.parallel_from_proto(pb.ParallelSpec(pp=2, microbatches=8)) == ParallelSpec(
-        pp=2, microbatches=8
-    )
+    assert wire.parallel_from_proto(pb.ParallelSpec(pp=2, microbatches=8)) == ParallelSpec(pp=2, microbatches=8)
     bare = pb.HardwareSpec(
         name="x",
         peak_flops=1.0,
@@ -193,9 +187,7 @@ def test_unspecified_enums_take_dataclass_defaults() -> None:
 
 def test_unset_tensor_dtype_and_pipeline_flags_take_dataclass_defaults() -> None:
     stage = wire.stage_key_to_proto(StageKey("vit", 0, 0, 0, Pass.F))
-    op = pb.Transfer(
-        direction=pb.DIRECTION_SEND, peer=1, src=stage, dst=stage, tensors=[pb.TensorSpec(shape=[4, 8])]
-    )
+    op = pb.Transfer(direction=pb.DIRECTION_SEND, peer=1, src=stage, dst=stage, tensors=[pb.TensorSpec(shape=[4, 8])])
     action = wire.action_from_proto(pb.Action(comm_batch=pb.CommBatch(handle=3, ops=[op])))
     assert isinstance(action, CommBatch)
     assert action.ops[0].tensors == (TensorSpec((4, 8)),)

@@ -241,9 +241,7 @@ def test_motivating_example_37b() -> None:
         schedule="1f1b",
     )
     costs = StageCosts(
-        compute_ms={
-            s: stage_ms[s.chunk] / 3 * (1 if s.pass_ is Pass.F else 2) for s in stage_graph(header).stages
-        }
+        compute_ms={s: stage_ms[s.chunk] / 3 * (1 if s.pass_ is Pass.F else 2) for s in stage_graph(header).stages}
     )
     res = both(assemble_plan(header, one_f_one_b(p, m), no_tensors), costs, LinkModel.zero(p))
     assert 0.22 <= res.bubble_fraction <= 0.24
@@ -299,9 +297,7 @@ def test_activations_freed_by_the_last_pass(
     placement = replace(base.placement, pipelines=(info,))
     header = replace(base, placement=placement, split_backward=True)
     plan = assemble_plan(header, [[_c(0, 0, x) for x in passes]], no_tensors)
-    res = both(
-        plan, StageCosts.uniform(header, forward_ms=1.0, backward_ms=2.0, act_bytes=5.0), LinkModel.zero(1)
-    )
+    res = both(plan, StageCosts.uniform(header, forward_ms=1.0, backward_ms=2.0, act_bytes=5.0), LinkModel.zero(1))
     assert res.memory_timeline(0) == timeline
 
 
@@ -404,9 +400,7 @@ def random_batch(draw: st.DrawFn, video: bool) -> BatchMetadata:
     return BatchMetadata(iteration=0, microbatches=tuple(mbs))
 
 
-def random_orders(
-    graph: StageGraph, pp: int, rng: random.Random
-) -> tuple[list[list[Compute]], list[StageKey]]:
+def random_orders(graph: StageGraph, pp: int, rng: random.Random) -> tuple[list[list[Compute]], list[StageKey]]:
     """Per-rank orders from one random topological order of the stage DAG (greedy on random priorities)."""
     priority = {s: rng.random() for s in graph.stages}
     missing = {s: len(graph.preds[s]) for s in graph.stages}
