@@ -68,6 +68,8 @@ class Served:
     """search, cache or fallback."""
     raw_predicted_ms: float = 0.0
     """Predicted makespan before the online refit's scale (0: not predicted, as for fallback plans)."""
+    search_ms: float = 0.0
+    """Worker time spent searching this plan (0 for cache hits and fallbacks)."""
 
     @property
     def fallback(self) -> bool:

@@ -223,7 +223,7 @@ class Planning:
         job.record_overhead(outcome.worker_ms, outcome.budget_ms)
         job.remember(entry.digest, plan, outcome.raw_predicted_ms)
         self._observe_search(outcome)
-        if entry.resolve(Served(plan, "search", outcome.raw_predicted_ms)):
+        if entry.resolve(Served(plan, "search", outcome.raw_predicted_ms, outcome.search_ms)):
             self.m.plans.labels(source="search").inc()
 
     def _observe_search(self, outcome: work.PlanOutcome) -> None:

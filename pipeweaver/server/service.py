@@ -144,7 +144,12 @@ class PlannerService(planner_pb2_grpc.PlannerServiceServicer):
 
     @staticmethod
     def _response(cls: Any, served: Served, rank: int) -> Any:
-        return cls(header=served.plan.header, rank_plan=served.rank_plan(rank), fallback=served.fallback)
+        return cls(
+            header=served.plan.header,
+            rank_plan=served.rank_plan(rank),
+            fallback=served.fallback,
+            search_ms=served.search_ms,
+        )
 
     # ---- StreamPlans ----
     def _check_stream_request(self, req: Any) -> tuple[Any, float | None]:

@@ -1410,8 +1410,13 @@ class StreamPlansResponse(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     RANK_PLAN_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
+    SEARCH_MS_FIELD_NUMBER: _builtins.int
     fallback: _builtins.bool
     """The search ran out of time or failed and this is the deterministic fallback schedule."""
+    search_ms: _builtins.float
+    """Wall time the planner spent searching this plan (0 for cached and fallback plans): a client subtracts it
+    from the delivery latency to see the service's own overhead.
+    """
     @_builtins.property
     def header(self) -> Global___PlanHeader: ...
     @_builtins.property
@@ -1424,10 +1429,11 @@ class StreamPlansResponse(_message.Message):
         header: Global___PlanHeader | None = ...,
         rank_plan: Global___RankPlan | None = ...,
         fallback: _builtins.bool = ...,
+        search_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "rank_plan", b"rank_plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback", b"fallback", "header", b"header", "rank_plan", b"rank_plan"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback", b"fallback", "header", b"header", "rank_plan", b"rank_plan", "search_ms", b"search_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1472,7 +1478,10 @@ class GetPlanResponse(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     RANK_PLAN_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
+    SEARCH_MS_FIELD_NUMBER: _builtins.int
     fallback: _builtins.bool
+    search_ms: _builtins.float
+    """Wall time the planner spent searching this plan (0 for cached and fallback plans)."""
     @_builtins.property
     def header(self) -> Global___PlanHeader: ...
     @_builtins.property
@@ -1483,10 +1492,11 @@ class GetPlanResponse(_message.Message):
         header: Global___PlanHeader | None = ...,
         rank_plan: Global___RankPlan | None = ...,
         fallback: _builtins.bool = ...,
+        search_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "rank_plan", b"rank_plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback", b"fallback", "header", b"header", "rank_plan", b"rank_plan"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback", b"fallback", "header", b"header", "rank_plan", b"rank_plan", "search_ms", b"search_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
