@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[server,client,dev]'
 	bash scripts/install_prometheus.sh
+	PYTHON=$(BIN)/python bash scripts/install_kubectl.sh $(BIN)
 	touch $(STAMP)
 
 lint: install
