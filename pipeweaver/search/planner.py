@@ -394,7 +394,9 @@ class Planner:
         plan = assemble_plan(header, orders, prep.shapes.tensors, graph=prep.graph)
         sim = self.simulate_plan(plan, batch, choice)
         if not self._fits(sim):
-            plan, sim, choice = self._fit_memory(prep, batch, plan, sim, orders)
+            plan, sim, choice = self._fit_memory(
+                prep, batch, plan, sim, orders, per, choice, None if level is SearchLevel.PARTITION else priority
+            )
         plan = _with_header(sim.annotate(plan), lower_bound_ms=bound)
         search_ms = (time.perf_counter() - t0) * 1e3
         if self.config.validate_plans:
@@ -416,23 +418,45 @@ class Planner:
         )
 
     def _fit_memory(
-        self, prep: _Prepared, batch: BatchMetadata, plan: Plan, sim: SimResult, orders: list[list[Compute]]
+        self,
+        prep: _Prepared,
+        batch: BatchMetadata,
+        plan: Plan,
+        sim: SimResult,
+        orders: list[list[Compute]],
+        per: dict[Recompute, HeaderCosts],
+        choice: RecomputeMap,
+        priority: np.ndarray | None,
     ) -> tuple[Plan, SimResult, RecomputeMap]:
-        """SEMU says the plan overflows a device: try the same order with the leanest strategies, then the static
-        fallback order (which bounds in-flight work per rank by count) with them; keep the first that fits, else
-        the one that overflows least."""
-        lean = {k: Recompute.FULL for k in prep.costs.activation_bytes}
+        """SEMU says the plan overflows a device (its timeline, with link queueing, differs from the
+        interleaver's). Re-interleave the same priorities under tighter caps, first with the chosen strategies,
+        then with the leanest; then the static fallback order with the leanest strategies. Keep the first that fits
+        SEMU, else the one that overflows least."""
+        lean: RecomputeMap = {k: Recompute.FULL for k in prep.costs.activation_bytes}
         tried: list[tuple[Plan, SimResult, RecomputeMap]] = [(plan, sim, _recompute_map(orders))]
-        candidates = [
-            [[Compute(c.stage, Recompute.FULL) for c in order] for order in orders],
-            [[Compute(c.stage, Recompute.FULL) for c in order] for order in fallback_orders(prep.header, interleave)],
-        ]
-        for lean_orders in candidates:
-            lean_plan = assemble_plan(prep.header, lean_orders, prep.shapes.tensors, graph=prep.graph)
-            lean_sim = self.simulate_plan(lean_plan, batch, lean)
-            tried.append((lean_plan, lean_sim, lean))
-            if self._fits(lean_sim):
-                return tried[-1]
+
+        def attempt(order_lists: list[list[Compute]], strategies: RecomputeMap) -> bool:
+            candidate = assemble_plan(prep.header, order_lists, prep.shapes.tensors, graph=prep.graph)
+            result = self.simulate_plan(candidate, batch, strategies)
+            tried.append((candidate, result, strategies))
+            return self._fits(result)
+
+        stages = prep.problem.stages
+        if priority is not None:
+            for strategies in (choice, lean):
+                base = self._problem_with(prep, per, strategies)
+                for factor in (0.9, 0.75, 0.6):
+                    tight = replace(base, mem_cap_bytes=base.mem_cap_bytes * factor)
+                    seqs = self._orders_from_positions(tight, interleave(tight, stage_priorities(tight, priority))[0])
+                    order_lists = [
+                        [Compute(stages[i], strategies.get(_pair(stages[i]), Recompute.NONE)) for i in seq]
+                        for seq in seqs
+                    ]
+                    if attempt(order_lists, strategies):
+                        return tried[-1]
+        static = fallback_orders(prep.header, interleave)
+        if attempt([[Compute(c.stage, Recompute.FULL) for c in order] for order in static], lean):
+            return tried[-1]
         return min(tried, key=lambda t: float(np.max(t[1].peak_memory_bytes)))
 
     def _simulate_seqs(
