@@ -305,6 +305,59 @@ def _serve(args: argparse.Namespace) -> int:
     return run(from_args(args))
 
 
+# ---- pipeweaver demo ---------------------------------------------------------------------------------------
+
+
+def _demo_args(parser: argparse.ArgumentParser) -> None:
+    from pipeweaver.demo import default_ranks
+
+    parser.add_argument("--iterations", type=_non_negative_int, default=20, help="iterations of each run (default 20)")
+    parser.add_argument(
+        "--ranks",
+        type=_non_negative_int,
+        default=None,
+        help=f"pipeline ranks (default: cores up to 4, here {default_ranks()})",
+    )
+    parser.add_argument("--out", default="out/demo", help="folder for the timeline picture (default out/demo)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="data and initialisation seed (default 0)")
+    parser.add_argument("--budget-ms", type=float, default=300.0, help="planning budget per batch (default 300)")
+    parser.add_argument("--no-calibrate", action="store_true", help="skip the layer profile (uncalibrated SEMU)")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeweaver.demo import DemoConfig, DemoError, default_ranks, format_report, run_demo
+
+    try:
+        cfg = DemoConfig(
+            iterations=args.iterations,
+            ranks=args.ranks if args.ranks is not None else default_ranks(),
+            out_dir=Path(args.out),
+            seed=args.seed,
+            planning_budget_ms=args.budget_ms,
+            calibrate=not args.no_calibrate,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    def progress(msg: str) -> None:
+        sys.stderr.write(f"demo: {msg}\n")
+
+    try:
+        result = run_demo(cfg, progress=progress)
+    except DemoError as exc:
+        sys.stderr.write(f"{PROG} demo: failed: {exc}\n")
+        return 1
+    if args.json:
+        _print_json(result)
+    else:
+        for line in format_report(result):
+            sys.stdout.write(line + "\n")
+    return 0 if result["parameters"]["equal"] else 1
+
+
 # ---- entry point -------------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
@@ -314,6 +367,7 @@ COMMANDS: dict[str, Command] = {
     "plan": Command("search a plan for one sampled iteration", cli_plan.plan_args, cli_plan.plan),
     "bench": Command("plan sampled iterations and compare with every baseline", bench.bench_args, bench.bench),
     "serve": Command("run the planner service (gRPC sidecar)", _serve_args, _serve),
+    "demo": Command("train tiny-vlm on gloo ranks with the planner, against 1F1B", _demo_args, _demo),
 }
 
 

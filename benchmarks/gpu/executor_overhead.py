@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import statistics
@@ -37,6 +38,7 @@ import sys
 import time
 from typing import Any
 
+import _bare_client  # noqa: F401  (before pipeweaver.client: no grpc on the GPU image)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -152,7 +154,10 @@ def run_case(args: argparse.Namespace, schedule: str, device: torch.device, dtyp
     # ---- torch side: the same modules --------------------------------------------------------------------------
     data = SyntheticData(seed=0, iteration=batch.iteration)
     scale = LossScale.of(model, batch)
-    geoms = [geometry(model, batch, "llm", j, (0,), data, scale, device=device, dtype=dtype) for j in range(len(batch.microbatches))]
+    geoms = [
+        geometry(model, batch, "llm", j, (0,), data, scale, device=device, dtype=dtype)
+        for j in range(len(batch.microbatches))
+    ]
     g0 = geoms[0]
     _ = g0.positions, g0.segments  # cached once: torch's stages reuse them every iteration
     ids = torch.stack([g.token_ids for g in geoms])  # (M, T) on device
@@ -248,7 +253,6 @@ def run_case(args: argparse.Namespace, schedule: str, device: torch.device, dtyp
     dist.all_reduce(loss)
     ours, theirs = summary(times["ours"]), summary(times["torch"])
     params_total = model.total_params()
-    del sched, stages, ex
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -261,9 +265,14 @@ def run_case(args: argparse.Namespace, schedule: str, device: torch.device, dtyp
         "microbatches": args.microbatches,
         "tokens_per_microbatch": args.tokens,
         "model": {
-            "layers": args.layers, "hidden": args.hidden, "ffn_hidden": args.ffn, "heads": args.heads,
-            "kv_heads": args.kv_heads, "vocab": args.vocab, "params": params_total,
-        },  # fmt: skip
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "ffn_hidden": args.ffn,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "vocab": args.vocab,
+            "params": params_total,
+        },
         "dtype": args.dtype,
         "ours": ours,
         "torch": theirs,
@@ -291,8 +300,18 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--block", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: 8 x 64 hidden, vocab 512")
+    ap.add_argument(
+        "--attention",
+        default="fast",
+        choices=["fast", "reference"],
+        help="fast: benchmarks/gpu/fast_attention.py (4-D SDPA, flash); reference: models._attend as is",
+    )
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    if args.attention == "fast":
+        from fast_attention import use_fast_attention
+
+        use_fast_attention()
     if args.tiny:
         args.layers, args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab = 8, 64, 192, 4, 2, 512
         if args.configs == ap.get_default("configs"):
@@ -307,14 +326,16 @@ def main() -> None:
         torch.set_num_threads(1)
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    result: dict[str, Any] = {"benchmark": "executor_overhead", "env": env_info(device), "cases": []}
+    result: dict[str, Any] = {
+        "benchmark": "executor_overhead", "attention": args.attention, "env": env_info(device), "cases": []
+    }  # fmt: skip
     for cfg in args.configs.split(","):
         tokens, m = (int(v) for v in cfg.split(":"))
         args.tokens, args.microbatches = tokens, m
         for schedule in args.schedules.split(","):
             try:
                 case = run_case(args, schedule, device, dtype)
-            except Exception as e:  # record and go on: one failing case must not lose the others
+            except Exception as e:  # print and stop: a failed case leaves the ranks out of step
                 import traceback
 
                 traceback.print_exc()
@@ -324,8 +345,9 @@ def main() -> None:
                     print(json.dumps(case), flush=True)
                 raise
             result["cases"].append(case)
+            gc.collect()  # the case's executor and stages went with its frame: free them before the next case
             if dist.get_rank() == 0:
-                brief = {k: v for k, v in case.items() if k not in ("ours", "torch", "chunk_layers")}
+                brief = {k: v for k, v in case.items() if k not in ("ours", "torch", "chunk_layers", "model")}
                 brief["ours_median_ms"] = case["ours"]["median_ms"]
                 brief["torch_median_ms"] = case["torch"]["median_ms"]
                 brief["ours_mean_ms"] = case["ours"]["mean_ms"]

@@ -147,6 +147,15 @@ class PipelineExecutor:
     `pp_ranks[r]` is the global rank of pipeline rank r (default: r); `pp_group` is the process group of this
     pipeline (default: the world). `dp_group`, when given, all-reduces (averages) gradients across data-parallel
     replicas after each plan.
+
+    `pair_groups` gives every *directed* pair of pipeline ranks its own process group (communicator). NCCL runs a
+    communicator's point-to-point groups in posting order on one stream, so with a single communicator a send that
+    its receiver posts much later (searched plans run encoder forwards long before the backbone consumes them)
+    blocks the sender's later receives, and the ranks can deadlock; with one communicator per direction of every
+    pair, each communicator sees exactly the per-pair FIFO order that the plan validator proves deadlock-free.
+    Default: on for NCCL, off otherwise (gloo buffers sends). Creating groups is collective: every process of the
+    world must construct its executor, and `pipelines` lists every pipeline's global ranks (default: this one
+    only, i.e. dp = 1), so all processes create the same groups in the same order.
     """
 
     def __init__(
@@ -163,6 +172,8 @@ class PipelineExecutor:
         data_seed: int = 0,
         device: torch.device | None = None,
         dtype: torch.dtype = torch.float32,
+        pair_groups: bool | None = None,
+        pipelines: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if not 0 <= rank < placement.pp:
             raise ValueError(f"rank must be in [0, {placement.pp}) for a placement of pp={placement.pp}, got {rank}")
@@ -184,6 +195,31 @@ class PipelineExecutor:
         for chunk in placement.chunks:
             if chunk.rank == rank:
                 self.chunks[(chunk.pipeline, chunk.index)] = self._build_chunk(chunk, init_seed)
+        self._pair_group: dict[tuple[int, int], dist.ProcessGroup] = {}
+        if pair_groups is None:
+            pair_groups = dist.is_initialized() and dist.get_backend() == "nccl"
+        if pair_groups and placement.pp > 1 and dist.is_initialized():
+            self._create_pair_groups(pipelines or [self.pp_ranks])
+
+    def _create_pair_groups(self, pipelines: Sequence[Sequence[int]]) -> None:
+        """One group per directed pair (a -> b) of pipeline ranks, for every pipeline, in the same order on every
+        process (new_group is collective over the world)."""
+        mine = tuple(self.pp_ranks)
+        for ranks in pipelines:
+            for a in range(len(ranks)):
+                for b in range(len(ranks)):
+                    if a == b:
+                        continue
+                    group = dist.new_group([ranks[a], ranks[b]])
+                    if tuple(ranks) == mine:
+                        self._pair_group[(a, b)] = group
+
+    def _group_for(self, direction: Direction, peer: int) -> dist.ProcessGroup | None:
+        """The communicator of this op: its directed pair's own group, else the pipeline's."""
+        if not self._pair_group:
+            return self.pp_group
+        key = (self.rank, peer) if direction is Direction.SEND else (peer, self.rank)
+        return self._pair_group[key]
 
     # ---- model --------------------------------------------------------------------------------------------
 
@@ -416,6 +452,7 @@ class PipelineExecutor:
 
     def _post(self, it: _Iteration, batch: CommBatch) -> None:
         ops: list[dist.P2POp] = []
+        groups: list[dist.ProcessGroup | None] = []
         recvs: list[tuple[Edge, list[Tensor]]] = []
         keep: list[Tensor] = []
         for op in batch.ops:
@@ -424,7 +461,9 @@ class PipelineExecutor:
                 for t in self._outgoing(it, op):
                     keep.append(t)
                     if t.numel():  # both ends know the shape: empty tensors are not sent at all
-                        ops.append(dist.P2POp(dist.isend, t, peer, group=self.pp_group))
+                        group = self._group_for(Direction.SEND, op.peer)
+                        ops.append(dist.P2POp(dist.isend, t, peer, group=group))
+                        groups.append(group)
                         it.sent_bytes += t.numel() * t.element_size()
             else:
                 bufs = [
@@ -432,10 +471,16 @@ class PipelineExecutor:
                 ]
                 for t in bufs:
                     if t.numel():
-                        ops.append(dist.P2POp(dist.irecv, t, peer, group=self.pp_group))
+                        group = self._group_for(Direction.RECV, op.peer)
+                        ops.append(dist.P2POp(dist.irecv, t, peer, group=group))
+                        groups.append(group)
                         it.received_bytes += t.numel() * t.element_size()
                 recvs.append(((op.src, op.dst), bufs))
-        works = dist.batch_isend_irecv(ops) if ops else []
+        works: list[dist.Work] = []
+        # batch_isend_irecv coalesces ops of one group: post one call per communicator, each in plan order.
+        for group in dict.fromkeys(groups):
+            mine = [o for o, g in zip(ops, groups, strict=True) if g is group]
+            works.extend(w for w in dist.batch_isend_irecv(mine) if w is not None)
         it.in_flight[batch.handle] = (works, recvs, keep)
 
     def _outgoing(self, it: _Iteration, op: Transfer) -> list[Tensor]:

@@ -236,7 +236,8 @@ def _run_job(rank: int, job: Job, executors: dict[Any, PipelineExecutor]) -> dic
     placement = (job.fallback or job.plan).header.placement
     key = (job.model, placement)
     if job.mode == "optimizer" or key not in executors:
-        ex = PipelineExecutor(job.model, placement, rank)
+        # One communicator per directed rank pair, as on NCCL (the default there), so gloo exercises that path.
+        ex = PipelineExecutor(job.model, placement, rank, pair_groups=True)
         if job.mode != "optimizer":
             executors[key] = ex
     else:
@@ -296,6 +297,8 @@ def _run_dp(rank: int, jobs: list[Job]) -> dict[str, Any]:
         pp_ranks=[2 * replica, 2 * replica + 1],
         pp_group=pp_groups[replica],
         dp_group=dp_groups[pp_rank],
+        pair_groups=True,
+        pipelines=[[0, 1], [2, 3]],
     )
     stats = ex.run_iteration(job.plan, job.batch)
     return {"loss": stats.loss, "grads": ex.gradients(), "replica": replica}
