@@ -1,0 +1,79 @@
+"""`pipeweaver bench --json` prints exactly one JSON object with the documented keys (issue: the first ten minutes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_json_report_has_every_key(tmp_path: Path) -> None:
+    env = dict(os.environ)
+    env.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".cache" / "numba"))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeweaver",
+            "bench",
+            "--workload",
+            "vlm-s",
+            "--batches",
+            "5",
+            "--budget-ms",
+            "200",
+            "--json",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=True,
+    )
+    report = json.loads(out.stdout)  # exactly one JSON object on stdout
+    assert set(report) >= {
+        "workload",
+        "hardware",
+        "batches",
+        "systems",
+        "lower_bound_mean_ms",
+        "plan_latency_ms",
+        "speedup_vs",
+    }
+    assert report["workload"] == "vlm-s" and report["hardware"] == "h800" and report["batches"] == 5
+    assert set(report["plan_latency_ms"]) == {"p50", "p99"}
+    systems = report["systems"]
+    assert {"pipeweaver", "1f1b", "interleaved-1f1b", "optimus-coarse", "nnscaler-static", "zbv"} <= set(systems)
+    for stats in systems.values():
+        assert set(stats) == {
+            "mean_iter_ms",
+            "p50_iter_ms",
+            "p99_iter_ms",
+            "mean_bubble_fraction",
+            "max_peak_memory_gib",
+        }
+        assert stats["p50_iter_ms"] <= stats["p99_iter_ms"]
+    assert set(report["speedup_vs"]) == set(systems) - {"pipeweaver"}
+    for name, ratio in report["speedup_vs"].items():
+        assert abs(ratio - systems[name]["mean_iter_ms"] / systems["pipeweaver"]["mean_iter_ms"]) < 1e-3
+    assert report["lower_bound_mean_ms"] <= systems["pipeweaver"]["mean_iter_ms"]
+    for picture in ("timeline-vlm-s.png", "iteration-time-vlm-s.png", "plan-latency-vlm-s.png"):
+        assert (tmp_path / picture).stat().st_size > 10_000
+
+
+def test_bench_rejects_bad_numbers_with_one_line() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeweaver", "bench", "--workload", "vlm-s", "--batches", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "--batches" in out.stderr
+    assert "Traceback" not in out.stderr
