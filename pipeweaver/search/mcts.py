@@ -4,7 +4,7 @@ A tree node is a prefix of the group permutation; the group placed at position i
 iteration selects a leaf by UCB, expands one child, completes the order with several random rollouts, scores each
 with the interleaver, and backs up the *best* score (max, not mean) to the root.
 
-Choices the paper leaves open (see docs/search.md for the measurements behind them):
+Choices the paper leaves open (measurements in docs/benchmarks.md, "Small instances against the CP-SAT optimum"):
 - score = reference makespan / makespan (higher is better, about 1); UCB = s^alpha + beta*sqrt(ln N_parent / N);
 - rollouts are not uniform permutations: the remaining groups follow the heuristic order perturbed by Gumbel
   noise of a random temperature (a Plackett-Luce sample), which keeps rollouts near sane schedules on deep trees.
