@@ -320,7 +320,7 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default="out/demo", help="folder for the timeline picture (default out/demo)")
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="data and initialisation seed (default 0)")
-    parser.add_argument("--budget-ms", type=float, default=300.0, help="planning budget per batch (default 300)")
+    parser.add_argument("--budget-ms", type=float, default=100.0, help="planning budget per batch (default 100)")
     parser.add_argument("--no-calibrate", action="store_true", help="skip the layer profile (uncalibrated SEMU)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
 
