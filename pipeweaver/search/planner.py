@@ -369,7 +369,8 @@ class Planner:
                     while (search.evaluations < cap) if cap is not None else (time.perf_counter() < search_deadline):
                         search.step()
                     best_order, evaluations = search.best_order, search.evaluations
-                priority = priorities_from_order(best_order)
+                if tuple(best_order) != tuple(heuristic):  # unchanged order: keep the same array (no SEMU re-check)
+                    priority = priorities_from_order(best_order)
                 if level >= SearchLevel.MEMORY:  # re-fit the strategies to the better order's timeline
                     # Out of budget: the greedy choice, no 0-1 programs (unless the run is deterministic).
                     exact = self.config.max_evaluations is not None or time.perf_counter() < deadline
