@@ -46,8 +46,8 @@ def _summary(values_ms: list[float], bubbles: list[float], peaks: list[float]) -
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from rich.progress import Progress
 
+    from pipeweaver.cli_plan import workload_named
     from pipeweaver.datagen import dynamic_batch, sample_batch
-    from pipeweaver.presets import workload
     from pipeweaver.search.planner import Planner, SearchConfig, SearchLevel
 
     if args.batches < 1:
@@ -56,10 +56,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         raise SpecError(f"--workers must be at least 1, got {args.workers}")
     if args.budget_ms <= 0:
         raise SpecError(f"--budget-ms must be positive, got {args.budget_ms}")
-    try:
-        w = workload(args.workload)
-    except KeyError as exc:
-        raise SpecError(str(exc).strip("'\"")) from None
+    w = workload_named(args.workload)
     planner = Planner(
         w.model, w.parallel, w.hardware, config=SearchConfig(budget_ms=args.budget_ms, workers=args.workers)
     )

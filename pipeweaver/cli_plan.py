@@ -9,7 +9,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from pipeweaver.errors import SpecError
 from pipeweaver.spec.batch import BatchMetadata
@@ -19,7 +18,8 @@ GIB = 2**30
 SEARCHED = "pipeweaver"
 
 
-def _workload(name: str) -> Workload:
+def workload_named(name: str) -> Workload:
+    """The preset `name`, or a `SpecError` (one line in the CLI) listing the choices."""
     from pipeweaver.presets import workload
 
     try:
@@ -58,11 +58,11 @@ def simulate(args: argparse.Namespace) -> int:
     from pipeweaver.plan.export import plan_from_json
     from pipeweaver.plan.validator import validate
     from pipeweaver.search.baselines import build_baseline_plan
-    from pipeweaver.search.planner import Planner, SearchConfig
+    from pipeweaver.search.planner import Planner, SearchConfig, recompute_map
 
     if (args.schedule is None) == (args.plan is None):
         raise SpecError("give exactly one of --schedule or --plan")
-    w = _workload(args.workload)
+    w = workload_named(args.workload)
     batch = _batch_for(w, args.seed, args.iteration)
     planner = Planner(
         w.model, w.parallel, w.hardware, config=SearchConfig(budget_ms=args.budget_ms, compare_baselines=())
@@ -78,7 +78,11 @@ def simulate(args: argparse.Namespace) -> int:
     elif args.schedule == SEARCHED:
         result = planner.plan(batch)
         plan, name = result.plan, SEARCHED
-        sim = planner.simulate_plan(plan, batch, _recompute_of(plan))
+        sim = (
+            result.simulation
+            if result.simulation is not None
+            else planner.simulate_plan(plan, batch, recompute_map(plan))
+        )
     else:
         plan = build_baseline_plan(args.schedule, model=w.model, parallel=w.parallel, batch=batch, hardware=w.hardware)
         name = args.schedule
@@ -108,18 +112,6 @@ def simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recompute_of(plan: Any) -> dict[tuple[str, int, int, int], Any]:
-    from pipeweaver.plan.ir import Compute, Pass
-
-    out = {}
-    for rp in plan.ranks:
-        for a in rp.actions:
-            if isinstance(a, Compute) and a.stage.pass_ is Pass.F:
-                s = a.stage
-                out[(s.pipeline, s.chunk, s.microbatch, s.sub)] = a.recompute
-    return out
-
-
 # ---- plan ----------------------------------------------------------------------------------------------------
 
 
@@ -141,7 +133,7 @@ def plan(args: argparse.Namespace) -> int:
         raise SpecError(f"--budget-ms must be positive, got {args.budget_ms}")
     if args.workers < 1:
         raise SpecError(f"--workers must be at least 1, got {args.workers}")
-    w = _workload(args.workload)
+    w = workload_named(args.workload)
     batch = _batch_for(w, args.seed, args.iteration)
     planner = Planner(
         w.model, w.parallel, w.hardware, config=SearchConfig(budget_ms=args.budget_ms, workers=args.workers)

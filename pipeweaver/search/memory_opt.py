@@ -90,13 +90,18 @@ class RankChoice:
     """Whether a 0-1 program was solved (False when memory never binds and the fastest choice is trivially optimal)."""
 
 
-def _live_sets(start: Sequence[float], end: Sequence[float]) -> list[list[int]]:
-    """For every pair k, the pairs i alive at k's start (s_i <= s_k < t_i), k itself included."""
+def _alive(start: Sequence[float], end: Sequence[float]) -> np.ndarray:
+    """alive[k, i]: pair i is live at pair k's start (s_i <= s_k < t_i); every pair is live at its own start."""
     s = np.asarray(start, dtype=np.float64)
     t = np.asarray(end, dtype=np.float64)
     alive = (s[None, :] <= s[:, None]) & (s[:, None] < t[None, :])
     np.fill_diagonal(alive, True)
-    return [np.flatnonzero(row).tolist() for row in alive]
+    return alive
+
+
+def _live_sets(start: Sequence[float], end: Sequence[float]) -> list[list[int]]:
+    """For every pair k, the pairs i alive at k's start, k itself included."""
+    return [np.flatnonzero(row).tolist() for row in _alive(start, end)]
 
 
 def greedy_choice(
@@ -107,10 +112,7 @@ def greedy_choice(
     choice = [len(c) - 1 for c in candidates]
     if n == 0:
         return ()
-    st = np.asarray(start, dtype=np.float64)
-    en = np.asarray(end, dtype=np.float64)
-    alive = (st[None, :] <= st[:, None]) & (st[:, None] < en[None, :])  # alive[k, i]: pair i live at k's start
-    np.fill_diagonal(alive, True)
+    alive = _alive(start, end)
     members = [np.flatnonzero(alive[:, i]) for i in range(n)]  # constraints each pair appears in
     mem = np.array([candidates[i][choice[i]].memory_bytes for i in range(n)])
     load = alive.astype(np.float64) @ mem

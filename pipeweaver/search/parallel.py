@@ -46,7 +46,6 @@ def warm_up() -> int:
     """Compile (or load) the numba kernels in this process; returns the pid."""
     import os
 
-    from pipeweaver.search.interleave import interleave  # noqa: F401 - the import compiles nothing; a call does
     from pipeweaver.search.planner import warm_kernels
 
     warm_kernels()

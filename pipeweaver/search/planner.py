@@ -87,6 +87,8 @@ class PlanResult:
     peak_memory_bytes: tuple[float, ...]
     memory_solve_ms: tuple[float, ...] = ()
     """Solve time of each per-rank memory program that ran (empty when memory never bound)."""
+    simulation: SimResult | None = None
+    """SEMU's simulation of `plan` (per-action times, busy time and memory per rank)."""
 
     def speedup_over(self, baseline: str) -> float:
         return self.baseline_ms[baseline] / self.predicted_ms
@@ -99,7 +101,6 @@ class _Prepared:
     costs: HeaderCosts
     problem: Problem
     shapes: TransferShapes
-    delays: dict[tuple[StageKey, StageKey], float]
 
 
 class Planner:
@@ -172,7 +173,7 @@ class Planner:
         problem = build_problem(
             graph, self.parallel.pp, costs.duration_ms, costs.activation_bytes, delays, self._mem_caps()
         )
-        return _Prepared(header, graph, costs, problem, shapes, delays)
+        return _Prepared(header, graph, costs, problem, shapes)
 
     def stage_costs(
         self,
@@ -331,7 +332,7 @@ class Planner:
             # A static order fixed before this batch's costs are known, with the fastest uniform strategy that fits.
             index = {s: i for i, s in enumerate(prep.problem.stages)}
             seqs = [[index[c.stage] for c in order] for order in fallback_orders(header, interleave)]
-            choice = self._uniform_fit(header, batch, seqs_plan=seqs, prep=prep)
+            choice = self._uniform_fit(batch, seqs_plan=seqs, prep=prep)
         else:
             # Levels 2-3 schedule with the leanest strategy everywhere (paper 5.2: most headroom); level 4 buys
             # back speed per stage pair wherever memory allows, and keeps it only if the schedule improves.
@@ -416,6 +417,7 @@ class Planner:
             bubble_fraction=sim.bubble_fraction,
             peak_memory_bytes=tuple(float(x) for x in sim.peak_memory_bytes),
             memory_solve_ms=tuple(solve_ms),
+            simulation=sim,
         )
 
     def _fit_memory(
@@ -434,7 +436,7 @@ class Planner:
         then with the leanest; then the static fallback order with the leanest strategies. Keep the first that fits
         SEMU, else the one that overflows least."""
         lean: RecomputeMap = {k: Recompute.FULL for k in prep.costs.activation_bytes}
-        tried: list[tuple[Plan, SimResult, RecomputeMap]] = [(plan, sim, _recompute_map(orders))]
+        tried: list[tuple[Plan, SimResult, RecomputeMap]] = [(plan, sim, recompute_map(orders))]
 
         def attempt(order_lists: list[list[Compute]], strategies: RecomputeMap) -> bool:
             candidate = assemble_plan(prep.header, order_lists, prep.shapes.tensors, graph=prep.graph)
@@ -485,16 +487,14 @@ class Planner:
         left = deadline - time.perf_counter()
         return float(min(0.05, max(0.005, left / (4 * self.parallel.pp))))
 
-    def _uniform_fit(
-        self, header: PlanHeader, batch: BatchMetadata, *, seqs_plan: list[list[int]], prep: _Prepared
-    ) -> RecomputeMap:
+    def _uniform_fit(self, batch: BatchMetadata, *, seqs_plan: list[list[int]], prep: _Prepared) -> RecomputeMap:
         """The fastest single strategy for every stage whose simulated peak fits every rank (full if none)."""
         stages = prep.problem.stages
         pairs = list(prep.costs.activation_bytes)
         for rc in (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL):
             choice = {k: rc for k in pairs}
             orders = [[Compute(stages[i], rc) for i in seq] for seq in seqs_plan]
-            plan = assemble_plan(header, orders, prep.shapes.tensors, graph=prep.graph)
+            plan = assemble_plan(prep.header, orders, prep.shapes.tensors, graph=prep.graph)
             if self._fits(self.simulate_plan(plan, batch, choice)):
                 return choice
         return {k: Recompute.FULL for k in pairs}
@@ -559,7 +559,12 @@ def schedule_score(problem: Problem, group_priority: np.ndarray) -> float:
     return makespan * (1.0 + OVERFLOW_PENALTY * overflow(problem, start, end))
 
 
-def _recompute_map(orders: list[list[Compute]]) -> RecomputeMap:
+def recompute_map(plan_or_orders: Plan | list[list[Compute]]) -> RecomputeMap:
+    """Strategy of every stage pair of a plan (or of per-rank compute orders), read off its forward computes."""
+    if isinstance(plan_or_orders, Plan):
+        orders = [[a for a in rp.actions if isinstance(a, Compute)] for rp in plan_or_orders.ranks]
+    else:
+        orders = plan_or_orders
     return {_pair(c.stage): c.recompute for order in orders for c in order if c.stage.pass_ is Pass.F}
 
 
@@ -573,8 +578,6 @@ def _with_header(plan: Plan, **changes: object) -> Plan:
 
 def warm_kernels() -> None:
     """Compile (or load from the numba cache) the search's kernels on a tiny problem."""
-    from pipeweaver.plan.graph import StageGraph as _G  # noqa: F401 - keeps the import graph explicit
-
     tiny = Problem(
         stages=(),
         pp=1,
