@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import gzip
 import json
 import os
 import statistics
@@ -137,6 +138,21 @@ def env_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def profile_one(out_dir: str, case: str, runners: dict[str, Any], timed: Any) -> None:
+    """One profiled iteration of each side, as gzipped Chrome traces per rank (where did the GPU idle?)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(out_dir, exist_ok=True)
+    for name, fn in runners.items():
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            timed(fn)
+        path = os.path.join(out_dir, f"{case}_{name}_r{dist.get_rank()}.json")
+        prof.export_chrome_trace(path)
+        with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+            dst.write(src.read())
+        os.remove(path)
+
+
 def run_case(args: argparse.Namespace, schedule: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
@@ -239,6 +255,8 @@ def run_case(args: argparse.Namespace, schedule: str, device: torch.device, dtyp
         for name in order:
             for _ in range(args.block):
                 times[name].append(timed(runners[name]))
+    if args.profile_dir:
+        profile_one(args.profile_dir, f"{schedule}_{args.tokens}x{args.microbatches}", runners, timed)
     for _ in range(5):  # CPU cost of the per-iteration plan check alone (part of ours' time above)
         t0 = time.perf_counter()
         ex.check(plan, batch)
@@ -306,6 +324,7 @@ def main() -> None:
         choices=["fast", "reference"],
         help="fast: benchmarks/gpu/fast_attention.py (4-D SDPA, flash); reference: models._attend as is",
     )
+    ap.add_argument("--profile-dir", default="", help="also write one profiled iteration per side (Chrome traces)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.attention == "fast":

@@ -131,7 +131,8 @@ class _Iteration:
     in_flight: dict[int, tuple[list[dist.Work], list[tuple[Edge, list[Tensor]]], list[Tensor]]] = field(
         default_factory=dict
     )
-    loss: float = 0.0
+    losses: list[Tensor] = field(default_factory=list)
+    """Detached losses, summed once at the end: reading each on the host would stall the GPU pipeline."""
     computes: int = 0
     sent_bytes: int = 0
     received_bytes: int = 0
@@ -196,6 +197,7 @@ class PipelineExecutor:
             if chunk.rank == rank:
                 self.chunks[(chunk.pipeline, chunk.index)] = self._build_chunk(chunk, init_seed)
         self._pair_group: dict[tuple[int, int], dist.ProcessGroup] = {}
+        self._last_checked: tuple[Plan, BatchMetadata, StageGraph] | None = None
         if pair_groups is None:
             pair_groups = dist.is_initialized() and dist.get_backend() == "nccl"
         if pair_groups and placement.pp > 1 and dist.is_initialized():
@@ -269,8 +271,18 @@ class PipelineExecutor:
     def check(self, plan: Plan, batch: BatchMetadata) -> StageGraph:
         """Raise `InvalidPlan` unless `plan` is valid, fits this executor's placement and was built for `batch`.
 
-        Touches no tensor and no process group, so every rank refuses the same plan the same way.
+        Touches no tensor and no process group, so every rank refuses the same plan the same way. Plans and batches
+        are immutable, so the last accepted pair is remembered: a plan checked when it arrived (the prefetcher runs
+        one iteration ahead) or run again (fixed shapes) is not checked twice on the iteration's critical path.
         """
+        last = self._last_checked
+        if last is not None and last[0] is plan and (last[1] is batch or last[1] == batch):
+            return last[2]
+        graph = self._check(plan, batch)
+        self._last_checked = (plan, batch, graph)
+        return graph
+
+    def _check(self, plan: Plan, batch: BatchMetadata) -> StageGraph:
         graph = stage_graph(plan.header)
         validate(plan, graph=graph)
         h = plan.header
@@ -358,6 +370,7 @@ class PipelineExecutor:
             elif isinstance(action, Wait):
                 self._wait(it, action.handle)
         it.units.clear()
+        loss = float(torch.stack(it.losses).double().sum()) if it.losses else 0.0
         self._all_reduce_gradients()
         if optimizer is not None:
             optimizer.step()
@@ -368,7 +381,7 @@ class PipelineExecutor:
             iteration=h.iteration,
             schedule=h.schedule,
             source=h.source,
-            loss=it.loss,
+            loss=loss,
             computes=it.computes,
             sent_bytes=it.sent_bytes,
             received_bytes=it.received_bytes,
@@ -574,7 +587,7 @@ class PipelineExecutor:
             pos += n
             self._deliver(it, s, c, tuple(t.detach() for t in outputs[c]))
         if loss is not None:
-            it.loss += float(loss.detach())
+            it.losses.append(loss.detach())
         it.units[_unit(s)] = _Unit(recompute=recompute, inputs=inputs, outputs=outputs, loss=loss)
 
     def _pipeline_upstream(self, pipeline: str, module: str) -> list[str]:

@@ -114,7 +114,15 @@ class Geometry:
         raise NotImplementedError
 
     def _float(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=self.device, dtype=self.dtype)
+        return self._dev(t.to(self.dtype))
+
+    def _dev(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` (built on the host) on the device. To a GPU through pinned memory and without blocking: a pageable
+        copy makes the host wait for every kernel queued before it, which stalls the executor's kernel launches
+        and its posting of transfers (the GPU then idles while the host catches up)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
 
 @dataclass(eq=False)
@@ -145,7 +153,7 @@ class VisionGeometry(Geometry):
 
     @cached_property
     def positions(self) -> torch.Tensor:
-        return _positions(self.spans).to(self.device)
+        return self._dev(_positions(self.spans))
 
     @cached_property
     def patches(self) -> torch.Tensor:
@@ -189,7 +197,7 @@ class TextGeometry(Geometry):
     @cached_property
     def positions(self) -> torch.Tensor:
         """Position of each token inside its document (RoPE restarts per document)."""
-        return _positions(self.spans).to(self.device)
+        return self._dev(_positions(self.spans))
 
     @cached_property
     def _ids_and_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,16 +217,16 @@ class TextGeometry(Geometry):
 
     @property
     def token_ids(self) -> torch.Tensor:
-        return self._ids_and_labels[0].to(self.device)
+        return self._dev(self._ids_and_labels[0])
 
     @property
     def labels(self) -> torch.Tensor:
-        return self._ids_and_labels[1].to(self.device)
+        return self._dev(self._ids_and_labels[1])
 
     def image_slots(self, image_instances: tuple[int, ...]) -> torch.Tensor:
         """Sequence positions of the merged tokens of `image_instances`, in that order."""
         slots = self._layout[3]
-        return torch.tensor([p for i in image_instances for p in slots[i]], dtype=torch.long, device=self.device)
+        return self._dev(torch.tensor([p for i in image_instances for p in slots[i]], dtype=torch.long))
 
 
 @dataclass(eq=False)
@@ -237,14 +245,18 @@ class VideoGeometry(Geometry):
 
     @cached_property
     def positions(self) -> torch.Tensor:
-        return _positions(self.spans).to(self.device)
+        return self._dev(_positions(self.spans))
 
     @cached_property
-    def clip_of_token(self) -> torch.Tensor:
+    def _clip_of_token_host(self) -> torch.Tensor:
         return torch.cat(
             [torch.full((n,), i, dtype=torch.long) for i, n in enumerate(self.spans)]
             or [torch.zeros(0, dtype=torch.long)]
-        ).to(self.device)
+        )
+
+    @cached_property
+    def clip_of_token(self) -> torch.Tensor:
+        return self._dev(self._clip_of_token_host)
 
     @cached_property
     def context_tokens(self) -> int:
@@ -291,7 +303,7 @@ class VideoGeometry(Geometry):
         x0, noise = self._latents
         t = torch.tensor([self.data.diffusion_timestep(self.microbatch, d, k) for d, k, _, _ in self.clips])
         a, s = cosine_alpha(t)
-        per_token = self.clip_of_token.cpu()
+        per_token = self._clip_of_token_host
         return self._float(a[per_token, None] * x0 + s[per_token, None] * noise)
 
 
