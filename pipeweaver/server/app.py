@@ -28,8 +28,7 @@ from pipeweaver.server.forward import ForwardingService, leader_channel
 from pipeweaver.server.metrics import Metrics, MetricsInterceptor
 from pipeweaver.server.planning import Planning
 from pipeweaver.server.pool import Lane, WorkerPool
-from pipeweaver.server.service import SERVICE_NAME, PlannerService
-from pipeweaver.v1 import planner_pb2_grpc
+from pipeweaver.server.service import SERVICE_NAME, PlannerService, add_planner_service
 
 log = logging.getLogger("pipeweaver.server")
 
@@ -94,7 +93,7 @@ class PlannerServer:
             self._leader = leader_channel(cfg)
             service = ForwardingService(self._leader)
         self._service = service
-        planner_pb2_grpc.add_PlannerServiceServicer_to_server(service, server)
+        add_planner_service(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if cfg.reflection:
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

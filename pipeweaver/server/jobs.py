@@ -48,36 +48,39 @@ def job_id_for(spec: work.JobSpec, budget_ms: float) -> str:
 def batch_digest(batch: pb.BatchMetadata) -> bytes:
     """A digest of the batch's microbatches: equal exactly when `BatchMetadata.signature()` is equal.
 
-    The microbatches message holds exactly the fields `signature()` reads (per document: text tokens; per media
-    item: modality, tokens, merged tokens), and a re-serialized message with unknown fields dropped is canonical.
-    Hashing it costs one C call, where building the dataclasses first would cost ~20 ms of Python per large
-    batch on the event loop.
+    The microbatches hold exactly the fields `signature()` reads (per document: text tokens; per media item:
+    modality, tokens, merged tokens). The identity fields (iteration, replica) are cleared for the hash and put
+    back, and unknown fields are dropped (the service forwards none), so the serialization is canonical. One C
+    serialization of the request's own message: copying it first, or building the dataclasses, would cost
+    0.5-20 ms of Python per request on the event loop.
     """
-    canonical = pb.BatchMetadata(microbatches=batch.microbatches)
-    canonical.DiscardUnknownFields()
-    return hashlib.blake2b(canonical.SerializeToString(deterministic=True), digest_size=16).digest()
+    iteration, replica = batch.iteration, batch.dp_replica
+    batch.ClearField("iteration")
+    batch.ClearField("dp_replica")
+    batch.DiscardUnknownFields()
+    try:
+        return hashlib.blake2b(batch.SerializeToString(deterministic=True), digest_size=16).digest()
+    finally:
+        batch.iteration, batch.dp_replica = iteration, replica
 
 
-@dataclass(frozen=True, slots=True)
-class Served:
-    """The plan an entry resolved to (shared by every rank of the pipeline)."""
+_SOURCES = {"search": pb.PLAN_SOURCE_SEARCH, "cache": pb.PLAN_SOURCE_CACHE, "fallback": pb.PLAN_SOURCE_FALLBACK}
 
-    plan: Any
-    """A `pb.Plan` with every rank's actions; never mutated once served."""
-    source: str
-    """search, cache or fallback."""
-    raw_predicted_ms: float = 0.0
-    """Predicted makespan before the online refit's scale (0: not predicted, as for fallback plans)."""
-    search_ms: float = 0.0
-    """Worker time spent searching this plan (0 for cache hits and fallbacks)."""
 
-    @property
-    def fallback(self) -> bool:
-        return self.source == "fallback"
+class SharedPlan:
+    """A `pb.Plan` as the service hands it out: never mutated, shared by every iteration and replica it serves.
 
-    @property
-    def predicted_ms(self) -> float:
-        return float(self.plan.header.predicted_makespan_ms)
+    Each rank's answer is serialized once per plan, with the header's identity fields cleared; an answer is those
+    bytes followed by a few bytes that set the identity (protobuf merges concatenated messages field by field,
+    later scalars winning). So a plan served to 16 replicas from the cache costs 4 serializations, not 64 copies
+    of a 200 KB message.
+    """
+
+    __slots__ = ("_base", "plan")
+
+    def __init__(self, plan: pb.Plan) -> None:
+        self.plan = plan
+        self._base: dict[int, bytes] = {}
 
     def rank_plan(self, rank: int) -> Any:
         """This rank's `pb.RankPlan`."""
@@ -88,6 +91,66 @@ class Served:
             if rp.rank == rank:
                 return rp
         raise KeyError(f"the plan has no rank {rank}")
+
+    def base_bytes(self, rank: int) -> bytes:
+        """A serialized `StreamPlansResponse` (same wire layout as `GetPlanResponse`) without identity."""
+        out = self._base.get(rank)
+        if out is None:
+            header = pb.PlanHeader()
+            header.CopyFrom(self.plan.header)
+            header.ClearField("iteration")
+            header.ClearField("dp_replica")
+            header.ClearField("source")
+            out = pb.StreamPlansResponse(header=header, rank_plan=self.rank_plan(rank)).SerializeToString()
+            self._base[rank] = out
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """The plan an entry resolved to (shared by every rank of the pipeline)."""
+
+    shared: SharedPlan
+    source: str
+    """search, cache or fallback."""
+    iteration: int
+    replica: int
+    raw_predicted_ms: float = 0.0
+    """Predicted makespan before the online refit's scale (0: not predicted, as for fallback plans)."""
+    search_ms: float = 0.0
+    """Worker time spent searching this plan (0 for cache hits and fallbacks)."""
+
+    @property
+    def plan(self) -> Any:
+        """The `pb.Plan` with every rank's actions; its header's identity fields are those of the iteration it
+        was planned for, which for a reused plan is another iteration (see `response_bytes`)."""
+        return self.shared.plan
+
+    @property
+    def fallback(self) -> bool:
+        return self.source == "fallback"
+
+    @property
+    def predicted_ms(self) -> float:
+        return float(self.plan.header.predicted_makespan_ms)
+
+    def rank_plan(self, rank: int) -> Any:
+        return self.shared.rank_plan(rank)
+
+    def reissued(self, entry: PlanEntry, *, waited: bool = False) -> Served:
+        """The same plan for another iteration or replica, as a cache hit; `waited`: the entry waited for this
+        plan's search (it was in flight), which its answer's search_ms then reports."""
+        search_ms = self.search_ms if waited else 0.0
+        return Served(self.shared, "cache", entry.iteration, entry.replica, self.raw_predicted_ms, search_ms)
+
+    def response_bytes(self, rank: int) -> bytes:
+        """This rank's serialized `StreamPlansResponse` / `GetPlanResponse` (the two share field numbers)."""
+        identity = pb.StreamPlansResponse(
+            header=pb.PlanHeader(iteration=self.iteration, dp_replica=self.replica, source=_SOURCES[self.source]),
+            fallback=self.fallback,
+            search_ms=self.search_ms,
+        )
+        return self.shared.base_bytes(rank) + identity.SerializeToString()
 
 
 class PlanEntry:
@@ -130,7 +193,7 @@ class PlanEntry:
 
 @dataclass(frozen=True, slots=True)
 class CachedPlan:
-    plan: Any
+    shared: SharedPlan
     raw_predicted_ms: float
 
 
@@ -148,6 +211,9 @@ class JobState:
         self._plan_cache_size = plan_cache_size
         self._windows: dict[int, OrderedDict[int, PlanEntry]] = {}
         self._cache: OrderedDict[bytes, CachedPlan] = OrderedDict()
+        self._searching: dict[bytes, PlanEntry] = {}
+        """Entries whose search is running, by batch digest: an equal batch (another replica, a repeated
+        iteration) waits for that search instead of starting its own."""
         self._overheads: deque[float] = deque(maxlen=TIMING_WINDOW)
         self._fallbacks: deque[float] = deque(maxlen=TIMING_WINDOW)
         self.time_scale = 1.0
@@ -197,13 +263,24 @@ class JobState:
             self._cache.move_to_end(digest)
         return hit
 
-    def remember(self, digest: bytes, plan: Any, raw_predicted_ms: float) -> None:
+    def remember(self, digest: bytes, shared: SharedPlan, raw_predicted_ms: float) -> None:
         if self._plan_cache_size == 0:
             return
-        self._cache[digest] = CachedPlan(plan, raw_predicted_ms)
+        self._cache[digest] = CachedPlan(shared, raw_predicted_ms)
         self._cache.move_to_end(digest)
         while len(self._cache) > self._plan_cache_size:
             self._cache.popitem(last=False)
+
+    def searching(self, digest: bytes) -> PlanEntry | None:
+        entry = self._searching.get(digest)
+        return entry if entry is not None and not entry.final.done() else None
+
+    def start_searching(self, entry: PlanEntry) -> None:
+        self._searching[entry.digest] = entry
+
+    def stop_searching(self, entry: PlanEntry) -> None:
+        if self._searching.get(entry.digest) is entry:
+            del self._searching[entry.digest]
 
     @property
     def caching(self) -> bool:

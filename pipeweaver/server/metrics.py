@@ -75,7 +75,8 @@ class Metrics:
         )
         self.plan_cache = Counter(
             "pipeweaver_plan_cache_lookups",
-            "Plan-cache lookups by batch signature (temporal reuse), by result",
+            "Plan-cache lookups by batch signature (temporal reuse), by result (in_flight: the same signature was "
+            "being searched, the request shared that search)",
             ["result"],
             registry=r,
         )
@@ -134,7 +135,7 @@ class Metrics:
             self.plans.labels(source=source)
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(reason=reason)
-        for result in ("hit", "miss"):
+        for result in ("hit", "miss", "in_flight"):
             self.plan_cache.labels(result=result)
         for lane in LANES:
             self.queue_depth.labels(lane=lane)

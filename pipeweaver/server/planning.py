@@ -19,7 +19,16 @@ import grpc
 from pipeweaver.search.baselines.registry import BASELINES
 from pipeweaver.server import work
 from pipeweaver.server.config import ServerConfig
-from pipeweaver.server.jobs import JobClosed, JobRegistry, JobState, PlanEntry, Served, batch_digest, job_id_for
+from pipeweaver.server.jobs import (
+    JobClosed,
+    JobRegistry,
+    JobState,
+    PlanEntry,
+    Served,
+    SharedPlan,
+    batch_digest,
+    job_id_for,
+)
 from pipeweaver.server.metrics import Metrics
 from pipeweaver.server.pool import PoolClosed, QueueFull, WorkerCrashed, WorkerPool
 from pipeweaver.server.validation import (
@@ -55,14 +64,8 @@ def queue_full(exc: QueueFull) -> RequestError:
     )
 
 
-def _restamp(plan: Any, entry: PlanEntry) -> Any:
-    """A cached plan re-issued for another iteration (and replica): same actions, new identity, source CACHE."""
-    out = pb.Plan()
-    out.CopyFrom(plan)
-    out.header.iteration = entry.iteration
-    out.header.dp_replica = entry.replica
-    out.header.source = pb.PLAN_SOURCE_CACHE
-    return out
+class Abandoned(Exception):
+    """Everyone who asked for an entry went away before it was planned (its followers plan it themselves)."""
 
 
 class Planning:
@@ -153,8 +156,11 @@ class Planning:
         finally:
             entry.waiters -= 1
             if entry.waiters == 0 and not entry.final.done():
-                # Everyone who asked went away (a cancelled stream, an expired call): stop planning it.
+                # Everyone who asked went away (a cancelled stream, an expired call): stop planning it, and wake
+                # the entries waiting for its search so that one of them searches instead.
                 entry.cancel_tasks()
+                job.stop_searching(entry)
+                entry.fail(Abandoned())
                 job.drop(entry)
 
     def _start(self, job: JobState, entry: PlanEntry, budget_ms: float, deadline: float | None) -> None:
@@ -162,8 +168,15 @@ class Planning:
             hit = job.cached(entry.digest)
             if hit is not None:
                 self.m.plan_cache.labels(result="hit").inc()
-                entry.resolve(Served(_restamp(hit.plan, entry), "cache", hit.raw_predicted_ms))
+                entry.resolve(Served(hit.shared, "cache", entry.iteration, entry.replica, hit.raw_predicted_ms))
                 self.m.plans.labels(source="cache").inc()
+                return
+            leader = job.searching(entry.digest)
+            if leader is not None:
+                # The same batch is being searched for another replica or iteration (data-parallel replicas
+                # often see equal shapes): share that search rather than queue a second one behind it.
+                self.m.plan_cache.labels(result="in_flight").inc()
+                entry.search = asyncio.create_task(self._follow(job, entry, leader, budget_ms, deadline))
                 return
             self.m.plan_cache.labels(result="miss").inc()
         task = work.PlanTask(
@@ -179,7 +192,27 @@ class Planning:
         if task.search_budget_ms() < work.MIN_SEARCH_BUDGET_MS:
             self._start_fallback(job, entry, "deadline")
             return
+        if job.caching:
+            job.start_searching(entry)
         entry.search = asyncio.create_task(self._search(job, entry, task))
+
+    async def _follow(
+        self, job: JobState, entry: PlanEntry, leader: PlanEntry, budget_ms: float, deadline: float | None
+    ) -> None:
+        """Serve `entry` the plan `leader`'s search finds; if it finds none (fallback, failure, abandoned), plan
+        `entry` on its own with whatever time its deadline leaves."""
+        try:
+            served: Served | None = await asyncio.shield(leader.final)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            served = None
+        if served is not None and not served.fallback:
+            if entry.resolve(served.reissued(entry, waited=True)):
+                self.m.plans.labels(source="cache").inc()
+            return
+        if not entry.final.done():
+            self._start(job, entry, budget_ms, deadline)
 
     async def _wait(self, job: JobState, entry: PlanEntry, deadline: float | None) -> Served:
         if deadline is not None and not entry.final.done():
@@ -194,6 +227,12 @@ class Planning:
         return await asyncio.shield(entry.final)
 
     async def _search(self, job: JobState, entry: PlanEntry, task: work.PlanTask) -> None:
+        try:
+            await self._search_once(job, entry, task)
+        finally:
+            job.stop_searching(entry)
+
+    async def _search_once(self, job: JobState, entry: PlanEntry, task: work.PlanTask) -> None:
         """Search in a worker; the worker clips the budget to the deadline when the task actually starts."""
         try:
             outcome = await self.pool.search.run(work.plan_batch, task)
@@ -219,11 +258,14 @@ class Planning:
         if isinstance(outcome, work.Expired):  # it waited for a worker past the point a search could fit
             self._start_fallback(job, entry, "deadline")
             return
-        plan = pb.Plan.FromString(outcome.plan)
+        shared = SharedPlan(pb.Plan.FromString(outcome.plan))
         job.record_overhead(outcome.worker_ms, outcome.budget_ms)
-        job.remember(entry.digest, plan, outcome.raw_predicted_ms)
+        job.remember(entry.digest, shared, outcome.raw_predicted_ms)
         self._observe_search(outcome)
-        if entry.resolve(Served(plan, "search", outcome.raw_predicted_ms, outcome.search_ms)):
+        # The answer reports the worker's whole time on the plan (search, SEMU checks, encoding): what the client
+        # sees beyond it is the service's own delivery overhead (queueing, IPC, the event loop, serialization).
+        served = Served(shared, "search", entry.iteration, entry.replica, outcome.raw_predicted_ms, outcome.worker_ms)
+        if entry.resolve(served):
             self.m.plans.labels(source="search").inc()
 
     def _observe_search(self, outcome: work.PlanOutcome) -> None:
@@ -266,7 +308,8 @@ class Planning:
         wall_ms = (time.monotonic() - started) * 1e3
         job.record_fallback(wall_ms)
         self.m.worker_task_seconds.labels(lane="control", task="fallback").observe(outcome.worker_ms / 1e3)
-        if entry.resolve(Served(pb.Plan.FromString(outcome.plan), "fallback")):
+        shared = SharedPlan(pb.Plan.FromString(outcome.plan))
+        if entry.resolve(Served(shared, "fallback", entry.iteration, entry.replica)):
             self.m.plans.labels(source="fallback").inc()
             self.m.fallbacks.labels(reason=reason).inc()
             if entry.search is not None and not entry.search.done():

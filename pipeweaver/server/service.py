@@ -81,6 +81,31 @@ def _call_deadline(context: Context) -> float | None:
     return time.monotonic() + remaining
 
 
+def _serialize(response: Any) -> bytes:
+    """Responses are messages or bytes the handler serialized itself (plans, built once per plan and rank)."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def add_planner_service(servicer: Any, server: Any) -> None:
+    """`planner_pb2_grpc.add_PlannerServiceServicer_to_server`, with responses that may be pre-serialized."""
+    service = pb.DESCRIPTOR.services_by_name["PlannerService"]
+    handlers = {}
+    for method in service.methods:
+        behavior = getattr(servicer, method.name)
+        request_type = getattr(pb, method.input_type.name)
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            behavior, request_deserializer=request_type.FromString, response_serializer=_serialize
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 class PlannerService(planner_pb2_grpc.PlannerServiceServicer):
     def __init__(self, config: ServerConfig, planning: Planning) -> None:
         self._config = config
@@ -102,7 +127,7 @@ class PlannerService(planner_pb2_grpc.PlannerServiceServicer):
     # ---- RegisterJob ----
     async def RegisterJob(self, request: Any, context: Context) -> Any:
         try:
-            check_message_size(request, self._config.max_message_bytes, _largest_field(request))
+            check_message_size(request, self._config.max_message_bytes, _largest_field)
             job_request = check_register(
                 request,
                 limits=self._config.limits,
@@ -122,7 +147,7 @@ class PlannerService(planner_pb2_grpc.PlannerServiceServicer):
     # ---- GetPlan ----
     async def GetPlan(self, request: Any, context: Context) -> Any:
         try:
-            check_message_size(request, self._config.max_message_bytes, _largest_field(request))
+            check_message_size(request, self._config.max_message_bytes, _largest_field)
             job = self._planning.job(request.job_id)
             parallel = job.job.spec.parallel
             check_rank(request.rank, parallel)
@@ -134,7 +159,7 @@ class PlannerService(planner_pb2_grpc.PlannerServiceServicer):
                 check_budget(request.budget_ms, "budget_ms", self._config.max_budget_ms)
                 budget = request.budget_ms
             served = await self._planning.plan(job, request.batch, budget_ms=budget, deadline=_call_deadline(context))
-            return self._response(pb.GetPlanResponse, served, request.rank)
+            return self._response(served, request.rank)
         except (RequestError, PoolClosed) as exc:
             await self._fail(context, exc)
         except grpc.aio.AbortError:
@@ -143,17 +168,13 @@ class PlannerService(planner_pb2_grpc.PlannerServiceServicer):
             await self._fail(context, exc)
 
     @staticmethod
-    def _response(cls: Any, served: Served, rank: int) -> Any:
-        return cls(
-            header=served.plan.header,
-            rank_plan=served.rank_plan(rank),
-            fallback=served.fallback,
-            search_ms=served.search_ms,
-        )
+    def _response(served: Served, rank: int) -> bytes:
+        """Already serialized (see `jobs.SharedPlan`); `add_planner_service` passes bytes through."""
+        return served.response_bytes(rank)
 
     # ---- StreamPlans ----
     def _check_stream_request(self, req: Any) -> tuple[Any, float | None]:
-        check_message_size(req, self._config.max_message_bytes, _largest_field(req))
+        check_message_size(req, self._config.max_message_bytes, _largest_field)
         job = self._planning.job(req.job_id)
         check_rank(req.rank, job.job.spec.parallel)
         if not req.HasField("batch"):
@@ -177,7 +198,7 @@ class PlannerService(planner_pb2_grpc.PlannerServiceServicer):
                 log.exception("unexpected error planning a streamed batch")
                 responses.put_nowait(_internal(exc))
             else:
-                responses.put_nowait(self._response(pb.StreamPlansResponse, served, req.rank))
+                responses.put_nowait(self._response(served, req.rank))
 
         async def read() -> None:
             try:
@@ -233,7 +254,7 @@ class PlannerService(planner_pb2_grpc.PlannerServiceServicer):
     # ---- ReportTimings ----
     async def ReportTimings(self, request: Any, context: Context) -> Any:
         try:
-            check_message_size(request, self._config.max_message_bytes, _largest_field(request))
+            check_message_size(request, self._config.max_message_bytes, _largest_field)
             job = self._planning.job(request.job_id)
             return self._planning.report(job, request)
         except (RequestError, PoolClosed) as exc:
@@ -246,7 +267,7 @@ class PlannerService(planner_pb2_grpc.PlannerServiceServicer):
     # ---- Simulate ----
     async def Simulate(self, request: Any, context: Context) -> Any:
         try:
-            check_message_size(request, self._config.max_message_bytes, _largest_field(request))
+            check_message_size(request, self._config.max_message_bytes, _largest_field)
             return await self._planning.simulate(request)
         except (RequestError, PoolClosed) as exc:
             await self._fail(context, exc)

@@ -9,7 +9,7 @@ decoding (`work._decode_batch`), and come back as `work.Rejected`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -280,11 +280,13 @@ def check_rank(rank: int, parallel: ParallelSpec, field: str = "rank") -> None:
         _raise_if([Violation(field, f"must be a pipeline rank in 0..{parallel.pp - 1}, got {rank}")])
 
 
-def check_message_size(msg: Any, max_bytes: int, field: str) -> None:
+def check_message_size(msg: Any, max_bytes: int, field: str | Callable[[Any], str]) -> None:
+    """`field` names the violation: a name, or a function of `msg` that finds it (only run for a violation)."""
     size = msg.ByteSize()
     if size > max_bytes:
+        name = field if isinstance(field, str) else field(msg)
         raise invalid(
-            [Violation(field, f"the message is {size} bytes; the limit is {max_bytes} bytes")],
+            [Violation(name, f"the message is {size} bytes; the limit is {max_bytes} bytes")],
             reason="MESSAGE_TOO_LARGE",
         )
 

@@ -1414,8 +1414,9 @@ class StreamPlansResponse(_message.Message):
     fallback: _builtins.bool
     """The search ran out of time or failed and this is the deterministic fallback schedule."""
     search_ms: _builtins.float
-    """Wall time the planner spent searching this plan (0 for cached and fallback plans): a client subtracts it
-    from the delivery latency to see the service's own overhead.
+    """Wall time the planner's worker spent producing this plan: the search and its SEMU checks, baselines and
+    encoding (0 for cached and fallback plans; for a plan shared with an equal batch whose search was in flight,
+    that search's time). A client subtracts it from the delivery latency to see the service's own overhead.
     """
     @_builtins.property
     def header(self) -> Global___PlanHeader: ...
@@ -1481,7 +1482,7 @@ class GetPlanResponse(_message.Message):
     SEARCH_MS_FIELD_NUMBER: _builtins.int
     fallback: _builtins.bool
     search_ms: _builtins.float
-    """Wall time the planner spent searching this plan (0 for cached and fallback plans)."""
+    """Wall time the planner spent searching this plan (as in StreamPlansResponse)."""
     @_builtins.property
     def header(self) -> Global___PlanHeader: ...
     @_builtins.property

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeweaver.server import work
-from pipeweaver.server.jobs import JobRegistry, JobState, PlanEntry, Served, batch_digest, job_id_for
+from pipeweaver.server.jobs import JobRegistry, JobState, PlanEntry, Served, SharedPlan, batch_digest, job_id_for
 from pipeweaver.spec import BatchMetadata
 from pipeweaver.v1 import planner_pb2 as pb
 from pipeweaver.wire import batch_to_proto
@@ -47,16 +47,56 @@ def test_the_digest_ignores_iteration_and_replica(a: BatchMetadata, iteration: i
     assert batch_digest(batch_to_proto(a)) == batch_digest(batch_to_proto(moved))
 
 
+@settings(max_examples=20, deadline=None)
+@given(batch_metadata(), st.integers(0, 1 << 30), st.integers(0, 64))
+def test_the_digest_leaves_the_request_as_it_was(a: BatchMetadata, iteration: int, replica: int) -> None:
+    msg = batch_to_proto(replace(a, iteration=iteration, dp_replica=replica))
+    before = msg.SerializeToString(deterministic=True)
+    batch_digest(msg)
+    assert msg.SerializeToString(deterministic=True) == before
+
+
+def test_a_served_plan_answers_each_rank_with_its_own_identity() -> None:
+    """Pre-serialized answers (shared bytes + identity) parse to exactly the message built field by field, for
+    the identity of the iteration served, zero values included (proto3 does not write them)."""
+    plan = _plan(12.5).plan
+    plan.header.job_id, plan.header.schedule = "job-x", "pipeweaver"
+    plan.header.iteration, plan.header.dp_replica, plan.header.source = 9, 3, pb.PLAN_SOURCE_SEARCH
+    shared = SharedPlan(plan)
+
+    async def entry_of_iteration_0() -> PlanEntry:
+        return PlanEntry(0, 0, b"d", b"")
+
+    entry = asyncio.run(entry_of_iteration_0())
+    for served in (
+        Served(shared, "search", 9, 3, 12.5, search_ms=40.0),
+        Served(shared, "search", 9, 3, 12.5).reissued(entry),  # cache hit: iteration 0, replica 0
+        Served(shared, "fallback", 4, 1),
+    ):
+        for rank in (0, 1):
+            want = pb.StreamPlansResponse(
+                header=plan.header, rank_plan=plan.ranks[rank], fallback=served.fallback, search_ms=served.search_ms
+            )
+            want.header.iteration, want.header.dp_replica = served.iteration, served.replica
+            want.header.source = {"search": 1, "cache": 2, "fallback": 3}[served.source]
+            for cls in (pb.StreamPlansResponse, pb.GetPlanResponse):
+                got = cls.FromString(served.response_bytes(rank))
+                assert got.SerializeToString(deterministic=True) == cls.FromString(
+                    want.SerializeToString()
+                ).SerializeToString(deterministic=True)
+    assert plan.header.iteration == 9 and plan.header.source == pb.PLAN_SOURCE_SEARCH  # never mutated
+
+
 def _state() -> JobState:
     job = work.Job("job-x", SPEC)
     return JobState(job, pb.RegisterJobResponse(job_id="job-x"), budget_ms=50.0, plan_window=4, plan_cache_size=2)
 
 
-def _plan(predicted_ms: float, actions: int = 3) -> pb.Plan:
+def _plan(predicted_ms: float, actions: int = 3) -> SharedPlan:
     plan = pb.Plan(header=pb.PlanHeader(predicted_makespan_ms=predicted_ms))
     for r in range(2):
         plan.ranks.add(rank=r, actions=[pb.Action(wait=pb.Wait(handle=i)) for i in range(actions)])
-    return plan
+    return SharedPlan(plan)
 
 
 def test_an_entry_resolves_once_and_the_window_keeps_the_latest_iterations() -> None:
@@ -67,8 +107,8 @@ def test_an_entry_resolves_once_and_the_window_keeps_the_latest_iterations() -> 
             job.add_entry(e)
         assert job.entry(0, 0) is None and job.entry(0, 1) is None and job.entry(0, 5) is entries[5]
         e = entries[5]
-        assert e.resolve(Served(_plan(10.0), "search", 10.0))
-        assert not e.resolve(Served(_plan(99.0), "fallback"))
+        assert e.resolve(Served(_plan(10.0), "search", 5, 0, 10.0))
+        assert not e.resolve(Served(_plan(99.0), "fallback", 5, 0))
         assert e.served() is not None and e.served().source == "search"  # type: ignore[union-attr]
         job.drop(e)
         assert job.entry(0, 5) is None
@@ -90,7 +130,7 @@ def test_the_refit_learns_the_measured_ratio_once_per_iteration() -> None:
         job = _state()
         entry = PlanEntry(0, 7, b"d", b"")
         job.add_entry(entry)
-        entry.resolve(Served(_plan(100.0), "search", raw_predicted_ms=100.0))
+        entry.resolve(Served(_plan(100.0), "search", 7, 0, raw_predicted_ms=100.0))
         error, mean, folded = job.fold_report(7, 200.0)
         assert folded and math.isclose(error, 0.5) and math.isclose(mean, 0.5)
         assert math.isclose(job.time_scale, 0.7 + 0.3 * 2.0)

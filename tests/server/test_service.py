@@ -154,6 +154,27 @@ def test_a_repeated_batch_signature_is_served_from_the_plan_cache(planner: Serve
     assert c.header.source == pb.PLAN_SOURCE_SEARCH
 
 
+def test_an_equal_batch_in_flight_shares_the_running_search(planner: ServerProcess, job_id: str) -> None:
+    """Two iterations (or replicas) with equal shapes asked at once: one search, the other served its plan."""
+    stub = planner.stub()
+    first = batch(W, 140, seed=21)
+    twin = pb.BatchMetadata()
+    twin.CopyFrom(first)
+    twin.iteration = 141
+    searches_before = planner.sample("pipeweaver_plans_total", source="search")
+    shared_before = planner.sample("pipeweaver_plan_cache_lookups_total", result="in_flight")
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(
+            lambda m: stub.GetPlan(pb.GetPlanRequest(job_id=job_id, rank=1, batch=m), timeout=30), (first, twin)
+        )
+    assert planner.sample("pipeweaver_plans_total", source="search") - searches_before == 1
+    # The second request arrives while the first search runs (shared) or after it (a plain cache hit).
+    assert {a.header.source, b.header.source} == {pb.PLAN_SOURCE_SEARCH, pb.PLAN_SOURCE_CACHE}
+    assert (a.header.iteration, b.header.iteration) == (140, 141)
+    assert a.rank_plan == b.rank_plan and not a.fallback and not b.fallback
+    assert planner.sample("pipeweaver_plan_cache_lookups_total", result="in_flight") - shared_before <= 1
+
+
 def test_ranks_that_disagree_on_an_iterations_batch_are_refused(planner: ServerProcess, job_id: str) -> None:
     stub = planner.stub()
     stub.GetPlan(pb.GetPlanRequest(job_id=job_id, rank=0, batch=batch(W, 130, seed=1)), timeout=30)
