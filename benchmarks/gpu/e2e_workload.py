@@ -1,7 +1,8 @@
 """The scaled VLM workload of the end-to-end GPU runs (issue 10) and the SEMU side of them.
 
-Shared by `e2e_plans.py` (CPU: PipeWeaver plans + SEMU predictions, written as JSON) and `e2e_dynamic.py`
-(GPUs: runs the plans with `PipelineExecutor`). Kept free of ortools/numba/grpc imports at module level: the
+Shared by `e2e_plans.py` (CPU: PipeWeaver plans + SEMU predictions, written as JSON), `e2e_dynamic.py`
+(GPUs: runs the plans with `PipelineExecutor`) and `e2e_compare.py` (GPUs: the planner service's plans against
+torch's and our static schedules in one run). Kept free of ortools/numba/grpc imports at module level: the
 GPU image has neither ortools nor grpc.
 
 Model: ViT 0.3B (16 x 1280, ffn 5120, 16 heads; 336 px images at 14 px patches = 576 patches, merged 2 x 2 into

@@ -33,12 +33,16 @@ def _mask(lengths: tuple[int, ...], causal: bool, device: torch.device) -> Tenso
     key = (lengths, causal, str(device))
     m = _MASKS.get(key)
     if m is None:
-        doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+        lens = torch.tensor(lengths)
+        if device.type == "cuda":  # a pageable copy would make the host wait for the kernels queued before it
+            lens = lens.pin_memory().to(device, non_blocking=True)
+        # output_size: without it, CUDA's repeat_interleave reads the total back to the host (a sync)
+        doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens, output_size=sum(lengths))
         m = doc[:, None] == doc[None, :]
         if causal:
             m = m.tril()
         _MASKS[key] = m
-        if len(_MASKS) > 256:
+        if len(_MASKS) > 48:  # a 4096-token mask is 16 MiB of GPU memory: keep about 3 iterations' worth
             _MASKS.popitem(last=False)
     else:
         _MASKS.move_to_end(key)
