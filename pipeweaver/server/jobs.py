@@ -211,6 +211,9 @@ class JobState:
         self._plan_cache_size = plan_cache_size
         self._windows: dict[int, OrderedDict[int, PlanEntry]] = {}
         self._cache: OrderedDict[bytes, CachedPlan] = OrderedDict()
+        self._fallback_builds: OrderedDict[bytes, asyncio.Future[SharedPlan]] = OrderedDict()
+        """Fallback plans by batch digest, being built or built: a fallback depends on the batch's shapes only,
+        so replicas with equal batches share one build instead of queueing one each on the control lane."""
         self._searching: dict[bytes, PlanEntry] = {}
         """Entries whose search is running, by batch digest: an equal batch (another replica, a repeated
         iteration) waits for that search instead of starting its own."""
@@ -270,6 +273,19 @@ class JobState:
         self._cache.move_to_end(digest)
         while len(self._cache) > self._plan_cache_size:
             self._cache.popitem(last=False)
+
+    def fallback_build(self, digest: bytes) -> asyncio.Future[SharedPlan] | None:
+        """The fallback plan for `digest`, built or being built (None: start one, see `add_fallback_build`)."""
+        build = self._fallback_builds.get(digest)
+        if build is None or (build.done() and (build.cancelled() or build.exception() is not None)):
+            return None
+        self._fallback_builds.move_to_end(digest)
+        return build
+
+    def add_fallback_build(self, digest: bytes, build: asyncio.Future[SharedPlan]) -> None:
+        self._fallback_builds[digest] = build
+        while len(self._fallback_builds) > max(self._plan_window, 4):
+            self._fallback_builds.popitem(last=False)
 
     def searching(self, digest: bytes) -> PlanEntry | None:
         entry = self._searching.get(digest)

@@ -64,6 +64,12 @@ def queue_full(exc: QueueFull) -> RequestError:
     )
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a shared build's outcome as seen (its waiters, if any, got it already)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Abandoned(Exception):
     """Everyone who asked for an entry went away before it was planned (its followers plan it themselves)."""
 
@@ -284,36 +290,46 @@ class Planning:
         entry.fallback = asyncio.create_task(self._fallback(job, entry, reason))
 
     async def _fallback(self, job: JobState, entry: PlanEntry, reason: str) -> None:
-        task = work.PlanTask(job.job, entry.batch, "fallback", 0.0, limits=self.config.limits)
-        started = time.monotonic()
-        error: RequestError | None = None
-        outcome: work.PlanOutcome | work.Rejected | work.Expired | None = None
+        build = job.fallback_build(entry.digest)
+        if build is None:
+            build = asyncio.ensure_future(self._build_fallback(job, entry.batch))
+            build.add_done_callback(_retrieve)
+            job.add_fallback_build(entry.digest, build)
         try:
-            outcome = await self.pool.control.run(work.plan_batch, task)
-        except QueueFull as exc:
-            error = queue_full(exc)
-        except (WorkerCrashed, PoolClosed) as exc:
-            error = RequestError(grpc.StatusCode.UNAVAILABLE, f"no plan: {exc}", reason="NO_PLAN")
-        except Exception as exc:
-            log.exception("fallback failed for %s iteration %d", job.job_id, entry.iteration)
-            error = RequestError(grpc.StatusCode.INTERNAL, f"no plan: the fallback failed: {exc}", reason="NO_PLAN")
-        if isinstance(outcome, work.Rejected):
-            error = from_rejected(outcome)
-        if error is not None or not isinstance(outcome, work.PlanOutcome):
+            shared = await asyncio.shield(build)
+        except RequestError as error:
             search_pending = entry.search is not None and not entry.search.done()
             if not search_pending:  # else the search may still deliver
-                entry.fail(error or RequestError(grpc.StatusCode.INTERNAL, "no plan"))
+                entry.fail(error)
                 job.drop(entry)
             return
-        wall_ms = (time.monotonic() - started) * 1e3
-        job.record_fallback(wall_ms)
-        self.m.worker_task_seconds.labels(lane="control", task="fallback").observe(outcome.worker_ms / 1e3)
-        shared = SharedPlan(pb.Plan.FromString(outcome.plan))
         if entry.resolve(Served(shared, "fallback", entry.iteration, entry.replica)):
             self.m.plans.labels(source="fallback").inc()
             self.m.fallbacks.labels(reason=reason).inc()
             if entry.search is not None and not entry.search.done():
                 entry.search.cancel()  # free its queue slot; this iteration's plan is fixed now
+
+    async def _build_fallback(self, job: JobState, batch: bytes) -> SharedPlan:
+        """The fallback plan of `batch` (the job's placement, a static schedule), built on the control lane."""
+        task = work.PlanTask(job.job, batch, "fallback", 0.0, limits=self.config.limits)
+        try:
+            outcome = await self.pool.control.run(work.plan_batch, task)
+        except QueueFull as exc:
+            raise queue_full(exc) from None
+        except (WorkerCrashed, PoolClosed) as exc:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no plan: {exc}", reason="NO_PLAN") from None
+        except Exception as exc:
+            log.exception("fallback failed for %s", job.job_id)
+            raise RequestError(
+                grpc.StatusCode.INTERNAL, f"no plan: the fallback failed: {exc}", reason="NO_PLAN"
+            ) from None
+        if isinstance(outcome, work.Rejected):
+            raise from_rejected(outcome)
+        if not isinstance(outcome, work.PlanOutcome):
+            raise RequestError(grpc.StatusCode.INTERNAL, "no plan", reason="NO_PLAN")
+        job.record_fallback(outcome.worker_ms)
+        self.m.worker_task_seconds.labels(lane="control", task="fallback").observe(outcome.worker_ms / 1e3)
+        return SharedPlan(pb.Plan.FromString(outcome.plan))
 
     # ---- ReportTimings ----
     def report(self, job: JobState, req: Any) -> Any:

@@ -237,6 +237,31 @@ def test_no_plan_by_the_deadline_means_the_flagged_fallback(planner: ServerProce
     assert planner.sample("pipeweaver_fallback_plans_total", reason="deadline") - fallbacks_before == 1
 
 
+def test_equal_batches_that_fall_back_share_one_fallback_build(planner: ServerProcess) -> None:
+    """Fallbacks depend on the shapes only: replicas (here: iterations) with equal batches share one build."""
+    stub = planner.stub()
+    # A fresh job reserves its prior worker overhead and fallback time (360 ms) before a deadline, so with 300 ms
+    # left no search starts: each request falls back at once.
+    job = stub.RegisterJob(register_request(W, planning_budget_ms=55.0), timeout=60).job_id
+    builds = {"name": "pipeweaver_worker_task_seconds_count", "lane": "control", "task": "fallback"}
+    builds_before = planner.sample(**builds)
+    first = batch(W, 501, seed=9)
+    twins = []
+    for iteration in (501, 502, 503):
+        twin = pb.BatchMetadata()
+        twin.CopyFrom(first)
+        twin.iteration = iteration
+        twins.append(twin)
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(
+            pool.map(lambda m: stub.GetPlan(pb.GetPlanRequest(job_id=job, rank=0, batch=m), timeout=0.3), twins)
+        )
+    assert all(a.fallback for a in answers), [(a.header.iteration, a.header.source) for a in answers]
+    assert [a.header.iteration for a in answers] == [501, 502, 503]
+    assert all(a.rank_plan == answers[0].rank_plan for a in answers)
+    assert planner.sample(**builds) - builds_before == 1
+
+
 # ---- ReportTimings -----------------------------------------------------------------------------------------
 
 
