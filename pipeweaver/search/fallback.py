@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pipeweaver.plan.assemble import assemble_plan
-from pipeweaver.plan.graph import stage_graph
+from pipeweaver.plan.graph import StageGraph, stage_graph
 from pipeweaver.plan.ir import Compute, Pass, Placement, Plan, PlanHeader, PlanSource
 from pipeweaver.plan.layouts import split_sub_microbatches
 from pipeweaver.plan.shapes import TransferShapes
@@ -37,12 +37,15 @@ def heuristic_group_order(problem: Problem, pipelines: tuple[str, ...]) -> tuple
 Interleaver = Callable[[Problem, F64], tuple[I64, F64, F64, float]]
 
 
-def fallback_orders(header: PlanHeader, interleaver: Interleaver = interleave_reference) -> list[list[Compute]]:
+def fallback_orders(
+    header: PlanHeader, interleaver: Interleaver = interleave_reference, graph: StageGraph | None = None
+) -> list[list[Compute]]:
     """Per-rank compute orders of the static fallback schedule for `header`.
 
-    The planner passes the numba interleaver (same result, much faster); trainers use the pure-Python default.
+    The planner passes the numba interleaver (same result, much faster) and the stage graph it already built
+    (`stage_graph(header)`); trainers use the pure-Python default.
     """
-    graph = stage_graph(header)
+    graph = graph or stage_graph(header)
     pp = header.placement.pp
     dur = {s: 1.0 if s.pass_ is Pass.F else (2.0 if s.pass_ is Pass.B else 1.0) for s in graph.stages}
     act = {(s.pipeline, s.chunk, s.microbatch, s.sub): 1.0 for s in graph.stages if s.pass_ is Pass.F}

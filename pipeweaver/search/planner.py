@@ -25,10 +25,10 @@ from pipeweaver.search.bounds import lower_bound_ms
 from pipeweaver.search.fallback import build_fallback_plan, fallback_orders, heuristic_group_order
 from pipeweaver.search.interleave import interleave
 from pipeweaver.search.mcts import MCTSConfig, SegmentOrderSearch, priorities_from_order
-from pipeweaver.search.memory_opt import Candidate, greedy_choice, optimise_rank
+from pipeweaver.search.memory_opt import greedy_choice_arrays, optimise_rank_arrays, warm_memory_kernels
 from pipeweaver.search.parallel import SearchPool
 from pipeweaver.search.partition import JobPartition, partition_job
-from pipeweaver.search.problem import Problem, build_problem, overflow, stage_priorities
+from pipeweaver.search.problem import F64, I64, Problem, build_problem, overflow, stage_priorities
 from pipeweaver.simulator.costmodel import CostModel, EfficiencyFactors, HeaderCosts
 from pipeweaver.simulator.engine import LinkModel, SimResult, StageCosts, simulate, transfer_bytes
 from pipeweaver.simulator.reuse import StageCostCache
@@ -39,6 +39,10 @@ from pipeweaver.spec.parallel import ParallelSpec
 
 RecomputeMap = dict[tuple[str, int, int, int], Recompute]
 """Strategy per stage pair (pipeline, chunk, microbatch, sub-microbatch); missing means NONE."""
+
+STRATEGIES = (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)
+"""Strategy codes of the planner's per-pair arrays: index into this tuple (0 keeps everything, 2 the leanest)."""
+_FULL = 2
 
 
 class SearchLevel(IntEnum):
@@ -57,7 +61,10 @@ class SearchLevel(IntEnum):
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SearchConfig:
     budget_ms: float = 1000.0
-    """Wall-clock budget of the segment-order search per batch."""
+    """Wall-clock budget of `Planner.plan` per batch up to the validated plan (preparation, search, memory
+    programs, compile, SEMU, validation): the segment-order search gets what is left once the work after it is set
+    aside, as measured on this planner's recent batches. At least one search step always runs, so a budget below
+    the fixed costs is exceeded by them. The baseline comparison (`compare_baselines`) comes on top."""
     level: SearchLevel = SearchLevel.MEMORY
     seed: int = 0
     mcts: MCTSConfig = field(default_factory=MCTSConfig)
@@ -70,6 +77,9 @@ class SearchConfig:
     compare_baselines: tuple[str, ...] = tuple(BASELINES)
     """Baselines simulated on the same batch for comparison (empty: none)."""
     validate_plans: bool = True
+    memory_gap: float = 0.01
+    """Per-rank memory programs stop once their choice is proven within this fraction of the optimum (the paper
+    accepts 5%; 1% costs the same here, about a millisecond per rank, and gave better plans on t2v-s)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +105,46 @@ class PlanResult:
 
 
 @dataclass(slots=True)
+class _Pairs:
+    """The stage pairs of one prepared batch as arrays: what the memory pass and `_problem_for` read.
+
+    Built once per batch, so that every memory pass and every strategy change is array arithmetic instead of
+    a walk over stage keys (the dict version cost ~90 ms per vlm-s plan).
+    """
+
+    keys: list[tuple[str, int, int, int]]
+    """(pipeline, chunk, microbatch, sub) of every pair that holds activations, sorted."""
+    rank: I64
+    forward: I64
+    """Stage index of each pair's F."""
+    stage_ptr: I64
+    stage_idx: I64
+    """CSR: each pair's stages (its F, its chunk's backward passes, W after I)."""
+    of_stage: I64
+    """Pair of each stage; -1 for stages of forward-only pipelines (always NONE)."""
+    duration: F64
+    """(strategy, stage): each stage's duration under each of `STRATEGIES`."""
+    latency: F64
+    """(pair, strategy): time of the pair's stages under each strategy."""
+    memory: F64
+    """(pair, strategy): activation bytes the pair holds under each strategy."""
+    by_rank: list[I64]
+    """Pair indexes on each rank."""
+
+    def recompute_map(self, codes: I64) -> RecomputeMap:
+        return {k: STRATEGIES[int(c)] for k, c in zip(self.keys, codes, strict=True)}
+
+
+@dataclass(slots=True)
 class _Prepared:
     header: PlanHeader
     graph: StageGraph
     costs: HeaderCosts
     problem: Problem
     shapes: TransferShapes
+    pairs: _Pairs | None = None
+    lean: Problem | None = None
+    """The problem with the leanest strategy everywhere (levels 2-3 schedule with it; paper 5.2)."""
 
 
 class Planner:
@@ -129,6 +173,10 @@ class Planner:
         self._costs_batch: BatchMetadata | None = None
         self._costs_memo: dict[Recompute, HeaderCosts] = {}
         self._search_pool: SearchPool | None = None
+        self._post_rates: list[float] = []
+        """Seconds per stage that the recent plans spent after their search (see `_post_search_s`)."""
+        self._post_config: SearchConfig | None = None
+        self._baseline_memo: tuple[BatchMetadata, dict[str, SimResult | None]] | None = None
         if self.config.workers > 1:
             self._pool()  # spawn and warm the workers now, not inside the first plan's budget
 
@@ -165,11 +213,15 @@ class Planner:
         graph = stage_graph(header)
         costs = self._header_costs(header, batch, recompute)
         shapes = TransferShapes(self.model, batch, header, dtype=self.dtype)
-        delays = {
-            (p, s): self.link.transfer_ms(graph.rank[p], graph.rank[s], transfer_bytes(shapes.tensors(p, s)))
-            for s in graph.stages
-            for p in graph.remote_inputs(s)
-        }
+        # Transfer time of every cross-rank data edge (`graph.remote_inputs`, inlined: one rank lookup per stage).
+        delays: dict[tuple[StageKey, StageKey], float] = {}
+        rank_of = graph.rank
+        for s in graph.stages:
+            r = rank_of[s]
+            for p in graph.data_preds[s]:
+                rp = rank_of[p]
+                if rp != r:
+                    delays[(p, s)] = self.link.transfer_ms(rp, r, transfer_bytes(shapes.tensors(p, s)))
         problem = build_problem(
             graph, self.parallel.pp, costs.duration_ms, costs.activation_bytes, delays, self._mem_caps()
         )
@@ -220,102 +272,181 @@ class Planner:
             seqs[int(problem.rank[i])].append(i)
         return seqs
 
+    def _pairs(self, prep: _Prepared, batch: BatchMetadata) -> _Pairs:
+        """The batch's stage pairs with their costs under every strategy (memoised on `prep`)."""
+        if prep.pairs is None:
+            self._build_pairs(prep, [self._header_costs(prep.header, batch, rc) for rc in STRATEGIES])
+        assert prep.pairs is not None
+        return prep.pairs
+
     def _strategy_costs(self, prep: _Prepared, batch: BatchMetadata) -> dict[Recompute, HeaderCosts]:
-        return {rc: self._header_costs(prep.header, batch, rc) for rc in Recompute}
+        """SEMU's costs of every stage of `prep` under each strategy."""
+        return {rc: self._header_costs(prep.header, batch, rc) for rc in STRATEGIES}
 
-    def _problem_with(self, prep: _Prepared, per: dict[Recompute, HeaderCosts], choice: RecomputeMap) -> Problem:
-        """The same problem with each stage pair's costs under its chosen strategy."""
+    def _problem_with(self, prep: _Prepared, per: Mapping[Recompute, HeaderCosts], choice: RecomputeMap) -> Problem:
+        """`_problem_for` with strategies by pair key (missing: NONE); `per` from `_strategy_costs`."""
+        if prep.pairs is None:
+            self._build_pairs(prep, [per[rc] for rc in STRATEGIES])
+        assert prep.pairs is not None
+        code = {rc: c for c, rc in enumerate(STRATEGIES)}
+        codes = np.array([code[choice.get(k, Recompute.NONE)] for k in prep.pairs.keys], dtype=np.int64)
+        return self._problem_for(prep, codes)
+
+    def _build_pairs(self, prep: _Prepared, per: Sequence[HeaderCosts]) -> None:
+        stages = prep.problem.stages
+        index = {s: i for i, s in enumerate(stages)}
+        keys = sorted(prep.costs.activation_bytes)
+        key_index = {k: j for j, k in enumerate(keys)}
+        of_stage = np.array([key_index.get(_pair(s), -1) for s in stages], dtype=np.int64)
+        duration = np.array([[c.duration_ms[s] for s in stages] for c in per], dtype=np.float64).reshape(3, -1)
+        ptr = [0]
+        idx: list[int] = []
+        forward: list[int] = []
+        for k in keys:
+            f = StageKey(k[0], k[1], k[2], k[3], Pass.F)
+            group = [
+                f,
+                *(s for s in prep.graph.succs[f] if s.pass_.is_backward and (s.pipeline, s.chunk) == k[:2]),
+            ]
+            group += [s.with_pass(Pass.W) for s in group if s.pass_ is Pass.I and s.with_pass(Pass.W) in index]
+            idx.extend(index[s] for s in group)
+            ptr.append(len(idx))
+            forward.append(index[f])
+        stage_ptr = np.array(ptr, dtype=np.int64)
+        stage_idx = np.array(idx, dtype=np.int64)
+        fwd = np.array(forward, dtype=np.int64)
+        # Each pair's time under each strategy: the sum of its stages' durations (reduceat needs >= 1 pair).
+        latency = np.add.reduceat(duration[:, stage_idx], stage_ptr[:-1], axis=1).T.copy() if keys else np.zeros((0, 3))
+        memory = np.array([[c.activation_bytes[k] for c in per] for k in keys], dtype=np.float64).reshape(-1, 3)
+        rank = prep.problem.rank[fwd]
+        prep.pairs = _Pairs(
+            keys=keys,
+            rank=rank,
+            forward=fwd,
+            stage_ptr=stage_ptr,
+            stage_idx=stage_idx,
+            of_stage=of_stage,
+            duration=duration,
+            latency=latency,
+            memory=memory,
+            by_rank=[np.flatnonzero(rank == r) for r in range(prep.problem.pp)],
+        )
+        prep.lean = self._problem_for(prep, np.full(len(keys), _FULL, dtype=np.int64))
+
+    def _problem_for(self, prep: _Prepared, codes: I64) -> Problem:
+        """The problem with each stage pair's costs under its strategy (`codes` index `STRATEGIES`)."""
+        pairs = prep.pairs
+        assert pairs is not None
         p = prep.problem
-        dur = p.duration_ms.copy()
-        alloc = p.alloc_bytes.copy()
-        free = p.free_bytes.copy()
-        for i, s in enumerate(p.stages):
-            rc = choice.get(_pair(s), Recompute.NONE)
-            if rc is Recompute.NONE:
-                continue
-            dur[i] = per[rc].duration_ms[s]
-            act = per[rc].activation_bytes.get(_pair(s), 0.0)
-            if alloc[i] > 0:
-                alloc[i] = act
-            if free[i] > 0:
-                free[i] = act
-        return replace(p, duration_ms=dur, alloc_bytes=alloc, free_bytes=free)
+        has_pair = pairs.of_stage >= 0
+        safe = np.where(has_pair, pairs.of_stage, 0)
+        code = np.where(has_pair, codes[safe], 0) if len(codes) else np.zeros(p.n, dtype=np.int64)
+        duration = pairs.duration[code, np.arange(p.n)]
+        changed = has_pair & (code != 0)
+        act = pairs.memory[safe, code] if len(codes) else np.zeros(p.n)
+        # A stage allocates (F) or frees (its last backward pass) the pair's bytes: only those entries change.
+        alloc = np.where(changed & (p.alloc_bytes > 0), act, p.alloc_bytes)
+        free = np.where(changed & (p.free_bytes > 0), act, p.free_bytes)
+        return replace(p, duration_ms=duration, alloc_bytes=alloc, free_bytes=free)
 
-    def _memory_choice(
-        self,
-        prep: _Prepared,
-        per: dict[Recompute, HeaderCosts],
-        priority: np.ndarray,
-        time_limit_s: float,
-        *,
-        exact: bool = True,
-    ) -> tuple[RecomputeMap, list[float]]:
+    def _stage_costs_for(self, prep: _Prepared, codes: I64) -> StageCosts:
+        """`stage_costs(prep.header, batch, recompute)` from the pair arrays (the same numbers, no dict walk)."""
+        pairs = prep.pairs
+        assert pairs is not None
+        problem = self._problem_for(prep, codes)
+        stages = prep.problem.stages
+        acts = pairs.memory[np.arange(len(pairs.keys)), codes].tolist() if len(codes) else []
+        return StageCosts(
+            compute_ms=dict(zip(stages, problem.duration_ms.tolist(), strict=True)),
+            act_bytes={stages[f]: b for f, b in zip(pairs.forward.tolist(), acts, strict=True)},
+            static_bytes=self._static_for(prep.header),
+        )
+
+    def _memory_choices(
+        self, prep: _Prepared, priority: np.ndarray, time_limit_s: float, *, exact: bool = True
+    ) -> tuple[list[I64], list[float]]:
         """Level 4: per rank, choose each stage pair's strategy under the memory cap (paper section 5.3).
 
         The live intervals come from interleaving with the leanest strategy everywhere (most headroom); the
-        per-rank 0-1 program then buys back speed wherever memory allows.
+        per-rank 0-1 program then buys back speed wherever memory allows. Its objective (summed latency on a
+        fixed timeline) is a proxy for the makespan, so the caller scores every choice returned here on the
+        re-timed schedule: the program's (within `memory_gap` of its optimum) for each cap in `MEMORY_CAP_FACTORS`,
+        and the greedy warm start. Without `exact`, only the greedy one. Returns strategy codes per pair, and the
+        solve time of each rank program that had to be decided.
         """
-        lean = self._problem_with(prep, per, {k: Recompute.FULL for k in prep.costs.activation_bytes})
-        _, start, end, _ = interleave(lean, stage_priorities(lean, priority))
-        index = {s: i for i, s in enumerate(prep.problem.stages)}
-        caps = self._mem_caps()
-        choice: RecomputeMap = {}
+        pairs = prep.pairs
+        lean = prep.lean
+        assert pairs is not None and lean is not None
+        factors = MEMORY_CAP_FACTORS if exact else ()
+        choices = [np.zeros(len(pairs.keys), dtype=np.int64) for _ in range(len(factors) + 1)]
         solve_ms: list[float] = []
-        keys = sorted(prep.costs.activation_bytes)
-        for r in range(prep.problem.pp):
-            pairs = [k for k in keys if prep.header.placement.rank_of(k[0], k[1]) == r]
-            starts: list[float] = []
-            ends: list[float] = []
-            cands: list[list[Candidate]] = []
-            for k in pairs:
-                f = StageKey(k[0], k[1], k[2], k[3], Pass.F)
-                stages = [
-                    f,
-                    *(s for s in prep.graph.succs[f] if s.pass_.is_backward and (s.pipeline, s.chunk) == k[:2]),
-                ]
-                stages += [s.with_pass(Pass.W) for s in stages if s.pass_ is Pass.I and s.with_pass(Pass.W) in index]
-                starts.append(float(start[index[f]]))
-                ends.append(float(max(end[index[s]] for s in stages)))
-                options = sorted(
-                    (
-                        Candidate(
-                            int(rc is Recompute.NONE),
-                            int(rc is Recompute.SELECTIVE),
-                            int(rc is Recompute.FULL),
-                            sum(per[rc].duration_ms[s] for s in stages),
-                            per[rc].activation_bytes[k],
-                        )
-                        for rc in (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)
-                    ),
-                    key=lambda c: (c.latency_ms, c.memory_bytes),
-                )
-                frontier: list[Candidate] = []
-                for c in options:  # keep the Pareto frontier: faster or leaner than everything before it
-                    if not frontier or c.memory_bytes < frontier[-1].memory_bytes - 1e-9:
-                        frontier.append(c)
-                cands.append(frontier)
-            if not pairs:
+        if not pairs.keys:
+            return choices[:1], solve_ms
+        _, start, end, _ = interleave(lean, stage_priorities(lean, priority))
+        first = start[pairs.forward]
+        last = np.maximum.reduceat(end[pairs.stage_idx], pairs.stage_ptr[:-1])
+        caps = self._mem_caps()
+        for r, sel in enumerate(pairs.by_rank):
+            if not len(sel):
                 continue
-            if exact:
-                result = optimise_rank(cands, starts, ends, caps[r], time_limit_s=time_limit_s)
-                picks = result.choice
+            lat, mem = pairs.latency[sel], pairs.memory[sel]
+            count = np.full(len(sel), len(STRATEGIES), dtype=np.int64)
+            for codes, factor in zip(choices, factors, strict=False):
+                result = optimise_rank_arrays(
+                    lat,
+                    mem,
+                    count,
+                    first[sel],
+                    last[sel],
+                    caps[r] * factor,
+                    time_limit_s=time_limit_s,
+                    relative_gap=self.config.memory_gap,
+                )
+                codes[sel] = result.choice
                 if result.solved:
                     solve_ms.append(result.solve_ms)
-            else:
-                picks = greedy_choice(cands, starts, ends, caps[r])
-            for k, options_k, j in zip(pairs, cands, picks, strict=True):
-                picked = options_k[j]
-                choice[k] = (
-                    Recompute.FULL if picked.full else Recompute.SELECTIVE if picked.selective else Recompute.NONE
-                )
-        return choice, solve_ms
+            choices[-1][sel] = greedy_choice_arrays(lat, mem, count, first[sel], last[sel], caps[r])
+        return choices, solve_ms
+
+    def _refit_memory(
+        self, prep: _Prepared, priority: np.ndarray, codes: I64, problem: Problem, time_limit_s: float, exact: bool
+    ) -> tuple[I64, Problem, list[float]]:
+        """The best of (`codes`, `problem`) and `_memory_choices` at `priority`, by the interleaved score."""
+        choices, solve_ms = self._memory_choices(prep, priority, time_limit_s, exact=exact)
+        best = schedule_score(problem, priority)
+        for found in choices:
+            if np.array_equal(found, codes):
+                continue
+            candidate = self._problem_for(prep, found)
+            score = schedule_score(candidate, priority)
+            if score < best:
+                codes, problem, best = found, candidate, score
+        return codes, problem, solve_ms
+
+    def _post_search_s(self, prep: _Prepared, pre_s: float) -> float:
+        """Time to keep after the search for the rest of `plan` up to the validated plan (memory re-fit, SEMU check,
+        compile, simulate, fit, validate), so that the plan is ready within the budget.
+
+        Measured on this planner's recent batches, per stage (it scales with the plan's size), the largest of the
+        last few; before any measurement, as much as the preparation took (it does about as much work)."""
+        n = max(prep.problem.n, 1)
+        if self._post_rates:
+            return max(self._post_rates) * n
+        return pre_s
+
+    def _note_post_search(self, prep: _Prepared, post_s: float) -> None:
+        self._post_rates.append(post_s / max(prep.problem.n, 1))
+        del self._post_rates[:-5]
 
     def plan(self, batch: BatchMetadata, *, job_id: str = "", budget_ms: float | None = None) -> PlanResult:
-        """Search a plan for `batch` within `budget_ms` (default: the config's)."""
+        """Plan `batch` within about `budget_ms` of wall time (default: the config's); see `SearchConfig.budget_ms`."""
         t0 = time.perf_counter()
         budget = self.config.budget_ms if budget_ms is None else budget_ms
         deadline = t0 + budget / 1e3
         level = self.config.level
+        if self._post_config is not self.config:  # another configuration does other work after the search
+            self._post_rates.clear()
+            self._post_config = self.config
         hits0, misses0 = self.cache.hits, self.cache.misses
         header = self.header_for(batch, job_id=job_id, source=PlanSource.SEARCH, schedule="pipeweaver")
         prep = self._prepare(batch, header, Recompute.NONE)
@@ -323,40 +454,39 @@ class Planner:
         pipelines = tuple(p.name for p in header.placement.pipelines)
         heuristic = heuristic_group_order(prep.problem, pipelines)
         priority = priorities_from_order(heuristic)
-        per = self._strategy_costs(prep, batch)
+        pairs = self._pairs(prep, batch)
         evaluations = 0
         solve_ms: list[float] = []
-        choice: RecomputeMap = {}
+        codes = np.zeros(len(pairs.keys), dtype=np.int64)
+        checked: tuple[Plan, SimResult] | None = None
+        """The final plan and its simulation when an earlier step already built them."""
+        t_post = time.perf_counter()
 
         if level is SearchLevel.PARTITION:
             # A static order fixed before this batch's costs are known, with the fastest uniform strategy that fits.
             index = {s: i for i, s in enumerate(prep.problem.stages)}
-            seqs = [[index[c.stage] for c in order] for order in fallback_orders(header, interleave)]
-            choice = self._uniform_fit(batch, seqs_plan=seqs, prep=prep)
+            seqs = [[index[c.stage] for c in order] for order in fallback_orders(header, interleave, prep.graph)]
+            codes, checked = self._uniform_fit(batch, seqs_plan=seqs, prep=prep)
         else:
             # Levels 2-3 schedule with the leanest strategy everywhere (paper 5.2: most headroom); level 4 buys
             # back speed per stage pair wherever memory allows, and keeps it only if the schedule improves.
-            lean_choice: RecomputeMap = {k: Recompute.FULL for k in prep.costs.activation_bytes}
-            problem = self._problem_with(prep, per, lean_choice)
-            choice = lean_choice
-            # Compiling, simulating and validating the winner costs about as much as preparing the problem did.
-            reserve_s = 0.05 * budget / 1e3 + (time.perf_counter() - t0)
+            codes = np.full(len(pairs.keys), _FULL, dtype=np.int64)
+            assert prep.lean is not None
+            problem = prep.lean
             if level >= SearchLevel.MEMORY:
-                t_mem = time.perf_counter()
-                found, _ = self._memory_choice(prep, per, priority, 0.0, exact=False)  # greedy: picks the target
-                mixed = self._problem_with(prep, per, found)
-                if schedule_score(mixed, priority) < schedule_score(problem, priority):
-                    choice, problem = found, mixed
-                # The exact re-fit after the search costs about twice the greedy pass.
-                reserve_s += 2 * (time.perf_counter() - t_mem)
+                codes, problem, more_ms = self._refit_memory(
+                    prep, priority, codes, problem, self._ilp_limit(deadline), exact=True
+                )
+                solve_ms += more_ms
             heuristic_priority = priority
+            t_post = time.perf_counter()
             if level >= SearchLevel.MCTS and len(problem.groups) > 1:
                 target = problem
 
                 def evaluate(group_priority: np.ndarray) -> float:
                     return schedule_score(target, group_priority)
 
-                search_deadline = deadline - reserve_s
+                search_deadline = deadline - self._post_search_s(prep, t_post - t0)
                 if self.config.workers > 1:
                     best_order, _, evaluations = self._pool().search(
                         problem, heuristic, config=self.config.mcts, seed=self.config.seed, deadline=search_deadline
@@ -370,16 +500,16 @@ class Planner:
                     while (search.evaluations < cap) if cap is not None else (time.perf_counter() < search_deadline):
                         search.step()
                     best_order, evaluations = search.best_order, search.evaluations
+                t_post = time.perf_counter()
                 if tuple(best_order) != tuple(heuristic):  # unchanged order: keep the same array (no SEMU re-check)
                     priority = priorities_from_order(best_order)
-                if level >= SearchLevel.MEMORY:  # re-fit the strategies to the better order's timeline
-                    # Out of budget: the greedy choice, no 0-1 programs (unless the run is deterministic).
-                    exact = self.config.max_evaluations is not None or time.perf_counter() < deadline
-                    again, more_ms = self._memory_choice(prep, per, priority, self._ilp_limit(deadline), exact=exact)
-                    solve_ms += more_ms
-                    candidate = self._problem_with(prep, per, again)
-                    if schedule_score(candidate, priority) < schedule_score(problem, priority):
-                        choice, problem = again, candidate
+                    if level >= SearchLevel.MEMORY:  # re-fit the strategies to the better order's timeline
+                        # Out of budget: the greedy choice, no bound (unless the run is deterministic).
+                        exact = self.config.max_evaluations is not None or time.perf_counter() < deadline
+                        codes, problem, more_ms = self._refit_memory(
+                            prep, priority, codes, problem, self._ilp_limit(deadline), exact=exact
+                        )
+                        solve_ms += more_ms
             seqs = self._orders_from_positions(problem, interleave(problem, stage_priorities(problem, priority))[0])
             in_time = self.config.max_evaluations is not None or time.perf_counter() < deadline
             if priority is not heuristic_priority and in_time:
@@ -388,21 +518,23 @@ class Planner:
                 plain = self._orders_from_positions(
                     problem, interleave(problem, stage_priorities(problem, heuristic_priority))[0]
                 )
-                if self._simulate_seqs(prep, batch, plain, choice) < self._simulate_seqs(prep, batch, seqs, choice):
-                    seqs = plain
+                if plain != seqs:  # the same orders compile to the same plan: nothing to compare
+                    searched = self._assemble_simulate(prep, seqs, codes)
+                    unsearched = self._assemble_simulate(prep, plain, codes)
+                    checked = unsearched if unsearched[1].makespan_ms < searched[1].makespan_ms else searched
 
-        stages = prep.problem.stages
-        orders = [[Compute(stages[i], choice.get(_pair(stages[i]), Recompute.NONE)) for i in seq] for seq in seqs]
-        plan = assemble_plan(header, orders, prep.shapes.tensors, graph=prep.graph)
-        sim = self.simulate_plan(plan, batch, choice)
+        if checked is None:
+            checked = self._assemble_simulate(prep, seqs, codes)
+        plan, sim = checked
         if not self._fits(sim):
-            plan, sim, choice = self._fit_memory(
-                prep, batch, plan, sim, orders, per, choice, None if level is SearchLevel.PARTITION else priority
+            plan, sim = self._fit_memory(
+                prep, batch, plan, sim, codes, None if level is SearchLevel.PARTITION else priority
             )
         plan = _with_header(sim.annotate(plan), lower_bound_ms=bound)
         search_ms = (time.perf_counter() - t0) * 1e3
         if self.config.validate_plans:
             validate(plan, graph=prep.graph)
+        self._note_post_search(prep, time.perf_counter() - t_post)
         baselines = self.baseline_makespans(batch) if self.config.compare_baselines else {}
         plan = _with_header(plan, baseline_makespans_ms=tuple(sorted(baselines.items())))
         lookups = (self.cache.hits - hits0) + (self.cache.misses - misses0)
@@ -420,55 +552,51 @@ class Planner:
             simulation=sim,
         )
 
+    def _assemble_simulate(self, prep: _Prepared, seqs: list[list[int]], codes: I64) -> tuple[Plan, SimResult]:
+        """Compile per-rank stage orders (indexes into the problem) with per-pair strategies, and simulate."""
+        stages = prep.problem.stages
+        pairs = prep.pairs
+        assert pairs is not None
+        has_pair = pairs.of_stage >= 0
+        safe = np.where(has_pair, pairs.of_stage, 0)
+        code = np.where(has_pair, codes[safe], 0).tolist() if len(codes) else [0] * len(stages)
+        orders = [[Compute(stages[i], STRATEGIES[code[i]]) for i in seq] for seq in seqs]
+        plan = assemble_plan(prep.header, orders, prep.shapes.tensors, graph=prep.graph)
+        return plan, simulate(plan, self._stage_costs_for(prep, codes), link=self.link)
+
     def _fit_memory(
         self,
         prep: _Prepared,
         batch: BatchMetadata,
         plan: Plan,
         sim: SimResult,
-        orders: list[list[Compute]],
-        per: dict[Recompute, HeaderCosts],
-        choice: RecomputeMap,
+        codes: I64,
         priority: np.ndarray | None,
-    ) -> tuple[Plan, SimResult, RecomputeMap]:
+    ) -> tuple[Plan, SimResult]:
         """SEMU says the plan overflows a device (its timeline, with link queueing, differs from the
         interleaver's). Re-interleave the same priorities under tighter caps, first with the chosen strategies,
         then with the leanest; then the static fallback order with the leanest strategies. Keep the first that fits
         SEMU, else the one that overflows least."""
-        lean: RecomputeMap = {k: Recompute.FULL for k in prep.costs.activation_bytes}
-        tried: list[tuple[Plan, SimResult, RecomputeMap]] = [(plan, sim, recompute_map(orders))]
+        lean = np.full(len(codes), _FULL, dtype=np.int64)
+        tried: list[tuple[Plan, SimResult]] = [(plan, sim)]
 
-        def attempt(order_lists: list[list[Compute]], strategies: RecomputeMap) -> bool:
-            candidate = assemble_plan(prep.header, order_lists, prep.shapes.tensors, graph=prep.graph)
-            result = self.simulate_plan(candidate, batch, strategies)
-            tried.append((candidate, result, strategies))
-            return self._fits(result)
+        def attempt(seqs: list[list[int]], strategies: I64) -> bool:
+            tried.append(self._assemble_simulate(prep, seqs, strategies))
+            return self._fits(tried[-1][1])
 
-        stages = prep.problem.stages
         if priority is not None:
-            for strategies in (choice, lean):
-                base = self._problem_with(prep, per, strategies)
+            for strategies in (codes, lean):
+                base = self._problem_for(prep, strategies)
                 for factor in (0.9, 0.75, 0.6):
                     tight = replace(base, mem_cap_bytes=base.mem_cap_bytes * factor)
                     seqs = self._orders_from_positions(tight, interleave(tight, stage_priorities(tight, priority))[0])
-                    order_lists = [
-                        [Compute(stages[i], strategies.get(_pair(stages[i]), Recompute.NONE)) for i in seq]
-                        for seq in seqs
-                    ]
-                    if attempt(order_lists, strategies):
+                    if attempt(seqs, strategies):
                         return tried[-1]
-        static = fallback_orders(prep.header, interleave)
-        if attempt([[Compute(c.stage, Recompute.FULL) for c in order] for order in static], lean):
+        index = {s: i for i, s in enumerate(prep.problem.stages)}
+        static = fallback_orders(prep.header, interleave, prep.graph)
+        if attempt([[index[c.stage] for c in order] for order in static], lean):
             return tried[-1]
         return min(tried, key=lambda t: float(np.max(t[1].peak_memory_bytes)))
-
-    def _simulate_seqs(
-        self, prep: _Prepared, batch: BatchMetadata, seqs: list[list[int]], choice: RecomputeMap
-    ) -> float:
-        stages = prep.problem.stages
-        orders = [[Compute(stages[i], choice.get(_pair(stages[i]), Recompute.NONE)) for i in seq] for seq in seqs]
-        plan = assemble_plan(prep.header, orders, prep.shapes.tensors, graph=prep.graph)
-        return self.simulate_plan(plan, batch, choice).makespan_ms
 
     def _pool(self) -> SearchPool:
         if self._search_pool is None or self._search_pool.workers != self.config.workers:
@@ -487,17 +615,18 @@ class Planner:
         left = deadline - time.perf_counter()
         return float(min(0.05, max(0.005, left / (4 * self.parallel.pp))))
 
-    def _uniform_fit(self, batch: BatchMetadata, *, seqs_plan: list[list[int]], prep: _Prepared) -> RecomputeMap:
-        """The fastest single strategy for every stage whose simulated peak fits every rank (full if none)."""
-        stages = prep.problem.stages
-        pairs = list(prep.costs.activation_bytes)
-        for rc in (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL):
-            choice = {k: rc for k in pairs}
-            orders = [[Compute(stages[i], rc) for i in seq] for seq in seqs_plan]
-            plan = assemble_plan(prep.header, orders, prep.shapes.tensors, graph=prep.graph)
-            if self._fits(self.simulate_plan(plan, batch, choice)):
-                return choice
-        return {k: Recompute.FULL for k in pairs}
+    def _uniform_fit(
+        self, batch: BatchMetadata, *, seqs_plan: list[list[int]], prep: _Prepared
+    ) -> tuple[I64, tuple[Plan, SimResult] | None]:
+        """The fastest single strategy for every stage whose simulated peak fits every rank (full if none), with
+        its compiled plan and simulation (None when none fits)."""
+        n = len(self._pairs(prep, batch).keys)
+        for code in range(len(STRATEGIES)):
+            codes = np.full(n, code, dtype=np.int64)
+            built = self._assemble_simulate(prep, seqs_plan, codes)
+            if self._fits(built[1]):
+                return codes, built
+        return np.full(n, _FULL, dtype=np.int64), None
 
     def _fits(self, sim: SimResult) -> bool:
         return bool(np.all(sim.peak_memory_bytes <= self.hardware.memory_bytes))
@@ -508,30 +637,44 @@ class Planner:
 
     def baseline_results(self, batch: BatchMetadata, names: Sequence[str] | None = None) -> dict[str, SimResult]:
         """Each baseline simulated on `batch`, with the fastest uniform recompute strategy that fits device memory
-        (what a Megatron user sets with --recompute-granularity); full recompute if none fits."""
+        (what a Megatron user sets with --recompute-granularity); full recompute if none fits.
+
+        The results for the most recent batch are kept: `plan` computes them, and callers that report them too
+        (`pipeweaver bench`) ask again for the same batch."""
+        if self._baseline_memo is None or not (self._baseline_memo[0] is batch or self._baseline_memo[0] == batch):
+            self._baseline_memo = (batch, {})
+        memo = self._baseline_memo[1]
         out: dict[str, SimResult] = {}
         for name in names or self.config.compare_baselines:
-            try:
-                plan = build_baseline_plan(
-                    name, model=self.model, parallel=self.parallel, batch=batch, hardware=self.hardware
-                )
-            except ValueError:
-                continue  # the baseline cannot cut this model (e.g. too few layers for its chunks)
-            out[name] = self.baseline_result(plan, batch)
+            if name not in memo:
+                try:
+                    plan = build_baseline_plan(
+                        name, model=self.model, parallel=self.parallel, batch=batch, hardware=self.hardware
+                    )
+                except ValueError:
+                    memo[name] = None  # the baseline cannot cut this model (e.g. too few layers for its chunks)
+                    continue
+                memo[name] = self.baseline_result(plan, batch)
+            found = memo[name]
+            if found is not None:
+                out[name] = found
         return out
 
     def baseline_result(self, plan: Plan, batch: BatchMetadata) -> SimResult:
         """Simulate a baseline plan with the fastest uniform recompute strategy that fits memory."""
-        pairs = {
-            (s.pipeline, c.index, s.microbatch, s.index)
-            for s in plan.header.sub_microbatches
-            for c in plan.header.placement.chunks_of(s.pipeline)
-        }
         sim = self.simulate_plan(plan, batch)
         if self._fits(sim):
             return sim
         for rc in (Recompute.SELECTIVE, Recompute.FULL):
-            sim = self.simulate_plan(plan, batch, {k: rc for k in pairs})
+            # Every stage of the plan under one strategy: that strategy's costs as they are (what `stage_costs`
+            # assembles stage by stage from a per-pair map, without the walk).
+            costs = self._header_costs(plan.header, batch, rc)
+            uniform = StageCosts(
+                compute_ms=costs.duration_ms,
+                act_bytes=costs.act_bytes_by_forward(),
+                static_bytes=self._static_for(plan.header),
+            )
+            sim = simulate(plan, uniform, link=self.link)
             if self._fits(sim):
                 return sim
         return sim
@@ -548,6 +691,12 @@ class Planner:
             interleaver=interleave,
         )
 
+
+MEMORY_CAP_FACTORS: tuple[float, ...] = (1.0, 0.9)
+"""Caps (fractions of each rank's activation budget) at which the memory programs are solved; see
+`Planner._memory_choices`. The program's timeline is the leanest schedule's; once faster strategies shorten it,
+more pairs overlap, and the interleaver's memory gate then stalls forwards. Keeping 10% headroom is sometimes the
+better trade: on 10 t2v-s batches (30 rollouts each) adding it improved the mean makespan by 1%, never worse."""
 
 OVERFLOW_PENALTY = 10.0
 """Score multiplier per unit of relative memory overflow: a schedule that does not fit loses to one that does."""
@@ -598,3 +747,4 @@ def warm_kernels() -> None:
         mem_cap_bytes=np.ones(1),
     )
     interleave(tiny, np.zeros(0))
+    warm_memory_kernels()

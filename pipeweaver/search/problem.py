@@ -82,49 +82,53 @@ def build_problem(
     `activation_bytes` is keyed by (pipeline, chunk, microbatch, sub): held from that chunk's F start to the end of
     its last backward pass. `delay_ms` gives the transfer time of each cross-rank data edge (missing = 0).
     """
+    # One pass over the stages into plain lists, then numpy: this runs once per batch on ~10^4 stages and was
+    # a visible part of the planner's fixed cost when it built a GroupKey and did several dict walks per stage.
     stages = graph.stages
     index = {s: i for i, s in enumerate(stages)}
     n = len(stages)
-    rank = np.array([graph.rank[s] for s in stages], dtype=np.int64)
-    dur = np.array([duration_ms[s] for s in stages], dtype=np.float64)
-    fwd = np.array([1 if s.pass_ is Pass.F else 0 for s in stages], dtype=np.int64)
+    rank = np.fromiter((graph.rank[s] for s in stages), dtype=np.int64, count=n)
+    dur = np.fromiter((duration_ms[s] for s in stages), dtype=np.float64, count=n)
+    fwd = np.zeros(n, dtype=np.int64)
     alloc = np.zeros(n)
     free = np.zeros(n)
+    group = np.zeros(n, dtype=np.int64)
+    intra = np.zeros(n, dtype=np.int64)
+    group_of: dict[tuple[str, int, bool], int] = {}
     # The backward pass that ends a chunk's activation lifetime: W when split (it still needs the inputs), else B.
     last_bwd: dict[tuple[str, int, int, int], int] = {}
     for i, s in enumerate(stages):
         key = (s.pipeline, s.chunk, s.microbatch, s.sub)
-        if s.pass_ is Pass.F:
+        pass_ = s.pass_
+        backward = pass_ is not Pass.F
+        if not backward:
+            fwd[i] = 1
             alloc[i] = activation_bytes.get(key, 0.0)
-        elif s.pass_ is Pass.W or (s.pass_ in (Pass.B, Pass.I) and key not in last_bwd):
+        elif pass_ is Pass.W or key not in last_bwd:  # B, I or W
             last_bwd[key] = i
+        g = (s.pipeline, s.microbatch, backward)
+        found = group_of.get(g)
+        if found is None:
+            found = group_of[g] = len(group_of)
+        group[i] = found
+        # Forward: earlier subs first, then chunk order; backward: same subs order, chunks descending.
+        intra[i] = s.sub * 100_000 + (-s.chunk if backward else s.chunk)
     for key, i in last_bwd.items():
         free[i] = activation_bytes.get(key, 0.0)
 
+    pred_lists = [graph.preds[s] for s in stages]
     pred_ptr = np.zeros(n + 1, dtype=np.int64)
-    pred_idx: list[int] = []
-    pred_delay: list[float] = []
-    for i, s in enumerate(stages):
-        for p in graph.preds[s]:
-            pred_idx.append(index[p])
-            pred_delay.append(delay_ms.get((p, s), 0.0))
-        pred_ptr[i + 1] = len(pred_idx)
+    np.cumsum([len(ps) for ps in pred_lists], out=pred_ptr[1:])
+    pred_idx = [index[p] for ps in pred_lists for p in ps]
+    if delay_ms:
+        pred_delay = [delay_ms.get((p, s), 0.0) for s, ps in zip(stages, pred_lists, strict=True) for p in ps]
+    else:
+        pred_delay = [0.0] * len(pred_idx)
+    succ_lists = [graph.succs[s] for s in stages]
     succ_ptr = np.zeros(n + 1, dtype=np.int64)
-    succ_idx: list[int] = []
-    for i, s in enumerate(stages):
-        succ_idx.extend(index[x] for x in graph.succs[s])
-        succ_ptr[i + 1] = len(succ_idx)
-
-    group_of: dict[GroupKey, int] = {}
-    group = np.zeros(n, dtype=np.int64)
-    intra = np.zeros(n, dtype=np.int64)
-    for i, s in enumerate(stages):
-        g = GroupKey(s.pipeline, s.microbatch, s.pass_.is_backward)
-        group[i] = group_of.setdefault(g, len(group_of))
-        # Forward: earlier subs first, then chunk order; backward: same subs order, chunks descending.
-        chunk_rank = -s.chunk if s.pass_.is_backward else s.chunk
-        intra[i] = s.sub * 100_000 + chunk_rank
-    groups = tuple(sorted(group_of, key=lambda g: group_of[g]))
+    np.cumsum([len(ss) for ss in succ_lists], out=succ_ptr[1:])
+    succ_idx = [index[x] for ss in succ_lists for x in ss]
+    groups = tuple(GroupKey(*g) for g in sorted(group_of, key=lambda g: group_of[g]))
     return Problem(
         stages=stages,
         pp=pp,
