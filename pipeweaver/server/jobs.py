@@ -33,6 +33,7 @@ TIMING_WINDOW = 16
 OVERHEAD_PRIOR_MS = 250.0
 """Worker time beyond the search budget assumed before a job's first search (large models take more)."""
 FALLBACK_PRIOR_MS = 100.0
+RESERVE_FALLBACKS_BEFORE_DECAY = 3
 
 
 class JobClosed(Exception):
@@ -219,6 +220,7 @@ class JobState:
         iteration) waits for that search instead of starting its own."""
         self._overheads: deque[float] = deque(maxlen=TIMING_WINDOW)
         self._fallbacks: deque[float] = deque(maxlen=TIMING_WINDOW)
+        self._reserve_fallbacks = 0
         self.time_scale = 1.0
         """Online refit: EWMA of measured / predicted makespan, applied to later predictions."""
         self._errors: deque[float] = deque(maxlen=RECENT_ERRORS)
@@ -316,6 +318,19 @@ class JobState:
 
     def record_overhead(self, worker_ms: float, budget_ms: float) -> None:
         self._overheads.append(max(worker_ms - budget_ms, 0.0))
+        self._reserve_fallbacks = 0
+
+    def note_reserve_fallback(self) -> None:
+        """An iteration fell back because the reserve left no time to search. Searches are what refresh the
+        estimates, so a reserve inflated by one slow outlier (a cold start, a busy machine) would otherwise keep
+        every later iteration on fallbacks for good: after a few such iterations in a row, forget the largest
+        estimate and let the next iteration try a search again."""
+        self._reserve_fallbacks += 1
+        if self._reserve_fallbacks >= RESERVE_FALLBACKS_BEFORE_DECAY:
+            self._reserve_fallbacks = 0
+            for samples in (self._overheads, self._fallbacks):
+                if samples:
+                    samples.remove(max(samples))
 
     def record_fallback(self, wall_ms: float) -> None:
         self._fallbacks.append(wall_ms)

@@ -196,6 +196,8 @@ class Planning:
             reserve_ms=job.overhead_ms + job.fallback_ms + SLACK_MS,
         )
         if task.search_budget_ms() < work.MIN_SEARCH_BUDGET_MS:
+            if task.deadline is not None and task.deadline - time.monotonic() > work.MIN_SEARCH_BUDGET_MS / 1e3:
+                job.note_reserve_fallback()  # time was there, the reserve took it
             self._start_fallback(job, entry, "deadline")
             return
         if job.caching:
@@ -265,7 +267,7 @@ class Planning:
             self._start_fallback(job, entry, "deadline")
             return
         shared = SharedPlan(pb.Plan.FromString(outcome.plan))
-        job.record_overhead(outcome.worker_ms, outcome.budget_ms)
+        job.record_overhead(outcome.worker_ms - outcome.setup_ms, outcome.budget_ms)
         job.remember(entry.digest, shared, outcome.raw_predicted_ms)
         self._observe_search(outcome)
         # The answer reports the worker's whole time on the plan (search, SEMU checks, encoding): what the client

@@ -150,6 +150,8 @@ class PlanOutcome:
     bubble_fraction: float = 0.0
     worker_ms: float = 0.0
     """Wall time of the whole task in the worker (decode, search, baselines, encode)."""
+    setup_ms: float = 0.0
+    """Part of `worker_ms` spent once per job and worker (building the job's planner): not a per-plan cost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +239,10 @@ def plan_batch(task: PlanTask) -> PlanOutcome | Rejected | Expired:
     decoded = _decode_batch(task.job, task.batch, task.limits)
     if isinstance(decoded, Rejected):
         return decoded
+    t_setup = time.perf_counter()
+    cold = task.job.job_id not in _planners
     planner = _planner(task.job)
+    setup_ms = (time.perf_counter() - t_setup) * 1e3 if cold else 0.0
     if task.mode == "fallback":
         plan = planner.fallback_plan(decoded, job_id=task.job.job_id)
         return PlanOutcome(
@@ -260,6 +265,7 @@ def plan_batch(task: PlanTask) -> PlanOutcome | Rejected | Expired:
         cache_hit_rate=result.cache_hit_rate,
         bubble_fraction=result.bubble_fraction,
         worker_ms=(time.perf_counter() - t0) * 1e3,
+        setup_ms=setup_ms,
     )
 
 

@@ -159,3 +159,21 @@ def test_concurrent_registrations_share_one_creation() -> None:
         assert registry.get("job-x") is None and len(registry) == 1  # least recently used forgotten
 
     asyncio.run(main())
+
+
+def test_a_reserve_inflated_by_one_slow_search_recovers() -> None:
+    """Only searches refresh the overhead estimate; if an outlier makes every iteration fall back, the estimate
+    must still come down, or the job would never search again."""
+    job = _state()
+    job.record_overhead(worker_ms=300.0, budget_ms=100.0)
+    job.record_overhead(worker_ms=20_100.0, budget_ms=100.0)  # a cold start
+    assert job.overhead_ms == 20_000.0
+    job.note_reserve_fallback()
+    job.note_reserve_fallback()
+    assert job.overhead_ms == 20_000.0  # one or two fallbacks in a row may be real
+    job.note_reserve_fallback()
+    assert job.overhead_ms == 200.0
+    job.record_fallback(5_000.0)
+    for _ in range(3):
+        job.note_reserve_fallback()
+    assert job.fallback_ms == 100.0  # back to the prior once the outlier is forgotten
