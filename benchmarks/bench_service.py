@@ -191,6 +191,18 @@ def main() -> None:
             "latency_ms": {"p50": pct([x[0] for x in samples], 50), "p99": pct([x[0] for x in samples], 99)},
             "overhead_ms": {"p50": pct(overhead, 50), "p99": pct(overhead, 99), "max": pct(overhead, 100)},
             "client_parse_ms": {"p50": pct([x[4] for x in samples], 50), "p99": pct([x[4] for x in samples], 99)},
+            "overhead_ms_by_source": {
+                src: {
+                    "n": len(part),
+                    "p50": pct(part, 50),
+                    "p99": pct(part, 99),
+                    "on_time_fraction": round(sum(1 for x in samples if x[3] == src and x[2]) / len(part), 4)
+                    if part
+                    else None,
+                }
+                for src in ("search", "cache", "fallback")
+                for part in [[x[0] - x[1] for x in samples if x[3] == src]]
+            },
         }
 
     report = {
