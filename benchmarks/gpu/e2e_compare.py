@@ -1,7 +1,8 @@
 """End-to-end comparison on pp GPUs (issue 10): PipeWeaver plans from the real planner service vs torch's and our
 static schedules, on the same batches of the dynamic trace, in one run.
 
-    torchrun --nproc-per-node 4 benchmarks/gpu/e2e_compare.py --out $OUT/e2e.json            # 4 GPUs, NCCL, bf16
+    bash benchmarks/gpu/run_e2e.sh --total-s 330                                              # 4 GPUs, NCCL, bf16
+    torchrun --nproc-per-node 4 benchmarks/gpu/e2e_compare.py --out $OUT/e2e.json
     .venv/bin/torchrun --nproc-per-node 4 benchmarks/gpu/e2e_compare.py --tiny --iterations 3 --out /tmp/e2e.json
 
 Workload: the scaled VLM of `e2e_workload.py` (ViT 0.3B + LM 1.1B, pp 4, 16 microbatches of up to 4096 tokens;
@@ -9,50 +10,73 @@ Workload: the scaled VLM of `e2e_workload.py` (ViT 0.3B + LM 1.1B, pp 4, 16 micr
 `--seed`), preceded by `--warmup` untimed batches taken from later in the trace (other contents, so no plan-cache
 hits). Every schedule runs exactly these batches, in this order.
 
-Schedules (`--schedules`, run one after another, each in its own try block, with its own share of the time):
+Schedules (`--schedules`, run one after another in order of importance, each in its own try block):
 - `pipeweaver`: rank 0 starts `python -m pipeweaver serve` (sidecar, loopback) at the very beginning; every rank
   registers the job (`PlannerClient.register_job`, with the calibration profile below) and iterates a
   `PlanPrefetcher` (iteration k+1's metadata goes out while k trains; every rank asks for every rank's actions and
   proves the plan itself, see prefetch.py), then `run_with_fallback` (one vote: all ranks run the same plan).
-  Per iteration: time, where the plan came from (search / cache / the service's fallback / a local fallback and
-  why), the plan's predicted makespan (header), the wait for the plan, and the margin: end of iteration k-1 minus
-  the moment the last rank's reply of iteration k was decoded on the slowest rank (negative: the plan was late).
+  Per iteration: time, where the plan came from (search / cache / the service's fallback and why, from the
+  service's metrics / a local fallback and why), the plan's predicted makespan (header), the wait for the plan,
+  and the margin: end of iteration k-1 minus the moment the last rank's reply of iteration k was decoded on the
+  slowest rank (negative: the plan was late). While the service is not ready yet (a fresh machine compiles the
+  planner's kernels for about a minute), the next schedule runs first; waiting for it never counts as
+  PipeWeaver's time.
 - `1f1b`, `interleaved-1f1b`, `optimus-coarse`: our `PipelineExecutor` on the baseline plans
   (`build_baseline_plan`, built outside the timed region).
 - `torch-1f1b`, `torch-interleaved-1f1b`: `torch.distributed.pipelining` `Schedule1F1B` /
   `ScheduleInterleaved1F1B` over the same modules (the `1f1b` / `interleaved-1f1b` placement: Megatron's, balanced
   by parameters), every microbatch padded to the run's most images and longest sequence (`e2e_torch_vlm.py`).
+Time: each schedule gets an equal share of what is left of `--total-s` (less `FINAL_RESERVE_S`), capped by
+`--schedule-s`; its executor, warm-up, measured iterations and trace all fit in it (the last measured iteration
+starts only if it and the trace still fit).
 Timed region (all schedules): barrier, synchronize, t0, the step, synchronize, t1; the maximum over ranks. It
 includes synthesising the inputs from the batch metadata (both sides alike) and, for ours, the plan check.
 Throughput counts the real (unpadded) language-model tokens for every schedule, so padding shows up as cost.
 
 SEMU: the calibration profile (`profile_layers` on the device, the executor's own blocks, time-boxed by
-`--profile-s`) goes with RegisterJob; the uncalibrated job is registered too. After our schedules ran, rank 0
-starts `e2e_semu.py` in the background: SEMU's prediction of every plan that ran, calibrated and not (local
-simulator; the Simulate RPC of the service for the baselines as a cross-check), and predicted Chrome traces.
+`--profile-s`) goes with RegisterJob; the uncalibrated job is registered too. Rank 0 runs `e2e_semu.py` in the
+background (nice, one CPU thread each, own deadline): the baselines' plans of every measured iteration as soon as
+the profile is known, PipeWeaver's plans (and the Simulate RPC cross-check) once they ran. Collected after every
+schedule and, at the end, until the deadline: what finished is in the JSON even if the run is cut.
 One iteration per `--trace-schedules` is run once more with per-action timing (CUDA events) and written as a
 measured Chrome trace beside SEMU's, under the traces directory (default: `<out>` without `.json` + `_traces`).
 
-Robustness: the JSON is rewritten after every schedule; a schedule that raises on every rank is recorded and
-skipped; a hang ends in the NCCL watchdog after `--pg-timeout-s` (what ran before stays in the JSON).
+Robustness. Every decision to stop uses all-reduced numbers (every rank stops after the same iteration), and every
+collective is called by all ranks in the same order. The JSON is rewritten after every schedule, and the rows of
+the schedule in progress are in it whenever it is written.
+- A watchdog thread on every rank: when a schedule runs `--watchdog-s` past its limit or makes no progress for
+  `--stall-s`, every rank prints where its iteration stands (actions the host issued, the action the device is
+  at) and its Python stacks to stderr, and rank 0 writes the JSON (the schedule: `hung`, with why; `pending`: the
+  schedules not started yet) and exits (code 75). SIGTERM on rank 0 (torchrun stopping the job after another
+  rank died, or the run's timeout) does the same (`terminated`, 143). `--simulate-fault` tests these paths.
+- An exception is printed on the rank that raised it and recorded per rank. If it left an iteration part way
+  (point-to-point transfers may still be posted on the communicators), the process ends after the JSON (code 76)
+  rather than run the next schedule on them.
+- `run_e2e.sh` then relaunches with `--resume`: schedules with an entry in the JSON are kept (a hung one is not
+  tried again), the others run in a fresh job, SEMU processes of the earlier attempt are adopted.
+- The directed-pair NCCL communicators get `--pg-timeout-s` too (the default of new groups is 10 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import gc
 import gzip
 import json
 import math
 import os
 import pickle
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
@@ -64,24 +88,28 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_service import Sidecar, profile_calibration, stamped_client
+from e2e_service import Sidecar, counter_delta, profile_calibration, scrape_metrics, stamped_client
 from e2e_torch_vlm import TORCH_SCHEDULES, VLMShape, build_torch_pipeline
 from e2e_workload import PLANNING_HARDWARE, scaled_vlm
 from executor_overhead import env_info
 
 from pipeweaver.client.executor import PipelineExecutor
 from pipeweaver.datagen import dynamic_batch
+from pipeweaver.errors import InvalidPlan
 from pipeweaver.plan.export import chrome_trace
-from pipeweaver.plan.ir import Plan, PlanSource
+from pipeweaver.plan.ir import Pass, Plan, PlanSource
 from pipeweaver.search.baselines import baseline_placement, build_baseline_plan
 from pipeweaver.spec.batch import BatchMetadata
 from pipeweaver.spec.hardware import CPU
 from pipeweaver.spec.model import Modality
 
 OURS = ("1f1b", "interleaved-1f1b", "optimus-coarse")
-ALL_SCHEDULES = ("1f1b", "pipeweaver", "interleaved-1f1b", "optimus-coarse", "torch-1f1b", "torch-interleaved-1f1b")
-FINAL_RESERVE_S = 35.0
-"""Kept free at the end of `--total-s`: waiting for SEMU's predictions, the last JSON, shutting down."""
+ALL_SCHEDULES = ("pipeweaver", "torch-interleaved-1f1b", "interleaved-1f1b", "torch-1f1b", "optimus-coarse", "1f1b")
+"""In order of importance: a run cut short still has the comparisons that matter most."""
+FINAL_RESERVE_S = 20.0
+"""Kept free at the end of `--total-s`: the last SEMU predictions, the sidecar's shutdown, the last JSON."""
+EXIT_HUNG, EXIT_RESTART, EXIT_TERMINATED = 75, 76, 143
+"""Exit codes of a process that ended early on purpose (the JSON says why; `run_e2e.sh` relaunches)."""
 
 
 # ---- the run's shared state -----------------------------------------------------------------------------------
@@ -110,7 +138,19 @@ class Run:
     sidecar: Sidecar | None = None
     profile_rows: list[Any] = field(default_factory=list)
     semu_job: dict[str, Any] = field(default_factory=lambda: {"schedules": {}, "traces": []})
-    semu_proc: subprocess.Popen[bytes] | None = None
+    """PipeWeaver's plans that ran, for its SEMU job (rank 0)."""
+    semu: SemuJobs | None = None
+    watchdog: Watchdog | None = None
+    executor: BenchExecutor | None = None
+    """Our executor of the schedule in progress (None for torch's): where a hung iteration stands."""
+    pending: list[str] = field(default_factory=list)
+    """Schedules not finished yet (the one in progress included), in run order."""
+    current: str = ""
+    """The schedule in progress."""
+    in_step: bool = False
+    """Inside an iteration's step. An exception there may leave point-to-point transfers posted on the
+    communicators, which the next schedule would receive: the process restarts instead of going on."""
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def cuda(self) -> bool:
@@ -119,6 +159,9 @@ class Run:
     @property
     def measured(self) -> list[BatchMetadata]:
         return self.batches[self.warmup :]
+
+    def t_s(self) -> float:
+        return round(time.monotonic() - self.t_start, 1)
 
     def sync(self) -> None:
         if self.cuda:
@@ -137,10 +180,14 @@ class Run:
 
     def say(self, **kv: Any) -> None:
         if self.rank == 0:
-            print(json.dumps({"t_s": round(time.monotonic() - self.t_start, 1), **kv}, default=str), flush=True)
+            print(json.dumps({"t_s": self.t_s(), **kv}, default=str), flush=True)
 
-    def write(self) -> None:
-        if self.rank == 0:
+    def write(self, lock_timeout_s: float = -1) -> None:
+        """Rank 0: the JSON, atomically (also from the watchdog's thread, which waits at most `lock_timeout_s`)."""
+        if self.rank != 0:
+            return
+        locked = self.write_lock.acquire(timeout=lock_timeout_s)
+        try:
             try:  # the summary must never cost the measurements
                 self.result["summary"] = summarize(self.result)
             except Exception as e:
@@ -152,6 +199,9 @@ class Run:
             tmp = self.out.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.result, indent=1, default=_json_default) + "\n")
             tmp.replace(self.out)
+        finally:
+            if locked:
+                self.write_lock.release()
 
 
 def _json_default(x: Any) -> Any:
@@ -166,7 +216,11 @@ def _json_default(x: Any) -> Any:
 class BenchExecutor(PipelineExecutor):
     """`PipelineExecutor` that reuses one set of NCCL pair communicators for every schedule of the run (created and
     warmed once by `pair_groups`), and records each action's start/end when `record` is set: CUDA events on the
-    compute stream on a GPU (what the device did, not when Python launched it), `time.monotonic` on a CPU."""
+    compute stream on a GPU (what the device did, not when Python launched it), `time.monotonic` on a CPU.
+
+    Always, for the watchdog: how many of the iteration's actions the host has issued, and on a GPU one event per
+    action (reused, no timing: a few microseconds per action), so `where` can tell which action a hung device is
+    stuck at (a wait on a transfer that never comes, or a compute behind one)."""
 
     shared_pairs: ClassVar[dict[tuple[int, int], Any]] = {}
 
@@ -175,6 +229,9 @@ class BenchExecutor(PipelineExecutor):
         self._marks: list[tuple[Any, Any]] = []
         self._origin: Any = None
         self.last_plan: Plan | None = None
+        self._actions: tuple[Any, ...] = ()
+        self._issued = 0
+        self._done: list[Any] = []
         super().__init__(*args, **kwargs)
 
     def _create_pair_groups(self, pipelines: Sequence[Sequence[int]]) -> None:
@@ -185,7 +242,31 @@ class BenchExecutor(PipelineExecutor):
 
     def run_iteration(self, plan: Plan, batch: BatchMetadata, **kwargs: Any) -> Any:
         self.last_plan = plan  # what ran, also when run_with_fallback chose the fallback
-        return super().run_iteration(plan, batch, **kwargs)
+        self._actions, self._issued = plan.ranks[self.rank].actions, 0
+        stats = super().run_iteration(plan, batch, **kwargs)
+        self._actions, self._issued = (), 0  # between iterations (an exception leaves the position for `where`)
+        return stats
+
+    def _issue(self) -> None:
+        if self.device.type == "cuda":
+            if self._issued == len(self._done):
+                self._done.append(torch.cuda.Event())
+            self._done[self._issued].record()
+        self._issued += 1
+
+    def where(self) -> str:
+        """This rank's position in its iteration (call from any thread; on a GPU it only queries events)."""
+        acts, issued = self._actions, self._issued
+        if not acts:
+            return "between iterations"
+        text = f"the host issued {issued} of {len(acts)} actions"
+        if issued < len(acts):
+            text += f" (next: {acts[issued]})"
+        if self.device.type == "cuda" and issued:
+            torch.cuda.set_device(self.device)
+            stuck = next((i for i in range(issued) if not self._done[i].query()), None)
+            text += "; the device finished them all" if stuck is None else f"; the device is at {stuck}: {acts[stuck]}"
+        return text
 
     def begin_record(self) -> None:
         self.record, self._marks = True, []
@@ -206,6 +287,7 @@ class BenchExecutor(PipelineExecutor):
     def _timed(self, fn: Callable[..., None], *args: Any) -> None:
         if not self.record:
             fn(*args)
+            self._issue()
             return
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -217,6 +299,7 @@ class BenchExecutor(PipelineExecutor):
             fn(*args)
             end = time.monotonic()
         self._marks.append((start, end))
+        self._issue()
 
     def _compute(self, it: Any, action: Any) -> None:
         self._timed(super()._compute, it, action)
@@ -235,10 +318,13 @@ def pair_groups(run: Run) -> float:
     if not run.cuda or run.world < 2:
         return 0.0
     t0 = time.monotonic()
+    # The run's NCCL timeout, not new_group's default of 10 minutes: a transfer that never completes must end in
+    # the NCCL watchdog within the run (the iteration's P2P waits happen on these communicators only).
+    timeout = timedelta(seconds=run.args.pg_timeout_s)
     for a in range(run.world):  # PipelineExecutor._create_pair_groups' order (new_group is collective)
         for b in range(run.world):
             if a != b:
-                BenchExecutor.shared_pairs[(a, b)] = dist.new_group([a, b])
+                BenchExecutor.shared_pairs[(a, b)] = dist.new_group([a, b], timeout=timeout)
     for (a, b), group in sorted(BenchExecutor.shared_pairs.items()):
         if run.rank == a:
             dist.batch_isend_irecv([dist.P2POp(dist.isend, torch.ones(1, device=run.device), b, group=group)])[0].wait()
@@ -263,24 +349,32 @@ class Clock:
     """One schedule's time limit; every decision uses all-reduced numbers, so every rank decides the same."""
 
     run: Run
+    name: str
     limit_s: float
+    tail: float = 0.0
+    """Iterations that still follow the measured ones within the limit (1: the traced one)."""
     started: float = field(default_factory=time.monotonic)
     elapsed_s: float = 0.0
     last_ms: float = 0.0
 
-    def timed(self, fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    def timed(self, fn: Callable[[], Any], label: str) -> tuple[float, float, Any]:
         """(max ms over ranks, this rank's end on the monotonic clock, fn's result)."""
         run = self.run
         dist.barrier()
         run.sync()
         t0 = time.perf_counter()
+        run.in_step = True
+        simulated_fault(run, self.name, label)
         out = fn()
         run.sync()
+        run.in_step = False
         t1 = time.perf_counter()
         end = time.monotonic()
         x = torch.tensor([(t1 - t0) * 1e3, end - self.started], dtype=torch.float64, device=run.device)
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
         self.last_ms, self.elapsed_s = float(x[0]), float(x[1])
+        if run.watchdog is not None:
+            run.watchdog.progress(label, step=True)
         return self.last_ms, end, out
 
     def warmup_over(self) -> bool:
@@ -288,8 +382,9 @@ class Clock:
         return self.elapsed_s > 0.5 * self.limit_s
 
     def out_of_time(self, done: int) -> bool:
-        """Stop measuring when the next iteration would not fit (one measured iteration always runs)."""
-        return done >= 1 and self.elapsed_s + 1.2 * self.last_ms / 1e3 > self.limit_s
+        """Stop measuring when the next iteration (and the trace after the loop) would not fit; one measured
+        iteration always runs. Same inputs on every rank (all-reduced), so the same answer on every rank."""
+        return done >= 1 and self.elapsed_s + (1.2 + self.tail) * self.last_ms / 1e3 > self.limit_s
 
 
 def reduce_sum(run: Run, value: float) -> float:
@@ -304,18 +399,22 @@ def reset_memory_stats(run: Run) -> None:
         torch.cuda.reset_accumulated_memory_stats(run.device)
 
 
-def memory_stats(run: Run) -> dict[str, Any]:
-    """Peak allocated GiB and allocator retries (cudaMalloc failures answered by freeing the cache and trying
-    again: a sign of memory pressure that costs synchronizations) since `reset_memory_stats`, per rank."""
+def my_memory(run: Run) -> list[float]:
+    """This rank's peak allocated GiB, allocator retries (cudaMalloc failures answered by freeing the cache and
+    trying again: memory pressure that costs synchronizations) and OOMs since `reset_memory_stats`."""
     if not run.cuda:
-        return {}
+        return []
     stats = torch.cuda.memory_stats(run.device)
-    mine = [
+    return [
         torch.cuda.max_memory_allocated(run.device) / 2**30,
         float(stats.get("num_alloc_retries", 0)),
         float(stats.get("num_ooms", 0)),
     ]
-    every = run.gather(mine)
+
+
+def memory_of(every: list[list[float]]) -> dict[str, Any]:
+    if not all(every):
+        return {}
     return {
         "peak_gib_per_rank": [round(m[0], 2) for m in every],
         "alloc_retries_per_rank": [int(m[1]) for m in every],
@@ -331,7 +430,7 @@ def write_measured_trace(run: Run, name: str, k: int, plan: Plan, ex: BenchExecu
         ex.begin_record()  # after the barrier and the synchronize: every rank's origin is the same instant
         return ex.run_iteration(plan, batch)
 
-    ms, _, _ = clock.timed(recorded)
+    ms, _, _ = clock.timed(recorded, "trace")
     windows = run.gather(ex.recorded_ms())
     if run.rank == 0:
         path = trace_path(run, name, k)
@@ -339,7 +438,8 @@ def write_measured_trace(run: Run, name: str, k: int, plan: Plan, ex: BenchExecu
         run.result["traces"].append(
             {"schedule": name, "iteration": k, "file": str(path), "measured_ms": ms, "processes": ["measured"]}
         )
-        run.semu_job["traces"].append({"schedule": name, "iteration": run.warmup + k})
+        if name == "pipeweaver":  # the baselines' SEMU traces were asked for up front (`semu_baselines`)
+            run.semu_job["traces"].append({"schedule": name, "iteration": run.warmup + k})
 
 
 def trace_path(run: Run, name: str, k: int) -> Path:
@@ -375,23 +475,43 @@ def trace_index(run: Run, done: int) -> int:
 # ---- the schedules --------------------------------------------------------------------------------------------
 
 
-def run_ours(run: Run, name: str, clock: Clock) -> dict[str, Any]:
+def simulated_fault(run: Run, name: str, label: str) -> None:
+    """`--simulate-fault NAME:K:RANK:KIND` (tests of the watchdog and the restart): inside measured iteration K
+    of NAME, RANK (a number, or `all`) hangs for good (KIND `hang`: a rank stuck in a transfer) or raises (`raise`:
+    an iteration failing part way)."""
+    spec = run.args.simulate_fault
+    if not spec:
+        return
+    sched, k, rank, kind = spec.split(":")
+    if (sched, f"iteration {k}") != (name, label) or rank not in ("all", str(run.rank)):
+        return
+    print(f"[rank {run.rank}] simulated {kind} in {name} {label}", file=sys.stderr, flush=True)
+    if kind == "raise":
+        raise RuntimeError(f"simulated failure in {name} {label}")
+    while True:
+        time.sleep(1.0)
+
+
+def run_ours(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[str, Any]:
     """Our executor on a baseline's plans."""
     wl = run.wl
     placement = baseline_placement(name, model=wl.model, parallel=wl.parallel)
     ex = BenchExecutor(wl.model, placement, run.rank, device=run.device, dtype=run.dtype)
     ex.warm_up()
+    run.executor = ex
+    if run.watchdog is not None:
+        run.watchdog.progress("executor built")
 
     def plan_for(b: BatchMetadata) -> Plan:
         return build_baseline_plan(name, model=wl.model, parallel=wl.parallel, batch=b, tensors_dtype=run.wire)
 
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = entry.setdefault("rows", [])  # in the JSON as they come (a cut run keeps them)
     plans: dict[int, Plan] = {}
     for w, batch in enumerate(run.batches[: run.warmup]):
         if w and clock.warmup_over():
             break
         plan = plan_for(batch)
-        ms, _, _ = clock.timed(lambda p=plan, b=batch: ex.run_iteration(p, b))
+        ms, _, _ = clock.timed(lambda p=plan, b=batch: ex.run_iteration(p, b), f"warm-up {w}")
         run.say(schedule=name, warmup=w, ms=round(ms, 1))
     for k, batch in enumerate(run.measured):
         if clock.out_of_time(k):
@@ -399,31 +519,39 @@ def run_ours(run: Run, name: str, clock: Clock) -> dict[str, Any]:
         t0 = time.perf_counter()
         plans[k] = plan = plan_for(batch)
         build_ms = (time.perf_counter() - t0) * 1e3
-        ms, _, stats = clock.timed(lambda p=plan, b=batch: ex.run_iteration(p, b))
+        ms, _, stats = clock.timed(lambda p=plan, b=batch: ex.run_iteration(p, b), f"iteration {k}")
         rows.append({"i": k, "ms": round(ms, 3), "loss": reduce_sum(run, stats.loss), "plan_build_ms": build_ms})
         run.say(schedule=name, iteration=k, ms=round(ms, 1), loss=round(rows[-1]["loss"], 5))
     if name in run.args.trace_schedules.split(",") and rows:
         k = trace_index(run, len(rows))
         write_measured_trace(run, name, k, plans[k], ex, clock)
-    run.semu_job["schedules"][name] = {"iterations": [run.warmup + r["i"] for r in rows], "plans": None}
-    return {"rows": rows, "chunks": len(placement.chunks)}
+    return {"chunks": len(placement.chunks)}
 
 
-def register_jobs(run: Run) -> tuple[Any, Any, dict[str, Any]]:
-    """Rank 0 waits for the sidecar; every rank registers the calibrated job (idempotent: one job id)."""
-    a = run.args
+def wait_sidecar(run: Run) -> dict[str, Any]:
+    """Rank 0 waits for the planner service, outside any schedule's clock, at most until the run leaves no time to
+    use it; every rank gets the address or the error."""
     info: dict[str, Any] = {}
     if run.rank == 0:
-        assert run.sidecar is not None
-        try:
-            info["address"] = run.sidecar.wait_ready()
-        except RuntimeError as e:
-            info["error"] = str(e)
-        info["ready_s"] = run.sidecar.ready_s
-    info = run.bcast(info)
-    if "error" in info:
-        raise RuntimeError(info["error"])
-    client = stamped_client(info["address"])
+        if run.sidecar is None:
+            info["error"] = "no planner service was started"
+        else:
+            t0 = time.monotonic()
+            last_use = run.t_start + run.args.total_s - FINAL_RESERVE_S - 20.0
+            try:
+                info["address"] = run.sidecar.wait_ready(timeout_s=max(1.0, last_use - run.sidecar.started))
+            except RuntimeError as e:
+                info["error"] = str(e)[-3000:]
+            info["ready_s"] = run.sidecar.ready_s
+            info["waited_s"] = round(time.monotonic() - t0, 1)
+    return run.bcast(info)
+
+
+def register_jobs(run: Run, address: str) -> tuple[Any, Any, dict[str, Any]]:
+    """Every rank registers the calibrated job (idempotent: one job id); rank 0 also the uncalibrated one."""
+    a = run.args
+    info: dict[str, Any] = {"address": address}
+    client = stamped_client(address)
     job = client.register_job(
         run.wl.model, run.wl.parallel, run.hardware, run.profile_rows, planning_budget_ms=a.budget_ms, timeout_s=120
     )
@@ -444,18 +572,30 @@ def register_jobs(run: Run) -> tuple[Any, Any, dict[str, Any]]:
     return client, job, info
 
 
-def run_pipeweaver(run: Run, name: str, clock: Clock) -> dict[str, Any]:
+FALLBACKS = "pipeweaver_fallback_plans_total"
+
+
+def run_pipeweaver(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[str, Any]:
     from pipeweaver.client.prefetch import PlanPrefetcher
 
     a = run.args
-    client, job, info = register_jobs(run)
+    client, job, info = register_jobs(run, entry["sidecar"]["address"])
     ex = BenchExecutor(run.wl.model, job.placement, run.rank, device=run.device, dtype=run.dtype)
     ex.warm_up()
+    run.executor = ex
+    if run.watchdog is not None:
+        run.watchdog.progress("job registered, executor built")
     prefetcher = PlanPrefetcher(client, job, run.batches, rank=run.rank, first_deadline_s=a.first_deadline_s)
     items: Iterator[Any] = iter(prefetcher)
+    # Why the service fell back: the reply carries only a flag, the service's metrics count fallbacks by reason.
+    # Each served fallback plan is one count, in the order the service decided them (rank 0 reads them).
+    port = run.sidecar.metrics_port if run.rank == 0 and run.sidecar is not None else 0
+    seen = scrape_metrics(port)
+    info["metrics_start"] = seen
+    reasons: deque[str] = deque()
     mine: list[dict[str, Any]] = []
     """This rank's view of each iteration (warm-up included): origin, wait, end time."""
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = entry.setdefault("rows", [])
     kept: dict[int, Plan] = {}
     k_trace = min(a.trace_iteration, len(run.measured) - 1)
     try:
@@ -465,8 +605,17 @@ def run_pipeweaver(run: Run, name: str, clock: Clock) -> dict[str, Any]:
             # with it a deadline no plan can meet.
             if k >= 0 and clock.out_of_time(k):
                 break
+            if port:
+                now = scrape_metrics(port)
+                for why, count in counter_delta(now, seen, FALLBACKS).items():
+                    reasons.extend([why] * int(count))
+                seen = now or seen
+            service_reason = ""
+            if item.served_fallback:
+                service_reason = reasons.popleft() if reasons else ("unknown" if port else "")
             ms, end, stats = clock.timed(
-                lambda it=item: ex.run_with_fallback(it.plan, it.metadata, prefetcher.fallback_plan)
+                lambda it=item: ex.run_with_fallback(it.plan, it.metadata, prefetcher.fallback_plan),
+                f"warm-up {n}" if k < 0 else f"iteration {k}",
             )
             ran = ex.last_plan
             assert ran is not None
@@ -476,11 +625,12 @@ def run_pipeweaver(run: Run, name: str, clock: Clock) -> dict[str, Any]:
                     "reason": item.fallback_reason or "",
                     "served_fallback": item.served_fallback,
                     "wait_ms": item.wait_ms,
+                    "fallback_ms": item.fallback_ms,
                     "end": end,
                 }
             )
             if k < 0:
-                run.say(schedule=name, warmup=n, ms=round(ms, 1), source=ran.header.source.value)
+                run.say(schedule=name, warmup=n, ms=round(ms, 1), source=ran.header.source.value, why=service_reason)
                 continue
             if run.rank != 0:  # the others keep what a trace may re-run: the trace iteration, else the latest
                 kept = {kk: p for kk, p in kept.items() if kk == k_trace}
@@ -492,18 +642,28 @@ def run_pipeweaver(run: Run, name: str, clock: Clock) -> dict[str, Any]:
                     "ms": round(ms, 3),
                     "loss": reduce_sum(run, stats.loss),
                     "source": h.source.value,
+                    "plan_schedule": h.schedule,
                     "fallback": h.source is PlanSource.FALLBACK,
+                    "service_fallback_reason": service_reason,
                     "vote_fallback_reason": stats.fallback_reason,
                     "predicted_ms": h.predicted_makespan_ms or None,
                     "lower_bound_ms": h.lower_bound_ms or None,
                     "baselines_predicted_ms": dict(h.baseline_makespans_ms),
                 }
             )
-            run.say(schedule=name, iteration=k, ms=round(ms, 1), source=h.source.value, pred=rows[-1]["predicted_ms"])
+            run.say(
+                schedule=name,
+                iteration=k,
+                ms=round(ms, 1),
+                source=h.source.value,
+                pred=rows[-1]["predicted_ms"],
+                why=service_reason or stats.fallback_reason or item.fallback_reason or "",
+            )
     finally:
         close = getattr(items, "close", None)
         if close is not None:
             close()  # ends the plan stream
+    info["metrics_end"] = scrape_metrics(port)
     arrivals = dict(client.arrivals)
     views = run.gather({"mine": mine, "arrivals": arrivals})
     add_margins(run, rows, views)
@@ -517,7 +677,6 @@ def run_pipeweaver(run: Run, name: str, clock: Clock) -> dict[str, Any]:
     stats = prefetcher.stats
     client.close()
     return {
-        "rows": rows,
         "service": info,
         "prefetch_rank0": {
             "planned": stats.planned,
@@ -544,10 +703,11 @@ def add_margins(run: Run, rows: list[dict[str, Any]], views: list[dict[str, Any]
         row["wait_ms_max_rank"] = round(max(v["mine"][n]["wait_ms"] for v in views), 2)
         row["origin_per_rank"] = [v["mine"][n]["origin"] for v in views]
         row["local_fallback_reasons"] = sorted({v["mine"][n]["reason"] for v in views} - {""})
+        row["local_fallback_ms_max_rank"] = round(max(v["mine"][n]["fallback_ms"] for v in views), 2)
         row["served_fallback"] = any(v["mine"][n]["served_fallback"] for v in views)
 
 
-def run_torch(run: Run, name: str, clock: Clock) -> dict[str, Any]:
+def run_torch(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[str, Any]:
     """torch.distributed.pipelining over the same modules, padded batches."""
     wl = run.wl
     placement = baseline_placement(TORCH_SCHEDULES[name], model=wl.model, parallel=wl.parallel)
@@ -555,6 +715,8 @@ def run_torch(run: Run, name: str, clock: Clock) -> dict[str, Any]:
     m = len(run.batches[0].microbatches)
     pipe = build_torch_pipeline(name, ex, wl.model, run.shape, m, run.device, run.dtype)
     params = list(ex.parameters())
+    if run.watchdog is not None:
+        run.watchdog.progress("stages built")
 
     def step(batch: BatchMetadata) -> float:
         for p in params:  # as ours does inside run_iteration
@@ -564,126 +726,469 @@ def run_torch(run: Run, name: str, clock: Clock) -> dict[str, Any]:
     for w, batch in enumerate(run.batches[: run.warmup]):
         if w and clock.warmup_over():
             break
-        ms, _, _ = clock.timed(lambda b=batch: step(b))
+        ms, _, _ = clock.timed(lambda b=batch: step(b), f"warm-up {w}")
         run.say(schedule=name, warmup=w, ms=round(ms, 1))
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = entry.setdefault("rows", [])
     for k, batch in enumerate(run.measured):
         if clock.out_of_time(k):
             break
-        ms, _, loss = clock.timed(lambda b=batch: step(b))
+        ms, _, loss = clock.timed(lambda b=batch: step(b), f"iteration {k}")
         rows.append({"i": k, "ms": round(ms, 3), "loss": reduce_sum(run, loss), **run.shape.padding(batch)})
         run.say(schedule=name, iteration=k, ms=round(ms, 1), loss=round(rows[-1]["loss"], 5))
-    return {"rows": rows, "stages": len(placement.chunks)}
+    return {"stages": len(placement.chunks)}
 
 
-# ---- bookkeeping ----------------------------------------------------------------------------------------------
+# ---- hangs, signals, restarts ---------------------------------------------------------------------------------
 
 
-def run_schedule(run: Run, name: str, index: int, names: list[str]) -> None:
-    """One schedule with its share of the remaining time; errors are recorded, the run goes on."""
-    a = run.args
-    end = run.t_start + a.total_s - FINAL_RESERVE_S
-    left = run.bcast(end - time.monotonic())
-    limit = left / (len(names) - index)
-    if a.schedule_s > 0:
-        limit = min(limit, a.schedule_s)
-    entry: dict[str, Any] = {"status": "running", "limit_s": round(limit, 1)}
-    run.result["schedules"][name] = entry
-    run.write()
-    if left <= 0:
-        entry["status"] = "skipped: out of time"
-        return
-    reset_memory_stats(run)
-    clock = Clock(run, limit)
-    runner = run_pipeweaver if name == "pipeweaver" else run_torch if name in TORCH_SCHEDULES else run_ours
+class Watchdog:
+    """A thread on every rank that watches the schedule in progress. It is late when it runs `--watchdog-s` past
+    its time limit, or makes no progress (built, a warm-up, an iteration, the trace) for `--stall-s` (twice that
+    before its first step: cold caches, lazy CUDA and NCCL set-up, the first plan's search). Then every
+    rank dumps its threads' Python stacks to stderr, the other ranks 5 s before rank 0 (so all of them get to),
+    and rank 0 ends the process through `abort`: a hang costs one schedule, not the run."""
+
+    EARLY_S = 5.0
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.lock = threading.Lock()
+        self.name = ""
+        self.limit_s = 0.0
+        self.started = self.last = 0.0
+        self.label = ""
+        self.stepped = False
+        self.dumped = False
+        self.position = ""
+        threading.Thread(target=self._loop, name="e2e-watchdog", daemon=True).start()
+
+    def arm(self, name: str, limit_s: float) -> None:
+        with self.lock:
+            self.name, self.limit_s, self.label, self.dumped, self.stepped = name, limit_s, "start", False, False
+            self.started = self.last = time.monotonic()
+
+    def progress(self, label: str, step: bool = False) -> None:
+        with self.lock:
+            self.last, self.label = time.monotonic(), label
+            self.stepped = self.stepped or step
+
+    def disarm(self) -> None:
+        with self.lock:
+            self.name = ""
+
+    def state(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "rank0_position": self.position or executor_position(self.run),
+            "last_progress": self.label,
+            "since_progress_s": round(now - self.last, 1),
+            "since_start_s": round(now - self.started, 1),
+        }
+
+    def late(self, now: float) -> str:
+        a = self.run.args
+        over = now - self.started - self.limit_s
+        if over > a.watchdog_s:
+            return f"ran {over:.0f} s past its {self.limit_s:.0f} s limit (last progress: {self.label})"
+        if now - self.last > (a.stall_s if self.stepped else 2 * a.stall_s):
+            return f"made no progress for {now - self.last:.0f} s (last: {self.label})"
+        return ""
+
+    def _loop(self) -> None:
+        run = self.run
+        while True:
+            time.sleep(0.5)
+            with self.lock:
+                if not self.name:
+                    continue
+                name = self.name
+                why = self.late(time.monotonic() + (0.0 if run.rank == 0 else self.EARLY_S))
+                dump = bool(why) and not self.dumped
+                self.dumped = self.dumped or dump
+            if not why:
+                continue
+            if dump:
+                self.position = executor_position(run)
+                print(f"[rank {run.rank}] watchdog: {name} {why}", file=sys.stderr, flush=True)
+                print(f"[rank {run.rank}] watchdog: {self.position}; Python stacks:", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            if run.rank == 0:
+                abort(run, f"{name} {why}", "hung", EXIT_HUNG)
+
+
+def executor_position(run: Run, timeout_s: float = 3.0) -> str:
+    """`BenchExecutor.where` of the schedule in progress, from a helper thread: a CUDA query that does not return
+    must not keep the watchdog from ending the process."""
+    ex = run.executor
+    if ex is None:
+        return "no executor of ours in progress"
+    box: list[str] = []
+
+    def ask() -> None:
+        try:
+            box.append(ex.where())
+        except Exception as e:
+            box.append(f"unknown ({type(e).__name__}: {e})")
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return box[0] if box else f"unknown (the device query did not return in {timeout_s:.0f} s)"
+
+
+_aborting = threading.Lock()
+
+
+def abort(run: Run, why: str, status: str, code: int) -> None:
+    """Rank 0 (the watchdog or the SIGTERM thread): record why the process ends now, write the JSON (every row
+    measured so far is in it), exit. torchrun then stops the other ranks, and `run_e2e.sh` relaunches the schedules
+    not started yet (`--resume`); the one in progress is not tried again."""
+    if not _aborting.acquire(blocking=False):
+        return  # the other thread is already at it
+    name = run.current
     try:
-        entry |= runner(run, name, clock)
-        entry["status"] = "ok"
-    except Exception as e:
-        entry["status"] = "error"
-        entry["error"] = f"{type(e).__name__}: {e}"[:2000]
-        entry["traceback"] = traceback.format_exc()[-3000:]
-        run.say(schedule=name, error=entry["error"][:300])
-    entry["wall_s"] = round(time.monotonic() - clock.started, 1)
-    free_memory(run)
-    entry |= memory_stats(run)
-    run.write()
+        if name:
+            entry = run.result["schedules"].setdefault(name, {})
+            entry["status"] = status
+            entry["abort"] = {"why": why, "t_s": run.t_s()}
+            if run.watchdog is not None:
+                entry["abort"] |= run.watchdog.state()
+        run.result["pending"] = [n for n in run.pending if n != name]
+        run.result["attempts"][-1] |= {"end": f"{status}: {why}", "end_t_s": run.t_s()}
+        run.result["phases_s"]["total"] = run.t_s()
+    except Exception as e:  # the record is best effort, the exit is not
+        print(f"abort: could not record: {e!r}", file=sys.stderr, flush=True)
+    for _ in range(5):  # the main thread may be changing the result right now
+        try:
+            run.write(lock_timeout_s=5.0)
+            break
+        except Exception as e:
+            print(f"abort: could not write the JSON: {e!r}", file=sys.stderr, flush=True)
+            time.sleep(0.2)
+    print(json.dumps({"t_s": run.t_s(), "abort": status, "schedule": name, "why": why}), flush=True)
+    sys.stderr.flush()
+    os._exit(code)
 
 
-def start_semu(run: Run) -> None:
-    """Rank 0: hand the plans that ran to `e2e_semu.py` in the background (host cores are idle meanwhile)."""
-    if run.rank != 0 or run.semu_proc is not None or not run.semu_job["schedules"]:
-        return
-    work = Path(tempfile.mkdtemp(prefix="e2e_semu_"))
+def catch_sigterm(run: Run) -> None:
+    """Rank 0, main thread: SIGTERM (torchrun stopping the job because another rank died, or the run's timeout)
+    ends the process through `abort`, so the JSON says what happened. A Python handler alone would run only once
+    the main thread returns from the CUDA or NCCL wait it may be stuck in; the wakeup fd is written at once by the
+    C-level handler, whatever thread the signal hit, and a thread reading it acts."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w)
+    signal.signal(signal.SIGTERM, lambda *_: None)  # Python's C handler (it writes the fd); the thread does the rest
+
+    def watch() -> None:
+        while True:
+            if signal.SIGTERM in os.read(r, 64):
+                cause = "SIGTERM: torchrun stopped the job (another rank ended) or the run's timeout"
+                abort(run, cause, "terminated", EXIT_TERMINATED)
+
+    threading.Thread(target=watch, name="e2e-sigterm", daemon=True).start()
+
+
+def restart_exit(run: Run, why: str) -> None:
+    """Every rank, together: the JSON says why and what is left, then every process ends (`run_e2e.sh` relaunches
+    the rest in a fresh job, with fresh communicators)."""
+    if run.rank == 0:
+        run.result["pending"] = list(run.pending)
+        run.result["attempts"][-1] |= {"end": f"restart: {why}", "end_t_s": run.t_s()}
+        if run.semu is not None:
+            run.semu.poll()
+        run.write()
+        print(json.dumps({"t_s": run.t_s(), "restart": why, "pending": run.pending}), flush=True)
+    dist.barrier(group=run.cpu)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_RESTART)
+
+
+# ---- SEMU in the background -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SemuJob:
+    name: str
+    work: Path
+    pid: int
+    proc: subprocess.Popen[bytes] | None
+    """None for a job adopted from an earlier attempt (`--resume`)."""
+    done: bool = False
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        try:
+            os.kill(self.pid, 0)
+        except OSError:
+            return False
+        with contextlib.suppress(OSError):  # an orphan is reaped by init; a zombie counts as ended
+            return Path(f"/proc/{self.pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+        return True
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.proc is not None:
+                self.proc.kill()
+                self.proc.wait(5)
+            else:
+                os.kill(self.pid, signal.SIGKILL)
+
+
+class SemuJobs:
+    """Rank 0: the background `e2e_semu.py` processes and the merge of what they predicted into the JSON
+    (`semu.schedules`, `semu.jobs`, SEMU's timelines into the measured trace files)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        semu = run.result.setdefault("semu", {})
+        semu.setdefault("schedules", {})
+        semu.setdefault("errors", [])
+        semu.setdefault("jobs", {})
+        left = semu.pop("traces_unmerged", [])
+        self.unmerged: list[dict[str, Any]] = left if isinstance(left, list) else []
+        self.jobs: dict[str, SemuJob] = {}
+        for name, rec in semu["jobs"].items():  # an earlier attempt's jobs run on (own session, own deadline)
+            if rec.get("status") == "running":
+                self.jobs[name] = SemuJob(name, Path(rec["work_dir"]), int(rec["pid"]), None)
+
+    @property
+    def semu(self) -> dict[str, Any]:
+        return self.run.result["semu"]
+
+    def submit(self, name: str, payload: dict[str, Any]) -> None:
+        run = self.run
+        if not payload.get("schedules"):
+            return
+        work = Path(tempfile.mkdtemp(prefix=f"e2e_semu_{name}_"))
+        job = {
+            "tiny": run.args.tiny,
+            "warmup": run.warmup,
+            "microbatches": run.args.microbatches,
+            "hardware": run.hardware,
+            "batches": run.batches,
+            "rows": [(r.module, r.tokens, r.pass_.value, r.measured_ms) for r in run.profile_rows],
+            **payload,
+        }
+        for t in job.get("traces", []):
+            t["dir"] = str(work)  # SEMU's traces go to its work dir; `merge_traces` adds them to ours
+        (work / "job.pkl").write_bytes(pickle.dumps(job))
+        budget = run.t_start + run.args.total_s - 8.0 - time.monotonic()
+        cmd = [sys.executable, str(Path(__file__).with_name("e2e_semu.py")), "--input", str(work / "job.pkl")]
+        cmd += ["--out", str(work / "semu.json"), "--budget-s", f"{max(5.0, budget):.0f}"]
+        # One CPU thread, nice: the ranks' host threads come first. Its own session: torchrun's stop signal to
+        # rank 0's process group leaves it running for a relaunched attempt to collect.
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+        with (work / "semu.log").open("wb") as log:
+            proc = subprocess.Popen(
+                ["nice", "-n", "15", *cmd], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        self.jobs[name] = SemuJob(name, work, proc.pid, proc)
+        self.semu["jobs"][name] = {
+            "status": "running",
+            "work_dir": str(work),
+            "pid": proc.pid,
+            "submitted_t_s": run.t_s(),
+            "schedules": sorted(payload["schedules"]),
+        }
+
+    def poll(self, final: bool = False) -> None:
+        """Collect the jobs that ended (`final`: all of them, killing those still running)."""
+        for job in self.jobs.values():
+            if job.done:
+                continue
+            alive = job.alive()
+            if alive and not final:
+                continue
+            if alive:
+                job.kill()
+            self._collect(job, killed=alive)
+        self.merge_traces()
+
+    def finish(self, deadline: float) -> None:
+        while time.monotonic() < deadline and any(not j.done and j.alive() for j in self.jobs.values()):
+            time.sleep(0.2)
+        self.poll(final=True)
+        if self.unmerged:  # SEMU timelines of iterations that were not the traced one
+            self.semu["traces_unmerged"] = len(self.unmerged)
+
+    def _collect(self, job: SemuJob, killed: bool) -> None:
+        job.done = True
+        rec = self.semu["jobs"].setdefault(job.name, {})
+        rec |= {"returncode": job.proc.returncode if job.proc is not None else None, "killed_at_deadline": killed}
+        out = job.work / "semu.json"
+        try:
+            data = json.loads(out.read_text())
+        except (OSError, ValueError) as e:
+            rec["status"] = f"no output ({type(e).__name__})"
+            with contextlib.suppress(OSError):
+                rec["log_tail"] = (job.work / "semu.log").read_text(errors="replace")[-3000:]
+            return
+        for name, row in data.get("schedules", {}).items():
+            self.semu["schedules"].setdefault(name, {}).update(row)
+        self.semu["errors"] += data.get("errors", [])[:50]
+        self.unmerged += data.get("traces", [])
+        rec |= {
+            "status": "ok" if data.get("complete") else "partial",
+            "seconds": data.get("seconds"),
+            "local_s": data.get("local_s"),
+        }
+
+    def merge_traces(self) -> None:
+        """Append SEMU's timelines of each traced plan to its measured trace file (processes 100+ and 200+), once
+        the measured one exists."""
+        offsets = {"semu_calibrated": 100, "semu_uncalibrated": 200}
+        left = []
+        for p in self.unmerged:
+            entry = next(
+                (
+                    e
+                    for e in self.run.result["traces"]
+                    if (e["schedule"], e["iteration"]) == (p["schedule"], p["iteration"])
+                ),
+                None,
+            )
+            if entry is None:
+                left.append(p)
+                continue
+            try:
+                path = Path(entry["file"])
+                with gzip.open(path, "rt", encoding="utf-8") as f:
+                    trace = json.load(f)
+                extra = relabel(json.loads(Path(p["file"]).read_text()), offsets[p["kind"]], p["kind"])
+                trace["traceEvents"] += extra["traceEvents"]
+                trace["otherData"] |= {k: v for k, v in extra["otherData"].items() if k.endswith("_makespan_ms")}
+                write_trace(path, trace)
+                entry["processes"].append(p["kind"])
+                entry[f"{p['kind']}_ms"] = p["predicted_ms"]
+            except (OSError, ValueError, KeyError) as e:
+                self.semu["errors"].append(f"merging {p.get('file')}: {e!r}")
+        self.unmerged = left
+        if left:
+            self.semu["traces_unmerged"] = left
+        else:
+            self.semu.pop("traces_unmerged", None)
+
+
+def semu_baselines(run: Run, names: list[str]) -> dict[str, Any]:
+    """The baselines' SEMU job: their plans are a pure function of the batch, so every measured iteration can be
+    simulated before (while) they run; the summary pairs predictions with the iterations that ran."""
+    semu = run.result["semu"]
+    covered = {
+        n
+        for rec in semu["jobs"].values()
+        if not rec.get("status", "").startswith("no output")
+        for n in rec.get("schedules", ())
+    }
+    ours = [n for n in names if n in OURS and n not in semu["schedules"] and n not in covered]
+    its = [run.warmup + k for k in range(len(run.measured))]
+    last = min(run.args.trace_iteration, len(run.measured) - 1)  # the traced one: `trace_index`, if that many ran
+    traced = [n for n in run.args.trace_schedules.split(",") if n in ours]
+    traces = [{"schedule": n, "iteration": run.warmup + k} for n in traced for k in range(last + 1)]
+    return {"schedules": {n: {"iterations": its, "plans": None} for n in ours}, "traces": traces, "service": None}
+
+
+def semu_pipeweaver(run: Run, names: list[str]) -> dict[str, Any]:
+    """PipeWeaver's SEMU job (the plans that ran), with the Simulate RPC cross-check of the baselines."""
     info = run.result["schedules"].get("pipeweaver", {}).get("service", {})
-    job = {
-        **run.semu_job,
-        "tiny": run.args.tiny,
-        "warmup": run.warmup,
-        "microbatches": run.args.microbatches,
-        "hardware": run.hardware,
-        "batches": run.batches,
-        "rows": [(r.module, r.tokens, r.pass_.value, r.measured_ms) for r in run.profile_rows],
+    alive = run.sidecar is not None and run.sidecar.proc.poll() is None
+    its = [run.warmup + k for k in range(len(run.measured))]
+    return {
+        "schedules": {k: v for k, v in run.semu_job["schedules"].items() if v.get("iterations")},
+        "traces": run.semu_job["traces"],
         "service": {
             "address": info.get("address"),
             "job_calibrated": info.get("job_calibrated"),
             "job_uncalibrated": info.get("job_uncalibrated"),
             "workers": run.args.workers,
         }
-        if info.get("address") and run.sidecar is not None and run.sidecar.proc.poll() is None
+        if info.get("address") and alive
         else None,
+        "service_schedules": {n: its for n in names if n in OURS},
     }
-    for t in job["traces"]:
-        t["dir"] = str(work)  # SEMU's traces go to its work dir; finish_semu merges them into ours
-    (work / "job.pkl").write_bytes(pickle.dumps(job))
-    cmd = [sys.executable, str(Path(__file__).with_name("e2e_semu.py")), "--input", str(work / "job.pkl")]
-    cmd += ["--out", str(work / "semu.json")]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    if run.sidecar is not None:  # from now on the planner only answers SEMU's Simulate calls: leave the ranks the CPU
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PGRP, run.sidecar.proc.pid, 10)
-    with (work / "semu.log").open("wb") as log:
-        run.semu_proc = subprocess.Popen(["nice", "-n", "10", *cmd], stdout=log, stderr=subprocess.STDOUT, env=env)
-    run.result["semu"] = {"status": "running", "work_dir": str(work)}
 
 
-def finish_semu(run: Run) -> None:
-    if run.rank != 0 or run.semu_proc is None:
-        return
-    work = Path(run.result["semu"]["work_dir"])
-    budget = max(5.0, run.t_start + run.args.total_s - time.monotonic() - 5.0)
+# ---- bookkeeping ----------------------------------------------------------------------------------------------
+
+
+def next_schedule(run: Run, queue: list[str]) -> str:
+    """The first of `queue`, except that PipeWeaver lets the next schedule go first while its planner service is
+    not ready (a fresh machine compiles the planner's kernels for about a minute): the GPUs do not idle."""
+    name = queue[0]
+    if name != "pipeweaver" or len(queue) == 1:
+        return name
+    ready = run.bcast((run.sidecar is None or run.sidecar.poll_ready()) if run.rank == 0 else None)
+    if ready:
+        return name
+    run.result.setdefault("deferred", []).append({"schedule": name, "t_s": run.t_s(), "ran_instead": queue[1]})
+    run.say(schedule=name, deferred="the planner service is not ready yet", instead=queue[1])
+    return queue[1]
+
+
+def run_schedule(run: Run, name: str, remaining: int) -> bool:
+    """One schedule with its share of the remaining time; errors are recorded (per rank), the run goes on. True
+    when an iteration failed part way on some rank: the communicators may hold posted transfers (restart)."""
+    a = run.args
+    pre: dict[str, Any] = {}
+    if name == "pipeweaver":  # outside the clock: waiting for the service is not PipeWeaver's iteration time
+        pre = wait_sidecar(run)
+    end = run.t_start + a.total_s - FINAL_RESERVE_S
+    left = run.bcast(end - time.monotonic())
+    limit = left / remaining
+    if a.schedule_s > 0:
+        limit = min(limit, a.schedule_s)
+    entry: dict[str, Any] = {"status": "running", "limit_s": round(limit, 1), "start_t_s": run.t_s()}
+    if len(run.result["attempts"]) > 1:
+        entry["attempt"] = len(run.result["attempts"])
+    if pre:
+        entry["sidecar"] = pre
+    run.result["schedules"][name] = entry
+    run.current = name
+    run.write()
+    if left <= 0 or "error" in pre:
+        entry["status"] = "skipped: out of time" if left <= 0 else "error"
+        if "error" in pre:
+            entry["error"] = f"planner service: {pre['error']}"[:3000]
+        run.current = ""
+        run.write()
+        return False
+    reset_memory_stats(run)
+    clock = Clock(run, name, limit, tail=1.0 if name in a.trace_schedules.split(",") else 0.0)
+    if run.watchdog is not None:
+        run.watchdog.arm(name, limit)
+    runner = run_pipeweaver if name == "pipeweaver" else run_torch if name in TORCH_SCHEDULES else run_ours
+    error = ""
     try:
-        run.semu_proc.wait(budget)
-    except subprocess.TimeoutExpired:
-        run.semu_proc.kill()
-        run.semu_proc.wait(10)
-    semu: dict[str, Any] = {"returncode": run.semu_proc.returncode}
-    if (work / "semu.json").exists():
-        semu |= json.loads((work / "semu.json").read_text())
-        semu["status"] = "ok"
-    else:
-        semu["status"] = "no output"
-        semu["log_tail"] = (work / "semu.log").read_text(errors="replace")[-3000:]
-    merge_semu_traces(run, semu.pop("traces", []))
-    run.result["semu"] = semu
-
-
-def merge_semu_traces(run: Run, predicted: list[dict[str, Any]]) -> None:
-    """Append SEMU's timelines of each traced plan to its measured trace file (processes 100+ and 200+)."""
-    offsets = {"semu_calibrated": 100, "semu_uncalibrated": 200}
-    for entry in run.result["traces"]:
-        path = Path(entry["file"])
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            trace = json.load(f)
-        for p in predicted:
-            if p["schedule"] != entry["schedule"] or p["iteration"] != entry["iteration"]:
-                continue
-            extra = relabel(json.loads(Path(p["file"]).read_text()), offsets[p["kind"]], p["kind"])
-            trace["traceEvents"] += extra["traceEvents"]
-            trace["otherData"] |= {k: v for k, v in extra["otherData"].items() if k.endswith("_makespan_ms")}
-            entry["processes"].append(p["kind"])
-            entry[f"{p['kind']}_ms"] = p["predicted_ms"]
-        write_trace(path, trace)
+        entry |= runner(run, name, clock, entry)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"[:2000]
+        if isinstance(e, InvalidPlan):  # raised before any tensor or communication
+            run.in_step = False
+        tb = traceback.format_exc()
+        print(f"[rank {run.rank}] {name} failed: {tb}", file=sys.stderr, flush=True)  # every rank, not only 0
+        entry["traceback"] = tb[-3000:]
+    entry["wall_s"] = round(time.monotonic() - clock.started, 1)
+    free_memory(run)
+    views = run.gather({"error": error, "in_step": run.in_step, "memory": my_memory(run)})
+    if run.watchdog is not None:
+        run.watchdog.disarm()
+    errors = {r: v["error"] for r, v in enumerate(views) if v["error"]}
+    entry["status"] = "error" if errors else "ok"
+    if errors:
+        entry["error"] = error or next(iter(errors.values()))
+        entry["errors_per_rank"] = {str(r): e[:500] for r, e in errors.items()}
+        run.say(schedule=name, error=entry["error"][:300], ranks=sorted(errors))
+    entry |= memory_of([v["memory"] for v in views])
+    restart = any(v["in_step"] for v in views)
+    if restart:
+        entry["restart"] = "an iteration failed part way: a fresh job runs the schedules left"
+    run.current = ""
+    run.executor = None
+    run.in_step = False
+    run.write()
+    return restart
 
 
 # ---- summary --------------------------------------------------------------------------------------------------
@@ -718,9 +1223,10 @@ def _mape(pred: Sequence[float | None], meas: Sequence[float]) -> dict[str, floa
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """Per schedule: mean / p90 time, real tokens per second; PipeWeaver's speedups on the common iterations;
-    SEMU's error per schedule with and without calibration."""
+    SEMU's error per schedule with and without calibration; how each schedule ended."""
     tokens = [b["lm_tokens"] for b in result["batches"]["measured"]]
     out: dict[str, Any] = {"schedules": {}, "speedup_pipeweaver_vs": {}, "semu_mape": {}}
+    out["status"] = {name: s.get("status") for name, s in result["schedules"].items()}
     times: dict[str, list[float]] = {}
     for name, s in result["schedules"].items():
         rows = s.get("rows") or []
@@ -741,7 +1247,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "p90_time_ratio": _stats(ms[:c])["p90_ms"] / _stats(pw[:c])["p90_ms"],
         }
     semu = result.get("semu", {}).get("schedules", {})
-    for name, ms in times.items():
+    for name, ms in times.items():  # predictions and measurements pair by position: both start at iteration 0
         pred = semu.get(name, {})
         entry = {kind: _mape(pred.get(f"{kind}_ms", []), ms) for kind in ("uncalibrated", "calibrated")}
         for kind in ("service_calibrated", "service_uncalibrated"):
@@ -749,18 +1255,25 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
                 entry[kind] = _mape(pred[f"{kind}_ms"], ms)
         if name == "pipeweaver":
             rows = result["schedules"][name]["rows"]
-            entry["service_header_calibrated"] = _mape([r["predicted_ms"] for r in rows], ms)
+            entry["service_header_calibrated"] = _mape([r.get("predicted_ms") for r in rows], ms)
         if any(v for v in entry.values()):
             out["semu_mape"][name] = entry
-    out["loss_max_rel_diff_vs_1f1b"] = loss_check(result)
+    ref, losses = loss_check(result)
+    out["loss_max_rel_diff_vs_1f1b"] = losses
+    if ref != "1f1b":
+        out["loss_reference"] = ref
     pw_rows = result["schedules"].get("pipeweaver", {}).get("rows") or []
     if pw_rows:
         margins = [r["margin_ms"] for r in pw_rows if r.get("margin_ms") is not None]
+        served = [r for r in pw_rows if r.get("served_fallback")]
         out["pipeweaver_plans"] = {
             "iterations": len(pw_rows),
-            "sources": {s: sum(1 for r in pw_rows if r["source"] == s) for s in {r["source"] for r in pw_rows}},
-            "local_fallbacks": sum(1 for r in pw_rows if r["local_fallback_reasons"] or r["vote_fallback_reason"]),
-            "served_fallbacks": sum(1 for r in pw_rows if r["served_fallback"]),
+            "sources": dict(Counter(r["source"] for r in pw_rows)),
+            "local_fallbacks": sum(
+                1 for r in pw_rows if r.get("local_fallback_reasons") or r.get("vote_fallback_reason")
+            ),
+            "served_fallbacks": len(served),
+            "served_fallback_reasons": dict(Counter(r.get("service_fallback_reason") or "?" for r in served)),
             "late_plans": sum(1 for m in margins if m < 0),
             "margin_ms_min": min(margins) if margins else None,
             "margin_ms_median": statistics.median(margins) if margins else None,
@@ -768,16 +1281,19 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def loss_check(result: dict[str, Any]) -> dict[str, float]:
+def loss_check(result: dict[str, Any]) -> tuple[str, dict[str, float]]:
     """Every schedule computes the same mathematics on the same batches and weights: its loss per iteration must
-    match 1F1B's (to bf16 rounding on GPUs; padding included for torch's)."""
-    ref = {r["i"]: r["loss"] for r in result["schedules"].get("1f1b", {}).get("rows") or []}
+    match 1F1B's (to bf16 rounding on GPUs; padding included for torch's). Reference: 1F1B, else the first of our
+    other baselines that ran."""
+    runs = result["schedules"]
+    ref = next((n for n in ("1f1b", "interleaved-1f1b", "optimus-coarse") if runs.get(n, {}).get("rows")), "1f1b")
+    losses = {r["i"]: r["loss"] for r in runs.get(ref, {}).get("rows") or []}
     out = {}
-    for name, s in result["schedules"].items():
-        pairs = [(r["loss"], ref[r["i"]]) for r in s.get("rows") or [] if r["i"] in ref and ref[r["i"]]]
-        if pairs and name != "1f1b":
+    for name, s in runs.items():
+        pairs = [(r["loss"], losses[r["i"]]) for r in s.get("rows") or [] if r["i"] in losses and losses[r["i"]]]
+        if pairs and name != ref:
             out[name] = max(abs(a - b) / abs(b) for a, b in pairs)
-    return out
+    return ref, out
 
 
 def batch_summary(shape: VLMShape, batches: list[BatchMetadata]) -> list[dict[str, Any]]:
@@ -804,9 +1320,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2, help="untimed iterations before each schedule's timed ones")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--microbatches", type=int, default=16)
-    ap.add_argument("--schedules", default=",".join(ALL_SCHEDULES))
-    ap.add_argument("--total-s", type=float, default=400.0, help="the script's own deadline, from its start")
+    ap.add_argument("--schedules", default=",".join(ALL_SCHEDULES), help="in the order to run them")
+    ap.add_argument("--total-s", type=float, default=330.0, help="the script's own deadline, from its start")
     ap.add_argument("--schedule-s", type=float, default=0.0, help="cap per schedule (0: a fair share of the rest)")
+    ap.add_argument("--watchdog-s", type=float, default=60.0, help="a schedule this far past its limit is hung")
+    ap.add_argument("--stall-s", type=float, default=60.0, help="a schedule without progress this long is hung")
+    ap.add_argument("--resume", action="store_true", help="keep the schedules --out has, run the others")
+    ap.add_argument("--simulate-fault", default="", metavar="NAME:K:RANK:KIND", help="tests: hang or raise")
     ap.add_argument("--profile-s", type=float, default=45.0, help="time box of the calibration profile")
     ap.add_argument("--no-calibration", action="store_true", help="register the job without the profile")
     ap.add_argument("--budget-ms", type=float, default=0.0, help="planning budget per batch (0: 1000, tiny 100)")
@@ -876,8 +1396,43 @@ def setup(args: argparse.Namespace, t_start: float) -> Run:
         "phases_s": {},
         "schedules": {},
         "traces": [],
+        "semu": {"schedules": {}, "errors": [], "jobs": {}},
+        "attempts": [],
+        "pending": [],
     }
     return run
+
+
+def resume(run: Run, names: list[str]) -> list[Any]:
+    """`--resume`: rank 0 takes over what the earlier attempt's JSON holds. A schedule with an entry is done,
+    whatever its status (a hung one is not tried again); the calibration profile comes back as layer timings.
+    Returns the profile (every rank)."""
+    from pipeweaver.client.profiler import LayerTiming
+
+    prev: dict[str, Any] = {}
+    if run.rank == 0 and run.args.resume and run.out.exists():
+        try:
+            prev = json.loads(run.out.read_text())
+        except (OSError, ValueError) as e:
+            print(f"--resume: cannot read {run.out}: {e!r}; starting afresh", file=sys.stderr, flush=True)
+    if prev:
+        for key in ("schedules", "traces", "semu", "profile", "deferred", "attempts"):
+            if key in prev:
+                run.result[key] = prev[key]
+        if run.result["attempts"]:
+            run.result["attempts"][-1].setdefault("phases_s", prev.get("phases_s"))
+            run.result["attempts"][-1].setdefault("end", "unknown: the process ended without a record")
+        for entry in run.result["schedules"].values():
+            if entry.get("status") == "running":
+                entry["status"] = "lost: its process ended without a record (SIGKILL or a crash)"
+    profile = run.result.get("profile", {}).get("rows") or [] if prev else []
+    shared = run.bcast({"done": [n for n in names if n in run.result["schedules"]], "profile": profile})
+    run.pending = [n for n in names if n not in shared["done"]]
+    rows = []
+    for module, tokens, pass_, ms in shared["profile"]:
+        with contextlib.suppress(ValueError):
+            rows.append(LayerTiming(module, int(tokens), Pass(pass_), float(ms)))
+    return rows
 
 
 def main() -> None:
@@ -889,15 +1444,29 @@ def main() -> None:
         use_fast_attention()
     run = setup(args, t_start)
     names = args.schedules.split(",")
-    if run.rank == 0 and "pipeweaver" in names:  # starts now: its workers compile while the GPUs profile
-        run.sidecar = Sidecar.launch(
-            run.traces, workers=args.workers, budget_ms=args.budget_ms, baselines=",".join(OURS), nice=args.planner_nice
-        )
+    if any(n in TORCH_SCHEDULES for n in names):
+        import torch.distributed.pipelining  # noqa: F401  # seconds of imports (dynamo), not the first torch schedule's
+    restored = resume(run, names)
+    run.result["attempts"].append(
+        {"attempt": len(run.result["attempts"]) + 1, "started_unix": round(time.time(), 1), "schedules": run.pending}
+    )
+    run.result["pending"] = list(run.pending)
+    run.watchdog = Watchdog(run)
+    if run.rank == 0:
+        catch_sigterm(run)
+        if "pipeweaver" in run.pending:  # starts now: its workers compile while the GPUs profile
+            run.sidecar = Sidecar.launch(
+                run.traces, workers=args.workers, budget_ms=args.budget_ms, baselines=",".join(OURS),
+                nice=args.planner_nice,
+            )  # fmt: skip
     run.result["phases_s"]["setup"] = round(time.monotonic() - t_start, 1)
     run.write()
+    dirty = False
     try:
         run.result["phases_s"]["pair_groups"] = round(pair_groups(run), 1)
-        if "pipeweaver" in names and not args.no_calibration:
+        if restored:
+            run.profile_rows = restored
+        elif "pipeweaver" in run.pending and not args.no_calibration:
             prof: dict[str, Any] = {}
             if run.rank == 0:
                 prof = profile_calibration(
@@ -908,15 +1477,34 @@ def main() -> None:
             run.result["profile"] = {k: v for k, v in prof.items() if k != "rows"} | {
                 "rows": [[r.module, r.tokens, r.pass_.value, round(r.measured_ms, 4)] for r in prof["rows"]]
             }
+            run.result["phases_s"]["profile"] = round(prof["seconds"], 1)
             free_memory(run)
-        run.say(phase="setup done", **run.result["phases_s"])
-        last_ours = max((i for i, n in enumerate(names) if n not in TORCH_SCHEDULES), default=-1)
-        for i, name in enumerate(names):
-            run_schedule(run, name, i, names)
-            if i == last_ours:
-                start_semu(run)
-        start_semu(run)
-        finish_semu(run)
+        if run.rank == 0:
+            run.semu = SemuJobs(run)
+            run.semu.submit(f"baselines{len(run.result['attempts'])}", semu_baselines(run, names))
+        run.say(phase="setup done", **run.result["phases_s"], pending=run.pending)
+        queue = list(run.pending)
+        while queue:
+            name = next_schedule(run, queue)
+            restart = run_schedule(run, name, len(queue))
+            queue.remove(name)
+            run.pending = list(queue)
+            run.result["pending"] = list(queue)
+            if run.rank == 0:
+                assert run.semu is not None
+                if name == "pipeweaver":
+                    run.semu.submit("pipeweaver", semu_pipeweaver(run, names))
+                    if run.sidecar is not None:  # from now on it only answers SEMU's Simulate calls
+                        with contextlib.suppress(OSError):
+                            os.setpriority(os.PRIO_PGRP, run.sidecar.proc.pid, 10)
+                run.semu.poll()
+                run.write()
+            if restart and queue:
+                restart_exit(run, f"{name} failed part way through an iteration")
+            dirty = dirty or restart
+        if run.semu is not None:
+            run.semu.finish(run.t_start + args.total_s - 6.0)
+        run.result["attempts"][-1] |= {"end": "complete", "end_t_s": run.t_s()}
     finally:
         if run.sidecar is not None:
             run.result["sidecar_log_tail"] = run.sidecar.log_tail(1500)
@@ -926,6 +1514,10 @@ def main() -> None:
         if run.rank == 0:
             print(json.dumps({"summary": run.result.get("summary")}, default=_json_default), flush=True)
     dist.barrier(group=run.cpu)
+    if dirty:  # transfers may still be posted on the communicators: tearing them down could wait for good
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     dist.destroy_process_group()
 
 

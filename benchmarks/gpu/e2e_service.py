@@ -40,6 +40,8 @@ class Sidecar:
     address: str = ""
     ready_s: float = float("nan")
     """Seconds from launch to SERVING (numba warm-up in every search worker)."""
+    metrics_port: int = 0
+    """The Prometheus endpoint (loopback): why the service fell back, counted by reason."""
 
     @staticmethod
     def launch(work: Path, *, workers: int, budget_ms: float, baselines: str, nice: int = 0) -> Sidecar:
@@ -64,6 +66,10 @@ class Sidecar:
             )
         return Sidecar(proc, ready, log_path, time.monotonic())
 
+    def poll_ready(self) -> bool:
+        """Whether `wait_ready` would return (or raise) at once: the service is up, or its process has ended."""
+        return bool(self.address) or self.ready_file.exists() or self.proc.poll() is not None
+
     def wait_ready(self, timeout_s: float = SIDECAR_START_TIMEOUT_S) -> str:
         """The gRPC address once the service is SERVING; raises with the log's tail if it exits or times out."""
         if self.address:
@@ -77,6 +83,7 @@ class Sidecar:
             time.sleep(0.1)
         info = json.loads(self.ready_file.read_text())
         self.address = f"127.0.0.1:{info['port']}"
+        self.metrics_port = int(info.get("metrics_port") or 0)
         self.ready_s = time.monotonic() - self.started
         return self.address
 
@@ -95,6 +102,47 @@ class Sidecar:
                 self.proc.kill()
                 self.proc.wait(10)
         return self.proc.returncode
+
+
+METRICS = ("pipeweaver_fallback_plans_total", "pipeweaver_plans_total", "pipeweaver_plan_cache_lookups_total")
+"""Counters worth keeping: fallbacks by reason (the plan reply itself only carries a flag), plans by source, cache."""
+
+
+def scrape_metrics(port: int, prefixes: tuple[str, ...] = METRICS, timeout_s: float = 1.0) -> dict[str, float]:
+    """The sidecar's counters whose names start with one of `prefixes`, as {'name{labels}': value}; {} when the
+    endpoint does not answer (the benchmark never fails on it)."""
+    import urllib.request
+
+    if not port:
+        return {}
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+    try:
+        with direct.open(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as r:
+            text = r.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return {}
+    return parse_metrics(text, prefixes)
+
+
+def parse_metrics(text: str, prefixes: tuple[str, ...] = METRICS) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(prefixes):
+            continue
+        key, _, value = line.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            out[key] = float(value)
+    return out
+
+
+def counter_delta(now: dict[str, float], before: dict[str, float], prefix: str) -> dict[str, float]:
+    """The increase of each `prefix{label="x"}` counter, by label value ('x'), zero increases left out."""
+    out: dict[str, float] = {}
+    for key, value in now.items():
+        if key.startswith(prefix + "{") and value > before.get(key, 0.0):
+            label = key[len(prefix) + 1 : -1].partition("=")[2].strip('"')
+            out[label] = value - before.get(key, 0.0)
+    return out
 
 
 def stamped_client(address: str, timeout_s: float = 60.0) -> Any:

@@ -93,3 +93,83 @@ def test_summary_speedups_mape_and_losses() -> None:
     assert s["loss_max_rel_diff_vs_1f1b"]["torch-1f1b"] == pytest.approx(1e-3)
     assert s["pipeweaver_plans"]["late_plans"] == 0
     assert "optimus-coarse" not in s["schedules"]
+
+
+def test_summary_records_status_fallback_reasons_and_loss_reference() -> None:
+    """How each schedule ended, why the service fell back, and the loss reference when 1F1B did not run."""
+    from e2e_compare import summarize
+
+    def row(i: int, served: bool, why: str = "") -> dict[str, object]:
+        return {
+            "i": i,
+            "ms": 100.0,
+            "loss": 2.0,
+            "source": "fallback" if served else "search",
+            "predicted_ms": None,
+            "margin_ms": 5.0,
+            "local_fallback_reasons": [],
+            "vote_fallback_reason": "",
+            "served_fallback": served,
+            "service_fallback_reason": why,
+        }
+
+    result = {
+        "batches": {"measured": [{"lm_tokens": 1000}] * 3},
+        "schedules": {
+            "pipeweaver": {"status": "ok", "rows": [row(0, True, "deadline"), row(1, True, "deadline"), row(2, False)]},
+            "interleaved-1f1b": {"status": "ok", "rows": [{"i": 0, "ms": 120.0, "loss": 2.002}]},
+            "optimus-coarse": {"status": "hung", "rows": [{"i": 0, "ms": 110.0, "loss": 2.0}]},
+        },
+        "semu": {"schedules": {}},
+    }
+    s = summarize(result)
+    assert s["status"] == {"pipeweaver": "ok", "interleaved-1f1b": "ok", "optimus-coarse": "hung"}
+    assert s["pipeweaver_plans"]["served_fallbacks"] == 2
+    assert s["pipeweaver_plans"]["served_fallback_reasons"] == {"deadline": 2}
+    assert s["pipeweaver_plans"]["sources"] == {"fallback": 2, "search": 1}
+    assert s["loss_reference"] == "interleaved-1f1b"
+    assert s["loss_max_rel_diff_vs_1f1b"]["pipeweaver"] == pytest.approx(0.001, rel=1e-3)
+    assert s["schedules"]["optimus-coarse"]["n"] == 1  # a hung schedule keeps the rows it measured
+
+
+def test_service_metrics_parse_and_delta() -> None:
+    """The sidecar's Prometheus text: fallback counters by reason, and their increase between two scrapes."""
+    from e2e_service import counter_delta, parse_metrics
+
+    text = "\n".join(
+        [
+            "# HELP pipeweaver_fallback_plans_total Fallback plans, by why the searched plan was missing",
+            "# TYPE pipeweaver_fallback_plans_total counter",
+            'pipeweaver_fallback_plans_total{reason="deadline"} 3.0',
+            'pipeweaver_fallback_plans_total{reason="error"} 0.0',
+            'pipeweaver_plans_total{source="search"} 2.0',
+            "process_cpu_seconds_total 1.5",
+        ]
+    )
+    now = parse_metrics(text)
+    assert now == {
+        'pipeweaver_fallback_plans_total{reason="deadline"}': 3.0,
+        'pipeweaver_fallback_plans_total{reason="error"}': 0.0,
+        'pipeweaver_plans_total{source="search"}': 2.0,
+    }
+    before = {'pipeweaver_fallback_plans_total{reason="deadline"}': 1.0}
+    assert counter_delta(now, before, "pipeweaver_fallback_plans_total") == {"deadline": 2.0}
+    assert counter_delta(now, now, "pipeweaver_fallback_plans_total") == {}
+
+
+def test_watchdog_thresholds() -> None:
+    """A schedule is late past its limit plus the grace, or after a stall (twice as long before its first step)."""
+    from types import SimpleNamespace
+
+    from e2e_compare import Watchdog
+
+    w = Watchdog.__new__(Watchdog)  # no thread: only the decision
+    w.run = SimpleNamespace(args=SimpleNamespace(watchdog_s=60.0, stall_s=30.0))
+    w.started, w.limit_s, w.last, w.label, w.stepped = 0.0, 40.0, 0.0, "start", False
+    assert w.late(59.0) == ""  # before the first step: 2 x stall_s
+    assert "no progress" in w.late(61.0)
+    w.stepped, w.last = True, 50.0
+    assert w.late(79.0) == ""
+    assert "no progress" in w.late(81.0)
+    w.last = 100.0
+    assert "past its 40 s limit" in w.late(101.0)
