@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_workload import scaled_vlm
 
 from pipeweaver.plan.export import write_chrome_trace
-from pipeweaver.plan.ir import Compute, Pass, Plan, Recompute
+from pipeweaver.plan.ir import Pass
 from pipeweaver.search.baselines import build_baseline_plan
 from pipeweaver.search.planner import Planner, SearchConfig
 from pipeweaver.simulator.calibration import LayerDims, LayerProfile, fit_layer_factors
@@ -68,17 +68,6 @@ def fitted_factors(
         for module, tokens, pass_, ms in rows
     ]
     return fit_layer_factors(profiles, hardware)
-
-
-def recompute_of(plan: Plan) -> dict[tuple[str, int, int, int], Recompute]:
-    """The memory strategy of every forward stage that has one: SEMU replays the plan with it."""
-    out: dict[tuple[str, int, int, int], Recompute] = {}
-    for rp in plan.ranks:
-        for a in rp.actions:
-            if isinstance(a, Compute) and a.stage.pass_ is Pass.F and a.recompute is not Recompute.NONE:
-                s = a.stage
-                out[(s.pipeline, s.chunk, s.microbatch, s.sub)] = a.recompute
-    return out
 
 
 def service_simulations(job: dict[str, Any], batches: list[BatchMetadata], out: dict[str, Any], stop: float) -> None:
@@ -189,7 +178,7 @@ def main() -> None:
                 continue
             for kind, planner in planners.items():
                 try:
-                    sim = planner.simulate_plan(plan, batch, recompute_of(plan))
+                    sim = planner.simulate_plan(plan, batch, plan.recompute_map())
                     row[f"{kind}_ms"].append(float(sim.makespan_ms))
                 except Exception as e:
                     out["errors"].append(f"{name} {kind} iteration {k}: {type(e).__name__}: {str(e)[:300]}")

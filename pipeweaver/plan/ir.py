@@ -284,6 +284,17 @@ class Plan:
     def compute_order(self, r: int) -> tuple[StageKey, ...]:
         return tuple(a.stage for a in self.ranks[r].actions if isinstance(a, Compute))
 
+    def recompute_map(self) -> dict[tuple[str, int, int, int], Recompute]:
+        """The memory strategy of every forward stage that runs with one, by (pipeline, chunk, microbatch, sub):
+        what SEMU needs to replay the plan."""
+        out: dict[tuple[str, int, int, int], Recompute] = {}
+        for rp in self.ranks:
+            for a in rp.actions:
+                if isinstance(a, Compute) and a.stage.pass_ is Pass.F and a.recompute is not Recompute.NONE:
+                    s = a.stage
+                    out[(s.pipeline, s.chunk, s.microbatch, s.sub)] = a.recompute
+        return out
+
     def text(self) -> str:
         """Readable dump: one line per rank with every action's text form."""
         return "\n".join(f"rank {rp.rank}: " + " ".join(str(a) for a in rp.actions) for rp in self.ranks)

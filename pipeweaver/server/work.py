@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from pipeweaver.errors import DoesNotFit, SpecError
-from pipeweaver.plan.ir import Compute, Pass, Placement, Plan, Recompute
+from pipeweaver.plan.ir import Pass, Placement, Plan
 from pipeweaver.spec.batch import BatchLimits, BatchMetadata, validate_batch
 from pipeweaver.spec.hardware import HardwareSpec
 from pipeweaver.spec.model import LayerKind, ModelSpec
@@ -303,7 +303,7 @@ def simulate(task: SimulateTask) -> SimulateOutcome | Rejected:
             )
         except ValueError as exc:
             return Rejected(str(exc), (Violation("schedule", str(exc)),))
-    sim = planner.simulate_plan(plan, decoded, _recompute_of(plan))
+    sim = planner.simulate_plan(plan, decoded, plan.recompute_map())
     return SimulateOutcome(
         makespan_ms=float(sim.makespan_ms),
         bubble_fraction=float(sim.bubble_fraction),
@@ -414,14 +414,3 @@ def _scaled(plan: Plan, scale: float) -> Plan:
         replace(rp, predicted_ms=tuple((s * scale, e * scale) for s, e in rp.predicted_ms)) for rp in plan.ranks
     )
     return replace(plan, header=header, ranks=ranks)
-
-
-def _recompute_of(plan: Plan) -> dict[tuple[str, int, int, int], Recompute]:
-    """The memory strategy of every forward stage the plan runs with one (what SEMU needs to replay it)."""
-    out: dict[tuple[str, int, int, int], Recompute] = {}
-    for rp in plan.ranks:
-        for a in rp.actions:
-            if isinstance(a, Compute) and a.stage.pass_ is Pass.F and a.recompute is not Recompute.NONE:
-                s = a.stage
-                out[(s.pipeline, s.chunk, s.microbatch, s.sub)] = a.recompute
-    return out
