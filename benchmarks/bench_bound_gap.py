@@ -2,10 +2,11 @@
 
 Per workload and sampled batch: the old bound (longest chain, busiest rank at the fastest strategy), the new one
 (`pipeweaver.search.bounds`: plus the memory-time argument with every recompute strategy and the device budget),
-PipeWeaver's predicted makespan (`Planner.plan`), the best baseline that fits device memory, and, unless
-`--no-witness`, a witness: the best of a few plain memory-gated list schedules on PipeWeaver's own placement
-(uniform or lifetime-thresholded recompute), simulated by SEMU and kept only if it fits. The witness is an upper
-bound on the optimum, so the bound's own slack is at most witness / new bound - 1.
+PipeWeaver's predicted makespan (`Planner.plan`, with its planning time before the baseline comparison and the
+starting point it refined), the best baseline that fits device memory (those that do not fit are listed, without a
+makespan), interleaved 1F1B, and, unless `--no-witness`, a witness: the best of a few plain memory-gated list
+schedules on PipeWeaver's own placement (uniform or lifetime-thresholded recompute), simulated by SEMU and kept only
+if it fits. The witness is an upper bound on the optimum, so the bound's own slack is at most witness / new bound - 1.
 
     .venv/bin/python benchmarks/bench_bound_gap.py [--quick] [--workloads vlm-s t2v-s] [--batches 4]
 
@@ -187,7 +188,7 @@ def measure(name: str, batches: int, budget_ms: float, seed: int, witness: bool)
         bound_ms = (time.perf_counter() - t0) * 1e3
         old = lower_bound_ms(prep.problem)
         result = planner.plan(batch)
-        fitting = {k: v.makespan_ms for k, v in planner.baseline_results(batch).items() if planner._fits(v)}
+        fitting = planner.baseline_makespans(batch)
         best_name = min(fitting, key=lambda k: fitting[k]) if fitting else ""
         row: dict[str, Any] = {
             "workload": name,
@@ -200,9 +201,13 @@ def measure(name: str, batches: int, budget_ms: float, seed: int, witness: bool)
             "bound_compute_ms": round(bound_ms, 1),
             "pipeweaver_ms": round(result.predicted_ms, 1),
             "pipeweaver_fits": bool(max(result.peak_memory_bytes) <= w.hardware.memory_bytes),
+            "pipeweaver_start": result.start,
+            "plan_ms": round(result.search_ms, 1),
             "planner_reported_bound_ms": round(result.lower_bound_ms, 1),
             "best_baseline": best_name,
             "best_baseline_ms": round(fitting[best_name], 1) if best_name else None,
+            "interleaved_1f1b_ms": round(fitting["interleaved-1f1b"], 1) if "interleaved-1f1b" in fitting else None,
+            "baselines_not_fitting": sorted(planner.baselines_over_memory(batch)),
             "baselines_below_new_bound": sorted(k for k, v in fitting.items() if v < parts.best_ms - 1e-6),
             "gap_old": round(result.predicted_ms / old - 1, 4),
             "gap_new": round(result.predicted_ms / parts.best_ms - 1, 4),
@@ -231,12 +236,18 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
         pw, old, new = mean("pipeweaver_ms"), mean("old_bound_ms"), mean("new_bound_ms")
         assert pw is not None and old is not None and new is not None
+        best, vpp = mean("best_baseline_ms"), mean("interleaved_1f1b_ms")
         summary: dict[str, Any] = {
             "batches": len(mine),
             "old_bound_ms": old,
             "new_bound_ms": new,
             "pipeweaver_ms": pw,
-            "best_baseline_ms": mean("best_baseline_ms"),
+            "best_baseline_ms": best,
+            "best_baselines": sorted({r["best_baseline"] for r in mine if r["best_baseline"]}),
+            "speedup_vs_best_baseline": round(best / pw, 4) if best is not None else None,
+            "speedup_vs_interleaved_1f1b": round(vpp / pw, 4) if vpp is not None else None,
+            "baselines_not_fitting": sorted({b for r in mine for b in r["baselines_not_fitting"]}),
+            "plan_ms_p50": round(statistics.median(r["plan_ms"] for r in mine), 1),
             "gap_old": round(pw / old - 1, 4),
             "gap_new": round(pw / new - 1, 4),
             "any_baseline_below_new_bound": any(r["baselines_below_new_bound"] for r in mine),
@@ -274,14 +285,20 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    head = "workload | old bound s | new bound s | PipeWeaver s | best baseline s | gap old | gap new | witness s"
+    head = (
+        "workload | old bound s | new bound s | PipeWeaver s | best baseline s (fits) | vs best | vs VPP | gap old"
+        " | gap new | witness s | plan p50 ms"
+    )
     print(head)
     for name, s in summary.items():
         base = f"{s['best_baseline_ms'] / 1e3:.2f}" if s["best_baseline_ms"] is not None else "-"
         wit = f"{s['witness_ms'] / 1e3:.2f}" if s.get("witness_ms") is not None else "-"
+        vs_best = f"{s['speedup_vs_best_baseline']:.3f}x" if s["speedup_vs_best_baseline"] else "-"
+        vs_vpp = f"{s['speedup_vs_interleaved_1f1b']:.3f}x" if s["speedup_vs_interleaved_1f1b"] else "-"
         print(
             f"{name} | {s['old_bound_ms'] / 1e3:.2f} | {s['new_bound_ms'] / 1e3:.2f} | {s['pipeweaver_ms'] / 1e3:.2f}"
-            f" | {base} | {s['gap_old']:.1%} | {s['gap_new']:.1%} | {wit}"
+            f" | {base} | {vs_best} | {vs_vpp} | {s['gap_old']:.1%} | {s['gap_new']:.1%} | {wit}"
+            f" | {s['plan_ms_p50']:.0f}"
         )
     return 0
 

@@ -98,12 +98,15 @@ def simulate(args: argparse.Namespace) -> int:
         "busy_ms": [round(float(x), 3) for x in sim.busy_ms],
         "peak_memory_gib": [round(float(x) / GIB, 3) for x in sim.peak_memory_bytes],
         "memory_capacity_gib": round(w.hardware.memory_bytes / GIB, 3),
+        "fits_memory": planner.fits_memory(sim),
     }
     if args.json:
         print(json.dumps(out))
         return 0
     print(f"{w.name} / {name} on {w.hardware.name} (seed {args.seed}, iteration {args.iteration})")
     print(f"  makespan        {sim.makespan_ms / 1e3:10.3f} s")
+    if not out["fits_memory"]:
+        print(f"  DOES NOT FIT    {w.hardware.memory_bytes / GIB:.1f} GiB devices, even with full recompute")
     print(f"  bubble fraction {sim.bubble_fraction:10.1%}")
     for r in range(sim.pp):
         print(
@@ -158,7 +161,9 @@ def plan(args: argparse.Namespace) -> int:
         "sub_microbatch_size": planner.partition.sub_microbatch_size,
         "segments": planner.partition.segments,
         "peak_memory_gib": [round(x / GIB, 2) for x in result.peak_memory_bytes],
+        "start": result.start,
         "baselines_ms": {k: round(v, 3) for k, v in result.baseline_ms.items()},
+        "baselines_not_fitting_peak_gib": {k: round(v / GIB, 3) for k, v in result.baselines_over_memory.items()},
         "speedup_vs": {k: round(v / result.predicted_ms, 4) for k, v in result.baseline_ms.items()},
         "actions": sum(len(r.actions) for r in result.plan.ranks),
         "sub_microbatches": len(h.sub_microbatches),
@@ -194,8 +199,11 @@ def plan(args: argparse.Namespace) -> int:
         f"search {result.search_ms:.0f} ms, {result.evaluations} rollouts)"
     )
     print(f"  lower bound     {result.lower_bound_ms / 1e3:9.3f} s")
+    print(f"  started from    {result.start}")
     for name, ms in sorted(result.baseline_ms.items(), key=lambda kv: kv[1]):
         print(f"  {name:15s} {ms / 1e3:9.3f} s  ({ms / result.predicted_ms:.2f}x)")
+    for name, peak in sorted(result.baselines_over_memory.items()):
+        print(f"  {name:15s} does not fit (peak {peak / GIB:.1f} GiB > {w.hardware.memory_bytes / GIB:.1f} GiB)")
     for p, what in ((args.png, "timeline"), (args.trace, "trace"), (args.out_plan, "plan")):
         if p:
             print(f"  wrote {what}: {p}", file=sys.stderr)

@@ -45,11 +45,22 @@ def test_bench_json_report_has_every_key(tmp_path: Path) -> None:
         "lower_bound_mean_ms",
         "plan_latency_ms",
         "speedup_vs",
+        "does_not_fit",
+        "best_baseline",
+        "speedup_vs_best_baseline",
+        "gap_to_lower_bound",
     }
     assert report["workload"] == "vlm-s" and report["hardware"] == "h800" and report["batches"] == 5
     assert set(report["plan_latency_ms"]) == {"p50", "p99"}
     systems = report["systems"]
-    assert {"pipeweaver", "1f1b", "interleaved-1f1b", "optimus-coarse", "nnscaler-static", "zbv"} <= set(systems)
+    # Every baseline is either compared (it fits memory on every iteration) or reported as not fitting, not both.
+    compared = {"1f1b", "interleaved-1f1b", "optimus-coarse", "nnscaler-static", "zbv"}
+    assert compared <= set(systems) | set(report["does_not_fit"])
+    assert "pipeweaver" in systems and not set(systems) & set(report["does_not_fit"])
+    for unfit in report["does_not_fit"].values():
+        assert unfit["max_peak_memory_gib"] > unfit["memory_capacity_gib"] and unfit["batches_over_memory"] >= 1
+    for stats in systems.values():
+        assert stats["max_peak_memory_gib"] <= 80e9 / 2**30  # every compared system fits the H800's memory
     for stats in systems.values():
         assert set(stats) == {
             "mean_iter_ms",
@@ -63,6 +74,8 @@ def test_bench_json_report_has_every_key(tmp_path: Path) -> None:
     for name, ratio in report["speedup_vs"].items():
         assert abs(ratio - systems[name]["mean_iter_ms"] / systems["pipeweaver"]["mean_iter_ms"]) < 1e-3
     assert report["lower_bound_mean_ms"] <= systems["pipeweaver"]["mean_iter_ms"]
+    best = report["best_baseline"]
+    assert report["speedup_vs_best_baseline"] == min(report["speedup_vs"].values()) == report["speedup_vs"][best]
     for picture in ("timeline-vlm-s.png", "iteration-time-vlm-s.png", "plan-latency-vlm-s.png"):
         assert (tmp_path / picture).stat().st_size > 10_000
 

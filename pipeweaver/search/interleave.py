@@ -11,15 +11,95 @@ import math
 import numba
 import numpy as np
 
-from pipeweaver.search.problem import F64, I64, Problem
+from pipeweaver.search.problem import F64, I64, Policy, Problem
+
+_EARLIEST = int(Policy.EARLIEST)
 
 
 @numba.njit(cache=True)
 def _gated(gate: int, forward: int, source: int, over: bool, holding: bool) -> bool:
-    """Memory gate (see the reference): 0 strict, 1 in-flight work may go, 2 open."""
-    if gate >= 2 or forward == 0 or not over or holding:
+    """Memory gate (see the reference): 0 strict, 1 units in flight may go, 2 non-admission forwards too, 3 open."""
+    if gate >= 3 or forward == 0 or not over:
         return False
-    return not (gate == 1 and source == 0)
+    if gate == 0:
+        return True
+    if holding:
+        return False
+    return gate == 1 or source == 1
+
+
+@numba.njit(cache=True)
+def _pick(
+    r: int,
+    gate: int,
+    earliest: bool,
+    ready: I64,
+    nready: I64,
+    t_last: F64,
+    last_fwd: I64,
+    is_forward: I64,
+    source: I64,
+    mem: F64,
+    alloc: F64,
+    cap: F64,
+    holds: F64,
+    unit: I64,
+    ready_at: F64,
+    priority: F64,
+) -> tuple[int, float]:
+    """Rank r's best stage under memory gate `gate` and its start time, or (-1, inf): the reference's `pick`."""
+    tl = t_last[r]
+    tf = math.inf
+    tb = math.inf
+    for k in range(nready[r]):
+        i = ready[r, k]
+        if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
+            continue
+        if is_forward[i] == 1:
+            if ready_at[i] < tf:
+                tf = ready_at[i]
+        elif ready_at[i] < tb:
+            tb = ready_at[i]
+    if tf == math.inf and tb == math.inf:
+        return -1, math.inf
+    best = -1
+    if not earliest and tf <= tl and tb <= tl:
+        want = 1 - last_fwd[r]
+        for k in range(nready[r]):
+            i = ready[r, k]
+            if is_forward[i] != want or ready_at[i] > tl:
+                continue
+            if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
+                continue
+            if best < 0 or priority[i] > priority[best]:
+                best = i
+        return best, tl
+    for k in range(nready[r]):
+        i = ready[r, k]
+        if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
+            continue
+        if best < 0:
+            best = i
+            continue
+        a = ready_at[i]
+        b = ready_at[best]
+        if earliest:
+            a = max(a, tl)
+            b = max(b, tl)
+            if a < b or (
+                a == b
+                and (
+                    is_forward[i] < is_forward[best]
+                    or (is_forward[i] == is_forward[best] and priority[i] > priority[best])
+                )
+            ):
+                best = i
+        elif a < b or (
+            a == b
+            and (priority[i] > priority[best] or (priority[i] == priority[best] and is_forward[i] < is_forward[best]))
+        ):
+            best = i
+    return best, max(tl, ready_at[best])
 
 
 @numba.njit(cache=True)
@@ -38,6 +118,7 @@ def _kernel(
     cap: F64,
     priority: F64,
     unit: I64,
+    policy: int,
 ) -> tuple[I64, F64, F64]:
     n = rank.shape[0]
     remaining = np.empty(n, dtype=np.int64)
@@ -68,59 +149,44 @@ def _kernel(
     for i in range(n):
         if pred_ptr[i + 1] == pred_ptr[i]:
             source[i] = 1
+    earliest = policy == _EARLIEST
+    first_gate = 0 if earliest else 1
+    # A rank's pick depends only on its own state: cache it per gate until that state changes (a stage of the rank
+    # runs, or one becomes ready on it), as the reference does.
+    pick_i = np.full((4, pp), -1, dtype=np.int64)
+    pick_t = np.full((4, pp), math.inf)
+    stale = np.ones((4, pp), dtype=np.bool_)
     done = 0
     while done < n:
         chosen = -1
         chosen_t = math.inf
         chosen_r = -1
-        for gate in range(3):
+        for gate in range(first_gate, 4):
             for r in range(pp):
-                tl = t_last[r]
-                tf = math.inf
-                tb = math.inf
-                for k in range(nready[r]):
-                    i = ready[r, k]
-                    if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
-                        continue
-                    if is_forward[i] == 1:
-                        if ready_at[i] < tf:
-                            tf = ready_at[i]
-                    elif ready_at[i] < tb:
-                        tb = ready_at[i]
-                if tf == math.inf and tb == math.inf:
-                    continue
-                best = -1
-                t = 0.0
-                if tf <= tl and tb <= tl:
-                    want = 1 - last_fwd[r]
-                    for k in range(nready[r]):
-                        i = ready[r, k]
-                        if is_forward[i] != want or ready_at[i] > tl:
-                            continue
-                        if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
-                            continue
-                        if best < 0 or priority[i] > priority[best]:
-                            best = i
-                    t = tl
-                else:
-                    for k in range(nready[r]):
-                        i = ready[r, k]
-                        if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
-                            continue
-                        if best < 0:
-                            best = i
-                            continue
-                        a = ready_at[i]
-                        b = ready_at[best]
-                        if a < b or (
-                            a == b
-                            and (
-                                priority[i] > priority[best]
-                                or (priority[i] == priority[best] and is_forward[i] < is_forward[best])
-                            )
-                        ):
-                            best = i
-                    t = max(tl, ready_at[best])
+                if stale[gate, r]:
+                    best, t = _pick(
+                        r,
+                        gate,
+                        earliest,
+                        ready,
+                        nready,
+                        t_last,
+                        last_fwd,
+                        is_forward,
+                        source,
+                        mem,
+                        alloc,
+                        cap,
+                        holds,
+                        unit,
+                        ready_at,
+                        priority,
+                    )
+                    pick_i[gate, r] = best
+                    pick_t[gate, r] = t
+                    stale[gate, r] = False
+                best = pick_i[gate, r]
+                t = pick_t[gate, r]
                 if best >= 0 and t < chosen_t:
                     chosen = best
                     chosen_t = t
@@ -147,6 +213,7 @@ def _kernel(
         position[i] = count[r]
         count[r] += 1
         done += 1
+        stale[:, r] = True
         for k in range(succ_ptr[i], succ_ptr[i + 1]):
             j = succ_idx[k]
             remaining[j] -= 1
@@ -161,6 +228,7 @@ def _kernel(
                 rj = rank[j]
                 ready[rj, nready[rj]] = j
                 nready[rj] += 1
+                stale[:, rj] = True
     return position, start, end
 
 
@@ -181,6 +249,7 @@ def interleave(problem: Problem, priority: F64) -> tuple[I64, F64, F64, float]:
         problem.mem_cap_bytes,
         np.ascontiguousarray(priority, dtype=np.float64),
         problem.unit,
+        int(problem.policy),
     )
     if problem.n and np.any(position < 0):
         raise RuntimeError("interleaver stuck: the stage graph has a cycle")

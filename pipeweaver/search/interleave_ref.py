@@ -1,12 +1,19 @@
 """Greedy dual-queue stage interleaving (paper section 5.2), pure-Python reference of `interleave.py`'s kernel.
 
 Each rank keeps a forward and a backward queue of ready stages. The rank that can start something earliest goes
-next. If both a forward and a backward stage are ready by the time the rank is free, it alternates with the kind
-it ran last (1F1B emulation, memory-friendly) and takes the highest-priority ready stage of that kind; otherwise
-it takes the ready stage that can start soonest (fills the bubble). Memory: a forward that would push the rank
-over its cap waits unless its sub-microbatch already holds activations on that rank (work in flight must finish
-to free memory; new work waits, which is what makes 1F1B emerge). If no rank can progress, non-admission
-forwards may go; only if still nothing can run does the gate open fully (it never deadlocks).
+next. What it picks depends on the problem's `Policy`:
+
+- ALTERNATE (the paper's rule): if both a forward and a backward stage are ready by the time the rank is free, it
+  alternates with the kind it ran last (1F1B emulation, memory-friendly) and takes the highest-priority ready
+  stage of that kind; otherwise it takes the ready stage that can start soonest (fills the bubble).
+- EARLIEST (list scheduling): the stage that can start first, at equal start a backward before a forward (it
+  frees memory), then the higher priority.
+
+Memory: a forward that would push the rank over its cap waits. Under ALTERNATE it still goes if its sub-microbatch
+already holds activations on that rank (work in flight must finish to free memory; new work waits, which is what
+makes 1F1B emerge); under EARLIEST that exception is the first loosening. The gate loosens one level at a time,
+only when no rank at all can progress under the stricter one: units in flight may go, then non-admission forwards,
+then everything (it never deadlocks).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import math
 
 import numpy as np
 
-from pipeweaver.search.problem import F64, I64, Problem
+from pipeweaver.search.problem import F64, I64, Policy, Problem
 
 
 def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64, float]:
@@ -42,16 +49,21 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
     n_units = int(problem.unit.max()) + 1 if n else 0
     holds = np.zeros((pp, n_units))  # bytes each (pipeline, microbatch, sub) unit holds per rank
 
+    earliest = problem.policy == Policy.EARLIEST
+    gates = (0, 1, 2, 3) if earliest else (1, 2, 3)
+
     def eligible(r: int, i: int, gate: int) -> bool:
-        """Memory gate of level `gate`: 0 strict, 1 in-flight work may go, 2 open."""
-        if gate >= 2 or not problem.is_forward[i]:
+        """Memory gate of level `gate`: 0 strict, 1 units in flight may go, 2 non-admission forwards too, 3 open."""
+        if gate >= 3 or not problem.is_forward[i]:
             return True
         if mem[r] + problem.alloc_bytes[i] <= problem.mem_cap_bytes[r]:
             return True
+        if gate == 0:
+            return False
         # Over the cap: a unit already holding memory here continues (its backward frees it); new ones wait.
         if holds[r, problem.unit[i]] > 0:
             return True
-        return gate == 1 and not source[i]
+        return gate == 2 and not source[i]
 
     def pick(r: int, gate: int) -> tuple[int, float]:
         """Best stage on rank r and its start time, or (-1, inf)."""
@@ -67,7 +79,7 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
         if tf == math.inf and tb == math.inf:
             return -1, math.inf
         best = -1
-        if tf <= tl and tb <= tl:  # both kinds ready: alternate (1F1B), highest priority of the wanted kind
+        if not earliest and tf <= tl and tb <= tl:  # both ready: alternate (1F1B), highest priority of that kind
             want_fwd = 1 - last_fwd[r]
             for i in ready[r]:
                 if (
@@ -78,7 +90,16 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
                 ):
                     best = i
             return best, tl
-        for i in ready[r]:  # otherwise the soonest start; ties by priority, then backward first
+        if earliest:  # the soonest start; ties backward first, then by priority
+            key = None
+            for i in ready[r]:
+                if not eligible(r, i, gate):
+                    continue
+                k = (max(tl, float(ready_at[i])), int(problem.is_forward[i]), -float(priority[i]))
+                if key is None or k < key:
+                    best, key = i, k
+            return best, max(tl, float(ready_at[best]))
+        for i in ready[r]:  # otherwise the soonest ready; ties by priority, then backward first
             if not eligible(r, i, gate):
                 continue
             if (
@@ -97,11 +118,11 @@ def interleave_reference(problem: Problem, priority: F64) -> tuple[I64, F64, F64
 
     # A rank's pick depends only on its own state; cache it until that state changes (a rank's stage runs, or a
     # stage becomes ready on it). Same results as recomputing every pick, several times faster at large pp.
-    picks: list[list[tuple[int, float] | None]] = [[None] * pp for _ in range(3)]
+    picks: list[list[tuple[int, float] | None]] = [[None] * pp for _ in range(4)]
     done = 0
     while done < n:
         chosen, chosen_t, chosen_r = -1, math.inf, -1
-        for gate in (0, 1, 2):
+        for gate in gates:
             for r in range(pp):
                 cached = picks[gate][r]
                 if cached is None:

@@ -22,8 +22,8 @@ from pipeweaver.search.problem import Problem
 
 RootStats = dict[int, tuple[int, float]]
 
-# Per-process state: the problem of the current search and this worker's tree, keyed by search id.
-_PROBLEMS: dict[str, Problem] = {}
+# Per-process state: the problem (and overflow budget) of the current search and this worker's tree, by search id.
+_PROBLEMS: dict[str, tuple[Problem, np.ndarray | None]] = {}
 _TREES: dict[tuple[str, int], SegmentOrderSearch] = {}
 
 
@@ -36,10 +36,10 @@ class RoundResult:
     evaluations: int
 
 
-def _score(problem: Problem, group_priority: np.ndarray) -> float:
+def _score(problem: Problem, group_priority: np.ndarray, budget_bytes: np.ndarray | None) -> float:
     from pipeweaver.search.planner import schedule_score
 
-    return schedule_score(problem, group_priority)
+    return schedule_score(problem, group_priority, budget_bytes)
 
 
 def warm_up() -> int:
@@ -61,6 +61,7 @@ def run_round(
     seed: int,
     seconds: float,
     shared: RootStats,
+    budget_bytes: np.ndarray | None = None,
 ) -> RoundResult:
     """One worker's round: grow its tree for `seconds` from the shared root statistics."""
     if problem is not None:
@@ -68,12 +69,12 @@ def run_round(
             del _PROBLEMS[old]
         for stale in [k for k in _TREES if k[0] != search_id]:
             del _TREES[stale]
-        _PROBLEMS[search_id] = problem
-    prob = _PROBLEMS[search_id]
+        _PROBLEMS[search_id] = (problem, budget_bytes)
+    prob, budget = _PROBLEMS[search_id]
     tree = _TREES.get((search_id, worker))
     if tree is None:
         tree = SegmentOrderSearch(
-            len(prob.groups), heuristic, lambda g: _score(prob, g), config=config, seed=seed * 1000 + worker
+            len(prob.groups), heuristic, lambda g: _score(prob, g, budget), config=config, seed=seed * 1000 + worker
         )
         _TREES[(search_id, worker)] = tree
     before = tree.root_statistics()
@@ -113,8 +114,10 @@ class SearchPool:
         seed: int,
         deadline: float,
         round_s: float = 0.1,
+        budget_bytes: np.ndarray | None = None,
     ) -> tuple[Order, float, int]:
-        """Best order found by all workers before `deadline` (time.perf_counter()); (order, score, evaluations)."""
+        """Best order found by all workers before `deadline` (time.perf_counter()); (order, score, evaluations).
+        Orders are scored by `schedule_score(problem, priority, budget_bytes)`."""
         self._searches += 1
         search_id = f"s{self._searches}"
         shared: RootStats = {}
@@ -127,7 +130,16 @@ class SearchPool:
             seconds = max(0.0, min(round_s, left - 0.01))
             futures = [
                 self._pool.submit(
-                    run_round, search_id, w, problem if first else None, heuristic, config, seed, seconds, shared
+                    run_round,
+                    search_id,
+                    w,
+                    problem if first else None,
+                    heuristic,
+                    config,
+                    seed,
+                    seconds,
+                    shared,
+                    budget_bytes if first else None,
                 )
                 for w in range(self.workers)
             ]

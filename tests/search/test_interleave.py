@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +22,7 @@ from pipeweaver.presets import workload
 from pipeweaver.search.bounds import exact_makespan_ms, lower_bound_ms
 from pipeweaver.search.interleave import interleave
 from pipeweaver.search.interleave_ref import interleave_reference
-from pipeweaver.search.problem import Problem, build_problem, stage_priorities
+from pipeweaver.search.problem import Policy, Problem, build_problem, stage_priorities
 from pipeweaver.spec import BatchMetadata, Document, MediaItem, Microbatch, Modality
 
 
@@ -62,9 +64,12 @@ def _random_problem(seed: int, pp: int, m: int, k_vit: int, cap: float, *, v_sha
     k_vit=st.sampled_from([1, 2]),
     cap=st.sampled_from([2.0, 5.0, 1e9]),
     v_shape=st.booleans(),
+    policy=st.sampled_from(list(Policy)),
 )
-def test_numba_kernel_equals_reference(seed: int, pp: int, m: int, k_vit: int, cap: float, v_shape: bool) -> None:
-    problem = _random_problem(seed, pp, m, k_vit, cap, v_shape=v_shape)
+def test_numba_kernel_equals_reference(
+    seed: int, pp: int, m: int, k_vit: int, cap: float, v_shape: bool, policy: Policy
+) -> None:
+    problem = replace(_random_problem(seed, pp, m, k_vit, cap, v_shape=v_shape), policy=policy)
     prio = stage_priorities(problem, np.random.default_rng(seed).permutation(len(problem.groups)).astype(float))
     ref = interleave_reference(problem, prio)
     fast = interleave(problem, prio)
@@ -91,7 +96,9 @@ def test_schedule_respects_dependencies_and_one_stage_at_a_time(seed: int, pp: i
     assert makespan >= lower_bound_ms(problem) - 1e-9
 
 
-def test_uniform_single_pipeline_under_a_memory_cap_is_1f1b() -> None:
+@pytest.mark.parametrize("policy", list(Policy))
+def test_uniform_single_pipeline_under_a_memory_cap_is_1f1b(policy: Policy) -> None:
+    # Both policies: alternation by rule (ALTERNATE), or backward-first list scheduling under the strict gate.
     p, m = 4, 8
     model = workload("tiny-vlm").model
     batch = _batch([0] * m, [20] * m)
@@ -108,7 +115,7 @@ def test_uniform_single_pipeline_under_a_memory_cap_is_1f1b() -> None:
     dur = {s: 1.0 if s.pass_ is Pass.F else 2.0 for s in g.stages}
     act = {(s.pipeline, s.chunk, s.microbatch, s.sub): 1.0 for s in g.stages}
     # 1F1B keeps p - r microbatches in flight on rank r.
-    problem = build_problem(g, p, dur, act, {}, [float(p - r) for r in range(p)])
+    problem = replace(build_problem(g, p, dur, act, {}, [float(p - r) for r in range(p)]), policy=policy)
     gp = np.array([float(m - gk.microbatch) for gk in problem.groups])
     position, _, _, makespan = interleave(problem, stage_priorities(problem, gp))
     assert makespan == (m + p - 1) * 3.0
