@@ -13,22 +13,16 @@ from hypothesis import strategies as st
 from pipeweaver.datagen import sample_batch
 from pipeweaver.plan import PlanHeader, stage_graph
 from pipeweaver.plan.ir import Pass, PlanSource, Recompute
-from pipeweaver.plan.layouts import mixed_placement, modular_placement, split_sub_microbatches, whole_sub_microbatches
+from pipeweaver.plan.layouts import modular_placement, split_sub_microbatches
 from pipeweaver.presets import workload
 from pipeweaver.search.bounds import exact_makespan_ms, lower_bound_ms, lower_bound_parts
 from pipeweaver.search.planner import Planner, SearchConfig
 from pipeweaver.search.problem import Problem, build_problem
-from pipeweaver.spec import BatchMetadata, Document, MediaItem, Microbatch, Modality
+from pipeweaver.spec import BatchMetadata
 from pipeweaver.spec.workload import Workload
+from tests.search.pipelines import small_batch, uniform_pipeline_header
 
 MB = 1e6
-
-
-def _batch(images_per_mb: list[int], text: list[int]) -> BatchMetadata:
-    img = MediaItem(Modality.IMAGE, 16, 4)
-    return BatchMetadata(
-        0, tuple(Microbatch((Document(t, (img,) * k),)) for k, t in zip(images_per_mb, text, strict=True))
-    )
 
 
 def _strategy_problems(seed: int, pp: int, m: int, split: bool) -> list[Problem]:
@@ -36,7 +30,7 @@ def _strategy_problems(seed: int, pp: int, m: int, split: bool) -> list[Problem]
     (the shape of none / selective / full recompute), with random per-pair costs."""
     rng = np.random.default_rng(seed)
     model = workload("tiny-vlm").model
-    batch = _batch([int(x) for x in rng.integers(0, 4, m)], [int(x) for x in rng.integers(5, 80, m)])
+    batch = small_batch([int(x) for x in rng.integers(0, 4, m)], [int(x) for x in rng.integers(5, 80, m)])
     placement = modular_placement(model, pp, {"vit": 1, "llm": 1})
     header = PlanHeader(
         job_id="t",
@@ -86,17 +80,7 @@ def test_bound_never_exceeds_the_memory_constrained_optimum(
 
 def _uniform_pipeline(pp: int, m: int) -> list[Problem]:
     """A plain pipeline (one chunk per rank, whole microbatches): F = 1, B = 2; recompute: B = 4, bytes / 10."""
-    model = workload("tiny-vlm").model
-    batch = _batch([0] * m, [20] * m)
-    placement = mixed_placement(model, pp, 1)
-    header = PlanHeader(
-        job_id="t",
-        iteration=0,
-        placement=placement,
-        sub_microbatches=whole_sub_microbatches(model, placement, batch),
-        num_microbatches=m,
-        schedule="test",
-    )
+    header = uniform_pipeline_header(pp, m)
     g = stage_graph(header)
     act = {(s.pipeline, s.chunk, s.microbatch, s.sub): 1.0 for s in g.stages}
     out = []

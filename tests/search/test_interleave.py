@@ -13,30 +13,21 @@ from hypothesis import strategies as st
 from pipeweaver.plan import Pass, PlanHeader, stage_graph
 from pipeweaver.plan.layouts import (
     RankOrder,
-    mixed_placement,
     modular_placement,
     split_sub_microbatches,
-    whole_sub_microbatches,
 )
 from pipeweaver.presets import workload
 from pipeweaver.search.bounds import exact_makespan_ms, lower_bound_ms
 from pipeweaver.search.interleave import interleave
 from pipeweaver.search.interleave_ref import interleave_reference
 from pipeweaver.search.problem import Policy, Problem, build_problem, stage_priorities
-from pipeweaver.spec import BatchMetadata, Document, MediaItem, Microbatch, Modality
-
-
-def _batch(images_per_mb: list[int], text: list[int]) -> BatchMetadata:
-    img = MediaItem(Modality.IMAGE, 16, 4)
-    return BatchMetadata(
-        0, tuple(Microbatch((Document(t, (img,) * k),)) for k, t in zip(images_per_mb, text, strict=True))
-    )
+from tests.search.pipelines import small_batch, uniform_pipeline_header
 
 
 def _random_problem(seed: int, pp: int, m: int, k_vit: int, cap: float, *, v_shape: bool = False) -> Problem:
     rng = np.random.default_rng(seed)
     model = workload("tiny-vlm").model
-    batch = _batch([int(x) for x in rng.integers(0, 6, m)], [int(x) for x in rng.integers(5, 80, m)])
+    batch = small_batch([int(x) for x in rng.integers(0, 6, m)], [int(x) for x in rng.integers(5, 80, m)])
     order = RankOrder.V_SHAPE if v_shape else RankOrder.ROUND_ROBIN
     placement = modular_placement(model, pp, {"vit": k_vit, "llm": 1}, order=order)
     subs = split_sub_microbatches(model, placement, batch, {"vit": 2})
@@ -100,17 +91,7 @@ def test_schedule_respects_dependencies_and_one_stage_at_a_time(seed: int, pp: i
 def test_uniform_single_pipeline_under_a_memory_cap_is_1f1b(policy: Policy) -> None:
     # Both policies: alternation by rule (ALTERNATE), or backward-first list scheduling under the strict gate.
     p, m = 4, 8
-    model = workload("tiny-vlm").model
-    batch = _batch([0] * m, [20] * m)
-    placement = mixed_placement(model, p, 1)
-    header = PlanHeader(
-        job_id="t",
-        iteration=0,
-        placement=placement,
-        sub_microbatches=whole_sub_microbatches(model, placement, batch),
-        num_microbatches=m,
-        schedule="test",
-    )
+    header = uniform_pipeline_header(p, m)
     g = stage_graph(header)
     dur = {s: 1.0 if s.pass_ is Pass.F else 2.0 for s in g.stages}
     act = {(s.pipeline, s.chunk, s.microbatch, s.sub): 1.0 for s in g.stages}
