@@ -404,7 +404,7 @@ class JobRegistry:
         pending = self._pending.get(job_id)
         if pending is None:
             pending = asyncio.ensure_future(self._create(job_id, create))
-            pending.add_done_callback(_retrieve)
+            pending.add_done_callback(mark_retrieved)
             self._pending[job_id] = pending
         return await asyncio.shield(pending)
 
@@ -426,7 +426,7 @@ class JobRegistry:
             job.close()
 
 
-def _retrieve(task: asyncio.Future[Any]) -> None:
+def mark_retrieved(task: asyncio.Future[Any]) -> None:
     """Mark a background task's outcome as seen (its waiters, if any, got it already)."""
     if not task.cancelled():
         task.exception()

@@ -28,6 +28,7 @@ from pipeweaver.server.jobs import (
     SharedPlan,
     batch_digest,
     job_id_for,
+    mark_retrieved,
 )
 from pipeweaver.server.metrics import Metrics
 from pipeweaver.server.pool import PoolClosed, QueueFull, WorkerCrashed, WorkerPool
@@ -62,12 +63,6 @@ def queue_full(exc: QueueFull) -> RequestError:
         reason="QUEUE_FULL",
         retry_after_s=0.5,
     )
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Mark a shared build's outcome as seen (its waiters, if any, got it already)."""
-    if not task.cancelled():
-        task.exception()
 
 
 class Abandoned(Exception):
@@ -295,7 +290,7 @@ class Planning:
         build = job.fallback_build(entry.digest)
         if build is None:
             build = asyncio.ensure_future(self._build_fallback(job, entry.batch))
-            build.add_done_callback(_retrieve)
+            build.add_done_callback(mark_retrieved)
             job.add_fallback_build(entry.digest, build)
         try:
             shared = await asyncio.shield(build)
