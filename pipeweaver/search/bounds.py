@@ -114,15 +114,8 @@ def _heads_tails_kernel(
 
 
 @numba.njit(cache=True)
-def _pair_paths_kernel(
-    order: I64, dur: F64, pred_ptr: I64, pred_idx: I64, pred_delay: F64, sources: I64, targets: I64
-) -> F64:  # pragma: no cover - numba
-    """Per (source, target): the longest path from the source's start to the target's start (-inf: none).
-
-    Stages are regrouped by weakly connected component (one per microbatch in the planner's graphs), keeping the
-    topological order inside each, so every source only sweeps its own component from its position on.
-    """
-    n = dur.shape[0]
+def _components(n: int, pred_ptr: I64, pred_idx: I64) -> I64:  # pragma: no cover - numba
+    """Each stage's weakly connected component, named by a root stage (union-find with path halving)."""
     parent = np.arange(n)
     for i in range(n):
         for q in range(pred_ptr[i], pred_ptr[i + 1]):
@@ -136,12 +129,26 @@ def _pair_paths_kernel(
                 b = parent[b]
             if a != b:
                 parent[a] = b
-    comp = np.empty(n, np.int64)
+    root = np.empty(n, np.int64)
     for i in range(n):
         a = i
         while parent[a] != a:
             a = parent[a]
-        comp[i] = a
+        root[i] = a
+    return root
+
+
+@numba.njit(cache=True)
+def _pair_paths_kernel(
+    order: I64, dur: F64, pred_ptr: I64, pred_idx: I64, pred_delay: F64, sources: I64, targets: I64
+) -> F64:  # pragma: no cover - numba
+    """Per (source, target): the longest path from the source's start to the target's start (-inf: none).
+
+    Stages are regrouped by weakly connected component (one per microbatch in the planner's graphs), keeping the
+    topological order inside each, so every source only sweeps its own component from its position on.
+    """
+    n = dur.shape[0]
+    comp = _components(n, pred_ptr, pred_idx)
     grouped = order[np.argsort(comp[order], kind="mergesort")]
     pos = np.empty(n, np.int64)
     for k in range(grouped.shape[0]):
@@ -171,23 +178,7 @@ def _pair_paths_kernel(
 def _group_by_component(order: I64, pred_ptr: I64, pred_idx: I64) -> I64:  # pragma: no cover - numba
     """`order` regrouped by weakly connected component (first-seen component first), each still in order."""
     n = order.shape[0]
-    parent = np.arange(n)
-    for i in range(n):
-        for q in range(pred_ptr[i], pred_ptr[i + 1]):
-            a = i
-            while parent[a] != a:
-                a = parent[a]
-            b = pred_idx[q]
-            while parent[b] != b:
-                b = parent[b]
-            if a != b:
-                parent[a] = b
-    root = np.empty(n, np.int64)
-    for i in range(n):
-        a = i
-        while parent[a] != a:
-            a = parent[a]
-        root[i] = a
+    root = _components(n, pred_ptr, pred_idx)
     first = np.full(n, n, np.int64)
     for k in range(n):
         r = root[order[k]]
