@@ -13,10 +13,10 @@ Padding (the cost torch pays for fixed shapes):
   document after the real ones (attends only to itself), its labels are ignored in the loss.
 So the loss equals the unpadded one (ours), which `e2e_compare.py` checks.
 
-Inputs are synthesised inside the timed step, exactly as our executor does (`SyntheticData`, CPU, then to the
-device; padding images are zeros made on the device). torch hands a stage only tensors, so a stage learns which
-microbatch it is running from a call counter: torch's 1F1B and interleaved 1F1B run each stage's forwards in
-microbatch order, once per step (checked: `StageFeed.check_complete`).
+Inputs are synthesised inside the timed step, exactly as our executor does (`SyntheticData`: pixels drawn on the
+GPU, token ids on the host; padding images are zeros made on the device). torch hands a stage only tensors, so a
+stage learns which microbatch it is running from a call counter: torch's 1F1B and interleaved 1F1B run each stage's
+forwards in microbatch order, once per step (checked: `StageFeed.check_complete`).
 """
 
 from __future__ import annotations
@@ -164,7 +164,9 @@ class StageFeed:
     stages: list[TorchVLMStage] = field(default_factory=list)
 
     def start(self, model: ModelSpec, shape: VLMShape, batch: BatchMetadata, device: Any, dtype: Any) -> None:
-        data = SyntheticData(seed=0, iteration=batch.iteration, dp_replica=batch.dp_replica)
+        dev = torch.device(device)
+        data_device = str(dev) if dev.type == "cuda" else "cpu"  # as PipelineExecutor draws them
+        data = SyntheticData(seed=0, iteration=batch.iteration, dp_replica=batch.dp_replica, device=data_device)
         scale = LossScale.of(model, batch)
         self.microbatches = [
             PaddedMicrobatch(model, shape, batch, j, data, scale, device, dtype) for j in range(len(batch.microbatches))

@@ -122,6 +122,7 @@ def env_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["card"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+        info["cuda_module_loading"] = os.environ.get("CUDA_MODULE_LOADING", "LAZY (default)")
         try:
             info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
         except Exception as e:  # pragma: no cover

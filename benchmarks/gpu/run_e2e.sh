@@ -27,6 +27,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 echo "wheels: $(( $(date +%s) - t0 )) s; $(python3 -c 'import grpc, google.protobuf as p, ortools as o; print("grpcio", grpc.__version__, "protobuf", p.__version__, "ortools", o.__version__)')"
 
+# Every kernel loaded when the context starts: a lazy first load mid-iteration waits for the GPU to drain, which
+# NCCL receives waiting on a peer never do (pipeweaver/client/cuda_env.py).
+export CUDA_MODULE_LOADING=EAGER
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=4
 export NUMBA_CACHE_DIR=/tmp/numba-cache  # the sidecar's compiled kernels (a fresh machine compiles them once)

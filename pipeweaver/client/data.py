@@ -3,6 +3,12 @@
 Each tensor comes from its own generator seeded by (data seed, iteration, dp replica, kind, microbatch, document,
 media item): the rank that runs a pipeline's first chunk builds its inputs and the rank with the loss builds the
 targets, without talking to each other, and the unpipelined reference builds the same tensors.
+
+The large tensors (pixels, latents, noise) are drawn on `SyntheticData.device`. On a GPU that is where they belong:
+drawn on the host they cost tens of milliseconds per microbatch of one CPU thread inside the iteration (19 images
+of 576 x 588 values), which a real trainer's data loader would have prepared in the background, and a benchmark
+would then measure the random number generator instead of the schedule. Values depend on the device kind (the CPU
+and CUDA generators differ), so every rank of a run and its reference must use the same kind.
 """
 
 from __future__ import annotations
@@ -30,9 +36,15 @@ class SyntheticData:
     seed: int
     iteration: int
     dp_replica: int = 0
+    device: str = "cpu"
+    """Where the large tensors are drawn ("cpu", "cuda:0", ...); token ids and timesteps stay on the host."""
 
-    def generator(self, *key: object) -> torch.Generator:
-        return torch.Generator().manual_seed(stable_seed(self.seed, self.iteration, self.dp_replica, *key))
+    def generator(self, *key: object, device: str = "cpu") -> torch.Generator:
+        seed = stable_seed(self.seed, self.iteration, self.dp_replica, *key)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def _normal(self, shape: tuple[int, int], *key: object) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator(*key, device=self.device), device=self.device)
 
     def text_ids(self, microbatch: int, document: int, tokens: int, vocab_size: int) -> torch.Tensor:
         """Token ids of one document's text (int64, shape (tokens,))."""
@@ -41,15 +53,15 @@ class SyntheticData:
 
     def image_patches(self, microbatch: int, document: int, item: int, patches: int, patch_dim: int) -> torch.Tensor:
         """Flattened pixel patches of one image, (patches, patch_dim), float32."""
-        return torch.randn(patches, patch_dim, generator=self.generator("image", microbatch, document, item))
+        return self._normal((patches, patch_dim), "image", microbatch, document, item)
 
     def video_latents(self, microbatch: int, document: int, item: int, tokens: int, channels: int) -> torch.Tensor:
         """Clean latent tokens x0 of one clip, (tokens, channels), float32."""
-        return torch.randn(tokens, channels, generator=self.generator("latent", microbatch, document, item))
+        return self._normal((tokens, channels), "latent", microbatch, document, item)
 
     def diffusion_noise(self, microbatch: int, document: int, item: int, tokens: int, channels: int) -> torch.Tensor:
         """The noise added to one clip's latents (the DiT's regression target), (tokens, channels)."""
-        return torch.randn(tokens, channels, generator=self.generator("noise", microbatch, document, item))
+        return self._normal((tokens, channels), "noise", microbatch, document, item)
 
     def diffusion_timestep(self, microbatch: int, document: int, item: int) -> float:
         """Diffusion time of one clip in [0.02, 0.98] (cosine schedule)."""

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeweaver.client.cuda_env import warn_if_lazy_module_loading
 from pipeweaver.client.data import SyntheticData, stable_seed
 from pipeweaver.client.geometry import Geometry, LossScale, geometry
 from pipeweaver.client.models import (
@@ -188,6 +189,8 @@ class PipelineExecutor:
         self.dp_group = dp_group
         self.data_seed = data_seed
         self.device = device or torch.device("cpu")
+        # Synthetic inputs are drawn where they are used (see pipeweaver.client.data).
+        self._data_device = str(self.device) if self.device.type == "cuda" else "cpu"
         self.dtype = dtype
         self.modules = dict(modules) if modules is not None else reference_modules(model)
         self.parts: dict[str, nn.Module] = {}
@@ -202,6 +205,8 @@ class PipelineExecutor:
             pair_groups = dist.is_initialized() and dist.get_backend() == "nccl"
         if pair_groups and placement.pp > 1 and dist.is_initialized():
             self._create_pair_groups(pipelines or [self.pp_ranks])
+        if self.device.type == "cuda" and placement.pp > 1:
+            warn_if_lazy_module_loading()
 
     def _create_pair_groups(self, pipelines: Sequence[Sequence[int]]) -> None:
         """One group per directed pair (a -> b) of pipeline ranks, for every pipeline, in the same order on every
@@ -356,7 +361,9 @@ class PipelineExecutor:
             plan=plan,
             batch=batch,
             graph=graph,
-            data=SyntheticData(seed=self.data_seed, iteration=batch.iteration, dp_replica=batch.dp_replica),
+            data=SyntheticData(
+                seed=self.data_seed, iteration=batch.iteration, dp_replica=batch.dp_replica, device=self._data_device
+            ),
             scale=LossScale.of(self.model, batch),
             subs={(s.pipeline, s.microbatch, s.index): s for s in plan.header.sub_microbatches},
         )

@@ -120,7 +120,7 @@ class Geometry:
         """`t` (built on the host) on the device. To a GPU through pinned memory and without blocking: a pageable
         copy makes the host wait for every kernel queued before it, which stalls the executor's kernel launches
         and its posting of transfers (the GPU then idles while the host catches up)."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or t.device.type == "cuda":
             return t.to(self.device)
         return t.pin_memory().to(self.device, non_blocking=True)
 
@@ -159,7 +159,7 @@ class VisionGeometry(Geometry):
     def patches(self) -> torch.Tensor:
         dim = patch_dim(self.module)
         parts = [self.data.image_patches(self.microbatch, d, k, n, dim) for d, k, n, _ in self.images]
-        return self._float(torch.cat(parts) if parts else torch.zeros(0, dim))
+        return self._float(torch.cat(parts) if parts else torch.zeros(0, dim, device=self.data.device))
 
 
 @dataclass(eq=False)
@@ -289,7 +289,8 @@ class VideoGeometry(Geometry):
         x0 = [self.data.video_latents(self.microbatch, d, k, n, dim) for d, k, n, _ in self.clips]
         noise = [self.data.diffusion_noise(self.microbatch, d, k, n, dim) for d, k, n, _ in self.clips]
         if not x0:
-            return torch.zeros(0, dim), torch.zeros(0, dim)
+            empty = torch.zeros(0, dim, device=self.data.device)
+            return empty, empty
         return torch.cat(x0), torch.cat(noise)
 
     @property
@@ -304,7 +305,9 @@ class VideoGeometry(Geometry):
         t = torch.tensor([self.data.diffusion_timestep(self.microbatch, d, k) for d, k, _, _ in self.clips])
         a, s = cosine_alpha(t)
         per_token = self._clip_of_token_host
-        return self._float(a[per_token, None] * x0 + s[per_token, None] * noise)
+        # Scales per token on the host (a few values), applied where the latents were drawn.
+        a_tok, s_tok = (v[per_token, None].to(x0.device, non_blocking=True) for v in (a, s))
+        return self._float(a_tok * x0 + s_tok * noise)
 
 
 def geometry(

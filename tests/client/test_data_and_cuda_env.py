@@ -1,0 +1,60 @@
+"""Synthetic data placement and the CUDA module-loading guard (CPU only)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from pipeweaver.client.cuda_env import MODULE_LOADING, warn_if_lazy_module_loading
+from pipeweaver.client.data import SyntheticData, stable_seed
+
+
+def test_cpu_draws_match_a_plain_generator_per_key() -> None:
+    data = SyntheticData(seed=3, iteration=7, dp_replica=1)
+    got = data.image_patches(2, 0, 1, patches=5, patch_dim=4)
+    g = torch.Generator().manual_seed(stable_seed(3, 7, 1, "image", 2, 0, 1))
+    assert torch.equal(got, torch.randn(5, 4, generator=g))
+    assert got.device.type == "cpu"
+
+
+def test_every_kind_and_key_draws_its_own_values() -> None:
+    data = SyntheticData(seed=0, iteration=0)
+    a = data.video_latents(0, 0, 0, tokens=6, channels=3)
+    b = data.diffusion_noise(0, 0, 0, tokens=6, channels=3)
+    c = data.video_latents(0, 0, 1, tokens=6, channels=3)
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a, SyntheticData(seed=0, iteration=0).video_latents(0, 0, 0, tokens=6, channels=3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_draws_stay_on_the_device() -> None:  # pragma: no cover - GPU machines only
+    data = SyntheticData(seed=0, iteration=0, device="cuda")
+    assert data.image_patches(0, 0, 0, patches=3, patch_dim=2).device.type == "cuda"
+
+
+def test_lazy_module_loading_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(MODULE_LOADING, raising=False)
+    with pytest.warns(RuntimeWarning, match="EAGER"):
+        warn_if_lazy_module_loading()
+    monkeypatch.setenv(MODULE_LOADING, "eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_lazy_module_loading()
+
+
+def test_require_eager_keeps_a_users_choice() -> None:
+    code = (
+        "import os; from pipeweaver.client.cuda_env import require_eager_module_loading as r; r(); "
+        "print(os.environ['CUDA_MODULE_LOADING'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != MODULE_LOADING}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "EAGER"
+    env[MODULE_LOADING] = "LAZY"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "LAZY"
