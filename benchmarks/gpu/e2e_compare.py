@@ -93,7 +93,7 @@ from e2e_torch_vlm import TORCH_SCHEDULES, VLMShape, build_torch_pipeline
 from e2e_workload import PLANNING_HARDWARE, scaled_vlm
 from executor_overhead import env_info
 
-from pipeweaver.client.cuda_env import require_eager_module_loading
+from pipeweaver.client.cuda_env import prepare_cuda_for_dynamic_pipelines
 from pipeweaver.client.executor import PipelineExecutor
 from pipeweaver.datagen import dynamic_batch
 from pipeweaver.errors import InvalidPlan
@@ -1351,7 +1351,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def setup(args: argparse.Namespace, t_start: float) -> Run:
-    require_eager_module_loading()  # before the first CUDA call (run_e2e.sh sets it too)
+    prepare_cuda_for_dynamic_pipelines()  # before the first CUDA call (run_e2e.sh sets it too)
     cuda = torch.cuda.is_available() and not args.tiny
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")

@@ -5,9 +5,14 @@ is not loaded yet waits, holding the context lock, for the GPU's queued work to 
 has NCCL receives in flight that wait for a peer, and that peer may be waiting for this rank's next send, which the
 host posts only after the launch that is now stuck: a deadlock. With fixed shapes every kernel is loaded in the
 first iteration; with per-batch shapes (every PipeWeaver plan) a new token count can pick a new GEMM or attention
-kernel in any iteration. On 4 GPUs, searched plans stopped in their second iteration this way (every rank
-waiting on a receive, no error), and a baseline with varying shapes after 27 iterations. Loading every kernel when
-the context is created removes the hazard at the cost of a slower start.
+kernel in any iteration. Loading every kernel when the context is created removes that part of the hazard at the
+cost of a slower start.
+
+Kernels built at run time are not covered by eager loading: cuDNN's attention backend builds an execution plan for
+every new shape on the host (its first-shape cost, measured by benchmarks/gpu/sdpa_new_shapes.py) and loads it.
+On 4 H200s with eager loading, searched plans still stopped in their second iteration with one rank's host inside
+scaled_dot_product_attention on an idle device and the others waiting on receives, and a repeated batch ran in
+0.7 s where its first run took 2.2 s. So dynamic pipelines also keep attention on flash / memory-efficient kernels.
 """
 
 from __future__ import annotations
@@ -24,8 +29,17 @@ def require_eager_module_loading() -> None:
     os.environ.setdefault(MODULE_LOADING, "EAGER")
 
 
-def warn_if_lazy_module_loading() -> None:
-    """Warn when NCCL pipelines run with lazy kernel loading (see the module docstring)."""
+def warn_if_unprepared_for_dynamic_pipelines() -> None:
+    """Warn when NCCL pipelines run with lazy kernel loading or cuDNN attention (see the module docstring)."""
+    import torch
+
+    if torch.backends.cuda.cudnn_sdp_enabled():  # type: ignore[no-untyped-call]
+        warnings.warn(
+            "cuDNN attention is enabled: it builds a kernel plan per new shape, slow and deadlock-prone with per-batch "
+            "shapes; call pipeweaver.client.cuda_env.prepare_cuda_for_dynamic_pipelines() first",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     mode = os.environ.get(MODULE_LOADING, "LAZY").upper()
     if mode != "EAGER":
         warnings.warn(
@@ -35,3 +49,17 @@ def warn_if_lazy_module_loading() -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def prefer_shape_generic_attention() -> None:
+    """Keep scaled_dot_product_attention off the cuDNN backend, which builds a kernel plan per new shape on the host
+    (and may load it at run time); flash and memory-efficient attention are compiled ahead for every shape."""
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def prepare_cuda_for_dynamic_pipelines() -> None:
+    """Both settings above; call before the first CUDA call."""
+    require_eager_module_loading()
+    prefer_shape_generic_attention()

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeweaver.client.cuda_env import warn_if_lazy_module_loading
+from pipeweaver.client.cuda_env import warn_if_unprepared_for_dynamic_pipelines
 from pipeweaver.client.data import SyntheticData, stable_seed
 from pipeweaver.client.geometry import Geometry, LossScale, geometry
 from pipeweaver.client.models import (
@@ -206,7 +206,7 @@ class PipelineExecutor:
         if pair_groups and placement.pp > 1 and dist.is_initialized():
             self._create_pair_groups(pipelines or [self.pp_ranks])
         if self.device.type == "cuda" and placement.pp > 1:
-            warn_if_lazy_module_loading()
+            warn_if_unprepared_for_dynamic_pipelines()
 
     def _create_pair_groups(self, pipelines: Sequence[Sequence[int]]) -> None:
         """One group per directed pair (a -> b) of pipeline ranks, for every pipeline, in the same order on every

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeweaver.client.cuda_env import require_eager_module_loading
+from pipeweaver.client.cuda_env import prepare_cuda_for_dynamic_pipelines
 from pipeweaver.client.executor import PipelineExecutor
 from pipeweaver.plan.ir import Placement, Plan
 from pipeweaver.spec.batch import BatchMetadata
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--check", action="store_true", help="compare iteration 0 with the unpipelined reference")
     args = ap.parse_args(argv)
 
-    require_eager_module_loading()  # before the first CUDA call, is_available() included
+    prepare_cuda_for_dynamic_pipelines()  # before the first CUDA call, is_available() included
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")

@@ -10,7 +10,11 @@ import warnings
 import pytest
 import torch
 
-from pipeweaver.client.cuda_env import MODULE_LOADING, warn_if_lazy_module_loading
+from pipeweaver.client.cuda_env import (
+    MODULE_LOADING,
+    prefer_shape_generic_attention,
+    warn_if_unprepared_for_dynamic_pipelines,
+)
 from pipeweaver.client.data import SyntheticData, stable_seed
 
 
@@ -37,14 +41,24 @@ def test_cuda_draws_stay_on_the_device() -> None:  # pragma: no cover - GPU mach
     assert data.image_patches(0, 0, 0, patches=3, patch_dim=2).device.type == "cuda"
 
 
-def test_lazy_module_loading_warns(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(MODULE_LOADING, raising=False)
-    with pytest.warns(RuntimeWarning, match="EAGER"):
-        warn_if_lazy_module_loading()
-    monkeypatch.setenv(MODULE_LOADING, "eager")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warn_if_lazy_module_loading()
+def test_unprepared_cuda_settings_warn(monkeypatch: pytest.MonkeyPatch) -> None:
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        monkeypatch.setenv(MODULE_LOADING, "EAGER")
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        with pytest.warns(RuntimeWarning, match="cuDNN attention"):
+            warn_if_unprepared_for_dynamic_pipelines()
+        prefer_shape_generic_attention()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        monkeypatch.delenv(MODULE_LOADING)
+        with pytest.warns(RuntimeWarning, match="EAGER"):
+            warn_if_unprepared_for_dynamic_pipelines()
+        monkeypatch.setenv(MODULE_LOADING, "eager")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            warn_if_unprepared_for_dynamic_pipelines()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
 
 
 def test_require_eager_keeps_a_users_choice() -> None:
