@@ -68,6 +68,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import statistics
 import subprocess
@@ -396,8 +397,11 @@ def reduce_sum(run: Run, value: float) -> float:
 
 def reset_memory_stats(run: Run) -> None:
     if run.cuda:
-        torch.cuda.reset_peak_memory_stats(run.device)
-        torch.cuda.reset_accumulated_memory_stats(run.device)
+        try:  # the cudaMallocAsync backend keeps fewer statistics
+            torch.cuda.reset_peak_memory_stats(run.device)
+            torch.cuda.reset_accumulated_memory_stats(run.device)
+        except RuntimeError:
+            pass
 
 
 def my_memory(run: Run) -> list[float]:
@@ -405,12 +409,12 @@ def my_memory(run: Run) -> list[float]:
     trying again: memory pressure that costs synchronizations) and OOMs since `reset_memory_stats`."""
     if not run.cuda:
         return []
-    stats = torch.cuda.memory_stats(run.device)
-    return [
-        torch.cuda.max_memory_allocated(run.device) / 2**30,
-        float(stats.get("num_alloc_retries", 0)),
-        float(stats.get("num_ooms", 0)),
-    ]
+    try:
+        stats = torch.cuda.memory_stats(run.device)
+        peak = torch.cuda.max_memory_allocated(run.device) / 2**30
+    except RuntimeError:  # the cudaMallocAsync backend keeps fewer statistics
+        return [-1.0, 0.0, 0.0]
+    return [peak, float(stats.get("num_alloc_retries", 0)), float(stats.get("num_ooms", 0))]
 
 
 def memory_of(every: list[list[float]]) -> dict[str, Any]:
@@ -813,8 +817,24 @@ class Watchdog:
                 print(f"[rank {run.rank}] watchdog: {name} {why}", file=sys.stderr, flush=True)
                 print(f"[rank {run.rank}] watchdog: {self.position}; Python stacks:", file=sys.stderr, flush=True)
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                native_stacks()
             if run.rank == 0:
                 abort(run, f"{name} {why}", "hung", EXIT_HUNG)
+
+
+def native_stacks(timeout_s: float = 20.0) -> None:
+    """This process's native stacks (py-spy, when installed): which CUDA, NCCL or allocator call a stuck host
+    thread is in, which Python stacks cannot show."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return
+    try:
+        out = subprocess.run(
+            [spy, "dump", "--native", "--pid", str(os.getpid())], capture_output=True, text=True, timeout=timeout_s
+        )
+        print(out.stdout[-12000:] + out.stderr[-2000:], file=sys.stderr, flush=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"py-spy failed: {e!r}", file=sys.stderr, flush=True)
 
 
 def executor_position(run: Run, timeout_s: float = 3.0) -> str:

@@ -25,6 +25,7 @@ WHEELS=(
   grpcio-reflection==1.81.1
   googleapis-common-protos==1.76.0  # google.rpc.* for grpcio-status
   immutabledict==4.3.1          # ortools
+  py-spy==0.4.3                 # the e2e watchdog's native stacks of a hung rank (where the host waits in CUDA)
 )
 
 for spec in "${WHEELS[@]}"; do

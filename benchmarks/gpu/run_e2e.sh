@@ -31,7 +31,10 @@ echo "wheels: $(( $(date +%s) - t0 )) s; $(python3 -c 'import grpc, google.proto
 # NCCL receives waiting on a peer never do (pipeweaver/client/cuda_env.py).
 export CUDA_MODULE_LOADING=EAGER
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=4
+# Stream-ordered allocation: a cudaMalloc (or an expandable segment growing) synchronizes the device, which waits
+# for NCCL receives whose peers may be waiting for this rank (pipeweaver/client/cuda_env.py).
+export PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync OMP_NUM_THREADS=4
+export PATH=/tmp/site/bin:$PATH  # py-spy, for the watchdog
 export NUMBA_CACHE_DIR=/tmp/numba-cache  # the sidecar's compiled kernels (a fresh machine compiles them once)
 export GLOO_SOCKET_IFNAME=lo  # the gloo group (objects, waits) stays on loopback: one host, no outside network
 
