@@ -497,12 +497,28 @@ def simulated_fault(run: Run, name: str, label: str) -> None:
         time.sleep(1.0)
 
 
+def warm_kernels(run: Run, ex: PipelineExecutor) -> None:
+    """Load the GEMM kernels of the executor's chunks for every row count of the run (see
+    pipeweaver.client.kernel_warmup; a lazy load mid-iteration deadlocks the ranks)."""
+    if not run.cuda:
+        return
+    rows = max(
+        max(sum(m.tokens for m in mb.media(Modality.IMAGE)), mb.language_tokens())
+        for batch in run.batches
+        for mb in batch.microbatches
+    )
+    t0 = time.monotonic()
+    n = ex.warm_up_kernels(rows)
+    print(json.dumps({"rank": run.rank, "kernel_warmup": n, "max_rows": rows, "s": round(time.monotonic() - t0, 1)}))
+
+
 def run_ours(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[str, Any]:
     """Our executor on a baseline's plans."""
     wl = run.wl
     placement = baseline_placement(name, model=wl.model, parallel=wl.parallel)
     ex = BenchExecutor(wl.model, placement, run.rank, device=run.device, dtype=run.dtype)
     ex.warm_up()
+    warm_kernels(run, ex)
     run.executor = ex
     if run.watchdog is not None:
         run.watchdog.progress("executor built")
@@ -587,6 +603,7 @@ def run_pipeweaver(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> 
     client, job, info = register_jobs(run, entry["sidecar"]["address"])
     ex = BenchExecutor(run.wl.model, job.placement, run.rank, device=run.device, dtype=run.dtype)
     ex.warm_up()
+    warm_kernels(run, ex)
     run.executor = ex
     if run.watchdog is not None:
         run.watchdog.progress("job registered, executor built")

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from pipeweaver.client.cuda_env import warn_if_unprepared_for_dynamic_pipelines
 from pipeweaver.client.data import SyntheticData, stable_seed
 from pipeweaver.client.geometry import Geometry, LossScale, geometry
+from pipeweaver.client.kernel_warmup import warm_up_gemms
 from pipeweaver.client.models import (
     BlockPart,
     ModalityModule,
@@ -455,6 +456,17 @@ class PipelineExecutor:
         ]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
+
+    def warm_up_kernels(self, max_rows: int) -> int:
+        """Load the GEMM kernels of this rank's chunks for every row count up to `max_rows` (the most tokens or
+        patches one sub-microbatch of the run can have): see `pipeweaver.client.kernel_warmup`. Call before the
+        first iteration on GPUs; returns the number of (layer, rows) pairs run."""
+        parts = [p for chunk in self.chunks.values() for p in chunk]
+        modules = [m for p in parts for m in (p.pre, *p.blocks, p.post) if m is not None]
+        runs = warm_up_gemms(modules, max_rows)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return runs
 
     def _all_reduce_gradients(self) -> None:
         if self.dp_group is None:
