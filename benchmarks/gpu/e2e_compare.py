@@ -607,7 +607,9 @@ def run_pipeweaver(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> 
     run.executor = ex
     if run.watchdog is not None:
         run.watchdog.progress("job registered, executor built")
-    prefetcher = PlanPrefetcher(client, job, run.batches, rank=run.rank, first_deadline_s=a.first_deadline_s)
+    prefetcher = PlanPrefetcher(
+        client, job, run.batches, rank=run.rank, first_deadline_s=a.first_deadline_s, lookahead=a.lookahead
+    )
     items: Iterator[Any] = iter(prefetcher)
     # Why the service fell back: the reply carries only a flag, the service's metrics count fallbacks by reason.
     # Each served fallback plan is one count, in the order the service decided them (rank 0 reads them).
@@ -1370,6 +1372,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--budget-ms", type=float, default=0.0, help="planning budget per batch (0: 1000, tiny 100)")
     ap.add_argument("--workers", type=int, default=0, help="sidecar search workers (0: 3, tiny 1)")
     ap.add_argument("--planner-nice", type=int, default=-1, help="nice of the sidecar (-1: 0, tiny 10)")
+    ap.add_argument("--lookahead", type=int, default=2, help="iterations ahead the metadata goes to the sidecar")
     ap.add_argument("--first-deadline-s", type=float, default=30.0, help="the first plan's deadline")
     ap.add_argument("--trace-schedules", default="pipeweaver,interleaved-1f1b")
     ap.add_argument("--trace-iteration", type=int, default=3, help="measured iteration drawn as Chrome traces")

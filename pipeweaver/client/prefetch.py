@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -103,6 +103,9 @@ class PlanPrefetcher(Generic[T]):
     while the current one trains. The plan must arrive by its deadline: ``deadline_s`` after it was sent when
     given, else 0.9 x the recent iteration time (an exponential average), so a punctual plan never delays the
     next iteration; the first iteration, which has nothing to overlap with, waits up to ``first_deadline_s``.
+    ``lookahead`` (default 1) sends metadata that many iterations ahead, with the deadline scaled to match: for
+    iterations shorter than a search plus its overhead (the deadline reserve the service learns), 2 gives the
+    planner two iterations of time at the cost of reading the loader one batch further ahead.
     An answer still in flight gets ``grace_s`` more. After that, or at once when the planner is unreachable, the
     iteration gets the local fallback. So the planner adds at most ``deadline + grace_s + the fallback's own
     time`` to an iteration, and nothing once it is down (reconnects back off, see `RetryPolicy`).
@@ -136,7 +139,10 @@ class PlanPrefetcher(Generic[T]):
         grace_s: float = 0.05,
         min_deadline_s: float = 0.02,
         report_timeout_s: float = 0.5,
+        lookahead: int = 1,
     ) -> None:
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
+            raise ValueError(f"PlanPrefetcher.lookahead must be an integer >= 1, got {lookahead!r}")
         for name, value in (("first_deadline_s", first_deadline_s), ("min_deadline_s", min_deadline_s)):
             if not value > 0:
                 raise ValueError(f"PlanPrefetcher.{name} must be positive, got {value}")
@@ -156,6 +162,7 @@ class PlanPrefetcher(Generic[T]):
         self.grace_s = grace_s
         self.min_deadline_s = min_deadline_s
         self.report_timeout_s = report_timeout_s
+        self.lookahead = lookahead
         self.stats = PrefetchStats()
         self._ranks: Sequence[int] = range(job.pp)
         self._stream: PlanStream | None = None
@@ -186,25 +193,23 @@ class PlanPrefetcher(Generic[T]):
             raise RuntimeError("a PlanPrefetcher can be iterated once; create another for another pass")
         self._started = True
         source = iter(self._batches)  # DataLoader workers fork here, before this process opens a gRPC channel
-        pending = list(islice(source, 1))
-        if not pending:
-            return
-        cur = pending[0]
-        cur_meta = self._meta(cur)
-        self._request(cur_meta, self.first_deadline_s)
+        window: deque[tuple[T, BatchMetadata]] = deque()
         try:
-            while True:
-                pending = list(islice(source, 1))  # the next batch, so its metadata can go out now
+            for first in islice(source, self.lookahead):  # nothing to overlap with yet: the first deadline
+                meta = self._meta(first)
+                self._request(meta, self.first_deadline_s)
+                window.append((first, meta))
+            while window:
+                cur, cur_meta = window.popleft()
+                pending = list(islice(source, 1))  # the batch `lookahead` iterations on: its metadata goes out now
                 nxt_meta = self._meta(pending[0]) if pending else None
                 item = self._resolve(cur, cur_meta)
                 if nxt_meta is not None:
                     self._request(nxt_meta, self._next_deadline_s())
+                    window.append((pending[0], nxt_meta))
                 handed = time.monotonic()
                 yield item
                 self._observe_step(time.monotonic() - handed)
-                if not pending or nxt_meta is None:
-                    return
-                cur, cur_meta = pending[0], nxt_meta
         finally:
             self.close()
 
@@ -223,7 +228,8 @@ class PlanPrefetcher(Generic[T]):
             return self.deadline_s
         if self._step_ema_s is None:
             return self.first_deadline_s
-        return max(self.min_deadline_s, 0.9 * self._step_ema_s)
+        # Sent `lookahead` iterations before it is needed.
+        return max(self.min_deadline_s, 0.9 * self.lookahead * self._step_ema_s)
 
     def _observe_step(self, seconds: float) -> None:
         ema = self._step_ema_s

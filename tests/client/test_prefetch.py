@@ -302,3 +302,31 @@ def test_training_continues_on_fallbacks_when_the_planner_stops_mid_run(tmp_path
     # Both ranks ran the same kind of plan every iteration, and the last rank (the loss) kept computing a loss.
     assert [x["ran"] for x in results[0]["records"]] == [x["ran"] for x in results[1]["records"]]
     assert all(x["loss"] > 0 for x in results[-1]["records"])
+
+
+def test_lookahead_sends_metadata_further_ahead(planner: ServerProcess) -> None:
+    w = presets.tiny_vlm(pp=2)
+    with PlannerClient(planner.address) as client:
+        job = client.register_job(w.model, w.parallel, w.hardware)
+    with pytest.raises(ValueError, match="lookahead must be an integer >= 1"):
+        PlanPrefetcher(PlannerClient(planner.address), job, [], lookahead=0)
+    client = PlannerClient(planner.address)
+    batches = _batches(w, 5, seed=3, start=100)  # the module's planner has seen iterations 0.. of this job
+    pulled: list[int] = []
+
+    def loader() -> Iterator[BatchMetadata]:
+        for b in batches:
+            pulled.append(b.iteration)
+            yield b
+
+    prefetcher = PlanPrefetcher(client, job, loader(), deadline_s=5.0, lookahead=2)
+    items: list[PlannedBatch[BatchMetadata]] = []
+    for item in prefetcher:
+        # While iteration k trains, k+1 and k+2 are with the planner already.
+        assert len(pulled) == min(item.metadata.iteration - 100 + 3, len(batches))
+        items.append(item)
+        time.sleep(0.3)
+    client.close()
+    assert [i.metadata.iteration for i in items] == list(range(100, 105))
+    assert all(i.origin == "planner" for i in items)
+    assert prefetcher.stats.planned == 5
