@@ -11,6 +11,12 @@ if it fits. The witness is an upper bound on the optimum, so the bound's own sla
     .venv/bin/python benchmarks/bench_bound_gap.py [--quick] [--workloads vlm-s t2v-s] [--batches 4]
 
 Writes benchmarks/results/bound_gap.json (or --out) and prints a table.
+
+With `--plans-from benchmarks/results/bench` it plans nothing: per workload it recomputes the bound (each argument,
+and argument 2 as smallest head + work + smallest tail) on the batches of that directory's `pipeweaver bench`
+report (its batch count, seed `--seed`) and sets the report's mean PipeWeaver makespan against the bound the report
+recorded and against today's, so a change to `search/bounds.py` is measured on the same plans. Writes
+benchmarks/results/bound_gap_same_plans.json (or --out).
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ from pipeweaver.plan.assemble import assemble_plan
 from pipeweaver.plan.ir import Compute, PlanSource, Recompute
 from pipeweaver.presets import workload
 from pipeweaver.search import bounds
-from pipeweaver.search.bounds import lower_bound_ms, lower_bound_parts
+from pipeweaver.search.bounds import BoundParts, lower_bound_ms, lower_bound_parts
 from pipeweaver.search.planner import Planner, SearchConfig
 from pipeweaver.search.problem import Problem
 from pipeweaver.spec import BatchMetadata
 
 WORKLOADS = ("vlm-s", "vlm-m", "vlm-l", "t2v-s", "t2v-l")
 RESULTS = Path(__file__).parent / "results" / "bound_gap.json"
+SAME_PLANS = Path(__file__).parent / "results" / "bound_gap_same_plans.json"
 
 
 def gated_list_schedule(problem: Problem, cap: np.ndarray) -> np.ndarray:
@@ -170,23 +177,43 @@ def _mixed(problems: list[Problem], per_stage: np.ndarray) -> Problem:
     return replace(problems[0], duration_ms=dur, alloc_bytes=alloc, free_bytes=free)
 
 
+def head_work_tail_ms(problem: Problem, strategies: list[Problem]) -> float:
+    """Argument 2 as it was before the one-machine view: max over ranks of smallest head + work + smallest tail."""
+    dmin = np.min(np.stack([problem.duration_ms, *(v.duration_ms for v in strategies)]), axis=0)
+    head, tail = bounds._heads_and_tails(problem, dmin)
+    masks = [problem.rank == r for r in range(problem.pp)]
+    return max(float(head[m].min() + dmin[m].sum() + tail[m].min()) for m in masks if m.any())
+
+
+def bound_row(planner: Planner, batch: BatchMetadata) -> tuple[dict[str, Any], Problem, BoundParts]:
+    """The bound's arguments on one batch, as the planner wires them (every strategy, the device budget)."""
+    header = planner.header_for(batch, job_id="", source=PlanSource.SEARCH, schedule="pipeweaver")
+    prep = planner._prepare(batch, header, Recompute.NONE)
+    per = planner._strategy_costs(prep, batch)
+    t0 = time.perf_counter()
+    strategies = [planner._problem_with(prep, per, dict.fromkeys(prep.costs.activation_bytes, rc)) for rc in Recompute]
+    caps = [planner.hardware.memory_bytes - s for s in planner.partition.static_memory_bytes]
+    parts = lower_bound_parts(prep.problem, strategies, caps)
+    bound_ms = (time.perf_counter() - t0) * 1e3
+    row = {
+        "new_bound_ms": round(parts.best_ms, 1),
+        "chain_ms": round(parts.chain_ms, 1),
+        "head_work_tail_ms": round(head_work_tail_ms(prep.problem, strategies), 1),
+        "busiest_rank_ms": round(parts.rank_ms, 1),
+        "memory_time_ms": round(parts.memory_ms, 1),
+        "bound_compute_ms": round(bound_ms, 1),
+    }
+    return row, prep.problem, parts
+
+
 def measure(name: str, batches: int, budget_ms: float, seed: int, witness: bool) -> list[dict[str, Any]]:
     w = workload(name)
     planner = Planner(w.model, w.parallel, w.hardware, config=SearchConfig(budget_ms=budget_ms))
     rows = []
     for it in range(batches):
         batch = sample_batch(w, seed=seed, iteration=it)
-        header = planner.header_for(batch, job_id="", source=PlanSource.SEARCH, schedule="pipeweaver")
-        prep = planner._prepare(batch, header, Recompute.NONE)
-        per = planner._strategy_costs(prep, batch)
-        t0 = time.perf_counter()
-        strategies = [
-            planner._problem_with(prep, per, dict.fromkeys(prep.costs.activation_bytes, rc)) for rc in Recompute
-        ]
-        caps = [w.hardware.memory_bytes - s for s in planner.partition.static_memory_bytes]
-        parts = lower_bound_parts(prep.problem, strategies, caps)
-        bound_ms = (time.perf_counter() - t0) * 1e3
-        old = lower_bound_ms(prep.problem)
+        bound, problem, parts = bound_row(planner, batch)
+        old = lower_bound_ms(problem)
         result = planner.plan(batch)
         fitting = planner.baseline_makespans(batch)
         best_name = min(fitting, key=lambda k: fitting[k]) if fitting else ""
@@ -194,11 +221,7 @@ def measure(name: str, batches: int, budget_ms: float, seed: int, witness: bool)
             "workload": name,
             "iteration": it,
             "old_bound_ms": round(old, 1),
-            "new_bound_ms": round(parts.best_ms, 1),
-            "chain_ms": round(parts.chain_ms, 1),
-            "busiest_rank_ms": round(parts.rank_ms, 1),
-            "memory_time_ms": round(parts.memory_ms, 1),
-            "bound_compute_ms": round(bound_ms, 1),
+            **bound,
             "pipeweaver_ms": round(result.predicted_ms, 1),
             "pipeweaver_fits": bool(max(result.peak_memory_bytes) <= w.hardware.memory_bytes),
             "pipeweaver_start": result.start,
@@ -260,6 +283,44 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def same_plans(reports: Path, names: list[str], seed: int) -> dict[str, Any]:
+    """Today's bound on the batches of each workload's `pipeweaver bench` report, against the plans it recorded."""
+    summary: dict[str, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        report = json.loads((reports / name / "bench.json").read_text())
+        w = workload(name)
+        planner = Planner(w.model, w.parallel, w.hardware, config=SearchConfig(compare_baselines=()))
+        mine = []
+        for it in range(int(report["batches"])):
+            row, _, _ = bound_row(planner, sample_batch(w, seed=seed, iteration=it))
+            mine.append({"workload": name, "iteration": it, **row})
+            print(json.dumps(mine[-1]), file=sys.stderr, flush=True)
+        planner.close()
+        ours = float(report["systems"]["pipeweaver"]["mean_iter_ms"])
+        then = float(report["lower_bound_mean_ms"])
+
+        def mean(key: str, rows_: list[dict[str, Any]] = mine) -> float:
+            return round(statistics.fmean(r[key] for r in rows_), 1)
+
+        now = mean("new_bound_ms")
+        summary[name] = {
+            "batches": len(mine),
+            "pipeweaver_ms": ours,
+            "reported_bound_ms": then,
+            "bound_ms": now,
+            "chain_ms": mean("chain_ms"),
+            "head_work_tail_ms": mean("head_work_tail_ms"),
+            "busiest_rank_ms": mean("busiest_rank_ms"),
+            "memory_time_ms": mean("memory_time_ms"),
+            "bound_compute_ms_max": max(r["bound_compute_ms"] for r in mine),
+            "gap_reported": round(ours / then - 1, 4),
+            "gap_now": round(ours / now - 1, 4),
+        }
+        rows += mine
+    return {"summary": summary, "rows": rows}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
@@ -268,8 +329,29 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2 batches per workload, 300 ms budget")
     parser.add_argument("--no-witness", action="store_true", help="skip the gated list-schedule witness")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, help=f"default {RESULTS} ({SAME_PLANS} with --plans-from)")
+    parser.add_argument("--plans-from", type=Path, help="plan nothing: today's bound against these bench reports")
     args = parser.parse_args()
+    if args.plans_from is not None:
+        report = {
+            "command": " ".join(sys.argv),
+            "seed": args.seed,
+            **same_plans(args.plans_from, args.workloads, args.seed),
+        }
+        out = args.out or SAME_PLANS
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(
+            "workload | batches | PipeWeaver s | bound then s | bound now s | head+work+tail s | one machine s"
+            " | memory s | gap then | gap now"
+        )
+        for name, s in report["summary"].items():
+            print(
+                f"{name} | {s['batches']} | {s['pipeweaver_ms'] / 1e3:.2f} | {s['reported_bound_ms'] / 1e3:.2f}"
+                f" | {s['bound_ms'] / 1e3:.2f} | {s['head_work_tail_ms'] / 1e3:.2f} | {s['busiest_rank_ms'] / 1e3:.2f}"
+                f" | {s['memory_time_ms'] / 1e3:.2f} | {s['gap_reported']:.2%} | {s['gap_now']:.2%}"
+            )
+        return 0
     batches, budget = (2, 300.0) if args.quick else (args.batches, args.budget_ms)
     rows: list[dict[str, Any]] = []
     for name in args.workloads:
@@ -283,8 +365,9 @@ def main() -> int:
         "summary": summary,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    out = args.out or RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
     head = (
         "workload | old bound s | new bound s | PipeWeaver s | best baseline s (fits) | vs best | vs VPP | gap old"
         " | gap new | witness s | plan p50 ms"

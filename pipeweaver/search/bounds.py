@@ -7,33 +7,45 @@ as long as its delay (SEMU's link queueing only adds to it). "Fastest" below mea
 over the strategies.
 
 1. **Chain.** No schedule beats the longest dependency chain at the fastest durations.
-2. **Busiest rank.** A rank runs one stage at a time, so the makespan is at least the least time before the rank
-   can start anything (its smallest head), plus all its work, plus the least time after it must stop (its smallest
-   tail), at the fastest durations.
+2. **Busiest rank, as one machine with heads and tails.** A stage j on rank r cannot start before its head h_j
+   (the longest path ending at its start) and leaves at least its tail t_j after its end (the longest path after
+   it), both at the fastest durations with transfer delays included; the rank runs one stage at a time. So the
+   makespan is at least the optimum of this one-machine problem (release h_j, work d_j, delivery t_j), and at least
+   the optimum of its preemptive relaxation, which Jackson's preemptive schedule (run the released stage with the
+   largest tail, preempting at releases) reaches exactly in O(n log n) (`_jackson_kernel`). That optimum equals the
+   classic bound max over windows S = {j on r : h_j >= a, t_j >= b} of a + sum_S d_j + b (Carlier 1982): every
+   stage of S runs inside [a, T - b]. The whole rank is one window (smallest head + all work + smallest tail, this
+   argument before), so it is never weaker. The kernel also returns a window where the maximum is attained (b: the
+   tail of the stage that attains it; a: the best release for that b), which argument 3 reuses.
 3. **Memory-time area** (given each strategy's costs and each rank's activation budget A_r). A stage pair k (one
    chunk's forward and backward passes for one sub-microbatch) on rank r runs every stage under one strategy s
-   (none / selective / full recompute), which sets the pair's work lat_k(s) and its activation bytes m_k(s). As in
-   SEMU's engine, the bytes are held from the forward's start to the end of the pair's freeing pass (B; W when the
-   backward is split; the forward itself for forward-only pipelines). That lifetime is at least
+   (none / selective / full recompute), which sets its stages' durations d_j(s) and its activation bytes m_k(s).
+   As in SEMU's engine, the bytes are held from the forward's start to the end of the pair's freeing pass (B; W
+   when the backward is split; the forward itself for forward-only pipelines). That lifetime is at least
    L_k(s) = d_F(s) + D_k + d_free(s), with D_k the longest path from the forward's end to the freeing pass's start
    through the stage graph at the fastest durations, transfer delays included (the downstream forwards, the loss,
    the upstream backwards of the same microbatch; no order can shorten a dependency chain). A schedule that fits
-   memory keeps the live bytes at or below A_r at every instant; they are zero before r's first forward can start
-   (h^F_r, its smallest head) and after r's last freeing pass must end (t^B_r, its smallest tail). Integrating the
-   live bytes over the makespan T gives
+   memory keeps the live bytes at or below A_r at every instant. Take two non-empty windows of rank r: stages
+   S1 = {j : h_j >= a1, t_j >= b1} and pairs S2 = {k : h(F_k) >= a2, t(free_k) >= b2}. The stages of S1 run one at a
+   time inside [a1, T - b1]; the pairs of S2 hold their bytes inside [a2, T - b2], and their bytes are part of the
+   live bytes. So, with the schedule's own strategies s,
 
-       sum_k m_k(s_k) L_k(s_k)  <=  integral of live bytes dt  <=  A_r (T - h^F_r - t^B_r),
+       busy(s) = a1 + b1 + sum_{j in S1} d_j(s_j)  <=  T,
+       area(s) = a2 + b2 + sum_{k in S2} m_k(s_k) L_k(s_k) / A_r  <=  T     (integrate live bytes over [a2, T - b2]),
 
-   and argument 2 with the strategies actually used gives T >= h_r + t_r + sum_k lat_k(s_k). So for every weight
-   lam in [0, 1], with busy(s) = h_r + t_r + sum_k lat_k(s_k) and area(s) = h^F_r + t^B_r + sum_k a_k(s_k) / A_r
-   (a_k = m_k L_k), the schedule's own strategies s satisfy
+   and for every weight lam in [0, 1]
 
        T >= lam busy(s) + (1 - lam) area(s) >= g_r(lam) := min over all s' of [lam busy(s') + (1 - lam) area(s')],
 
-   and the minimum separates into one choice per pair. Every lam gives a valid bound; the maximum over lam (found
-   by bisection on the concave g_r) equals the LP relaxation of "min over s of max(busy, area)", i.e. the
-   cheapest fractional recompute that frees enough memory-time. lam = 1 is argument 2. The bound is
-   max_r max_lam g_r(lam).
+   where the minimum separates into one choice per pair (pair k adds lam times the work of its stages in S1 and
+   1 - lam times its area if it is in S2). Every (S1, S2, lam) gives a valid bound; for fixed windows the maximum
+   over lam (found by bisection on the concave g_r) is the LP relaxation of "min over s of max(busy, area)", the
+   cheapest fractional recompute that frees enough memory-time. Which windows are tried matters for tightness
+   only: the whole rank with all its pairs (this argument before), argument 2's window with all pairs (lam = 1 is
+   then argument 2), and, for the strategies that solve picks, the pair window where their memory-time bound is
+   attained (Jackson's schedule on the pairs: release h(F_k), work m_k L_k / A_r, tail t(free_k)) with argument 2's
+   window and with the stage window that is critical at the picked durations. The bound is the largest g_r found,
+   over ranks.
 
 The memory argument covers schedules whose live activations stay within the given budget at every instant. Pass
 the budget the result is checked against (SEMU's device capacity minus static memory, what `Planner._fits`
@@ -41,15 +53,20 @@ checks), not a stricter planning cap, and do not rely on it for a plan that over
 this problem's placement and sub-microbatch split; a schedule on another placement (the baselines') has other
 stages, so there the bound is only a reference point (the tests and `benchmarks/bench_bound_gap.py` check it).
 
-Limits: argument 3 is a fluid relaxation. It charges each pair only its dependency chain as lifetime, while in a
-busy pipeline the other ranks are working on other microbatches and lifetimes are longer (queueing), and it lets
-pairs recompute fractionally. Where one microbatch's chain is short next to a rank's work (sub-microbatches run in
-parallel across ranks), the area stays below A_r T and the bound is argument 2; it binds where lifetimes are long
-and activations big (t2v-l: a few percent above argument 2).
+Limits: on the planner's workloads the chains are short next to a rank's work (sub-microbatches run in parallel
+across ranks), so heads and tails are small and argument 2 is within 0.5% of the busiest rank's work alone; the one
+machine view adds little there (it does on short pipelines: tests). Without a memory limit the interleaver gets
+within 0.5% of argument 2 on vlm-l, so what is left is memory, and argument 3 is a fluid relaxation: it charges
+each pair only its dependency chain as lifetime, while in a busy pipeline the other ranks are working on other
+microbatches and lifetimes are longer (queueing, 3-13x the chain in unconstrained vlm-l schedules), and it lets
+pairs recompute fractionally. Where the area at chain lifetimes stays below A_r T it adds nothing; it binds where
+lifetimes are long and activations big (t2v-l: a few percent above argument 2).
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,8 +80,8 @@ from pipeweaver.search.problem import Problem
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
-_BISECTIONS = 60
-"""Bisection steps on lam per rank (each halves the interval; g is concave piecewise linear)."""
+_BISECTIONS = 40
+"""Bisection steps on lam per rank (each halves the interval, to 1e-12 here; g is concave piecewise linear)."""
 
 
 # ---- graph kernels ---------------------------------------------------------------------------------------------
@@ -208,6 +225,132 @@ def _heads_and_tails(problem: Problem, duration_ms: F64 | None = None) -> tuple[
     return head, tail
 
 
+# ---- one rank as one machine: Jackson's preemptive schedule ---------------------------------------------------
+
+
+@numba.njit(cache=True)
+def _jackson_kernel(
+    rank: I64, pp: int, release: F64, work: F64, tail: F64
+) -> tuple[F64, F64, F64]:  # pragma: no cover - numba
+    """Per rank, the optimal preemptive max(C_j + tail_j) of its jobs (0 without jobs), and a window (a, b).
+
+    Jackson's preemptive schedule: whenever a job is released or finishes, run the released job with the largest
+    tail, preempting at releases. The window is one where the classic subset bound is attained:
+    a + sum of work over {j : release_j >= a, tail_j >= b} + b equals the value (b is the critical job's tail).
+    """
+    n = rank.shape[0]
+    by_release = np.argsort(release, kind="mergesort")
+    idx = by_release[np.argsort(rank[by_release], kind="mergesort")]
+    rem = work.copy()
+    heap = np.empty(n, np.int64)
+    value = np.zeros(pp)
+    win_a = np.zeros(pp)
+    win_b = np.zeros(pp)
+    lo = 0
+    while lo < n:
+        r = rank[idx[lo]]
+        hi = lo
+        while hi < n and rank[idx[hi]] == r:
+            hi += 1
+        t = -np.inf
+        size = 0
+        k = lo
+        best = -np.inf
+        critical = idx[lo]
+        while k < hi or size > 0:
+            if size == 0 and t < release[idx[k]]:
+                t = release[idx[k]]
+            while k < hi and release[idx[k]] <= t:
+                # push idx[k] on the max-heap keyed by tail
+                c = size
+                heap[c] = idx[k]
+                size += 1
+                while c > 0:
+                    up = (c - 1) // 2
+                    if tail[heap[up]] >= tail[heap[c]]:
+                        break
+                    heap[up], heap[c] = heap[c], heap[up]
+                    c = up
+                k += 1
+            j = heap[0]
+            nxt = release[idx[k]] if k < hi else np.inf
+            if t + rem[j] <= nxt:
+                t += rem[j]
+                if t + tail[j] > best:
+                    best = t + tail[j]
+                    critical = j
+                # pop the top
+                size -= 1
+                heap[0] = heap[size]
+                c = 0
+                while True:
+                    left = 2 * c + 1
+                    if left >= size:
+                        break
+                    child = left
+                    if left + 1 < size and tail[heap[left + 1]] > tail[heap[left]]:
+                        child = left + 1
+                    if tail[heap[c]] >= tail[heap[child]]:
+                        break
+                    heap[c], heap[child] = heap[child], heap[c]
+                    c = child
+            else:  # preempted by the next release (it runs on if its tail is still the largest)
+                rem[j] -= nxt - t
+                t = nxt
+        b = tail[critical]
+        # The best a for this b: releases of the jobs with tail >= b, latest first, summing their work.
+        acc = 0.0
+        a_best = -np.inf
+        v_best = -np.inf
+        for q in range(hi - 1, lo - 1, -1):
+            i = idx[q]
+            if tail[i] >= b:
+                acc += work[i]
+                if release[i] + acc > v_best:
+                    v_best = release[i] + acc
+                    a_best = release[i]
+        value[r] = best
+        win_a[r] = a_best
+        win_b[r] = b
+        lo = hi
+    return value, win_a, win_b
+
+
+def jackson_reference(
+    rank: Sequence[int], pp: int, release: Sequence[float], work: Sequence[float], tail: Sequence[float]
+) -> tuple[list[float], list[float], list[float]]:
+    """Pure-Python twin of `_jackson_kernel` (heapq; the tests hold them equal)."""
+    value, win_a, win_b = [0.0] * pp, [0.0] * pp, [0.0] * pp
+    for r in range(pp):
+        jobs = sorted((i for i in range(len(rank)) if rank[i] == r), key=lambda i: release[i])
+        if not jobs:
+            continue
+        rem = {i: work[i] for i in jobs}
+        heap: list[tuple[float, int]] = []
+        t, k, best, critical = -math.inf, 0, -math.inf, jobs[0]
+        while k < len(jobs) or heap:
+            if not heap:
+                t = max(t, release[jobs[k]])
+            while k < len(jobs) and release[jobs[k]] <= t:
+                heapq.heappush(heap, (-tail[jobs[k]], jobs[k]))
+                k += 1
+            j = heap[0][1]
+            nxt = release[jobs[k]] if k < len(jobs) else math.inf
+            if t + rem[j] <= nxt:
+                heapq.heappop(heap)
+                t += rem[j]
+                if t + tail[j] > best:
+                    best, critical = t + tail[j], j
+            else:
+                rem[j] -= nxt - t
+                t = nxt
+        b = tail[critical]
+        window = [i for i in jobs if tail[i] >= b]
+        a = max((release[i] for i in window), key=lambda x: x + sum(work[i] for i in window if release[i] >= x))
+        value[r], win_a[r], win_b[r] = best, a, b
+    return value, win_a, win_b
+
+
 # ---- the bound -------------------------------------------------------------------------------------------------
 
 
@@ -217,7 +360,8 @@ class BoundParts:
 
     chain_ms: float
     rank_ms: float
-    """Busiest rank: max over ranks of smallest head + work + smallest tail, at the fastest durations."""
+    """Busiest rank: max over ranks of the one-machine bound with heads and tails (Jackson's preemptive schedule),
+    at the fastest durations; never below smallest head + work + smallest tail."""
     memory_ms: float
     memory_rank_ms: tuple[float, ...] = ()
     """Argument 3 per rank."""
@@ -257,16 +401,14 @@ def lower_bound_parts(
     dmin = np.min(np.stack([problem.duration_ms, *(v.duration_ms for v in strategies)]), axis=0)
     head, tail = _heads_and_tails(problem, dmin)
     chain = float(np.max(head + dmin + tail))
-    rank = 0.0
-    for r in range(problem.pp):
-        mask = problem.rank == r
-        if mask.any():
-            rank = max(rank, float(head[mask].min() + dmin[mask].sum() + tail[mask].min()))
+    per_rank, win_a, win_b = _jackson_kernel(problem.rank, problem.pp, head, dmin, tail)
+    rank = float(per_rank.max())
     if not strategies or cap_bytes is None:
         return BoundParts(chain, rank, 0.0)
     if len(cap_bytes) != problem.pp:
         raise ValueError(f"cap_bytes has {len(cap_bytes)} entries, the problem has pp={problem.pp}")
-    per_rank = _memory_rank_bounds(problem, strategies, np.asarray(cap_bytes, dtype=np.float64), dmin, head, tail)
+    cap = np.asarray(cap_bytes, dtype=np.float64)
+    per_rank = _memory_rank_bounds(problem, strategies, cap, dmin, head, tail, (win_a, win_b))
     return BoundParts(chain, rank, float(per_rank.max()), tuple(float(x) for x in per_rank))
 
 
@@ -299,56 +441,96 @@ def _pairs(problem: Problem) -> _Pairs:
 
 
 def _memory_rank_bounds(
-    problem: Problem, strategies: Sequence[Problem], cap: F64, dmin: F64, head: F64, tail: F64
+    problem: Problem,
+    strategies: Sequence[Problem],
+    cap: F64,
+    dmin: F64,
+    head: F64,
+    tail: F64,
+    busiest: tuple[F64, F64],
 ) -> F64:
-    """Argument 3 per rank (0 for a rank without stages)."""
+    """Argument 3 per rank (0 for a rank without stages): the best over a few windows (S1, S2) per rank.
+
+    Every (S1, S2, lam) gives a valid bound, so how the windows are picked is a matter of tightness only (the module
+    docstring lists them); `busiest` is argument 2's window (a, b) per rank.
+    """
     pairs = _pairs(problem)
     n_pairs = pairs.forward.shape[0]
     f, fr = pairs.forward, pairs.free
     gap = _pair_paths_kernel(_order(problem), dmin, problem.pred_ptr, problem.pred_idx, problem.pred_delay_ms, f, fr)
     gap = np.where(np.isfinite(gap), gap, dmin[f])  # no path (cannot happen in stage graphs): just the forward
     own = fr == f
-    lat = np.empty((n_pairs, len(strategies)))
+    dur = np.stack([v.duration_ms for v in strategies], axis=1)
     area = np.empty((n_pairs, len(strategies)))
     for j, v in enumerate(strategies):
-        lat[:, j] = np.bincount(pairs.of_stage, weights=v.duration_ms, minlength=n_pairs)
         life = np.where(own, v.duration_ms[f], gap - dmin[f] + v.duration_ms[f] + v.duration_ms[fr])
         area[:, j] = v.alloc_bytes[f] * life
-    pair_rank = problem.rank[f]
-    pp = problem.pp
-    busy0 = np.zeros(pp)
-    area0 = np.zeros(pp)
-    for r in range(pp):
-        mask = problem.rank == r
-        if not mask.any():
-            continue
-        mine = pair_rank == r
-        busy0[r] = head[mask].min() + tail[mask].min()
-        area0[r] = head[f[mine]].min() + tail[fr[mine]].min() if mine.any() else 0.0
-    has_stages = np.array([(problem.rank == r).any() for r in range(pp)])
+    pp, rank = problem.pp, problem.rank
+    pair_rank = rank[f]
     # A budget <= 0 admits no schedule holding bytes at all; such a rank keeps arguments 1-2 only (finite).
     scaled = area / np.where(cap > 0, cap, np.inf)[pair_rank][:, None]
+    pair_head, pair_tail = head[f], tail[fr]
+    has_stages = np.bincount(rank, minlength=pp) > 0
+    rows = np.arange(n_pairs)
 
-    def g(lam: F64) -> tuple[F64, F64, F64]:
-        """g_r(lam) per rank, and busy(s*) and area(s*) of the minimising strategies (for the bisection)."""
-        w = lam[pair_rank][:, None]
-        pick = np.argmin(w * lat + (1.0 - w) * scaled, axis=1)
-        rows = np.arange(n_pairs)
-        busy = busy0 + np.bincount(pair_rank, weights=lat[rows, pick], minlength=pp)
-        held = area0 + np.bincount(pair_rank, weights=scaled[rows, pick], minlength=pp)
-        return lam * busy + (1.0 - lam) * held, busy, held
+    def solve(s1: tuple[F64, F64], s2: tuple[F64, F64]) -> tuple[F64, I64]:
+        """max over lam of g_r(lam) per rank for the windows S1 (stages) and S2 (pairs), and the minimising
+        strategies at the last lam."""
+        in1 = (head >= s1[0][rank]) & (tail >= s1[1][rank])
+        lat = np.stack(
+            [np.bincount(pairs.of_stage, weights=dur[:, j] * in1, minlength=n_pairs) for j in range(dur.shape[1])],
+            axis=1,
+        )
+        in2 = (pair_head >= s2[0][pair_rank]) & (pair_tail >= s2[1][pair_rank])
+        held_k = scaled * in2[:, None]
+        busy0, area0 = s1[0] + s1[1], s2[0] + s2[1]
 
-    lo, hi = np.zeros(pp), np.ones(pp)
-    best, _, _ = g(hi)  # lam = 1: argument 2 with each pair at its fastest strategy
-    for _ in range(_BISECTIONS):
-        mid = 0.5 * (lo + hi)
-        value, busy, held = g(mid)
-        best = np.maximum(best, value)
-        # g'(lam) = busy - held at the minimiser: climb towards the maximum of the concave g.
-        up = busy > held
-        lo = np.where(up, mid, lo)
-        hi = np.where(up, hi, mid)
+        def g(lam: F64) -> tuple[F64, F64, F64, I64]:
+            """g_r(lam) per rank, busy(s*) and area(s*) of the minimising strategies s*, and s*."""
+            w = lam[pair_rank][:, None]
+            pick = np.argmin(w * lat + (1.0 - w) * held_k, axis=1)
+            busy = busy0 + np.bincount(pair_rank, weights=lat[rows, pick], minlength=pp)
+            held = area0 + np.bincount(pair_rank, weights=held_k[rows, pick], minlength=pp)
+            return lam * busy + (1.0 - lam) * held, busy, held, pick
+
+        lo, hi = np.zeros(pp), np.ones(pp)
+        best, _, _, pick = g(hi)  # lam = 1: argument 2 on S1 with each pair at its fastest strategy
+        for _ in range(_BISECTIONS):
+            mid = 0.5 * (lo + hi)
+            value, busy, held, pick = g(mid)
+            best = np.maximum(best, value)
+            # g'(lam) = busy - held at the minimiser: climb towards the maximum of the concave g.
+            up = busy > held
+            lo = np.where(up, mid, lo)
+            hi = np.where(up, hi, mid)
+        return best, pick
+
+    def area_window(work: F64) -> tuple[F64, F64]:
+        """The window of pairs where the memory-time bound with these areas is attained (Jackson on areas)."""
+        _, a, b = _jackson_kernel(pair_rank, pp, pair_head, work, pair_tail)
+        return a, b
+
+    def stage_window(pick: I64) -> tuple[F64, F64]:
+        """The window of stages where argument 2 at the picked strategies' durations is attained."""
+        _, a, b = _jackson_kernel(rank, pp, head, dur[np.arange(problem.n), pick[pairs.of_stage]], tail)
+        return a, b
+
+    whole = (_group_min(head, rank, pp), _group_min(tail, rank, pp))
+    all_pairs = (_group_min(pair_head, pair_rank, pp), _group_min(pair_tail, pair_rank, pp))
+    best = solve(whole, all_pairs)[0]  # the whole rank and all its pairs: never below this
+    value, pick = solve(busiest, all_pairs)
+    best = np.maximum(best, value)
+    critical = area_window(scaled[rows, pick])  # where the picked strategies' memory-time bound is attained
+    for s1 in (busiest, stage_window(pick)):
+        best = np.maximum(best, solve(s1, critical)[0])
     return np.where(has_stages, best, 0.0)
+
+
+def _group_min(values: F64, group: I64, size: int) -> F64:
+    """Per group, the smallest value (0 where a group has none)."""
+    out = np.full(size, np.inf)
+    np.minimum.at(out, group, values)
+    return np.where(np.isfinite(out), out, 0.0)
 
 
 def memory_rank_bounds_ms(problem: Problem, strategies: Sequence[Problem], cap_bytes: Sequence[float]) -> F64:
@@ -365,6 +547,7 @@ def warm_kernels() -> None:
     _heads_tails_kernel(order, dur, pred_ptr, pred_idx, delay)
     _pair_paths_kernel(order, dur, pred_ptr, pred_idx, delay, np.array([0]), np.array([1]))
     _group_by_component(order, pred_ptr, pred_idx)
+    _jackson_kernel(np.array([0, 0]), 1, np.zeros(2), dur, np.zeros(2))
 
 
 # ---- exact optimum of small instances --------------------------------------------------------------------------

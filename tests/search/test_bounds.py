@@ -1,5 +1,6 @@
 """Lower bounds: never above any schedule's makespan (CP-SAT optima with and without memory, the planner's plans,
-every baseline that fits), and the memory-time argument binds where memory is short."""
+every baseline that fits), never below the simpler arguments they replace, the one-machine kernel equal to its
+Python twin and to the subset bound it computes, and the memory-time argument binds where memory is short."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ from pipeweaver.plan import PlanHeader, stage_graph
 from pipeweaver.plan.ir import Pass, PlanSource, Recompute
 from pipeweaver.plan.layouts import modular_placement, split_sub_microbatches
 from pipeweaver.presets import workload
-from pipeweaver.search.bounds import exact_makespan_ms, lower_bound_ms, lower_bound_parts
+from pipeweaver.search.bounds import (
+    _heads_and_tails,
+    _jackson_kernel,
+    exact_makespan_ms,
+    jackson_reference,
+    lower_bound_ms,
+    lower_bound_parts,
+)
 from pipeweaver.search.planner import Planner, SearchConfig
 from pipeweaver.search.problem import Problem, build_problem
 from pipeweaver.spec import BatchMetadata
@@ -23,6 +31,76 @@ from pipeweaver.spec.workload import Workload
 from tests.search.pipelines import small_batch, uniform_pipeline_header
 
 MB = 1e6
+
+
+def _head_work_tail_ms(problem: Problem, strategies: list[Problem] | None = None) -> float:
+    """Argument 2 before the one-machine view: max over ranks of smallest head + all work + smallest tail."""
+    dmin = np.min(np.stack([problem.duration_ms, *(v.duration_ms for v in strategies or [])]), axis=0)
+    head, tail = _heads_and_tails(problem, dmin)
+    masks = [problem.rank == r for r in range(problem.pp)]
+    return max(float(head[m].min() + dmin[m].sum() + tail[m].min()) for m in masks if m.any())
+
+
+# ---- one rank as one machine -------------------------------------------------------------------------------------
+
+
+def _window_bound(rank: list[int], pp: int, release: list[float], work: list[float], tail: list[float]) -> list[float]:
+    """Per rank, max over windows {j : release_j >= a, tail_j >= b} of a + their work + b, by brute force."""
+    out = [0.0] * pp
+    for r in range(pp):
+        jobs = [j for j in range(len(rank)) if rank[j] == r]
+        for a in (release[j] for j in jobs):
+            for b in (tail[j] for j in jobs):
+                window = [j for j in jobs if release[j] >= a and tail[j] >= b]
+                if window:
+                    out[r] = max(out[r], a + sum(work[j] for j in window) + b)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    jobs=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40), st.integers(0, 12), st.integers(0, 40)), max_size=12)
+)
+def test_one_machine_kernel_equals_reference_and_the_window_bound(jobs: list[tuple[int, int, int, int]]) -> None:
+    # Quarter-ms values: sums stay exact in floating point, and ties in release and tail are common.
+    rank = [j[0] for j in jobs]
+    release, work, tail = ([j[k] / 4 for j in jobs] for k in (1, 2, 3))
+    arrays = (np.array(rank, np.int64), 3, np.array(release), np.array(work), np.array(tail))
+    value, a, b = _jackson_kernel(*arrays)
+    ref_value, ref_a, ref_b = jackson_reference(rank, 3, release, work, tail)
+    assert value.tolist() == pytest.approx(ref_value)
+    assert value.tolist() == pytest.approx(_window_bound(rank, 3, release, work, tail))
+    for win_a, win_b in ((a.tolist(), b.tolist()), (ref_a, ref_b)):  # the window returned attains the bound
+        for r in set(rank):
+            inside = [j for j in range(len(rank)) if rank[j] == r and release[j] >= win_a[r] and tail[j] >= win_b[r]]
+            assert inside
+            assert win_a[r] + sum(work[j] for j in inside) + win_b[r] == pytest.approx(value[r])
+
+
+def test_one_machine_bound_sees_that_backwards_wait_for_the_chain() -> None:
+    # Two ranks, two microbatches; rank 0: F = 1, B = 4; rank 1: F = B = 1. Rank 0's backwards cannot start before
+    # 3 ms (F F B through rank 1) and take 8 ms: 11 ms, which 1F1B reaches. Smallest head + work + smallest tail
+    # on rank 0 is 10 ms, on rank 1 9 ms, and the chain 7 ms.
+    header = uniform_pipeline_header(2, 2)
+    g = stage_graph(header)
+    cost = {(0, Pass.F): 1.0, (0, Pass.B): 4.0, (1, Pass.F): 1.0, (1, Pass.B): 1.0}
+    dur = {s: cost[(g.rank[s], s.pass_)] for s in g.stages}
+    problem = build_problem(g, 2, dur, {}, {}, [1e9] * 2)
+    parts = lower_bound_parts(problem)
+    assert (parts.chain_ms, _head_work_tail_ms(problem)) == (pytest.approx(7.0), pytest.approx(10.0))
+    assert parts.rank_ms == pytest.approx(11.0)
+    optimum, proven = exact_makespan_ms(problem, time_limit_s=10)
+    assert proven and optimum == pytest.approx(11.0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), pp=st.sampled_from([2, 3, 4]), m=st.integers(1, 4), split=st.booleans())
+def test_busiest_rank_bound_is_between_head_work_tail_and_the_optimum(seed: int, pp: int, m: int, split: bool) -> None:
+    problem = _strategy_problems(seed, pp, m, split)[0]
+    parts = lower_bound_parts(problem)
+    assert parts.rank_ms >= _head_work_tail_ms(problem) - 1e-9
+    best, _ = exact_makespan_ms(problem, time_limit_s=10)  # proven or not: a makespan some schedule reaches
+    assert parts.best_ms <= best + 1e-3 * problem.n
 
 
 def _strategy_problems(seed: int, pp: int, m: int, split: bool) -> list[Problem]:
@@ -70,6 +148,8 @@ def test_bound_never_exceeds_the_memory_constrained_optimum(
     cap = np.maximum(total * tightness, 2.0)
     parts = lower_bound_parts(none, strategies, cap)
     assert parts.best_ms >= lower_bound_ms(none) - 1e-9  # never weaker than arguments 1-2
+    assert parts.rank_ms >= _head_work_tail_ms(none, strategies) - 1e-9
+    assert parts.memory_ms >= parts.rank_ms - 1e-9  # lam = 1 on argument 2's window
     try:
         optimum, _ = exact_makespan_ms(none, time_limit_s=10, strategies=strategies, cap_bytes=cap)
     except RuntimeError:
@@ -93,14 +173,17 @@ def _uniform_pipeline(pp: int, m: int) -> list[Problem]:
 def test_memory_argument_binds_when_one_microbatch_fits_and_stays_below_the_optimum() -> None:
     pp, m = 3, 6
     strategies = _uniform_pipeline(pp, m)
-    # Rank 1 keeps each microbatch at least from its forward to its backward's end through rank 2 (F F B B = 6 ms)
-    # unless it recomputes (2 ms more work, a tenth of the bytes). With room for about one microbatch, keeping all
-    # 6 takes 6 * 6 / 1.05 ms of memory-time; the cheapest fractional recompute balances work and memory-time at
-    # 25.7 ms, above the busiest-rank bound 24 ms (rank 2: 2 ms head, 18 ms work, 4 ms tail).
+    # Rank 0 keeps each microbatch at least from its forward to its backward's end (F F F B B B = 9 ms) unless it
+    # recomputes (2 ms more work, a tenth of the bytes: 1.1 byte-ms). With room for about one microbatch, keeping
+    # all 6 takes 6 * 9 / 1.05 ms of memory-time. Its backwards cannot start before 7 ms (F F B B through ranks 1
+    # and 2) and are 12 ms of work; recomputing a fraction x of each pair balances 7 + 12 + 12x with
+    # 6 (9 (1 - x) + 1.1 x) / 1.05 at 25.81 ms. Counting all of rank 0's work from 0 instead gives 25.02 ms (this
+    # argument before), rank 1 gives 25.69 ms; the busiest-rank bound is 24 ms (rank 2: 2 ms head, 18 ms work,
+    # 4 ms tail).
     cap = [1.05] * pp
     parts = lower_bound_parts(strategies[0], strategies, cap)
     assert parts.rank_ms == pytest.approx(24.0)
-    assert parts.memory_ms == pytest.approx(25.685, abs=1e-2)
+    assert parts.memory_rank_ms[:2] == (pytest.approx(25.81, abs=1e-2), pytest.approx(25.685, abs=1e-2))
     # CP-SAT's best schedule within the limit (proven optimal or not) is a makespan some schedule reaches.
     best, _ = exact_makespan_ms(strategies[0], time_limit_s=10, strategies=strategies, cap_bytes=cap)
     assert parts.best_ms <= best + 1e-6
@@ -156,6 +239,7 @@ def test_bound_is_below_the_plan_and_every_baseline_that_fits(
         bound, problem, strategies, caps = _planner_bound(planner, batch)
         parts = lower_bound_parts(problem, strategies, caps)
         assert (parts.memory_ms > max(parts.rank_ms, parts.chain_ms) + 1.0) is binds
+        assert parts.rank_ms >= _head_work_tail_ms(problem, strategies) - 1e-9
         result = planner.plan(batch)
         assert max(result.peak_memory_bytes) <= w.hardware.memory_bytes  # the argument needs a plan that fits
         assert bound <= result.predicted_ms + 1e-6
