@@ -541,7 +541,15 @@ def run_ours(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[s
         plans[k] = plan = plan_for(batch)
         build_ms = (time.perf_counter() - t0) * 1e3
         ms, _, stats = clock.timed(lambda p=plan, b=batch: ex.run_iteration(p, b), f"iteration {k}")
-        rows.append({"i": k, "ms": round(ms, 3), "loss": reduce_sum(run, stats.loss), "plan_build_ms": build_ms})
+        rows.append(
+            {
+                "i": k,
+                "ms": round(ms, 3),
+                "loss": reduce_sum(run, stats.loss),
+                "plan_build_ms": build_ms,
+                "warmed_gemms": stats.warmed_gemms,  # this rank's new (layer, rows) kernels loaded first
+            }
+        )
         run.say(schedule=name, iteration=k, ms=round(ms, 1), loss=round(rows[-1]["loss"], 5))
     if name in run.args.trace_schedules.split(",") and rows:
         k = trace_index(run, len(rows))
@@ -665,6 +673,7 @@ def run_pipeweaver(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> 
                     "i": k,
                     "ms": round(ms, 3),
                     "loss": reduce_sum(run, stats.loss),
+                    "warmed_gemms": stats.warmed_gemms,
                     "source": h.source.value,
                     "plan_schedule": h.schedule,
                     "fallback": h.source is PlanSource.FALLBACK,

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from pipeweaver.client.cuda_env import warn_if_unprepared_for_dynamic_pipelines
 from pipeweaver.client.data import SyntheticData, stable_seed
 from pipeweaver.client.geometry import Geometry, LossScale, geometry
-from pipeweaver.client.kernel_warmup import warm_up_gemms
+from pipeweaver.client.kernel_warmup import warm_up_gemms, warm_up_rows
 from pipeweaver.client.models import (
     BlockPart,
     ModalityModule,
@@ -90,6 +90,8 @@ class IterationStats:
     wall_ms: float
     fallback_reason: str = ""
     """Why a fallback plan ran instead of the planner's (empty when it did not)."""
+    warmed_gemms: int = 0
+    """(layer, row count) pairs whose kernels were loaded at the start of the iteration (new shapes)."""
 
 
 @dataclass(slots=True)
@@ -138,6 +140,7 @@ class _Iteration:
     computes: int = 0
     sent_bytes: int = 0
     received_bytes: int = 0
+    warmed_gemms: int = 0
 
 
 def _unit(s: StageKey) -> Unit:
@@ -192,6 +195,8 @@ class PipelineExecutor:
         self.device = device or torch.device("cpu")
         # Synthetic inputs are drawn where they are used (see pipeweaver.client.data).
         self._data_device = str(self.device) if self.device.type == "cuda" else "cpu"
+        self.warm_new_shapes = self.device.type == "cuda"
+        """Load new GEMM shapes' kernels at the start of each iteration (`pipeweaver.client.kernel_warmup`)."""
         self.dtype = dtype
         self.modules = dict(modules) if modules is not None else reference_modules(model)
         self.parts: dict[str, nn.Module] = {}
@@ -370,6 +375,8 @@ class PipelineExecutor:
         )
         for p in self.parameters():
             p.grad = None
+        if self.warm_new_shapes:
+            self._warm_new_rows(it)
         for action in plan.ranks[self.rank].actions:
             if isinstance(action, Compute):
                 self._compute(it, action)
@@ -394,6 +401,7 @@ class PipelineExecutor:
             sent_bytes=it.sent_bytes,
             received_bytes=it.received_bytes,
             wall_ms=(time.perf_counter() - start) * 1e3,
+            warmed_gemms=it.warmed_gemms,
         )
 
     def run_with_fallback(
@@ -440,6 +448,7 @@ class PipelineExecutor:
             received_bytes=stats.received_bytes,
             wall_ms=stats.wall_ms,
             fallback_reason=reason,
+            warmed_gemms=stats.warmed_gemms,
         )
 
     def warm_up(self) -> None:
@@ -456,6 +465,24 @@ class PipelineExecutor:
         ]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
+
+    def _warm_new_rows(self, it: _Iteration) -> None:
+        """Load the GEMM kernels of the row counts this iteration's computes use that this process has not run
+        (see `pipeweaver.client.kernel_warmup`): now, before any transfer of the iteration is posted."""
+        rows: dict[tuple[ChunkId, int], set[int]] = {}
+        for action in it.plan.ranks[self.rank].actions:
+            if not isinstance(action, Compute) or action.stage.pass_ is not Pass.F:
+                continue
+            s = action.stage
+            sub = it.subs[(s.pipeline, s.microbatch, s.sub)]
+            for k, part in enumerate(self.chunks[(s.pipeline, s.chunk)]):
+                rng = part.layers
+                geom = self._geometry(it, rng.module, s.microbatch, sub.instances_of(rng.module))
+                rows.setdefault(((s.pipeline, s.chunk), k), set()).update(geom.gemm_rows())
+        for ((pipeline, chunk), k), counts in rows.items():
+            part = self.chunks[(pipeline, chunk)][k]
+            modules = [m for m in (part.pre, *part.blocks, part.post) if m is not None]
+            it.warmed_gemms += warm_up_rows(modules, counts)
 
     def warm_up_kernels(self, max_rows: int) -> int:
         """Load the GEMM kernels of this rank's chunks for every row count up to `max_rows` (the most tokens or

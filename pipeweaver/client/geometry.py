@@ -113,6 +113,11 @@ class Geometry:
     def spans(self) -> list[int]:
         raise NotImplementedError
 
+    def gemm_rows(self) -> tuple[int, ...]:
+        """The row counts the module's linear layers see on this geometry (what `kernel_warmup` loads kernels
+        for): the tokens, plus per kind the merged image tokens, the caption context and the clip count."""
+        return (self.tokens,)
+
     def _float(self, t: torch.Tensor) -> torch.Tensor:
         return self._dev(t.to(self.dtype))
 
@@ -137,6 +142,9 @@ class VisionGeometry(Geometry):
     @property
     def spans(self) -> list[int]:
         return [n for _, _, n, _ in self.images]
+
+    def gemm_rows(self) -> tuple[int, ...]:
+        return (self.tokens, sum(merged for _, _, _, merged in self.images))
 
     @cached_property
     def window(self) -> int:
@@ -242,6 +250,9 @@ class VideoGeometry(Geometry):
     @property
     def spans(self) -> list[int]:
         return [n for _, _, n, _ in self.clips]
+
+    def gemm_rows(self) -> tuple[int, ...]:
+        return (self.tokens, self.context_tokens, len(self.clips))  # tokens, cross-attention K/V, timestep MLP
 
     @cached_property
     def positions(self) -> torch.Tensor:

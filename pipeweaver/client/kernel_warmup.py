@@ -12,8 +12,11 @@ Per-batch plans change the row count M of every GEMM each iteration, and the heu
 this runs every distinct linear layer of the rank's chunks forward and backward (the three GEMMs: output, input
 gradient, weight gradient) over a sweep of row counts up to the largest the run will see: every M up to 64, then
 every multiple of 8 up to 1,024, of 64 beyond, and one odd count per 128 (unaligned shapes pick other kernels).
-The sweep cannot prove that no family is left (the heuristic is NVIDIA's), but after it no new load was seen (see
-docs/gpu.md). Parameters' ``.grad`` are not touched (``torch.autograd.grad``).
+The sweep cannot cover every row count: on 4 H200s a plan still stopped in ``cuLibraryLoadData`` under a biased
+projection (``gemm_and_bias``) at a token count outside it. So the executor also runs, at the start of every
+iteration (nothing in flight: the previous iteration ended with a synchronize), the exact row counts of the
+iteration's computes that this process has not run yet (`warm_up_rows`): a few GEMMs per new count, nothing once
+the counts repeat. Parameters' ``.grad`` are not touched (``torch.autograd.grad``).
 """
 
 from __future__ import annotations
@@ -48,29 +51,44 @@ def distinct_linears(modules: Iterable[nn.Module]) -> list[nn.Linear]:
 
 
 _Shape = tuple[int, int, bool, torch.dtype, torch.device]
-_warmed: dict[_Shape, int] = {}
-"""Layer shape -> the largest row count warmed in this process (loaded kernels serve every later executor)."""
+_loaded: set[tuple[_Shape, int]] = set()
+"""(layer shape, row count) pairs run in this process: loaded kernels serve every later executor."""
+
+
+def _shape(lin: nn.Linear) -> _Shape:
+    return (lin.in_features, lin.out_features, lin.bias is not None, lin.weight.dtype, lin.weight.device)
+
+
+def _run(lin: nn.Linear, rows: list[int]) -> int:
+    """Forward and backward of `lin` at each row count (its three GEMMs), on scratch inputs."""
+    if not rows:
+        return 0
+    w = lin.weight
+    x_all = torch.randn(max(rows), lin.in_features, device=w.device, dtype=w.dtype)
+    g_all = torch.randn(max(rows), lin.out_features, device=w.device, dtype=w.dtype)
+    params = [p for p in (lin.weight, lin.bias) if p is not None and p.requires_grad]
+    for m in rows:
+        x = x_all[:m].detach().requires_grad_()
+        with torch.enable_grad():
+            out = lin(x)
+            torch.autograd.grad(out, [x, *params], grad_outputs=g_all[:m])
+    return len(rows)
+
+
+def warm_up_rows(modules: Iterable[nn.Module], rows: Iterable[int]) -> int:
+    """Run each distinct linear layer of `modules` forward and backward at each of `rows` (positive counts) this
+    process has not run it at; returns the number of (layer, rows) pairs run. Call with no transfer in flight:
+    the executor does at the start of an iteration, for the row counts of its computes."""
+    wanted = sorted({int(m) for m in rows if m > 0})
+    runs = 0
+    for lin in distinct_linears(modules):
+        key = _shape(lin)
+        new = [m for m in wanted if (key, m) not in _loaded]
+        runs += _run(lin, new)
+        _loaded.update((key, m) for m in new)
+    return runs
 
 
 def warm_up_gemms(modules: Iterable[nn.Module], max_rows: int) -> int:
-    """Run each distinct linear layer of `modules` forward and backward at every row count of
-    `gemm_row_sweep(max_rows)`, except shapes this process already warmed as far; returns the number of
-    (layer, rows) pairs run. Call before the first iteration, with no transfer in flight."""
-    runs = 0
-    sweep = gemm_row_sweep(max_rows)
-    for lin in distinct_linears(modules):
-        w = lin.weight
-        key = (lin.in_features, lin.out_features, lin.bias is not None, w.dtype, w.device)
-        if _warmed.get(key, 0) >= max_rows:
-            continue
-        _warmed[key] = max_rows
-        x_all = torch.randn(max_rows, lin.in_features, device=w.device, dtype=w.dtype)
-        g_all = torch.randn(max_rows, lin.out_features, device=w.device, dtype=w.dtype)
-        params = [p for p in (lin.weight, lin.bias) if p is not None and p.requires_grad]
-        for m in sweep:
-            x = x_all[:m].detach().requires_grad_()
-            with torch.enable_grad():
-                out = lin(x)
-                torch.autograd.grad(out, [x, *params], grad_outputs=g_all[:m])
-            runs += 1
-    return runs
+    """`warm_up_rows` over `gemm_row_sweep(max_rows)`: before the first iteration."""
+    return warm_up_rows(modules, gemm_row_sweep(max_rows))

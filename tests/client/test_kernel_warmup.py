@@ -30,7 +30,7 @@ def test_one_layer_per_shape() -> None:
 
 
 def test_warm_up_leaves_gradients_alone_and_skips_warmed_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernel_warmup, "_warmed", {})
+    monkeypatch.setattr(kernel_warmup, "_loaded", set())
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 6))
     before = [p.detach().clone() for p in model.parameters()]
@@ -39,7 +39,8 @@ def test_warm_up_leaves_gradients_alone_and_skips_warmed_shapes(monkeypatch: pyt
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     assert warm_up_gemms([model], 70) == 0  # loaded kernels serve later executors
-    assert warm_up_gemms([model], 80) == 2 * len(gemm_row_sweep(80))
+    new_rows = set(gemm_row_sweep(80)) - set(gemm_row_sweep(70))
+    assert warm_up_gemms([model], 80) == 2 * len(new_rows)  # only the row counts not run yet
 
 
 def test_executor_warms_every_layer_shape_of_its_own_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,9 +48,29 @@ def test_executor_warms_every_layer_shape_of_its_own_chunks(monkeypatch: pytest.
     from pipeweaver.client import PipelineExecutor
     from pipeweaver.plan.layouts import modular_placement
 
-    monkeypatch.setattr(kernel_warmup, "_warmed", {})
+    monkeypatch.setattr(kernel_warmup, "_loaded", set())
     wl = presets.tiny_vlm()
     ex = PipelineExecutor(wl.model, modular_placement(wl.model, wl.parallel.pp), 0)
     layers = distinct_linears(ex.parts.values())
     assert layers and ex.warm_up_kernels(12) == len(layers) * len(gemm_row_sweep(12))
     assert all(p.grad is None for p in ex.parameters())
+
+
+def test_iterations_load_only_row_counts_not_run_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeweaver import presets
+    from pipeweaver.client import PipelineExecutor
+    from pipeweaver.datagen import dynamic_batch
+    from pipeweaver.plan.layouts import modular_placement
+    from pipeweaver.search.fallback import build_fallback_plan
+
+    monkeypatch.setattr(kernel_warmup, "_loaded", set())
+    wl = presets.tiny_vlm(pp=1)
+    placement = modular_placement(wl.model, 1)
+    ex = PipelineExecutor(wl.model, placement, 0)
+    ex.warm_new_shapes = True  # on by default on GPUs only (CPUs load no kernels lazily)
+    batch = dynamic_batch(wl, seed=0, iteration=0)
+    plan = build_fallback_plan(wl.model, placement, {}, batch)
+    assert ex.run_iteration(plan, batch).warmed_gemms > 0
+    loaded_rows = {m for _, m in kernel_warmup._loaded}
+    assert {mb.language_tokens() for mb in batch.microbatches} <= loaded_rows  # the LM's exact token counts
+    assert ex.run_iteration(plan, batch).warmed_gemms == 0  # the same shapes again: nothing new to load
