@@ -1494,6 +1494,9 @@ def main() -> None:
 
         use_fast_attention()
     run = setup(args, t_start)
+    if args.attention == "fast":
+        run.result["attention"] = use_fast_attention(run.device)  # packed documents: varlen flash if it checks out
+        print(json.dumps({"rank": run.rank, "attention": run.result["attention"]}), flush=True)
     names = args.schedules.split(",")
     if any(n in TORCH_SCHEDULES for n in names):
         import torch.distributed.pipelining  # noqa: F401  # seconds of imports (dynamo), not the first torch schedule's
