@@ -3,14 +3,17 @@
 Rules that keep any DAG-consistent order deadlock-free (the validator's dry run proves it per plan):
 - a producer posts all sends of a stage's output right after computing it; send waits go last, so a send never
   blocks its rank while the receiver is still busy;
-- a consumer posts its receives right before the stage that needs them, and waits at once;
+- a consumer posts each receive a few computes ahead of the stage that needs it (`receive_lookahead`) and waits
+  right before that stage, so the transfer overlaps the computes in between instead of starting when the consumer
+  is next; posts never block, so posting earlier cannot deadlock a plan that posting late would not;
 - point-to-point ops between two ranks are matched in posting order (NCCL and gloo both do), so a receiver posts
-  every earlier-sent transfer from that peer in the same batch, in the sender's order.
+  the transfers from each peer in the sender's order: a receive is posted no later than any later-sent one from
+  that peer, and waited no later than any later-sent one's consumer.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 from pipeweaver.plan.graph import StageGraph, stage_graph
@@ -30,6 +33,11 @@ from pipeweaver.plan.ir import (
 
 TensorsFn = Callable[[StageKey, StageKey], tuple[TensorSpec, ...]]
 
+RECEIVE_LOOKAHEAD = 1
+"""Computes between a receive's post and its consumer (fewer near the start of a rank's order). One is enough on
+SEMU for vlm-s (more gains nothing) and gives t2v-s all but 0.25% of what any lookahead gives; each further compute
+holds receive buffers longer, which SEMU's memory timeline does not count (docs/benchmarks.md)."""
+
 
 def assemble_plan(
     header: PlanHeader,
@@ -38,12 +46,17 @@ def assemble_plan(
     *,
     graph: StageGraph | None = None,
     predicted_ms: Sequence[Sequence[tuple[float, float]]] | None = None,
+    receive_lookahead: int = RECEIVE_LOOKAHEAD,
 ) -> Plan:
     """Build a `Plan` from each rank's compute order.
 
-    `predicted_ms`, when given, holds each compute's predicted [start, end); communication actions get the
-    window of the compute they serve.
+    Each receive is posted `receive_lookahead` computes before its consumer (0: right before it) and waited right
+    before the consumer. `predicted_ms`, when given, holds each compute's predicted [start, end); communication
+    actions get the time they are reached at: a send batch its producer's end, a receive post or wait the start of
+    the compute it precedes.
     """
+    if receive_lookahead < 0:
+        raise ValueError(f"receive_lookahead must be 0 or more computes, got {receive_lookahead}")
     g = graph or stage_graph(header)
     pp = header.placement.pp
     if len(compute_orders) != pp:
@@ -62,35 +75,44 @@ def assemble_plan(
         for c in order:
             for dst in consumers[c.stage]:
                 sends[(a, position[dst][0])].append((c.stage, dst))
-    pending: dict[tuple[int, int], deque[tuple[StageKey, StageKey]]] = {k: deque(v) for k, v in sends.items()}
+
+    # Where each receive is posted and waited (compute indexes on the receiver), per pair in the sender's order.
+    # Suffix minima keep both non-decreasing along a pair, so posting by (post, wait, peer, k) keeps its order.
+    posts: list[list[tuple[int, int, int, int, Transfer]]] = [[] for _ in range(pp)]
+    for (a, b), edges in sends.items():
+        post = wait = len(compute_orders[b])
+        for k in reversed(range(len(edges))):
+            src, dst = edges[k]
+            consumer = position[dst][1]
+            wait = min(wait, consumer)
+            post = min(post, max(0, consumer - receive_lookahead))
+            posts[b].append((post, wait, a, k, Transfer(Direction.RECV, a, src, dst, tensors(src, dst))))
 
     ranks: list[RankPlan] = []
     for r, order in enumerate(compute_orders):
+        # Receives that share a post and a wait form one batch; batches in posting order, by where they are posted.
+        grouped: dict[tuple[int, int], list[Transfer]] = {}
+        for post, wait, _, _, op in sorted(posts[r], key=lambda p: p[:4]):
+            grouped.setdefault((post, wait), []).append(op)
+        recvs_at: dict[int, list[tuple[int, tuple[Transfer, ...]]]] = defaultdict(list)
+        for (post, wait), recv_ops in grouped.items():
+            recvs_at[post].append((wait, tuple(recv_ops)))
+
         actions: list[Action] = []
         timing: list[tuple[float, float]] = []
         send_handles: list[int] = []
+        waits_before: dict[int, list[int]] = defaultdict(list)
         handle = 0
-        received: set[tuple[StageKey, StageKey]] = set()
         for i, c in enumerate(order):
             window = predicted_ms[r][i] if predicted_ms is not None else None
-            recv_ops: list[Transfer] = []
-            for src in g.remote_inputs(c.stage):
-                if (src, c.stage) in received:
-                    continue
-                a = g.rank[src]
-                queue = pending[(a, r)]
-                while True:  # post every earlier-sent transfer from `a` too, in a's order
-                    s, d = queue.popleft()
-                    recv_ops.append(Transfer(Direction.RECV, a, s, d, tensors(s, d)))
-                    received.add((s, d))
-                    if (s, d) == (src, c.stage):
-                        break
-            if recv_ops:
-                actions.append(CommBatch(handle, tuple(recv_ops)))
-                actions.append(Wait(handle))
-                if window is not None:
-                    timing += [(window[0], window[0])] * 2
+            for wait, batch in recvs_at.get(i, ()):
+                actions.append(CommBatch(handle, batch))
+                waits_before[wait].append(handle)
                 handle += 1
+            for h in waits_before.pop(i, ()):
+                actions.append(Wait(h))
+            if window is not None:  # the posts and waits just added are reached when this compute starts
+                timing += [(window[0], window[0])] * (len(actions) - len(timing))
             actions.append(c)
             if window is not None:
                 timing.append(window)

@@ -595,9 +595,10 @@ def test_consumes_before_the_receive_completed() -> None:
 def test_consumes_before_the_receive_is_posted() -> None:
     plan = base_plan()
     rp = plan.ranks[1]
-    i = next(i for i, a in enumerate(rp.actions) if isinstance(a, CommBatch))
+    i, recv = next((i, a) for i, a in enumerate(rp.actions) if isinstance(a, CommBatch))
+    j = next(j for j, a in enumerate(rp.actions) if isinstance(a, Compute) and a.stage == recv.ops[0].dst)
     actions = list(rp.actions)
-    consumer = actions.pop(i + 2)
+    consumer = actions.pop(j)
     actions.insert(i, consumer)
     message = invalid(with_actions(plan, 1, actions), "use before receive", str(consumer))
     assert "comes later" in message
