@@ -36,7 +36,7 @@ TensorsFn = Callable[[StageKey, StageKey], tuple[TensorSpec, ...]]
 RECEIVE_LOOKAHEAD = 1
 """Computes between a receive's post and its consumer (fewer near the start of a rank's order). One is enough on
 SEMU for vlm-s (more gains nothing) and gives t2v-s all but 0.25% of what any lookahead gives; each further compute
-holds receive buffers longer, which SEMU's memory timeline does not count (docs/benchmarks.md)."""
+holds receive buffers longer, which SEMU's memory timeline counts from the post (simulator/engine.py)."""
 
 
 def assemble_plan(

@@ -4,7 +4,9 @@ Each rank has one compute stream that runs its computes in order. A `CommBatch` 
 at the rank's clock; a transfer starts once both ends have posted and its directed link is free (FIFO), and
 lasts latency + bytes / bandwidth; a `Wait` moves the rank's clock to the end of its batch's last transfer.
 Memory: a forward allocates its activations when it starts; the pass that ends the chunk's backward (B, or W
-when backward is split; I when there is no W) frees them when it ends. The loop itself lives in `sim_kernel`.
+when backward is split; I when there is no W) frees them when it ends. A `CommBatch` allocates its receive buffers
+when posted, as the executor does (`_inputs_in_activations` says until when they count). The loop itself lives in
+`sim_kernel`.
 """
 
 from __future__ import annotations
@@ -203,6 +205,30 @@ def _freeing_pass(header: PlanHeader, pipeline: str) -> Pass:
     return passes[-1] if passes else Pass.F
 
 
+def _inputs_in_activations(header: PlanHeader, frees: Mapping[str, Pass]) -> set[tuple[str, int]]:
+    """The (pipeline, chunk)s whose activation bytes, from their forward's start, hold their received inputs.
+
+    The executor allocates a receive buffer when it posts the receive and keeps the received tensor (the consumer's
+    input, or the gradient of its output) until the consumer's activations are freed; SEMU counts it from the post.
+    A forward input of a chunk that starts inside a module is the first block's input, which every block's
+    activation bytes include: from the forward's start it counts as activations, not twice. The activations take
+    over at most their own bytes, though: a chunk inside a frozen module keeps none, and at tp > 1 the activations
+    are sequence-parallel shards while the transfer is whole, so a lean (full-recompute) chunk may keep fewer bytes
+    than it received; the rest of the buffer counts until the chunk's activations are freed.
+    Nothing counts the other receives, so they count until the pass that frees the consumer's activations ends:
+    gradients (B or I, or W after a split backward: the executor keeps them for W), forward inputs of forward-only
+    chunks (their F, the last pass that reads them), and inputs of a chunk that starts a module, which its pre part
+    takes; the pre part's activation bytes hold none of an LM's image features but all of a DiT's caption, so the
+    caption counts twice (~1 MB per t2v-s sub-microbatch) rather than the image features not at all (~5 MB per
+    vlm-s ViT sub-microbatch).
+    """
+    return {
+        (c.pipeline, c.index)
+        for c in header.placement.chunks
+        if c.layers and c.layers[0].start > 0 and frees.get(c.pipeline, Pass.F) is not Pass.F
+    }
+
+
 def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
     """Resolve a plan into `FlatPlan` arrays: costs per action, matched sends and receives, FIFO link chains.
 
@@ -218,7 +244,9 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
     if costs.static_bytes and len(costs.static_bytes) != pp:
         raise ValueError(f"static_bytes has {len(costs.static_bytes)} entries, plan has pp={pp}")
     frees = {p.name: _freeing_pass(header, p.name) for p in header.placement.pipelines}
+    inputs_in_activations = _inputs_in_activations(header, frees)
     compute_ms, act_bytes = costs.compute_ms, costs.act_bytes
+    forward, send = Pass.F, Direction.SEND  # an enum member is a slow attribute lookup (~0.1 us) in this loop
 
     rank_offsets = [0]
     kind: list[int] = []
@@ -229,6 +257,7 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
     op_hi: list[int] = []
     op_action: list[int] = []
     op_what: list[tuple[StageKey, StageKey, tuple[TensorSpec, ...]]] = []
+    op_bytes: list[int] = []  # a receive's bytes (0 for a send: the matching receive has them)
     sends: dict[tuple[int, int], list[int]] = defaultdict(list)
     recvs: dict[tuple[int, int], list[int]] = defaultdict(list)
 
@@ -236,6 +265,9 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
         if rp.rank != r:
             raise InvalidPlan(f"rank list {r} is labelled rank {rp.rank}\n{plan.text()}")
         batches: dict[int, tuple[int, int]] = {}
+        # Per (pipeline, chunk, microbatch, sub) of this rank: [receive bytes its forward's activations take over at
+        # its start, bytes its freeing pass releases at its end] (keyed by plain tuples: cheaper to hash than stages).
+        held: dict[tuple[str, int, int, int], list[float]] = {}
         for action in rp.actions:
             index = len(kind)
             lo = hi = 0
@@ -248,10 +280,25 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
                 if not cost >= 0.0:
                     raise ValueError(f"compute time of stage {stage} must be non-negative, got {cost}")
                 ms = cost
-                if stage.pass_ is Pass.F:
-                    alloc_b = act_bytes.get(stage, 0.0)
-                if stage.pass_ is frees.get(stage.pipeline):
-                    free_b = act_bytes.get(stage.with_pass(Pass.F), 0.0)
+                is_forward = stage.pass_ is forward
+                frees_here = stage.pass_ is frees.get(stage.pipeline)
+                if is_forward or frees_here:
+                    unit = (stage.pipeline, stage.chunk, stage.microbatch, stage.sub)
+                    if is_forward:
+                        alloc_b = act = act_bytes.get(stage, 0.0)
+                        entry = held.get(unit)
+                        if entry is None:
+                            held[unit] = [0.0, act]
+                        else:
+                            # The activations hold at most their own bytes of the inputs (none: a frozen module).
+                            taken = entry[0] if entry[0] <= act else act
+                            alloc_b = act - taken
+                            entry[1] += act + (entry[0] - taken)
+                            entry[0] = 0.0
+                    if frees_here:
+                        entry = held.pop(unit, None)
+                        if entry is not None:
+                            free_b = entry[1]
                 kind.append(COMPUTE)
             elif isinstance(action, CommBatch):
                 if action.handle in batches:
@@ -262,12 +309,24 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
                     if not 0 <= op.peer < pp or op.peer == r:
                         message = f"rank {r} has a transfer with peer {op.peer}"
                         raise InvalidPlan(_render(plan, r, action, message))
-                    if op.direction is Direction.SEND:
+                    num_bytes = 0
+                    if op.direction is send:
                         sends[(r, op.peer)].append(len(op_action))
                     else:
                         recvs[(op.peer, r)].append(len(op_action))
+                        num_bytes = transfer_bytes(op.tensors)
+                        if num_bytes:  # the executor allocates the buffer when it posts the receive
+                            alloc_b += num_bytes
+                            dst = op.dst
+                            unit = (dst.pipeline, dst.chunk, dst.microbatch, dst.sub)
+                            entry = held.get(unit)
+                            if entry is None:
+                                entry = held[unit] = [0.0, 0.0]
+                            taken_over = dst.pass_ is forward and (dst.pipeline, dst.chunk) in inputs_in_activations
+                            entry[0 if taken_over else 1] += num_bytes
                     op_action.append(index)
                     op_what.append((op.src, op.dst, op.tensors))
+                    op_bytes.append(num_bytes)
                 hi = len(op_action)
                 batches[action.handle] = (lo, hi)
                 kind.append(POST)
@@ -318,7 +377,7 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
             tr = len(transfer_ms)
             op_match[so], op_match[ro] = ro, so
             op_transfer[so] = op_transfer[ro] = tr
-            transfer_ms.append(link.transfer_ms(sender, receiver, transfer_bytes(op_what[so][2])))
+            transfer_ms.append(link.transfer_ms(sender, receiver, op_bytes[ro]))
             transfer_prev.append(prev)
             prev = tr
     static = list(costs.static_bytes) if costs.static_bytes else [0.0] * pp

@@ -18,7 +18,8 @@ IntArray = npt.NDArray[np.int64]
 COMPUTE = 0
 """Action kind: run `duration_ms` on the rank's compute stream."""
 POST = 1
-"""Action kind: post a batch of sends and receives at the rank's clock (takes no time)."""
+"""Action kind: post a batch of sends and receives at the rank's clock (takes no time; allocates the receive
+buffers)."""
 WAIT = 2
 """Action kind: block until every op of a posted batch has completed."""
 
@@ -37,9 +38,11 @@ class FlatPlan:
     duration_ms: FloatArray
     """Compute time per action (0 for communication actions)."""
     alloc_bytes: FloatArray
-    """Memory a compute allocates when it starts (a forward's activations)."""
+    """Memory an action allocates when it runs: a compute at its start (a forward's activations, less the receive
+    buffers they take over), a POST its receive buffers."""
     free_bytes: FloatArray
-    """Memory a compute frees when it ends (the activations its backward releases)."""
+    """Memory a compute frees when it ends (the activations its backward releases, receive buffers held until
+    then)."""
     op_lo: IntArray
     """Per action, first op of its batch (POST: the batch it posts; WAIT: the batch it waits for)."""
     op_hi: IntArray
@@ -186,6 +189,14 @@ def _kernel(
                         event_bytes[e] = memory[r]
                         event_count[r] += 1
                 elif k == 1:  # POST
+                    if alloc_bytes[i] != 0.0:
+                        memory[r] += alloc_bytes[i]
+                        if memory[r] > peak_bytes[r]:
+                            peak_bytes[r] = memory[r]
+                        e = event_offsets[r] + event_count[r]
+                        event_time_ms[e] = t
+                        event_bytes[e] = memory[r]
+                        event_count[r] += 1
                     for o in range(op_lo[i], op_hi[i]):
                         post_ms[o] = t
                         posted[o] = True
@@ -328,6 +339,10 @@ def run_reference(flat: FlatPlan) -> FlatResult:
                 memory[r] -= free[i]
                 events[r].append((end[i], memory[r]))
         elif kind[i] == POST:
+            if alloc[i] != 0.0:
+                memory[r] += alloc[i]
+                peak[r] = max(peak[r], memory[r])
+                events[r].append((t, memory[r]))
             for o in range(op_lo[i], op_hi[i]):
                 post_ms[o] = t
             start[i] = end[i] = t

@@ -184,7 +184,8 @@ def test_searched_and_baseline_plans_are_never_slower_on_semu(name: str) -> None
             sim = planner.simulate_plan(plan, batch, recompute)
             sim0 = planner.simulate_plan(before, batch, recompute)
             assert sim.makespan_ms <= sim0.makespan_ms * (1 + 1e-12), plan.header.schedule
-            # SEMU's memory is per-rank action order: the same computes, the same peaks.
-            assert list(sim.peak_memory_bytes) == list(sim0.peak_memory_bytes)
+            # Same computes in the same order; a receive posted earlier holds its buffer longer (SEMU counts it from
+            # its post), so a rank never needs less memory.
+            assert all(sim.peak_memory_bytes >= sim0.peak_memory_bytes)
             gained += sim0.makespan_ms - sim.makespan_ms
     assert gained > 0.0

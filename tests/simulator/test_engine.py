@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from pipeweaver import presets
 from pipeweaver.errors import InvalidPlan
 from pipeweaver.plan import (
+    Action,
     Chunk,
     CommBatch,
     Compute,
@@ -301,6 +302,113 @@ def test_activations_freed_by_the_last_pass(
     assert res.memory_timeline(0) == timeline
 
 
+BUFFER = (TensorSpec((1000,)),)
+"""One bf16 tensor: every receive of the buffer tests allocates 2,000 bytes."""
+B = 2000.0
+ACT = 1e6
+
+
+def buffer_tensors(src: StageKey, dst: StageKey) -> tuple[TensorSpec, ...]:
+    return BUFFER
+
+
+def test_receive_buffers_count_from_their_post() -> None:
+    """1F1B, 2 ranks, 2 microbatches, free links, receives posted one compute ahead (`assemble_plan`).
+
+    Rank 1's chunk starts inside the module: a forward input counts from its post and becomes the consumer's
+    activations when it starts (counted once). Rank 0's gradients count from their post until their B ends.
+    """
+    header = chain_header(2, 2)
+    costs = StageCosts.uniform(header, forward_ms=1.0, backward_ms=2.0, act_bytes=ACT)
+    res = both(assemble_plan(header, one_f_one_b(2, 2), buffer_tensors), costs, LinkModel.zero(2))
+    # Rank 0: F0 0-1, F1 1-2 (B0's gradient posted before it), B0 4-6 (B1's posted before its wait), B1 7-9.
+    assert res.memory_timeline(0) == [
+        (0.0, 0.0),
+        (0.0, ACT),
+        (1.0, ACT + B),
+        (1.0, 2 * ACT + B),
+        (2.0, 2 * ACT + 2 * B),
+        (6.0, ACT + B),
+        (9.0, 0.0),
+    ]
+    # Rank 1: F0's input posted at 0, F0 1-2, F1's input posted before B0 (2-4), F1 4-5, B1 5-7.
+    assert res.memory_timeline(1) == [
+        (0.0, 0.0),
+        (0.0, B),
+        (1.0, ACT),
+        (2.0, ACT + B),
+        (4.0, B),
+        (4.0, ACT),
+        (7.0, 0.0),
+    ]
+    without = both(assemble_plan(header, one_f_one_b(2, 2), no_tensors), costs, LinkModel.zero(2))
+    assert res.makespan_ms == without.makespan_ms
+    assert list(res.peak_memory_bytes - without.peak_memory_bytes) == [2 * B, B]
+
+
+def _module_start_header() -> PlanHeader:
+    """Two ranks, one microbatch; chunk 1 starts a module (its pre part takes the input)."""
+    base = chain_header(2, 1)
+    chunks = (Chunk(PIPE, 0, 0, (LayerRange("vit", 0, 1),)), Chunk(PIPE, 1, 1, (LayerRange("llm", 0, 1),)))
+    return replace(base, placement=replace(base.placement, chunks=chunks))
+
+
+@pytest.mark.parametrize(
+    ("header", "passes", "rank", "timeline"),
+    [
+        # Split backward: rank 0's gradient, posted before its F, is kept for W (the executor's pending grads).
+        (
+            replace(chain_header(2, 1), split_backward=True),
+            [Pass.F, Pass.I, Pass.W],
+            0,
+            [(0.0, 0.0), (0.0, B), (0.0, ACT + B), (5.0, 0.0)],
+        ),
+        # Split backward, rank 1's forward input: taken over by the activations at F's start as with B.
+        (
+            replace(chain_header(2, 1), split_backward=True),
+            [Pass.F, Pass.I, Pass.W],
+            1,
+            [(0.0, 0.0), (0.0, B), (1.0, ACT), (4.0, 0.0)],
+        ),
+        # Forward only: no activations outlive F, so the input counts until F ends.
+        (
+            replace(
+                chain_header(2, 1),
+                placement=replace(
+                    chain_header(2, 1).placement, pipelines=(PipelineInfo(PIPE, ("llm",), backward=False),)
+                ),
+            ),
+            [Pass.F],
+            1,
+            [(0.0, 0.0), (0.0, B), (1.0, ACT + B), (2.0, 0.0)],
+        ),
+        # A chunk that starts a module: its activations do not hold the input; it counts until B ends.
+        (_module_start_header(), [Pass.F, Pass.B], 1, [(0.0, 0.0), (0.0, B), (1.0, ACT + B), (4.0, 0.0)]),
+    ],
+)
+def test_receive_buffer_lifetimes(
+    header: PlanHeader, passes: list[Pass], rank: int, timeline: list[tuple[float, float]]
+) -> None:
+    orders = [[_c(r, 0, x) for x in passes] for r in range(2)]
+    plan = assemble_plan(header, orders, buffer_tensors)
+    costs = StageCosts.uniform(header, forward_ms=1.0, backward_ms=2.0, act_bytes=ACT)
+    assert both(plan, costs, LinkModel.zero(2)).memory_timeline(rank) == timeline
+
+
+def test_receive_counts_on_when_the_forward_keeps_less() -> None:
+    """Activations take over at most their own bytes of the input (none inside a frozen module): the rest of the
+    buffer counts until the chunk's activations are freed."""
+    header = chain_header(2, 1)
+    plan = assemble_plan(header, one_f_one_b(2, 1), buffer_tensors)
+    for act, timeline in [
+        (0.0, [(0.0, 0.0), (0.0, B), (4.0, 0.0)]),
+        (500.0, [(0.0, 0.0), (0.0, B), (4.0, 0.0)]),  # 500 of the input become activations, 1,500 stay a buffer
+        (5000.0, [(0.0, 0.0), (0.0, B), (1.0, 5000.0), (4.0, 0.0)]),
+    ]:
+        costs = StageCosts.uniform(header, forward_ms=1.0, backward_ms=2.0, act_bytes=act)
+        assert both(plan, costs, LinkModel.zero(2)).memory_timeline(1) == timeline
+
+
 # ---- transfers and the link model --------------------------------------------------------------------------
 
 
@@ -515,6 +623,65 @@ def test_random_plans_numba_matches_reference(case: Case) -> None:
                 assert free.start_ms[r][i] == expected[a.stage]
     assert free.makespan_ms == max(expected[s] + costs.compute_ms[s] for s in graph.stages)
     assert math.isfinite(res.makespan_ms) and res.makespan_ms >= free.makespan_ms
+
+
+def _without_tensors(plan: Plan) -> Plan:
+    def strip(a: Action) -> Action:
+        return CommBatch(a.handle, tuple(replace(op, tensors=()) for op in a.ops)) if isinstance(a, CommBatch) else a
+
+    return replace(plan, ranks=tuple(replace(rp, actions=tuple(strip(a) for a in rp.actions)) for rp in plan.ranks))
+
+
+def _memory_at(res: SimResult, rank: int, t: float) -> float:
+    """Memory in use once every event at time `t` has happened."""
+    times = res.memory_time_ms[rank]
+    return float(res.memory_bytes[rank][int(np.searchsorted(times, t, side="right")) - 1])
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_case())
+def test_random_plans_count_live_receive_buffers(case: Case) -> None:
+    """Free links (so shapes change no timing): memory minus memory of the same plan without tensors is, at every
+    time, the bytes of the receives posted and not yet released. A receive is released when its consumer starts
+    if that is the forward of a chunk that starts inside a module and keeps activations (up to the forward's
+    activation bytes), else when the last pass of its consumer's (chunk, sub-microbatch) on that rank ends."""
+    plan, _, _, costs, _ = case
+    header = plan.header
+    link = LinkModel.zero(header.placement.pp)
+    res = both(plan, costs, link)
+    bare = both(_without_tensors(plan), costs, link)
+    inside = {(c.pipeline, c.index): c.layers[0].start > 0 for c in header.placement.chunks}
+    for r, rp in enumerate(plan.ranks):
+        start: dict[StageKey, float] = {}
+        unit_end: dict[tuple[str, int, int, int], float] = {}
+        for i, a in enumerate(rp.actions):
+            if isinstance(a, Compute):
+                s = a.stage
+                start[s] = float(res.start_ms[r][i])
+                key = (s.pipeline, s.chunk, s.microbatch, s.sub)
+                unit_end[key] = max(unit_end.get(key, 0.0), float(res.end_ms[r][i]))
+        live: list[tuple[float, float, float]] = []
+        taken: dict[StageKey, float] = {}
+        for i, a in enumerate(rp.actions):
+            if not isinstance(a, CommBatch):
+                continue
+            for op in a.ops:
+                if op.direction is Direction.RECV:
+                    d = op.dst
+                    unit = (d.pipeline, d.chunk, d.microbatch, d.sub)
+                    keeps = header.placement.pipeline(d.pipeline).backward
+                    n = transfer_bytes(op.tensors)
+                    if d.pass_ is Pass.F and keeps and inside[(d.pipeline, d.chunk)]:
+                        live.append((float(res.start_ms[r][i]), start[d], n))
+                        taken[d] = taken.get(d, 0) + n
+                    else:
+                        live.append((float(res.start_ms[r][i]), unit_end[unit], n))
+        for d, n in taken.items():  # what the forward's activations cannot hold keeps counting
+            excess = n - min(n, costs.act_bytes.get(d, 0.0))
+            live.append((start[d], unit_end[(d.pipeline, d.chunk, d.microbatch, d.sub)], excess))
+        for t in np.union1d(res.memory_time_ms[r], bare.memory_time_ms[r]).tolist():
+            expected = sum(n for lo, hi, n in live if lo <= t < hi)
+            assert _memory_at(res, r, t) - _memory_at(bare, r, t) == pytest.approx(expected, abs=1e-2)
 
 
 def test_swapped_transfer_order_raises_invalid_plan() -> None:
