@@ -548,6 +548,7 @@ def run_ours(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[s
                 "loss": reduce_sum(run, stats.loss),
                 "plan_build_ms": build_ms,
                 "warmed_gemms": stats.warmed_gemms,  # this rank's new (layer, rows) kernels loaded first
+                "sends_released_early": stats.sends_released_early,
             }
         )
         run.say(schedule=name, iteration=k, ms=round(ms, 1), loss=round(rows[-1]["loss"], 5))
@@ -674,6 +675,7 @@ def run_pipeweaver(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> 
                     "ms": round(ms, 3),
                     "loss": reduce_sum(run, stats.loss),
                     "warmed_gemms": stats.warmed_gemms,
+                    "sends_released_early": stats.sends_released_early,
                     "source": h.source.value,
                     "plan_schedule": h.schedule,
                     "fallback": h.source is PlanSource.FALLBACK,
