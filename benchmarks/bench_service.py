@@ -1,18 +1,24 @@
 """Plan delivery of the real planner service to 64 concurrent rank streams (16 replicas x pp 4 of vlm-s).
 
-Pass 1 (planning): every rank streams the metadata of iteration k+1 as soon as it has iteration k's plan, then
-"trains" for --iteration-ms; a plan is on time if it arrives within that time of its metadata. All replicas send
-the same batch per iteration (on 2 cores, 16 distinct searches per iteration would measure the CPU, not the
-service): one replica's search runs, the other replicas share it while it is in flight or hit the plan cache.
-Overhead = delivery latency minus the search time the answer reports (the search it waited for).
-Pass 2 (cached): the same iterations again, paced the same way; every plan is a cache hit, so the delivery
-latency is the service's own overhead (gRPC, admission, de-duplication, serialization) for a burst of 64 requests
-per iteration. Each request's deadline is the end of the current iteration (--iteration-ms after sending).
+The ranks run in lockstep, as data-parallel training does: every rank sends iteration i's metadata at the same
+instant (start + i x --iteration-ms, or at once when its previous plan came later), due by the end of that
+iteration; a plan is on time if it arrives within --iteration-ms. The 64 streams live in 4 client processes (one
+per pipeline rank, 16 replica streams each) on the same machine as the server.
 
-Latency is measured to the arrival of the answer's bytes; parsing them (a trainer's cost, ~0.5-1 ms for a vlm-s
-rank plan) is timed separately and reported, not counted.
+Pass 1 (planning): all replicas send the same batch per iteration (on 2 cores, 16 distinct searches per iteration
+would measure the CPU, not the service): one replica's search runs, the other replicas share it while it is in
+flight. Overhead = delivery latency minus the worker time the answer reports (the search it waited for).
+Pass 2 (cached): the same iterations again; every plan is a cache hit, so the delivery latency is the service's
+own overhead (gRPC, de-duplication, the answers) for a burst of 64 requests per iteration.
+Pass 3 (transport floor, --floor-iterations): the same clients against a gRPC server that does nothing but answer
+each request with a real answer's bytes: what the transport and the clients cost on this machine, which no
+planner can beat.
 
-    .venv/bin/python benchmarks/bench_service.py [--iterations 200] [--iteration-ms 700] [--budget-ms 100]
+Latency is measured from the write of the (already serialized) request to the arrival of the answer's bytes;
+parsing them (a trainer's cost, ~0.3-0.5 ms for a vlm-s rank plan) is timed separately, mid-iteration, and
+reported, not counted. CPU per plan: the server's main process (not its workers) and the client processes.
+
+    .venv/bin/python benchmarks/bench_service.py [--iterations 200] [--iteration-ms 2000] [--budget-ms 300]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -92,71 +99,161 @@ def register(port: int) -> str:
 Sample = tuple[float, float, bool, str, float]
 """(latency ms, search ms, on time, source, parse ms)."""
 
+_START: tuple[Any, Any] | None = None
+"""(barrier, shared start time) of the client processes: every rank starts iteration 0 at the same instant."""
+
+
+def _init_client(barrier: Any, start: Any) -> None:
+    global _START
+    _START = (barrier, start)
+
 
 async def _stream(
-    port: int, job_id: str, rank: int, replica: int, batches: list[bytes], iteration_ms: float, train: bool
+    channel: Any, job_id: str, rank: int, replica: int, batches: list[bytes], iteration_ms: float, start: float
 ) -> list[Sample]:
-    import grpc
     from google.protobuf.timestamp_pb2 import Timestamp
 
     from pipeweaver.v1 import planner_pb2 as pb
 
     out: list[Sample] = []
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        # Raw bytes in: the clock stops when the answer has arrived, before the trainer parses it.
-        call = ch.stream_stream(
-            "/pipeweaver.v1.PlannerService/StreamPlans",
-            request_serializer=pb.StreamPlansRequest.SerializeToString,
-            response_deserializer=None,
-        )()
-        for raw in batches:
-            batch = pb.BatchMetadata.FromString(raw)
-            batch.dp_replica = replica
-            deadline = Timestamp()
-            # Due when the current iteration ends: the service must answer by then (searched or fallback).
-            deadline.FromNanoseconds(int((time.time() + iteration_ms / 1e3) * 1e9))
-            sent = time.perf_counter()
-            await call.write(pb.StreamPlansRequest(job_id=job_id, rank=rank, batch=batch, deadline=deadline))
-            data = await call.read()
-            latency = (time.perf_counter() - sent) * 1e3
-            t0 = time.perf_counter()
-            resp = pb.StreamPlansResponse.FromString(data)
-            parse_ms = (time.perf_counter() - t0) * 1e3
-            if resp.fallback:
-                source = "fallback"
-            else:
-                source = "search" if resp.header.source == pb.PLAN_SOURCE_SEARCH else "cache"
-            out.append((latency, float(resp.search_ms), latency <= iteration_ms, source, parse_ms))
-            if train:
-                await asyncio.sleep(max(0.0, iteration_ms - latency) / 1e3)
-        await call.done_writing()
+    # Raw bytes both ways: the request is serialized before the clock starts and the clock stops when the answer
+    # has arrived, before the trainer parses it.
+    call = channel.stream_stream(
+        "/pipeweaver.v1.PlannerService/StreamPlans", request_serializer=None, response_deserializer=None
+    )()
+    for i, raw in enumerate(batches):
+        # Lockstep, as data-parallel training is: every rank sends iteration i's metadata at start + i iterations
+        # (at once if its previous plan came later than that), due when that iteration ends.
+        due = start + i * iteration_ms / 1e3
+        batch = pb.BatchMetadata.FromString(raw)
+        batch.dp_replica = replica
+        deadline = Timestamp()
+        deadline.FromNanoseconds(int((due + iteration_ms / 1e3) * 1e9))
+        request = pb.StreamPlansRequest(job_id=job_id, rank=rank, batch=batch, deadline=deadline).SerializeToString()
+        await asyncio.sleep(max(0.0, due - time.time()))
+        sent = time.perf_counter()
+        await call.write(request)
+        data = await call.read()
+        latency = (time.perf_counter() - sent) * 1e3
+        # Parsed mid-iteration, so that parsing this answer does not delay the other answers of this process.
+        await asyncio.sleep(max(0.0, due + iteration_ms / 2e3 - time.time()))
+        t0 = time.perf_counter()
+        resp = pb.StreamPlansResponse.FromString(data)
+        parse_ms = (time.perf_counter() - t0) * 1e3
+        source = "fallback" if resp.fallback else "search" if resp.header.source == pb.PLAN_SOURCE_SEARCH else "cache"
+        out.append((latency, float(resp.search_ms), latency <= iteration_ms, source, parse_ms))
+    await call.done_writing()
     return out
 
 
-def _client(args: tuple[int, str, int, list[bytes], float, bool]) -> list[Sample]:
-    port, job_id, rank, batches, iteration_ms, train = args
+def _client(args: tuple[int, str, int, list[bytes], float]) -> tuple[list[Sample], float]:
+    """One pipeline rank's 16 replica streams in one process; returns the samples and the process's CPU seconds."""
+    import grpc
+
+    port, job_id, rank, batches, iteration_ms = args
+    assert _START is not None
+    barrier, shared_start = _START
 
     async def main() -> list[Sample]:
-        results = await asyncio.gather(
-            *(_stream(port, job_id, rank, replica, batches, iteration_ms, train) for replica in range(16))
-        )
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(16)]
+        try:
+            await asyncio.gather(*(ch.channel_ready() for ch in channels))
+            if await asyncio.to_thread(barrier.wait) == 0:  # every process is connected: one of them sets the start
+                shared_start.value = time.time() + 0.5
+            await asyncio.to_thread(barrier.wait)
+            start = float(shared_start.value)
+            results = await asyncio.gather(
+                *(
+                    _stream(ch, job_id, rank, replica, batches, iteration_ms, start)
+                    for replica, ch in enumerate(channels)
+                )
+            )
+        finally:
+            await asyncio.gather(*(ch.close() for ch in channels))
         return [r for rs in results for r in rs]
 
-    return asyncio.run(main())
+    cpu0 = time.process_time()
+    samples = asyncio.run(main())
+    return samples, time.process_time() - cpu0
 
 
-def run_pass(port: int, job_id: str, batches: list[bytes], iteration_ms: float, train: bool) -> list[Sample]:
+def run_pass(port: int, job_id: str, batches: list[bytes], iteration_ms: float) -> tuple[list[Sample], float]:
+    """All 64 streams through one pass; returns the samples and the client processes' CPU seconds."""
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(4) as pool:  # one client process per pipeline rank, 16 replica streams each
-        parts = pool.map(_client, [(port, job_id, rank, batches, iteration_ms, train) for rank in range(4)])
-    return [r for part in parts for r in part]
+    init = (ctx.Barrier(4), ctx.Value("d", 0.0))
+    with ctx.Pool(4, initializer=_init_client, initargs=init) as pool:  # a process per pipeline rank
+        parts = pool.map(_client, [(port, job_id, rank, batches, iteration_ms) for rank in range(4)], chunksize=1)
+    return [r for samples, _ in parts for r in samples], sum(cpu for _, cpu in parts)
+
+
+def _echo_server(answer: bytes, ports: Any) -> None:
+    """The transport floor: StreamPlans answered with `answer`, whatever the request."""
+    import grpc
+
+    async def serve() -> None:
+        async def stream_plans(requests: Any, context: Any) -> Any:
+            async for _ in requests:
+                yield answer
+
+        handler = grpc.stream_stream_rpc_method_handler(
+            stream_plans, request_deserializer=None, response_serializer=None
+        )
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("pipeweaver.v1.PlannerService", {"StreamPlans": handler}),)
+        )
+        ports.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def one_answer(port: int, job_id: str, batch: bytes) -> bytes:
+    """A real answer's bytes (a cache hit for rank 1 of replica 0)."""
+    import grpc
+
+    from pipeweaver.v1 import planner_pb2 as pb
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        get_plan = ch.unary_unary(
+            "/pipeweaver.v1.PlannerService/GetPlan",
+            request_serializer=pb.GetPlanRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        return bytes(get_plan(pb.GetPlanRequest(job_id=job_id, rank=1, batch=pb.BatchMetadata.FromString(batch))))
+
+
+def floor_pass(answer: bytes, batches: list[bytes], iteration_ms: float) -> tuple[list[Sample], float, float]:
+    """The clients of `run_pass` against `_echo_server`: (samples, server CPU seconds, client CPU seconds)."""
+    ctx = multiprocessing.get_context("spawn")
+    ports = ctx.Queue()
+    server = ctx.Process(target=_echo_server, args=(answer, ports), daemon=True)
+    server.start()
+    try:
+        port = ports.get(timeout=60)
+        assert server.pid is not None
+        cpu0 = cpu_seconds(server.pid)
+        samples, client_cpu = run_pass(port, "job-floor", batches, iteration_ms)
+        return samples, cpu_seconds(server.pid) - cpu0, client_cpu
+    finally:
+        server.kill()
+        server.join(10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), without its children (the worker processes)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=200)
-    parser.add_argument("--iteration-ms", type=float, default=700.0)
-    parser.add_argument("--budget-ms", type=float, default=100.0)
+    parser.add_argument("--iteration-ms", type=float, default=2000.0)
+    parser.add_argument("--budget-ms", type=float, default=300.0)
+    parser.add_argument("--floor-iterations", type=int, default=50, help="iterations of the transport floor (0: skip)")
+    parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU", help="recorded in the report")
     parser.add_argument("--out", default="", help="also write the report here (JSON)")
     args = parser.parse_args()
     from pipeweaver.datagen import dynamic_batch
@@ -170,22 +267,30 @@ def main() -> None:
     proc, port, _ = start_server(args.budget_ms)
     try:
         job_id = register(port)
-        t0 = time.perf_counter()
-        planning = run_pass(port, job_id, batches, args.iteration_ms, train=True)
-        t1 = time.perf_counter()
-        cached = run_pass(port, job_id, batches, args.iteration_ms, train=True)
-        t2 = time.perf_counter()
+        cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
+        planning, planning_client_cpu = run_pass(port, job_id, batches, args.iteration_ms)
+        cpu1, t1 = cpu_seconds(proc.pid), time.perf_counter()
+        cached, cached_client_cpu = run_pass(port, job_id, batches, args.iteration_ms)
+        cpu2, t2 = cpu_seconds(proc.pid), time.perf_counter()
+        answer = one_answer(port, job_id, batches[0])
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    floor = None
+    if args.floor_iterations > 0:
+        floor = floor_pass(answer, batches[: args.floor_iterations], args.iteration_ms)
 
     def pct(values: list[float], q: float) -> float | None:
         return round(float(np.percentile(values, q)), 2) if values else None
 
-    def summary(samples: list[Sample]) -> dict[str, object]:
+    def summary(samples: list[Sample], server_cpu_s: float, client_cpu_s: float) -> dict[str, object]:
         overhead = [lat - search for lat, search, *_ in samples]
         return {
             "plans": len(samples),
+            # Where a burst's CPU goes: the server's main process (gRPC and the service; not its workers) and the
+            # 4 client processes (gRPC, building requests, parsing answers), per plan delivered.
+            "server_cpu_ms_per_plan": round(server_cpu_s * 1e3 / len(samples), 3),
+            "client_cpu_ms_per_plan": round(client_cpu_s * 1e3 / len(samples), 3),
             "sources": {s: sum(1 for x in samples if x[3] == s) for s in ("search", "cache", "fallback")},
             "on_time_fraction": round(sum(1 for x in samples if x[2]) / len(samples), 4),
             "latency_ms": {"p50": pct([x[0] for x in samples], 50), "p99": pct([x[0] for x in samples], 99)},
@@ -206,15 +311,29 @@ def main() -> None:
         }
 
     report = {
+        "command": "python benchmarks/bench_service.py " + " ".join(sys.argv[1:]),
+        "machine": args.machine,
         "streams": 64,
         "iterations": args.iterations,
         "budget_ms": args.budget_ms,
         "iteration_ms": args.iteration_ms,
         "cpu_cores": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
-        "planning_pass": {**summary(planning), "seconds": round(t1 - t0, 1)},
-        "cached_pass": {**summary(cached), "seconds": round(t2 - t1, 1)},
+        "planning_pass": {**summary(planning, cpu1 - cpu0, planning_client_cpu), "seconds": round(t1 - t0, 1)},
+        "cached_pass": {**summary(cached, cpu2 - cpu1, cached_client_cpu), "seconds": round(t2 - t1, 1)},
+        "answer_bytes": len(answer),
     }
+    if floor is not None:
+        samples, server_cpu, client_cpu = floor
+        report["transport_floor"] = {
+            "what": "the same clients and answers against a gRPC server that does no work",
+            "iterations": args.floor_iterations,
+            **{
+                k: v
+                for k, v in summary(samples, server_cpu, client_cpu).items()
+                if k not in ("sources", "overhead_ms", "overhead_ms_by_source")  # latency is all overhead here
+            },
+        }
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))

@@ -3,7 +3,8 @@
 - `config`: `ServerConfig`, from flags and PIPEWEAVER_* variables;
 - `app`: startup, readiness, SIGTERM; `service`: the PlannerService handlers; `forward`: follower mode;
 - `planning`: registration, one search per (job, replica, iteration), deadlines, fallbacks, the online refit;
-- `jobs`: job ids, the plan window and the plan cache; `validation`: request checks and rich error statuses;
+- `jobs`: job ids, the plan window, the plan cache, the checked batch contents; `validation`: request checks and
+  rich error statuses; `rawproto`: protobuf bytes read and written by hand on the streaming fast path;
 - `pool`: spawn worker processes behind bounded queues; `work`: what the workers run (never imports grpc);
 - `metrics`: the Prometheus registry and the gRPC interceptor.
 

@@ -6,6 +6,8 @@
   the planning, every other rank's request for that iteration attaches to it, and all of them get the plan the
   entry resolves to, once. That is what keeps the ranks of a pipeline on the same plan.
 - The plan cache maps a batch's signature to the searched plan for it (temporal reuse across iterations).
+- The known contents map microbatches as received (bytes) to their digest, so that a batch sent again (by the
+  other ranks of its pipeline, an equal replica, a later iteration) skips the parse, checks and digest.
 
 No grpc and no processes here: plain asyncio state, driven by `planning.Planning`.
 """
@@ -20,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeweaver.server import work
+from pipeweaver.server import rawproto, work
 from pipeweaver.v1 import planner_pb2 as pb
 
 REFIT_ALPHA = 0.3
@@ -34,6 +36,9 @@ OVERHEAD_PRIOR_MS = 250.0
 """Worker time beyond the search budget assumed before a job's first search (large models take more)."""
 FALLBACK_PRIOR_MS = 100.0
 RESERVE_FALLBACKS_BEFORE_DECAY = 3
+KNOWN_CONTENTS = 1024
+KNOWN_CONTENTS_BYTES = 16 << 20
+"""Checked batch contents remembered per job (least recently used forgotten past either limit)."""
 
 
 class JobClosed(Exception):
@@ -65,46 +70,64 @@ def batch_digest(batch: pb.BatchMetadata) -> bytes:
         batch.iteration, batch.dp_replica = iteration, replica
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A checked batch as planning needs it."""
+
+    iteration: int
+    replica: int
+    digest: bytes
+    """`batch_digest` of the batch: equal exactly when the microbatches' contents are."""
+    data: bytes
+    """The serialized `pb.BatchMetadata` (what the workers decode)."""
+
+    @classmethod
+    def of(cls, batch: pb.BatchMetadata) -> Batch:
+        return cls(batch.iteration, batch.dp_replica, batch_digest(batch), batch.SerializeToString())
+
+
 _SOURCES = {"search": pb.PLAN_SOURCE_SEARCH, "cache": pb.PLAN_SOURCE_CACHE, "fallback": pb.PLAN_SOURCE_FALLBACK}
 
 
 class SharedPlan:
-    """A `pb.Plan` as the service hands it out: never mutated, shared by every iteration and replica it serves.
+    """A plan as the service hands it out: never mutated, shared by every iteration and replica it serves.
 
-    Each rank's answer is serialized once per plan, with the header's identity fields cleared; an answer is those
-    bytes followed by a few bytes that set the identity (protobuf merges concatenated messages field by field,
-    later scalars winning). So a plan served to 16 replicas from the cache costs 4 serializations, not 64 copies
-    of a 200 KB message.
+    It stays in the parts the worker serialized (`work.EncodedPlan`). A rank's answer is the header's bytes, that
+    rank's `RankPlan` bytes (`StreamPlansResponse` and `GetPlanResponse` number them 1 and 2, as `Plan` does) and a
+    few bytes that set the identity (protobuf merges concatenated messages field by field, later scalars winning):
+    no parse and no serialization on the event loop, however many ranks, replicas and iterations it serves.
     """
 
-    __slots__ = ("_base", "plan")
+    __slots__ = ("_header", "_parsed", "encoded")
 
-    def __init__(self, plan: pb.Plan) -> None:
-        self.plan = plan
-        self._base: dict[int, bytes] = {}
+    def __init__(self, encoded: work.EncodedPlan) -> None:
+        self.encoded = encoded
+        self._header = rawproto.field(1, encoded.header)
+        self._parsed: pb.Plan | None = None
 
-    def rank_plan(self, rank: int) -> Any:
-        """This rank's `pb.RankPlan`."""
-        ranks = self.plan.ranks
-        if rank < len(ranks) and ranks[rank].rank == rank:
-            return ranks[rank]
-        for rp in ranks:
-            if rp.rank == rank:
-                return rp
-        raise KeyError(f"the plan has no rank {rank}")
+    @classmethod
+    def of(cls, plan: pb.Plan) -> SharedPlan:
+        return cls(work.EncodedPlan.of(plan))
 
-    def base_bytes(self, rank: int) -> bytes:
-        """A serialized `StreamPlansResponse` (same wire layout as `GetPlanResponse`) without identity."""
-        out = self._base.get(rank)
-        if out is None:
-            header = pb.PlanHeader()
-            header.CopyFrom(self.plan.header)
-            header.ClearField("iteration")
-            header.ClearField("dp_replica")
-            header.ClearField("source")
-            out = pb.StreamPlansResponse(header=header, rank_plan=self.rank_plan(rank)).SerializeToString()
-            self._base[rank] = out
-        return out
+    @property
+    def plan(self) -> Any:
+        """The `pb.Plan` with every rank's actions, parsed on first use (nothing on the serving path uses it)."""
+        if self._parsed is None:
+            self._parsed = pb.Plan.FromString(self.encoded.serialized())
+        return self._parsed
+
+    def action_count(self, rank: int) -> int:
+        actions = self.encoded.actions
+        if not 0 <= rank < len(actions):
+            raise KeyError(f"the plan has no rank {rank}")
+        return actions[rank]
+
+    def answer(self, rank: int, identity: bytes) -> bytes:
+        """This rank's serialized `StreamPlansResponse` / `GetPlanResponse`, with `identity` appended."""
+        ranks = self.encoded.ranks
+        if not 0 <= rank < len(ranks):
+            raise KeyError(f"the plan has no rank {rank}")
+        return b"".join((self._header, rawproto.field(2, ranks[rank]), identity))
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +156,10 @@ class Served:
 
     @property
     def predicted_ms(self) -> float:
-        return float(self.plan.header.predicted_makespan_ms)
+        return self.shared.encoded.predicted_ms
 
-    def rank_plan(self, rank: int) -> Any:
-        return self.shared.rank_plan(rank)
+    def action_count(self, rank: int) -> int:
+        return self.shared.action_count(rank)
 
     def reissued(self, entry: PlanEntry, *, waited: bool = False) -> Served:
         """The same plan for another iteration or replica, as a cache hit; `waited`: the entry waited for this
@@ -146,12 +169,18 @@ class Served:
 
     def response_bytes(self, rank: int) -> bytes:
         """This rank's serialized `StreamPlansResponse` / `GetPlanResponse` (the two share field numbers)."""
-        identity = pb.StreamPlansResponse(
-            header=pb.PlanHeader(iteration=self.iteration, dp_replica=self.replica, source=_SOURCES[self.source]),
-            fallback=self.fallback,
-            search_ms=self.search_ms,
+        # The header's identity is written out in full, zeros included: it must override the shared header's.
+        header = (
+            rawproto.varint_field(2, self.iteration)
+            + rawproto.varint_field(7, _SOURCES[self.source])
+            + rawproto.varint_field(8, self.replica)
         )
-        return self.shared.base_bytes(rank) + identity.SerializeToString()
+        identity = rawproto.field(1, header)
+        if self.fallback:
+            identity += rawproto.varint_field(3, 1)
+        if self.search_ms:
+            identity += rawproto.double_field(4, self.search_ms)
+        return self.shared.answer(rank, identity)
 
 
 class PlanEntry:
@@ -165,6 +194,10 @@ class PlanEntry:
         """The batch as serialized by the first request (what the workers decode)."""
         self.final: asyncio.Future[Served] = asyncio.get_running_loop().create_future()
         self.waiters = 0
+        """Requests waiting for the plan (not those answered at once)."""
+        self.deadlines: list[float] = []
+        """The waiting requests' deadlines (monotonic clock): the earliest decides when the fallback starts."""
+        self.fallback_timer: asyncio.TimerHandle | None = None
         self.search: asyncio.Task[None] | None = None
         self.fallback: asyncio.Task[None] | None = None
 
@@ -173,6 +206,7 @@ class PlanEntry:
         if self.final.done():
             return False
         self.final.set_result(served)
+        self.disarm()
         return True
 
     def fail(self, error: BaseException) -> None:
@@ -180,6 +214,12 @@ class PlanEntry:
             self.final.set_exception(error)
             # Every waiter sees the error; nobody may be left holding an unretrieved exception.
             self.final.exception()
+            self.disarm()
+
+    def disarm(self) -> None:
+        if self.fallback_timer is not None:
+            self.fallback_timer.cancel()
+            self.fallback_timer = None
 
     def served(self) -> Served | None:
         if self.final.done() and not self.final.cancelled() and self.final.exception() is None:
@@ -215,6 +255,8 @@ class JobState:
         self._fallback_builds: OrderedDict[bytes, asyncio.Future[SharedPlan]] = OrderedDict()
         """Fallback plans by batch digest, being built or built: a fallback depends on the batch's shapes only,
         so replicas with equal batches share one build instead of queueing one each on the control lane."""
+        self._known: OrderedDict[bytes, bytes] = OrderedDict()
+        self._known_bytes = 0
         self._searching: dict[bytes, PlanEntry] = {}
         """Entries whose search is running, by batch digest: an equal batch (another replica, a repeated
         iteration) waits for that search instead of starting its own."""
@@ -260,6 +302,24 @@ class JobState:
             if served is not None:
                 out.append(served)
         return out
+
+    # ---- checked batch contents ----
+    def known_contents(self, microbatches: bytes) -> bytes | None:
+        """The digest of a batch whose microbatches are these bytes, if a batch with them passed this job's checks
+        (`validation.check_batch`'s microbatch checks; the identity fields are the caller's to check)."""
+        digest = self._known.get(microbatches)
+        if digest is not None:
+            self._known.move_to_end(microbatches)
+        return digest
+
+    def remember_contents(self, microbatches: bytes, digest: bytes) -> None:
+        if microbatches in self._known or len(microbatches) > KNOWN_CONTENTS_BYTES:
+            return
+        self._known[microbatches] = digest
+        self._known_bytes += len(microbatches)
+        while len(self._known) > KNOWN_CONTENTS or self._known_bytes > KNOWN_CONTENTS_BYTES:
+            old, _ = self._known.popitem(last=False)
+            self._known_bytes -= len(old)
 
     # ---- the plan cache ----
     def cached(self, digest: bytes) -> CachedPlan | None:

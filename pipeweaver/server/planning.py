@@ -20,13 +20,13 @@ from pipeweaver.search.baselines.registry import BASELINES
 from pipeweaver.server import work
 from pipeweaver.server.config import ServerConfig
 from pipeweaver.server.jobs import (
+    Batch,
     JobClosed,
     JobRegistry,
     JobState,
     PlanEntry,
     Served,
     SharedPlan,
-    batch_digest,
     job_id_for,
     mark_retrieved,
 )
@@ -131,38 +131,74 @@ class Planning:
             raise shutting_down() from None
 
     # ---- GetPlan / StreamPlans ----
-    async def plan(self, job: JobState, batch: Any, *, budget_ms: float, deadline: float | None) -> Served:
+    async def plan(self, job: JobState, batch: Batch, *, budget_ms: float, deadline: float | None) -> Served:
         """The plan of `batch` for every rank of its pipeline; `deadline` is on the `time.monotonic` clock."""
-        digest = batch_digest(batch)
-        entry = job.entry(batch.dp_replica, batch.iteration)
-        if entry is not None:
-            if entry.digest != digest:
-                raise RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"batch: differs from the batch already sent for iteration {batch.iteration} of replica "
-                    f"{batch.dp_replica}; every rank of a pipeline must send the same metadata",
-                    [Violation("batch", "differs from another rank's batch for the same iteration and replica")],
-                    reason="BATCH_CONFLICT",
-                )
-            self.m.deduplicated.inc()
-        else:
-            entry = PlanEntry(batch.dp_replica, batch.iteration, digest, batch.SerializeToString())
+        entry = self.attach(job, batch, budget_ms=budget_ms, deadline=deadline)
+        return await self.wait(job, entry, deadline)
+
+    def attach(self, job: JobState, batch: Batch, *, budget_ms: float, deadline: float | None) -> PlanEntry:
+        """The entry of the batch's (replica, iteration), started if it is the first request for it. Its plan is
+        `entry.served()` when already there (a cache hit, a rank after the first), else `await wait(...)`."""
+        entry = job.entry(batch.replica, batch.iteration)
+        if entry is None:
+            entry = PlanEntry(batch.replica, batch.iteration, batch.digest, batch.data)
             job.add_entry(entry)
             self._start(job, entry, budget_ms, deadline)
-        entry.waiters += 1
+            return entry
+        if entry.digest != batch.digest:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"batch: differs from the batch already sent for iteration {batch.iteration} of replica "
+                f"{batch.replica}; every rank of a pipeline must send the same metadata",
+                [Violation("batch", "differs from another rank's batch for the same iteration and replica")],
+                reason="BATCH_CONFLICT",
+            )
+        self.m.deduplicated.inc()
+        return entry
+
+    async def wait(self, job: JobState, entry: PlanEntry, deadline: float | None) -> Served:
+        """The plan `entry` resolves to, for a request that waits for it (`watch`)."""
+        self.watch(job, entry, deadline)
         try:
-            return await self._wait(job, entry, deadline)
+            return await asyncio.shield(entry.final)
         except JobClosed:
             raise unknown_job(job.job_id) from None
         finally:
-            entry.waiters -= 1
-            if entry.waiters == 0 and not entry.final.done():
-                # Everyone who asked went away (a cancelled stream, an expired call): stop planning it, and wake
-                # the entries waiting for its search so that one of them searches instead.
-                entry.cancel_tasks()
-                job.stop_searching(entry)
-                entry.fail(Abandoned())
-                job.drop(entry)
+            self.unwatch(job, entry, deadline)
+
+    def watch(self, job: JobState, entry: PlanEntry, deadline: float | None) -> None:
+        """One more request waits for `entry`'s plan (`entry.final`) until `unwatch`. With a deadline, the fallback
+        starts once only its time is left before the earliest deadline among the waiting requests."""
+        entry.waiters += 1
+        if deadline is not None:
+            entry.deadlines.append(deadline)
+            self._arm_fallback(job, entry)
+
+    def unwatch(self, job: JobState, entry: PlanEntry, deadline: float | None) -> None:
+        """A request stops waiting for `entry` (it has its answer, or it went away)."""
+        entry.waiters -= 1
+        if deadline is not None:
+            entry.deadlines.remove(deadline)
+            self._arm_fallback(job, entry)
+        if entry.waiters == 0 and not entry.final.done():
+            # Everyone who asked went away (a cancelled stream, an expired call): stop planning it, and wake
+            # the entries waiting for its search so that one of them searches instead.
+            entry.cancel_tasks()
+            job.stop_searching(entry)
+            entry.fail(Abandoned())
+            job.drop(entry)
+
+    def _arm_fallback(self, job: JobState, entry: PlanEntry) -> None:
+        entry.disarm()
+        if entry.final.done() or not entry.deadlines:
+            return
+        left_s = min(entry.deadlines) - time.monotonic() - (job.fallback_ms + SLACK_MS) / 1e3
+        if left_s <= 0:
+            self._start_fallback(job, entry, "deadline")
+        else:
+            entry.fallback_timer = asyncio.get_running_loop().call_later(
+                left_s, self._start_fallback, job, entry, "deadline"
+            )
 
     def _start(self, job: JobState, entry: PlanEntry, budget_ms: float, deadline: float | None) -> None:
         if job.caching:
@@ -197,7 +233,11 @@ class Planning:
             return
         if job.caching:
             job.start_searching(entry)
-        entry.search = asyncio.create_task(self._search(job, entry, task))
+        # Submitted now: the worker starts while the rest of a burst of requests is being read.
+        outcome = self.pool.search.submit(work.plan_batch, task)
+        outcome.add_done_callback(mark_retrieved)
+        entry.search = asyncio.create_task(self._search(job, entry, outcome))
+        entry.search.add_done_callback(lambda _: outcome.cancel())  # the search is over, or abandoned
 
     async def _follow(
         self, job: JobState, entry: PlanEntry, leader: PlanEntry, budget_ms: float, deadline: float | None
@@ -217,28 +257,16 @@ class Planning:
         if not entry.final.done():
             self._start(job, entry, budget_ms, deadline)
 
-    async def _wait(self, job: JobState, entry: PlanEntry, deadline: float | None) -> Served:
-        if deadline is not None and not entry.final.done():
-            until_fallback = deadline - time.monotonic() - (job.fallback_ms + SLACK_MS) / 1e3
-            if until_fallback > 0:
-                try:
-                    return await asyncio.wait_for(asyncio.shield(entry.final), until_fallback)
-                except TimeoutError:
-                    pass
-            if not entry.final.done():
-                self._start_fallback(job, entry, "deadline")
-        return await asyncio.shield(entry.final)
-
-    async def _search(self, job: JobState, entry: PlanEntry, task: work.PlanTask) -> None:
+    async def _search(self, job: JobState, entry: PlanEntry, running: asyncio.Future[Any]) -> None:
         try:
-            await self._search_once(job, entry, task)
+            await self._search_once(job, entry, running)
         finally:
             job.stop_searching(entry)
 
-    async def _search_once(self, job: JobState, entry: PlanEntry, task: work.PlanTask) -> None:
-        """Search in a worker; the worker clips the budget to the deadline when the task actually starts."""
+    async def _search_once(self, job: JobState, entry: PlanEntry, running: asyncio.Future[Any]) -> None:
+        """Wait for the search in a worker; the worker clips the budget to the deadline when the task starts."""
         try:
-            outcome = await self.pool.search.run(work.plan_batch, task)
+            outcome = await running
         except QueueFull as exc:
             entry.fail(queue_full(exc))
             job.drop(entry)
@@ -261,7 +289,7 @@ class Planning:
         if isinstance(outcome, work.Expired):  # it waited for a worker past the point a search could fit
             self._start_fallback(job, entry, "deadline")
             return
-        shared = SharedPlan(pb.Plan.FromString(outcome.plan))
+        shared = SharedPlan(outcome.plan)
         job.record_overhead(outcome.worker_ms - outcome.setup_ms, outcome.budget_ms)
         job.remember(entry.digest, shared, outcome.raw_predicted_ms)
         self._observe_search(outcome)
@@ -326,7 +354,7 @@ class Planning:
             raise RequestError(grpc.StatusCode.INTERNAL, "no plan", reason="NO_PLAN")
         job.record_fallback(outcome.worker_ms)
         self.m.worker_task_seconds.labels(lane="control", task="fallback").observe(outcome.worker_ms / 1e3)
-        return SharedPlan(pb.Plan.FromString(outcome.plan))
+        return SharedPlan(outcome.plan)
 
     # ---- ReportTimings ----
     def report(self, job: JobState, req: Any) -> Any:
@@ -334,7 +362,7 @@ class Planning:
         served = job.served_for(req.iteration)
         n = len(req.measured_start_ms)
         if served and n:
-            counts = sorted({len(s.rank_plan(req.rank).actions) for s in served})
+            counts = sorted({s.action_count(req.rank) for s in served})
             if n not in counts:
                 raise invalid(
                     [

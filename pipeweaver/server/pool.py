@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pipeweaver.server import work
 
@@ -141,17 +141,28 @@ class Lane:
     async def run(self, fn: Callable[[T], R], arg: T) -> R:
         """Run `fn(arg)` in a worker. Raises QueueFull, WorkerCrashed or PoolClosed, or what `fn` raised."""
         await self._acquire()
-        cfut, generation = self._submit(fn, arg)
-        loop = asyncio.get_running_loop()
+        return await self._result(*self._submit(fn, arg))
 
-        def done(f: Future[R]) -> None:
-            # Runs in the executor's thread. The slot is only free once the worker is; a pool that broke under a
-            # task nobody awaits any more (its requester left) is still replaced now, not at the next request.
-            broken = not f.cancelled() and isinstance(f.exception(), BrokenProcessPool)
-            with contextlib.suppress(RuntimeError):  # a closed loop has nothing left to release for
-                loop.call_soon_threadsafe(self._finished, generation, broken)
+    def submit(self, fn: Callable[[T], R], arg: T) -> asyncio.Future[R]:
+        """`run(fn, arg)` as a future; with a worker free, the task goes to it now, not when the caller next
+        yields to the event loop (a burst of requests read meanwhile would hold it back by milliseconds).
+        Cancelling the future is cancelling `run`."""
+        if self._closing or self._running >= self.workers or self._waiters:
+            return asyncio.ensure_future(self.run(fn, arg))
+        self._running += 1
+        self._changed()
+        try:
+            cfut, generation = self._submit(fn, arg)
+        except (WorkerCrashed, PoolClosed) as exc:
+            failed: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
+        result = asyncio.ensure_future(self._result(cfut, generation))
+        # Cancelled before its first step, the coroutine never runs to cancel the task it submitted.
+        result.add_done_callback(lambda f: cfut.cancel() if f.cancelled() else None)
+        return result
 
-        cfut.add_done_callback(done)
+    async def _result(self, cfut: Future[R], generation: int) -> R:
         try:
             return await asyncio.wrap_future(cfut)
         except BrokenProcessPool as exc:
@@ -161,13 +172,14 @@ class Lane:
             raise WorkerCrashed(f"a {self.name} worker died while running this task; it has been replaced") from exc
 
     def _submit(self, fn: Callable[[T], R], arg: T) -> tuple[Future[R], int]:
-        """Submit to the current executor; one that broke while idle is replaced and the task resubmitted once."""
+        """Submit to the current executor, holding a slot; one that broke while idle is replaced and the task
+        resubmitted once. The slot is released when the worker is done with the task."""
         for attempt in range(2):
             generation = self._generation
             executor = self._executor
             assert executor is not None, "spawn() first"
             try:
-                return executor.submit(fn, arg), generation
+                cfut = executor.submit(fn, arg)
             except (BrokenProcessPool, RuntimeError) as exc:
                 if self._closing:
                     self._release()
@@ -176,7 +188,22 @@ class Lane:
                 if attempt == 1:
                     self._release()
                     raise WorkerCrashed(f"the {self.name} pool is broken; it is being replaced") from exc
+                continue
+            cfut.add_done_callback(self._done_callback(generation))
+            return cfut, generation
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _done_callback(self, generation: int) -> Callable[[Future[Any]], None]:
+        loop = asyncio.get_running_loop()
+
+        def done(f: Future[Any]) -> None:
+            # Runs in the executor's thread. The slot is only free once the worker is; a pool that broke under a
+            # task nobody awaits any more (its requester left) is still replaced now, not at the next request.
+            broken = not f.cancelled() and isinstance(f.exception(), BrokenProcessPool)
+            with contextlib.suppress(RuntimeError):  # a closed loop has nothing left to release for
+                loop.call_soon_threadsafe(self._finished, generation, broken)
+
+        return done
 
     def _finished(self, generation: int, broken: bool) -> None:
         self._release()

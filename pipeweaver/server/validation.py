@@ -284,11 +284,13 @@ def check_message_size(msg: Any, max_bytes: int, field: str | Callable[[Any], st
     """`field` names the violation: a name, or a function of `msg` that finds it (only run for a violation)."""
     size = msg.ByteSize()
     if size > max_bytes:
-        name = field if isinstance(field, str) else field(msg)
-        raise invalid(
-            [Violation(name, f"the message is {size} bytes; the limit is {max_bytes} bytes")],
-            reason="MESSAGE_TOO_LARGE",
-        )
+        raise message_too_large(size, max_bytes, field if isinstance(field, str) else field(msg))
+
+
+def message_too_large(size: int, max_bytes: int, field: str) -> RequestError:
+    return invalid(
+        [Violation(field, f"the message is {size} bytes; the limit is {max_bytes} bytes")], reason="MESSAGE_TOO_LARGE"
+    )
 
 
 def check_batch(batch: pb.BatchMetadata, parallel: ParallelSpec, limits: BatchLimits, *, field: str = "batch") -> None:

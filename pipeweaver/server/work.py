@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pipeweaver.errors import DoesNotFit, SpecError
 from pipeweaver.plan.ir import Pass, Placement, Plan
+from pipeweaver.server import rawproto
 from pipeweaver.spec.batch import BatchLimits, BatchMetadata, validate_batch
 from pipeweaver.spec.hardware import HardwareSpec
 from pipeweaver.spec.model import LayerKind, ModelSpec
@@ -134,9 +135,39 @@ class Expired:
 
 
 @dataclass(frozen=True, slots=True)
+class EncodedPlan:
+    """A `pb.Plan` serialized in parts: the header, and each rank's `RankPlan`. The service answers a rank with
+    the header's bytes and that rank's (`jobs.SharedPlan`), so the main process never parses or re-serializes a
+    plan on its way out (a vlm-s plan is ~350 KB: 2.7 ms to parse, 5.6 ms to re-serialize per rank)."""
+
+    header: bytes
+    ranks: tuple[bytes, ...]
+    """Serialized `pb.RankPlan` of rank 0, 1, ..."""
+    actions: tuple[int, ...]
+    """Actions per rank (what a timing report is checked against)."""
+    predicted_ms: float
+    """The header's predicted makespan (0: not predicted)."""
+
+    @classmethod
+    def of(cls, plan: pb.Plan) -> EncodedPlan:
+        ranks = sorted(plan.ranks, key=lambda rp: rp.rank)
+        if [rp.rank for rp in ranks] != list(range(len(ranks))):
+            raise ValueError(f"a plan's ranks are 0..{len(ranks) - 1}, got {[rp.rank for rp in ranks]}")
+        return cls(
+            header=plan.header.SerializeToString(),
+            ranks=tuple(rp.SerializeToString() for rp in ranks),
+            actions=tuple(len(rp.actions) for rp in ranks),
+            predicted_ms=float(plan.header.predicted_makespan_ms),
+        )
+
+    def serialized(self) -> bytes:
+        """The whole `pb.Plan` (header: field 1, ranks: field 2)."""
+        return rawproto.field(1, self.header) + b"".join(rawproto.field(2, r) for r in self.ranks)
+
+
+@dataclass(frozen=True, slots=True)
 class PlanOutcome:
-    plan: bytes
-    """A serialized `pb.Plan` (every rank)."""
+    plan: EncodedPlan
     mode: Mode
     predicted_ms: float = 0.0
     """Predicted makespan, after `time_scale`; 0 for fallback plans (not simulated)."""
@@ -255,14 +286,14 @@ def plan_batch(task: PlanTask) -> PlanOutcome | Rejected | Expired:
     if task.mode == "fallback":
         plan = planner.fallback_plan(decoded, job_id=task.job.job_id)
         return PlanOutcome(
-            plan=plan_to_proto(plan).SerializeToString(),
+            plan=EncodedPlan.of(plan_to_proto(plan)),
             mode="fallback",
             worker_ms=(time.perf_counter() - t0) * 1e3,
         )
     result = planner.plan(decoded, job_id=task.job.job_id, budget_ms=task.search_budget_ms())
     plan = _scaled(result.plan, task.time_scale)
     return PlanOutcome(
-        plan=plan_to_proto(plan).SerializeToString(),
+        plan=EncodedPlan.of(plan_to_proto(plan)),
         mode="search",
         predicted_ms=result.predicted_ms * task.time_scale,
         raw_predicted_ms=result.predicted_ms,

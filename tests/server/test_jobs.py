@@ -6,10 +6,11 @@ import asyncio
 import math
 from dataclasses import replace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeweaver.server import work
+from pipeweaver.server import jobs, work
 from pipeweaver.server.jobs import JobRegistry, JobState, PlanEntry, Served, SharedPlan, batch_digest, job_id_for
 from pipeweaver.spec import BatchMetadata
 from pipeweaver.v1 import planner_pb2 as pb
@@ -62,7 +63,7 @@ def test_a_served_plan_answers_each_rank_with_its_own_identity() -> None:
     plan = _plan(12.5).plan
     plan.header.job_id, plan.header.schedule = "job-x", "pipeweaver"
     plan.header.iteration, plan.header.dp_replica, plan.header.source = 9, 3, pb.PLAN_SOURCE_SEARCH
-    shared = SharedPlan(plan)
+    shared = SharedPlan.of(plan)
 
     async def entry_of_iteration_0() -> PlanEntry:
         return PlanEntry(0, 0, b"d", b"")
@@ -96,7 +97,7 @@ def _plan(predicted_ms: float, actions: int = 3) -> SharedPlan:
     plan = pb.Plan(header=pb.PlanHeader(predicted_makespan_ms=predicted_ms))
     for r in range(2):
         plan.ranks.add(rank=r, actions=[pb.Action(wait=pb.Wait(handle=i)) for i in range(actions)])
-    return SharedPlan(plan)
+    return SharedPlan.of(plan)
 
 
 def test_an_entry_resolves_once_and_the_window_keeps_the_latest_iterations() -> None:
@@ -123,6 +124,23 @@ def test_the_plan_cache_keeps_the_most_recently_used() -> None:
     assert job.cached(b"a") is not None  # a is now the most recent
     job.remember(b"c", _plan(1.0), 1.0)
     assert job.cached(b"b") is None and job.cached(b"a") is not None and job.cached(b"c") is not None
+
+
+def test_known_contents_are_forgotten_past_either_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs, "KNOWN_CONTENTS", 3)
+    monkeypatch.setattr(jobs, "KNOWN_CONTENTS_BYTES", 10)
+    job = _state()
+    for contents in (b"aaa", b"bbb"):
+        job.remember_contents(contents, b"digest of " + contents)
+    assert job.known_contents(b"aaa") == b"digest of aaa"  # a is now the most recent
+    job.remember_contents(b"ccc", b"digest of ccc")
+    job.remember_contents(b"dddddd", b"digest of dddddd")  # 15 bytes: b, then a go
+    assert [job.known_contents(c) is not None for c in (b"aaa", b"bbb", b"ccc", b"dddddd")] == [0, 0, 1, 1]
+    job.remember_contents(b"e", b"digest of e")
+    job.remember_contents(b"f", b"digest of f")  # 4 contents: c goes
+    assert [job.known_contents(c) is not None for c in (b"ccc", b"dddddd", b"e", b"f")] == [0, 1, 1, 1]
+    job.remember_contents(b"x" * 11, b"too big")  # larger than the whole budget: never kept
+    assert job.known_contents(b"x" * 11) is None and job.known_contents(b"dddddd") is not None
 
 
 def test_the_refit_learns_the_measured_ratio_once_per_iteration() -> None:

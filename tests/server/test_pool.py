@@ -62,6 +62,28 @@ def test_a_cancelled_waiting_task_leaves_the_queue() -> None:
     asyncio.run(main())
 
 
+def test_submit_hands_the_task_to_a_free_worker_before_the_caller_yields() -> None:
+    async def main() -> None:
+        lane = await _lane(workers=1, queue_size=2)
+        try:
+            first = lane.submit(time.sleep, 0.3)
+            assert lane.running == 1  # submitted already: no await in between
+            second = lane.submit(abs, -2)  # no worker free: it queues, as `run` does
+            await asyncio.sleep(0.05)
+            assert (lane.running, lane.waiting) == (1, 1)
+            assert await second == 2 and await first is None
+            # Cancelled before its first step, a submitted task still gives its worker back.
+            cancelled = lane.submit(time.sleep, 0.2)
+            cancelled.cancel()
+            await asyncio.sleep(0.5)
+            assert (lane.running, lane.waiting) == (0, 0)
+            assert await lane.run(abs, -3) == 3
+        finally:
+            await lane.close(5)
+
+    asyncio.run(main())
+
+
 def test_a_dead_worker_is_replaced_and_its_tasks_fail_as_crashed() -> None:
     async def main() -> None:
         lane = await _lane(workers=1, queue_size=4)

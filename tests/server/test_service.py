@@ -237,6 +237,22 @@ def test_no_plan_by_the_deadline_means_the_flagged_fallback(planner: ServerProce
     assert planner.sample("pipeweaver_fallback_plans_total", reason="deadline") - fallbacks_before == 1
 
 
+def test_a_rank_that_goes_away_takes_its_deadline_with_it(planner: ServerProcess) -> None:
+    """The earliest deadline among the requests waiting for an iteration decides when its fallback starts; once
+    that request is gone, the deadlines of those still waiting do."""
+    stub = planner.stub()
+    job = stub.RegisterJob(register_request(W, planning_budget_ms=2_000.0), timeout=60).job_id
+    b = batch(W, 450, seed=8)
+    patient = stub.GetPlan.future(pb.GetPlanRequest(job_id=job, rank=1, batch=b), timeout=30)
+    time.sleep(0.3)  # its 2 s search is running
+    # Were it to stay, this rank's deadline would make the iteration fall back after about 1.4 s.
+    hasty = stub.GetPlan.future(pb.GetPlanRequest(job_id=job, rank=0, batch=b), timeout=1.5)
+    time.sleep(0.3)
+    hasty.cancel()
+    r = patient.result()
+    assert not r.fallback and r.header.source == pb.PLAN_SOURCE_SEARCH
+
+
 def test_equal_batches_that_fall_back_share_one_fallback_build(planner: ServerProcess) -> None:
     """Fallbacks depend on the shapes only: replicas (here: iterations) with equal batches share one build."""
     stub = planner.stub()

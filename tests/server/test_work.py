@@ -30,7 +30,10 @@ def test_a_search_and_its_scaled_predictions(job: work.Job) -> None:
     plain = work.plan_batch(work.PlanTask(job, data, "search", 30.0))
     scaled = work.plan_batch(work.PlanTask(job, data, "search", 30.0, time_scale=2.0))
     assert isinstance(plain, work.PlanOutcome) and isinstance(scaled, work.PlanOutcome)
-    a, b = plan_from_proto(pb.Plan.FromString(plain.plan)), plan_from_proto(pb.Plan.FromString(scaled.plan))
+    a, b = (
+        plan_from_proto(pb.Plan.FromString(plain.plan.serialized())),
+        plan_from_proto(pb.Plan.FromString(scaled.plan.serialized())),
+    )
     assert a.header.source is PlanSource.SEARCH and a.header.iteration == 3
     assert math.isclose(scaled.predicted_ms, 2 * scaled.raw_predicted_ms)
     assert math.isclose(b.header.predicted_makespan_ms, 2 * scaled.raw_predicted_ms)
@@ -42,7 +45,7 @@ def test_a_search_and_its_scaled_predictions(job: work.Job) -> None:
 def test_the_fallback_is_built_on_the_registered_placement(job: work.Job) -> None:
     out = work.plan_batch(work.PlanTask(job, batch(W, 4).SerializeToString(), "fallback", 0.0))
     assert isinstance(out, work.PlanOutcome)
-    plan = plan_from_proto(pb.Plan.FromString(out.plan))
+    plan = plan_from_proto(pb.Plan.FromString(out.plan.serialized()))
     assert plan.header.source is PlanSource.FALLBACK
     assert job.partition is not None and plan.header.placement == job.partition.placement
 
