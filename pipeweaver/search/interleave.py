@@ -11,9 +11,12 @@ import math
 import numba
 import numpy as np
 
+from pipeweaver.search.interleave_ref import ACTIVE, ACTIVE_WINDOW
 from pipeweaver.search.problem import F64, I64, Policy, Problem
 
 _EARLIEST = int(Policy.EARLIEST)
+_ACTIVE = ACTIVE
+_WINDOW = ACTIVE_WINDOW
 
 
 @numba.njit(cache=True)
@@ -33,6 +36,8 @@ def _pick(
     r: int,
     gate: int,
     earliest: bool,
+    active: bool,
+    duration: F64,
     ready: I64,
     nready: I64,
     t_last: F64,
@@ -46,11 +51,14 @@ def _pick(
     unit: I64,
     ready_at: F64,
     priority: F64,
-) -> tuple[int, float]:
-    """Rank r's best stage under memory gate `gate` and its start time, or (-1, inf): the reference's `pick`."""
+) -> tuple[int, float, float]:
+    """Rank r's best stage under memory gate `gate`, its start time and the rank's key among ranks, or
+    (-1, inf, inf): the reference's `pick`."""
     tl = t_last[r]
     tf = math.inf
     tb = math.inf
+    soonest = math.inf  # under ACTIVE: the earliest completion and the earliest start of an eligible stage
+    first = math.inf
     for k in range(nready[r]):
         i = ready[r, k]
         if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
@@ -60,9 +68,43 @@ def _pick(
                 tf = ready_at[i]
         elif ready_at[i] < tb:
             tb = ready_at[i]
+        if active:
+            at = max(tl, ready_at[i])
+            if at + duration[i] < soonest:
+                soonest = at + duration[i]
+            if at < first:
+                first = at
     if tf == math.inf and tb == math.inf:
-        return -1, math.inf
+        return -1, math.inf, math.inf
     best = -1
+    if active:
+        limit = first + _WINDOW * (soonest - first)
+        # Candidates start before `limit` (or first): the highest priority of each kind (first one at equal
+        # priority), then as the reference: the other kind than the last run under ALTERNATE when both are there,
+        # else the higher priority, backward at equal priority.
+        best_f = -1
+        best_b = -1
+        for k in range(nready[r]):
+            i = ready[r, k]
+            if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
+                continue
+            at = max(tl, ready_at[i])
+            if not (at < limit or at == first):
+                continue
+            if is_forward[i] == 1:
+                if best_f < 0 or priority[i] > priority[best_f]:
+                    best_f = i
+            elif best_b < 0 or priority[i] > priority[best_b]:
+                best_b = i
+        if best_f < 0:
+            best = best_b
+        elif best_b < 0:
+            best = best_f
+        elif not earliest:
+            best = best_b if last_fwd[r] == 1 else best_f
+        else:
+            best = best_f if priority[best_f] > priority[best_b] else best_b
+        return best, max(tl, ready_at[best]), soonest
     if not earliest and tf <= tl and tb <= tl:
         want = 1 - last_fwd[r]
         for k in range(nready[r]):
@@ -73,7 +115,7 @@ def _pick(
                 continue
             if best < 0 or priority[i] > priority[best]:
                 best = i
-        return best, tl
+        return best, tl, tl
     for k in range(nready[r]):
         i = ready[r, k]
         if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
@@ -99,7 +141,8 @@ def _pick(
             and (priority[i] > priority[best] or (priority[i] == priority[best] and is_forward[i] < is_forward[best]))
         ):
             best = i
-    return best, max(tl, ready_at[best])
+    start = max(tl, ready_at[best])
+    return best, start, start
 
 
 @numba.njit(cache=True)
@@ -149,25 +192,30 @@ def _kernel(
     for i in range(n):
         if pred_ptr[i + 1] == pred_ptr[i]:
             source[i] = 1
-    earliest = policy == _EARLIEST
+    earliest = (policy & ~_ACTIVE) == _EARLIEST
+    active = (policy & _ACTIVE) != 0
     first_gate = 0 if earliest else 1
     # A rank's pick depends only on its own state: cache it per gate until that state changes (a stage of the rank
     # runs, or one becomes ready on it), as the reference does.
     pick_i = np.full((4, pp), -1, dtype=np.int64)
     pick_t = np.full((4, pp), math.inf)
+    pick_key = np.full((4, pp), math.inf)
     stale = np.ones((4, pp), dtype=np.bool_)
     done = 0
     while done < n:
         chosen = -1
         chosen_t = math.inf
+        chosen_key = math.inf
         chosen_r = -1
         for gate in range(first_gate, 4):
             for r in range(pp):
                 if stale[gate, r]:
-                    best, t = _pick(
+                    best, t, key = _pick(
                         r,
                         gate,
                         earliest,
+                        active,
+                        duration,
                         ready,
                         nready,
                         t_last,
@@ -184,12 +232,13 @@ def _kernel(
                     )
                     pick_i[gate, r] = best
                     pick_t[gate, r] = t
+                    pick_key[gate, r] = key
                     stale[gate, r] = False
                 best = pick_i[gate, r]
-                t = pick_t[gate, r]
-                if best >= 0 and t < chosen_t:
+                if best >= 0 and pick_key[gate, r] < chosen_key:
                     chosen = best
-                    chosen_t = t
+                    chosen_t = pick_t[gate, r]
+                    chosen_key = pick_key[gate, r]
                     chosen_r = r
             if chosen >= 0:
                 break

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeweaver.plan import Pass, PlanHeader, stage_graph
+from pipeweaver.plan.ir import StageKey
 from pipeweaver.plan.layouts import (
     RankOrder,
     modular_placement,
@@ -19,9 +20,12 @@ from pipeweaver.plan.layouts import (
 from pipeweaver.presets import workload
 from pipeweaver.search.bounds import exact_makespan_ms, lower_bound_ms
 from pipeweaver.search.interleave import interleave
-from pipeweaver.search.interleave_ref import interleave_reference
+from pipeweaver.search.interleave_ref import ACTIVE, interleave_reference
 from pipeweaver.search.problem import Policy, Problem, build_problem, stage_priorities
 from tests.search.pipelines import small_batch, uniform_pipeline_header
+
+POLICIES = [int(p) | flag for p in Policy for flag in (0, ACTIVE)]
+"""Every policy value the interleaver takes: each `Policy`, non-delay and active."""
 
 
 def _random_problem(seed: int, pp: int, m: int, k_vit: int, cap: float, *, v_shape: bool = False) -> Problem:
@@ -47,7 +51,7 @@ def _random_problem(seed: int, pp: int, m: int, k_vit: int, cap: float, *, v_sha
     return build_problem(g, pp, dur, act, delay, [cap] * pp)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     pp=st.sampled_from([2, 4]),
@@ -55,10 +59,10 @@ def _random_problem(seed: int, pp: int, m: int, k_vit: int, cap: float, *, v_sha
     k_vit=st.sampled_from([1, 2]),
     cap=st.sampled_from([2.0, 5.0, 1e9]),
     v_shape=st.booleans(),
-    policy=st.sampled_from(list(Policy)),
+    policy=st.sampled_from(POLICIES),
 )
 def test_numba_kernel_equals_reference(
-    seed: int, pp: int, m: int, k_vit: int, cap: float, v_shape: bool, policy: Policy
+    seed: int, pp: int, m: int, k_vit: int, cap: float, v_shape: bool, policy: int
 ) -> None:
     problem = replace(_random_problem(seed, pp, m, k_vit, cap, v_shape=v_shape), policy=policy)
     prio = stage_priorities(problem, np.random.default_rng(seed).permutation(len(problem.groups)).astype(float))
@@ -71,9 +75,9 @@ def test_numba_kernel_equals_reference(
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), pp=st.sampled_from([2, 4]), m=st.integers(1, 6))
-def test_schedule_respects_dependencies_and_one_stage_at_a_time(seed: int, pp: int, m: int) -> None:
-    problem = _random_problem(seed, pp, m, 2, 1e9)
+@given(seed=st.integers(0, 10_000), pp=st.sampled_from([2, 4]), m=st.integers(1, 6), policy=st.sampled_from(POLICIES))
+def test_schedule_respects_dependencies_and_one_stage_at_a_time(seed: int, pp: int, m: int, policy: int) -> None:
+    problem = replace(_random_problem(seed, pp, m, 2, 1e9), policy=policy)
     prio = stage_priorities(problem, np.arange(len(problem.groups), dtype=float))
     position, start, end, makespan = interleave(problem, prio)
     for i in range(problem.n):
@@ -118,3 +122,39 @@ def test_lower_bound_never_exceeds_the_exact_optimum() -> None:
     assert lower_bound_ms(problem) <= optimum + 1e-6
     prio = stage_priorities(problem, np.arange(len(problem.groups), dtype=float))
     assert interleave(problem, prio)[3] >= optimum - 1e-6
+
+
+@pytest.mark.parametrize("policy", list(Policy))
+def test_active_waits_for_a_higher_priority_stage(policy: Policy) -> None:
+    # Rank 0 holds a (10 ms, low priority, ready now) and b (10 ms, high priority, ready at 1 ms after p on rank 1),
+    # and b feeds c (20 ms) on rank 1. Non-delay runs a first (b is not ready yet): 40 ms. ACTIVE idles rank 0 for
+    # 1 ms and runs b first, so c overlaps a: 31 ms.
+    stages = tuple(StageKey(name, 0, 0, 0, Pass.F) for name in "apbc")
+    problem = Problem(
+        stages=stages,
+        pp=2,
+        rank=_ints(0, 1, 0, 1),
+        duration_ms=np.array([10.0, 1.0, 10.0, 20.0]),
+        is_forward=_ints(1, 1, 1, 1),
+        alloc_bytes=np.zeros(4),
+        free_bytes=np.zeros(4),
+        pred_ptr=_ints(0, 0, 0, 1, 2),
+        pred_idx=_ints(1, 2),
+        pred_delay_ms=np.zeros(2),
+        succ_ptr=_ints(0, 0, 1, 2, 2),
+        succ_idx=_ints(2, 3),
+        group=_ints(0, 1, 2, 3),
+        intra=_ints(0, 0, 0, 0),
+        groups=(),
+        unit=_ints(0, 1, 1, 1),
+        mem_cap_bytes=np.ones(2),
+        policy=int(policy),
+    )
+    priority = np.array([0.0, 3.0, 2.0, 1.0])
+    for kernel in (interleave, interleave_reference):
+        assert kernel(problem, priority)[3] == 40.0
+        assert kernel(replace(problem, policy=int(policy) | ACTIVE), priority)[3] == 31.0
+
+
+def _ints(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
