@@ -116,6 +116,27 @@ def _outputs(flat: FlatPlan) -> _Outputs:
 # ---- numba kernel ------------------------------------------------------------------------------------------
 
 
+def _record(
+    r: int,
+    delta: float,
+    t: float,
+    memory: Any,
+    peak_bytes: Any,
+    event_offsets: Any,
+    event_count: Any,
+    event_time_ms: Any,
+    event_bytes: Any,
+) -> None:  # pragma: no cover - numba (the reference keeps its own list of events)
+    """Change rank r's memory by `delta` bytes at time t: update its peak and append a memory event."""
+    memory[r] += delta
+    if memory[r] > peak_bytes[r]:
+        peak_bytes[r] = memory[r]
+    e = event_offsets[r] + event_count[r]
+    event_time_ms[e] = t
+    event_bytes[e] = memory[r]
+    event_count[r] += 1
+
+
 def _kernel(
     rank_offsets: Any,
     kind: Any,
@@ -172,31 +193,45 @@ def _kernel(
                 if k == 0:  # COMPUTE
                     start_ms[i] = t
                     if alloc_bytes[i] != 0.0:
-                        memory[r] += alloc_bytes[i]
-                        if memory[r] > peak_bytes[r]:
-                            peak_bytes[r] = memory[r]
-                        e = event_offsets[r] + event_count[r]
-                        event_time_ms[e] = t
-                        event_bytes[e] = memory[r]
-                        event_count[r] += 1
+                        _record(
+                            r,
+                            alloc_bytes[i],
+                            t,
+                            memory,
+                            peak_bytes,
+                            event_offsets,
+                            event_count,
+                            event_time_ms,
+                            event_bytes,
+                        )
                     t = t + duration_ms[i]
                     busy_ms[r] += duration_ms[i]
                     end_ms[i] = t
-                    if free_bytes[i] != 0.0:
-                        memory[r] -= free_bytes[i]
-                        e = event_offsets[r] + event_count[r]
-                        event_time_ms[e] = t
-                        event_bytes[e] = memory[r]
-                        event_count[r] += 1
+                    if free_bytes[i] != 0.0:  # memory only falls: the peak check inside is a no-op
+                        _record(
+                            r,
+                            -free_bytes[i],
+                            t,
+                            memory,
+                            peak_bytes,
+                            event_offsets,
+                            event_count,
+                            event_time_ms,
+                            event_bytes,
+                        )
                 elif k == 1:  # POST
                     if alloc_bytes[i] != 0.0:
-                        memory[r] += alloc_bytes[i]
-                        if memory[r] > peak_bytes[r]:
-                            peak_bytes[r] = memory[r]
-                        e = event_offsets[r] + event_count[r]
-                        event_time_ms[e] = t
-                        event_bytes[e] = memory[r]
-                        event_count[r] += 1
+                        _record(
+                            r,
+                            alloc_bytes[i],
+                            t,
+                            memory,
+                            peak_bytes,
+                            event_offsets,
+                            event_count,
+                            event_time_ms,
+                            event_bytes,
+                        )
                     for o in range(op_lo[i], op_hi[i]):
                         post_ms[o] = t
                         posted[o] = True
@@ -241,6 +276,7 @@ _numba_kernel: Any
 try:
     import numba
 
+    _record = numba.njit(cache=True)(_record)  # before the kernel: it calls the compiled helper by this name
     _numba_kernel = numba.njit(cache=True)(_kernel)  # one signature: int64 and float64 arrays only
 except ModuleNotFoundError:  # the trainer side installs no numba; it never simulates
     _numba_kernel = None

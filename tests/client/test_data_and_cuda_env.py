@@ -35,12 +35,6 @@ def test_every_kind_and_key_draws_its_own_values() -> None:
     assert torch.equal(a, SyntheticData(seed=0, iteration=0).video_latents(0, 0, 0, tokens=6, channels=3))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_draws_stay_on_the_device() -> None:  # pragma: no cover - GPU machines only
-    data = SyntheticData(seed=0, iteration=0, device="cuda")
-    assert data.image_patches(0, 0, 0, patches=3, patch_dim=2).device.type == "cuda"
-
-
 def test_unprepared_cuda_settings_warn(monkeypatch: pytest.MonkeyPatch) -> None:
     cudnn = torch.backends.cuda.cudnn_sdp_enabled()
     try:
