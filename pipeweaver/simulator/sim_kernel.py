@@ -116,18 +116,10 @@ def _outputs(flat: FlatPlan) -> _Outputs:
 # ---- numba kernel ------------------------------------------------------------------------------------------
 
 
-def _record(
-    r: int,
-    delta: float,
-    t: float,
-    memory: Any,
-    peak_bytes: Any,
-    event_offsets: Any,
-    event_count: Any,
-    event_time_ms: Any,
-    event_bytes: Any,
-) -> None:  # pragma: no cover - numba (the reference keeps its own list of events)
-    """Change rank r's memory by `delta` bytes at time t: update its peak and append a memory event."""
+def _record(r: int, delta: float, t: float, mem: Any) -> None:  # pragma: no cover - numba
+    """Change rank r's memory by `delta` bytes at time t: update its peak and append a memory event. `mem` is
+    (memory, peak_bytes, event_offsets, event_count, event_time_ms, event_bytes), the kernel's arrays."""
+    memory, peak_bytes, event_offsets, event_count, event_time_ms, event_bytes = mem
     memory[r] += delta
     if memory[r] > peak_bytes[r]:
         peak_bytes[r] = memory[r]
@@ -181,6 +173,7 @@ def _kernel(
         event_time_ms[event_offsets[r]] = 0.0
         event_bytes[event_offsets[r]] = static_bytes[r]
         event_count[r] = 1
+    mem = (memory, peak_bytes, event_offsets, event_count, event_time_ms, event_bytes)
     while True:
         progress = False
         finished = True
@@ -193,45 +186,15 @@ def _kernel(
                 if k == 0:  # COMPUTE
                     start_ms[i] = t
                     if alloc_bytes[i] != 0.0:
-                        _record(
-                            r,
-                            alloc_bytes[i],
-                            t,
-                            memory,
-                            peak_bytes,
-                            event_offsets,
-                            event_count,
-                            event_time_ms,
-                            event_bytes,
-                        )
+                        _record(r, alloc_bytes[i], t, mem)
                     t = t + duration_ms[i]
                     busy_ms[r] += duration_ms[i]
                     end_ms[i] = t
                     if free_bytes[i] != 0.0:  # memory only falls: the peak check inside is a no-op
-                        _record(
-                            r,
-                            -free_bytes[i],
-                            t,
-                            memory,
-                            peak_bytes,
-                            event_offsets,
-                            event_count,
-                            event_time_ms,
-                            event_bytes,
-                        )
+                        _record(r, -free_bytes[i], t, mem)
                 elif k == 1:  # POST
                     if alloc_bytes[i] != 0.0:
-                        _record(
-                            r,
-                            alloc_bytes[i],
-                            t,
-                            memory,
-                            peak_bytes,
-                            event_offsets,
-                            event_count,
-                            event_time_ms,
-                            event_bytes,
-                        )
+                        _record(r, alloc_bytes[i], t, mem)
                     for o in range(op_lo[i], op_hi[i]):
                         post_ms[o] = t
                         posted[o] = True
