@@ -93,6 +93,9 @@ class IterationStats:
     """Why a fallback plan ran instead of the planner's (empty when it did not)."""
     warmed_gemms: int = 0
     """(layer, row count) pairs whose kernels were loaded at the start of the iteration (new shapes)."""
+    warm_ms: float = 0.0
+    """Part of `wall_ms` spent loading them (device work included): a cost of shapes new to the process, which a
+    long run pays once per shape."""
     sends_released_early: int = 0
     """Send batches whose tensors were dropped on completion, before the plan's Wait for them."""
 
@@ -381,8 +384,13 @@ class PipelineExecutor:
         )
         for p in self.parameters():
             p.grad = None
+        warm_ms = 0.0
         if self.warm_new_shapes:
+            t_warm = time.perf_counter()
             self._warm_new_rows(it)
+            if it.warmed_gemms and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # its device time too; nothing of the iteration is in flight
+            warm_ms = (time.perf_counter() - t_warm) * 1e3
         for action in plan.ranks[self.rank].actions:
             if isinstance(action, Compute):
                 self._compute(it, action)
@@ -408,6 +416,7 @@ class PipelineExecutor:
             received_bytes=it.received_bytes,
             wall_ms=(time.perf_counter() - start) * 1e3,
             warmed_gemms=it.warmed_gemms,
+            warm_ms=warm_ms,
             sends_released_early=it.sends_released,
         )
 
@@ -456,6 +465,7 @@ class PipelineExecutor:
             wall_ms=stats.wall_ms,
             fallback_reason=reason,
             warmed_gemms=stats.warmed_gemms,
+            warm_ms=stats.warm_ms,
             sends_released_early=stats.sends_released_early,
         )
 

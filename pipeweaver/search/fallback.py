@@ -1,8 +1,20 @@
 """The static plan a trainer can build alone for PipeWeaver's placement when no searched plan arrives in time.
 
-Pure Python (numpy only): it orders the batch's stages with the reference interleaver on unit costs (forward 1,
-backward 2) and a 1F1B memory cap (rank r keeps at most pp - r sub-microbatches of a pipeline in flight), so every
-rank derives the same order from the batch metadata without talking to the planner.
+Pure Python (numpy only): it orders the batch's stages with the reference interleaver, microbatch-major priorities
+and a memory cap, so every rank derives the same order from the batch metadata without talking to the planner.
+
+Costs: each stage's work in FLOPs from the model spec and the batch's token counts (its chunk's blocks' matrix
+products plus per-instance attention, backward twice the forward), not SEMU: trainers build this plan alone.
+Unit costs (every stage 1, backward 2) made a ViT chunk on 25 images as long as a decoder chunk on 4,096 tokens,
+and the order 2.0x slower than Optimus's on the scaled VLM of the 4-GPU runs (SEMU; measured 1.6-1.7 s against
+0.73 s on 4 H100s).
+
+Memory cap, in microbatch-chunks (a chunk's activations for one whole microbatch; a sub-microbatch counts its
+share): rank r keeps at most interleaved 1F1B's in-flight count, 2 (pp - r - 1) + (v - 1) pp + 1, where v is the
+number of chunks a microbatch's chain passes on a rank (a ViT and a decoder chunk: 2), times a scale; or the lean
+cap, at most pp - r stage units (a chunk on a sub-microbatch) in flight. A trainer's own fallback uses the lean
+cap (it has no memory model to check a looser one against); the planner's (`Planner.fallback_plan`) tries looser
+caps and keeps one that fits device memory in SEMU.
 """
 
 from __future__ import annotations
@@ -13,12 +25,12 @@ import numpy as np
 
 from pipeweaver.plan.assemble import assemble_plan
 from pipeweaver.plan.graph import StageGraph, stage_graph
-from pipeweaver.plan.ir import Compute, Pass, Placement, Plan, PlanHeader, PlanSource
+from pipeweaver.plan.ir import Compute, Pass, Placement, Plan, PlanHeader, PlanSource, StageKey
 from pipeweaver.plan.layouts import split_sub_microbatches
 from pipeweaver.plan.shapes import TransferShapes
 from pipeweaver.search.interleave_ref import interleave_reference
 from pipeweaver.search.problem import F64, I64, Problem, build_problem, stage_priorities
-from pipeweaver.spec.batch import BatchMetadata
+from pipeweaver.spec.batch import BatchMetadata, Instance, module_instances
 from pipeweaver.spec.model import ModelSpec
 
 
@@ -37,19 +49,80 @@ def heuristic_group_order(problem: Problem, pipelines: tuple[str, ...]) -> tuple
 Interleaver = Callable[[Problem, F64], tuple[I64, F64, F64, float]]
 
 
+def stage_work(model: ModelSpec, batch: BatchMetadata, header: PlanHeader, graph: StageGraph) -> dict[StageKey, float]:
+    """Each stage's work in GFLOPs, from the spec alone: per block 2 x parameters x tokens plus 4 x hidden x each
+    attention span squared (and the module's post part, a projector or an LM head, on the chunk that holds it;
+    the pre part is mostly a table lookup); a backward pass (B) twice its forward, I and W one forward each."""
+    chunks = {(c.pipeline, c.index): c for c in header.placement.chunks}
+    subs = {(s.pipeline, s.microbatch, s.index): s for s in header.sub_microbatches}
+    instances: dict[tuple[str, int], tuple[Instance, ...]] = {}
+    forward: dict[tuple[str, int, int, int], float] = {}
+    out: dict[StageKey, float] = {}
+    for st in graph.stages:
+        key = (st.pipeline, st.chunk, st.microbatch, st.sub)
+        f = forward.get(key)
+        if f is None:
+            f = 0.0
+            sub = subs[(st.pipeline, st.microbatch, st.sub)]
+            for lr in chunks[(st.pipeline, st.chunk)].layers:
+                spec = model.module(lr.module)
+                found = instances.get((lr.module, st.microbatch))
+                if found is None:
+                    found = instances[(lr.module, st.microbatch)] = module_instances(
+                        model, lr.module, batch.microbatches[st.microbatch]
+                    )
+                mine = [found[i] for i in sub.instances_of(lr.module)]
+                tokens = sum(i.tokens for i in mine)
+                square = sum(float(span) ** 2 for i in mine for span in i.attention_spans)
+                per_block = 2.0 * spec.block_params() * tokens + 4.0 * spec.hidden * square
+                head = spec.post_params() if lr.stop == spec.layers else 0
+                f += (lr.stop - lr.start) * per_block + 2.0 * head * tokens
+            forward[key] = f = f / 1e9
+        out[st] = 2.0 * f if st.pass_ is Pass.B else f
+    return out
+
+
 def fallback_orders(
-    header: PlanHeader, interleaver: Interleaver = interleave_reference, graph: StageGraph | None = None
+    header: PlanHeader,
+    interleaver: Interleaver = interleave_reference,
+    graph: StageGraph | None = None,
+    *,
+    work: dict[StageKey, float] | None = None,
+    lean: bool = False,
+    cap_scale: float = 1.0,
 ) -> list[list[Compute]]:
     """Per-rank compute orders of the static fallback schedule for `header`.
 
-    The planner passes the numba interleaver (same result, much faster) and the stage graph it already built
-    (`stage_graph(header)`); trainers use the pure-Python default.
+    `work` gives each stage's relative duration (`stage_work`; default unit costs: forward 1, backward 2). The
+    planner passes the numba interleaver (same result, much faster) and the stage graph it already built
+    (`stage_graph(header)`); trainers use the pure-Python default. `lean` caps memory at pp - r stage units per
+    rank (see the module's docstring); `cap_scale` multiplies the usual cap (``math.inf``: no cap), for a caller
+    that can check the result against device memory (`Planner.fallback_plan`).
     """
     graph = graph or stage_graph(header)
     pp = header.placement.pp
-    dur = {s: 1.0 if s.pass_ is Pass.F else (2.0 if s.pass_ is Pass.B else 1.0) for s in graph.stages}
-    act = {(s.pipeline, s.chunk, s.microbatch, s.sub): 1.0 for s in graph.stages if s.pass_ is Pass.F}
-    cap = [float(max(pp - r, 1)) for r in range(pp)]
+    if work is None:
+        dur = {s: 2.0 if s.pass_ is Pass.B else 1.0 for s in graph.stages}
+    else:
+        scale = max(work.values(), default=1.0) or 1.0
+        dur = {s: max(work[s] / scale, 1e-6) for s in graph.stages}  # ~1: the interleaver's tolerances
+    if lean:
+        act = {(s.pipeline, s.chunk, s.microbatch, s.sub): 1.0 for s in graph.stages if s.pass_ is Pass.F}
+        cap = [float(max(pp - r, 1)) for r in range(pp)]
+    else:
+        subs: dict[tuple[str, int], int] = {}
+        for sm in header.sub_microbatches:
+            subs[(sm.pipeline, sm.microbatch)] = subs.get((sm.pipeline, sm.microbatch), 0) + 1
+        act = {
+            (s.pipeline, s.chunk, s.microbatch, s.sub): 1.0 / subs[(s.pipeline, s.microbatch)]
+            for s in graph.stages
+            if s.pass_ is Pass.F
+        }
+        per_rank = [0] * pp
+        for c in header.placement.chunks:
+            per_rank[c.rank] += 1
+        v = max(1, min(per_rank))
+        cap = [float(2 * (pp - r - 1) + (v - 1) * pp + 1) * cap_scale for r in range(pp)]
     problem = build_problem(graph, pp, dur, act, {}, cap)
     order = heuristic_group_order(problem, tuple(p.name for p in header.placement.pipelines))
     prio = np.zeros(len(problem.groups))
@@ -71,8 +144,12 @@ def build_fallback_plan(
     job_id: str = "",
     dtype: str = "bfloat16",
     interleaver: Interleaver = interleave_reference,
+    cap_scale: float | None = None,
+    unit_costs: bool = False,
 ) -> Plan:
-    """The fallback plan for `batch` on `placement` (header.source = FALLBACK)."""
+    """The fallback plan for `batch` on `placement` (header.source = FALLBACK). By default (what a trainer builds
+    alone, with no memory model at hand) the lean memory cap; `cap_scale` (a multiple of the interleaved cap,
+    ``math.inf`` for none) and `unit_costs` are for a planner that checks the result against device memory."""
     header = PlanHeader(
         job_id=job_id,
         iteration=batch.iteration,
@@ -84,4 +161,10 @@ def build_fallback_plan(
         dp_replica=batch.dp_replica,
     )
     shapes = TransferShapes(model, batch, header, dtype=dtype)
-    return assemble_plan(header, fallback_orders(header, interleaver), shapes.tensors)
+    graph = stage_graph(header)
+    work = None if unit_costs else stage_work(model, batch, header, graph)
+    if cap_scale is None:
+        orders = fallback_orders(header, interleaver, graph, work=work, lean=True)
+    else:
+        orders = fallback_orders(header, interleaver, graph, work=work, cap_scale=cap_scale)
+    return assemble_plan(header, orders, shapes.tensors)

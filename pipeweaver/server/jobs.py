@@ -261,6 +261,7 @@ class JobState:
         """Entries whose search is running, by batch digest: an equal batch (another replica, a repeated
         iteration) waits for that search instead of starting its own."""
         self._overheads: deque[float] = deque(maxlen=TIMING_WINDOW)
+        self._cold_overhead: float | None = None
         self._fallbacks: deque[float] = deque(maxlen=TIMING_WINDOW)
         self._reserve_fallbacks = 0
         self.time_scale = 1.0
@@ -369,15 +370,24 @@ class JobState:
     def overhead_ms(self) -> float:
         """Worker time beyond the search budget (decode, memory pass, baselines, encode), kept free before a
         deadline: the largest of the job's recent searches."""
-        return max(self._overheads, default=OVERHEAD_PRIOR_MS)
+        if self._overheads:
+            return max(self._overheads)
+        return self._cold_overhead if self._cold_overhead is not None else OVERHEAD_PRIOR_MS
 
     @property
     def fallback_ms(self) -> float:
         """Wall time of a fallback plan, reserved before a deadline: the largest of the job's recent ones."""
         return max(self._fallbacks, default=FALLBACK_PRIOR_MS)
 
-    def record_overhead(self, worker_ms: float, budget_ms: float) -> None:
-        self._overheads.append(max(worker_ms - budget_ms, 0.0))
+    def record_overhead(self, worker_ms: float, budget_ms: float, *, first_search: bool = False) -> None:
+        """One search's worker time beyond its budget. A worker's first search for the job (cold caches: on 4
+        H100s the first one cost seconds more than the rest and its reserve turned the next three iterations into
+        fallbacks) stands in only until a warm search has been measured."""
+        overhead = max(worker_ms - budget_ms, 0.0)
+        if first_search:
+            self._cold_overhead = overhead
+        else:
+            self._overheads.append(overhead)
         self._reserve_fallbacks = 0
 
     def note_reserve_fallback(self) -> None:
@@ -388,6 +398,7 @@ class JobState:
         self._reserve_fallbacks += 1
         if self._reserve_fallbacks >= RESERVE_FALLBACKS_BEFORE_DECAY:
             self._reserve_fallbacks = 0
+            self._cold_overhead = None
             for samples in (self._overheads, self._fallbacks):
                 if samples:
                     samples.remove(max(samples))

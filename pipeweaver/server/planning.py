@@ -290,7 +290,7 @@ class Planning:
             self._start_fallback(job, entry, "deadline")
             return
         shared = SharedPlan(outcome.plan)
-        job.record_overhead(outcome.worker_ms - outcome.setup_ms, outcome.budget_ms)
+        job.record_overhead(outcome.worker_ms - outcome.setup_ms, outcome.budget_ms, first_search=outcome.first_search)
         job.remember(entry.digest, shared, outcome.raw_predicted_ms)
         self._observe_search(outcome)
         # The answer reports the worker's whole time on the plan (search, SEMU checks, encoding): what the client

@@ -185,6 +185,9 @@ class PlanOutcome:
     """Wall time of the whole task in the worker (decode, search, baselines, encode)."""
     setup_ms: float = 0.0
     """Part of `worker_ms` spent once per job and worker (building the job's planner): not a per-plan cost."""
+    first_search: bool = False
+    """This worker's first search for the job: its caches (SEMU's layer costs, compiled specialisations) start
+    empty, so its overhead says little about the next searches'."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +216,8 @@ class WarmReport:
 # ---- worker process state ------------------------------------------------------------------------------------
 
 _planners: OrderedDict[str, Planner] = OrderedDict()
+_searched: set[str] = set()
+"""Jobs this worker has searched for (`PlanOutcome.first_search`)."""
 
 
 def init_worker() -> None:
@@ -290,6 +295,8 @@ def plan_batch(task: PlanTask) -> PlanOutcome | Rejected | Expired:
             mode="fallback",
             worker_ms=(time.perf_counter() - t0) * 1e3,
         )
+    first_search = task.job.job_id not in _searched
+    _searched.add(task.job.job_id)
     result = planner.plan(decoded, job_id=task.job.job_id, budget_ms=task.search_budget_ms())
     plan = _scaled(result.plan, task.time_scale)
     return PlanOutcome(
@@ -306,6 +313,7 @@ def plan_batch(task: PlanTask) -> PlanOutcome | Rejected | Expired:
         bubble_fraction=result.bubble_fraction,
         worker_ms=(time.perf_counter() - t0) * 1e3,
         setup_ms=setup_ms,
+        first_search=first_search,
     )
 
 

@@ -195,3 +195,15 @@ def test_a_reserve_inflated_by_one_slow_search_recovers() -> None:
     for _ in range(3):
         job.note_reserve_fallback()
     assert job.fallback_ms == 100.0  # back to the prior once the outlier is forgotten
+
+
+def test_a_cold_first_search_does_not_set_the_reserve_once_a_warm_one_is_measured() -> None:
+    """A worker's first search for a job fills its caches; its overhead stands in only until a warm search."""
+    job = _state()
+    assert job.overhead_ms == 250.0  # the prior
+    job.record_overhead(worker_ms=3_100.0, budget_ms=100.0, first_search=True)
+    assert job.overhead_ms == 3_000.0  # nothing better known yet
+    job.record_overhead(worker_ms=160.0, budget_ms=100.0)
+    assert job.overhead_ms == 60.0
+    job.record_overhead(worker_ms=2_100.0, budget_ms=100.0, first_search=True)  # another worker's first
+    assert job.overhead_ms == 60.0
