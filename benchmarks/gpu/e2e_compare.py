@@ -395,6 +395,16 @@ def reduce_sum(run: Run, value: float) -> float:
     return float(x)
 
 
+def repeat_ms(run: Run, clock: Clock, ex: BenchExecutor, plan: Plan, batch: BatchMetadata, k: int) -> dict[str, Any]:
+    """With --repeat: the iteration's plan run once more right away (no optimizer step in these runs, so nothing
+    changes), timed alone: the same iteration with every shape already seen by the process (kernels, allocator
+    blocks, attention plans), what a long run pays once its shapes recur."""
+    if not run.args.repeat:
+        return {}
+    ms, _, stats = clock.timed(lambda: ex.run_iteration(plan, batch), f"iteration {k} again")
+    return {"repeat_ms": round(ms, 3), "repeat_warmed_gemms": stats.warmed_gemms}
+
+
 def reduce_max(run: Run, value: float) -> float:
     x = torch.tensor([value], dtype=torch.float64, device=run.device)
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
@@ -547,6 +557,7 @@ def run_ours(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[s
         plans[k] = plan = plan_for(batch)
         build_ms = (time.perf_counter() - t0) * 1e3
         ms, _, stats = clock.timed(lambda p=plan, b=batch: ex.run_iteration(p, b), f"iteration {k}")
+        again = repeat_ms(run, clock, ex, plan, batch, k)
         rows.append(
             {
                 "i": k,
@@ -556,6 +567,7 @@ def run_ours(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[s
                 "warmed_gemms": stats.warmed_gemms,  # this rank's new (layer, rows) kernels loaded first
                 "warm_ms_max_rank": reduce_max(run, stats.warm_ms),  # their time, the slowest rank's
                 "sends_released_early": stats.sends_released_early,
+                **again,
             }
         )
         run.say(schedule=name, iteration=k, ms=round(ms, 1), loss=round(rows[-1]["loss"], 5))
@@ -659,6 +671,7 @@ def run_pipeweaver(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> 
             )
             ran = ex.last_plan
             assert ran is not None
+            again = repeat_ms(run, clock, ex, ran, item.metadata, k) if k >= 0 else {}
             mine.append(
                 {
                     "origin": item.origin,
@@ -694,6 +707,7 @@ def run_pipeweaver(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> 
                     "predicted_ms": h.predicted_makespan_ms or None,
                     "lower_bound_ms": h.lower_bound_ms or None,
                     "baselines_predicted_ms": dict(h.baseline_makespans_ms),
+                    **again,
                 }
             )
             run.say(
@@ -1297,6 +1311,13 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         times[name] = ms
         tok = sum(tokens[r["i"]] for r in rows)
         out["schedules"][name] = {**_stats(ms), "tokens_per_s": tok / (sum(ms) / 1e3)}
+        if any("repeat_ms" in r for r in rows):
+            again = [float(r["repeat_ms"]) for r in rows if "repeat_ms" in r]
+            out["schedules"][name]["repeat"] = {
+                "n": len(again),
+                "mean_ms": statistics.fmean(again),
+                "mean_first_ms": statistics.fmean(float(r["ms"]) for r in rows if "repeat_ms" in r),
+            }
         if any("warm_ms_max_rank" in r for r in rows):
             # What a long run pays once a shape has been seen: each iteration without its kernel loads.
             warm = [float(r.get("warm_ms_max_rank") or 0.0) for r in rows]
@@ -1407,6 +1428,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--pg-timeout-s", type=float, default=120.0, help="NCCL timeout: a hang aborts the run")
     ap.add_argument("--dtype", default="", choices=["", "bfloat16", "float32"], help="default: bf16, tiny fp32")
     ap.add_argument("--attention", default="fast", choices=["fast", "reference"])
+    ap.add_argument("--repeat", action="store_true", help="run each measured iteration of our executor twice")
     args = ap.parse_args()
     args.budget_ms = args.budget_ms or (100.0 if args.tiny else 1000.0)
     args.workers = args.workers or (1 if args.tiny else 3)
