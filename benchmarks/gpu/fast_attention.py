@@ -20,6 +20,7 @@ Both sides of every comparison run the same (patched) blocks.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import OrderedDict
 
@@ -110,13 +111,21 @@ def _offsets(lengths: tuple[int, ...], device: torch.device) -> Tensor:
     return cu
 
 
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    """`varlen_attn`'s keyword names (looked up once: `inspect.signature` costs tens of microseconds a call)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
 def _varlen(q: Tensor, k: Tensor, v: Tensor, lengths: tuple[int, ...], causal: bool) -> Tensor:
     """Blocks of different lengths in one variable-length flash attention call; (T, H, d) out. Handles the
     keyword differences between torch versions (causal as a flag or as a (-1, 0) window; GQA as a flag or by
     expanding K/V)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _varlen_params()
     h, g = q.shape[1], k.shape[1]
     kwargs: dict[str, object] = {}
     if causal:

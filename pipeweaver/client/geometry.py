@@ -58,6 +58,17 @@ def _media(mb: Microbatch, modality: Modality) -> list[tuple[int, int, int, int]
     ]
 
 
+def rope_tables(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding (rotate-half form) at `positions`: (cos, sin), each (N, 1, head_dim) in `dtype`."""
+    half = head_dim // 2
+    inv = 1.0 / (10000.0 ** (torch.arange(half, device=positions.device, dtype=torch.float32) / half))
+    with torch.no_grad():
+        ang = positions.to(torch.float32)[:, None] * inv[None, :]
+        cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None, :].to(dtype)
+        sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None, :].to(dtype)
+    return cos, sin
+
+
 def _positions(lengths: list[int]) -> torch.Tensor:
     return torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
 
@@ -117,6 +128,20 @@ class Geometry:
         """The row counts the module's linear layers see on this geometry (what `kernel_warmup` loads kernels
         for): the tokens, plus per kind the merged image tokens, the caption context and the clip count."""
         return (self.tokens,)
+
+    def rope_tables(self, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the rotary embedding at `positions`, (tokens, 1, head_dim) each, computed once per
+        geometry: every block of every chunk on this geometry (and q and k alike) rotates by the same angles, and
+        computing them per call was ~20 small kernels per block."""
+        tables: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = self.__dict__.setdefault("_rope", {})
+        found = tables.get((head_dim, dtype))
+        if found is None:
+            found = tables[(head_dim, dtype)] = rope_tables(self.positions, head_dim, dtype)
+        return found
+
+    @property
+    def positions(self) -> torch.Tensor:
+        raise NotImplementedError
 
     def _float(self, t: torch.Tensor) -> torch.Tensor:
         return self._dev(t.to(self.dtype))
