@@ -325,6 +325,12 @@ def main() -> None:
         choices=["fast", "reference"],
         help="fast: benchmarks/gpu/fast_attention.py (4-D SDPA, flash); reference: models._attend as is",
     )
+    ap.add_argument(
+        "--receive-lookaheads",
+        default="",
+        help="comma-separated computes between a receive's post and its consumer to compare (default: the "
+        "planner's RECEIVE_LOOKAHEAD); each case is measured once per value",
+    )
     ap.add_argument("--profile-dir", default="", help="also write one profiled iteration per side (Chrome traces)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -349,33 +355,45 @@ def main() -> None:
     result: dict[str, Any] = {
         "benchmark": "executor_overhead", "attention": args.attention, "env": env_info(device), "cases": []
     }  # fmt: skip
-    for cfg in args.configs.split(","):
+    from pipeweaver.plan import assemble
+
+    lookaheads = [int(v) for v in args.receive_lookaheads.split(",")] if args.receive_lookaheads else [None]
+    cases = [
+        (cfg, schedule, la)
+        for cfg in args.configs.split(",")
+        for schedule in args.schedules.split(",")
+        for la in lookaheads
+    ]
+    for cfg, schedule, lookahead in cases:
         tokens, m = (int(v) for v in cfg.split(":"))
         args.tokens, args.microbatches = tokens, m
-        for schedule in args.schedules.split(","):
-            try:
-                case = run_case(args, schedule, device, dtype)
-            except Exception as e:  # print and stop: a failed case leaves the ranks out of step
-                import traceback
+        # The plans' receive posts: assemble_plan's default, which every baseline builder uses.
+        la = assemble.RECEIVE_LOOKAHEAD if lookahead is None else lookahead
+        assert assemble.assemble_plan.__kwdefaults__ is not None
+        assemble.assemble_plan.__kwdefaults__["receive_lookahead"] = la
+        try:
+            case = run_case(args, schedule, device, dtype) | {"receive_lookahead": la}
+        except Exception as e:  # print and stop: a failed case leaves the ranks out of step
+            import traceback
 
-                traceback.print_exc()
-                case = {"schedule_ours": schedule, "tokens_per_microbatch": tokens, "microbatches": m, "error": repr(e)}
-                result["cases"].append(case)
-                if dist.get_rank() == 0:
-                    print(json.dumps(case), flush=True)
-                raise
+            traceback.print_exc()
+            case = {"schedule_ours": schedule, "tokens_per_microbatch": tokens, "microbatches": m, "error": repr(e)}
             result["cases"].append(case)
-            gc.collect()  # the case's executor and stages went with its frame: free them before the next case
             if dist.get_rank() == 0:
-                brief = {k: v for k, v in case.items() if k not in ("ours", "torch", "chunk_layers", "model")}
-                brief["ours_median_ms"] = case["ours"]["median_ms"]
-                brief["torch_median_ms"] = case["torch"]["median_ms"]
-                brief["ours_mean_ms"] = case["ours"]["mean_ms"]
-                brief["torch_mean_ms"] = case["torch"]["mean_ms"]
-                print(json.dumps(brief), flush=True)
-                if args.out:
-                    with open(args.out, "w") as f:
-                        json.dump(result, f, indent=1)
+                print(json.dumps(case), flush=True)
+            raise
+        result["cases"].append(case)
+        gc.collect()  # the case's executor and stages went with its frame: free them before the next case
+        if dist.get_rank() == 0:
+            brief = {k: v for k, v in case.items() if k not in ("ours", "torch", "chunk_layers", "model")}
+            brief["ours_median_ms"] = case["ours"]["median_ms"]
+            brief["torch_median_ms"] = case["torch"]["median_ms"]
+            brief["ours_mean_ms"] = case["ours"]["mean_ms"]
+            brief["torch_mean_ms"] = case["torch"]["mean_ms"]
+            print(json.dumps(brief), flush=True)
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(result, f, indent=1)
     dist.destroy_process_group()
 
 
