@@ -3,9 +3,9 @@
 Rules that keep any DAG-consistent order deadlock-free (the validator's dry run proves it per plan):
 - a producer posts all sends of a stage's output right after computing it; send waits go last, so a send never
   blocks its rank while the receiver is still busy;
-- a consumer posts each receive a few computes ahead of the stage that needs it (`receive_lookahead`) and waits
-  right before that stage, so the transfer overlaps the computes in between instead of starting when the consumer
-  is next; posts never block, so posting earlier cannot deadlock a plan that posting late would not;
+- a consumer posts each receive `receive_lookahead` computes ahead of the stage that needs it (default: right
+  before it, see `RECEIVE_LOOKAHEAD`) and waits right before that stage; posts never block, so posting earlier
+  cannot deadlock a plan that posting late would not;
 - point-to-point ops between two ranks are matched in posting order (NCCL and gloo both do), so a receiver posts
   the transfers from each peer in the sender's order: a receive is posted no later than any later-sent one from
   that peer, and waited no later than any later-sent one's consumer.
@@ -33,10 +33,14 @@ from pipeweaver.plan.ir import (
 
 TensorsFn = Callable[[StageKey, StageKey], tuple[TensorSpec, ...]]
 
-RECEIVE_LOOKAHEAD = 1
-"""Computes between a receive's post and its consumer (fewer near the start of a rank's order). One is enough on
-SEMU for vlm-s (more gains nothing) and gives t2v-s all but 0.25% of what any lookahead gives; each further compute
-holds receive buffers longer, which SEMU's memory timeline counts from the post (simulator/engine.py)."""
+RECEIVE_LOOKAHEAD = 0
+"""Computes between a receive's post and its consumer (fewer near the start of a rank's order). SEMU favours posting
+one compute ahead (vlm-s 16.74 -> 16.31 s, t2v-s 32.32 -> 31.37 s: the transfer overlaps the compute in between),
+but on GPUs a posted receive is an NCCL kernel that sits on the device until its data comes: on 4 H100s our 1F1B
+ran 16.9% slower than torch's Schedule1F1B with receives posted one compute ahead and 3.3% slower with them posted
+at their consumer, our interleaved 1F1B 10.8% vs 17.1% faster than torch's (`benchmarks/gpu/executor_overhead.py
+--receive-lookaheads 1,0`, benchmarks/results/executor_overhead_lookahead_h100x4.json). SEMU does not yet charge
+a waiting receive for the device time it takes."""
 
 
 def assemble_plan(

@@ -104,17 +104,14 @@ def test_receives_are_posted_ahead_and_waited_in_place(
     assert_moved_earlier(plan, assemble(layout, orders, 0)[0], lookahead)
 
 
-def test_the_default_posts_receives_before_the_previous_compute() -> None:
-    assert RECEIVE_LOOKAHEAD >= 1
-    plan, _ = assemble(Layout(pp=4, sub_size=1), one_f_one_b_orders, RECEIVE_LOOKAHEAD)
-    default = assemble_plan(
-        plan.header,
-        [[a for a in rp.actions if isinstance(a, Compute)] for rp in plan.ranks],
-        tensors_of(plan),
-    )
-    assert default.ranks == plan.ranks
-    moved = [post < wait for _, post, wait in receives(plan).values() if wait > 0]
-    assert moved and all(moved)
+def test_the_default_posts_receives_at_their_consumer() -> None:
+    """Measured on GPUs (RECEIVE_LOOKAHEAD's docstring): a receive posted early holds an NCCL kernel on the device."""
+    assert RECEIVE_LOOKAHEAD == 0
+    plan, _ = assemble(Layout(pp=4, sub_size=1), one_f_one_b_orders, 1)
+    computes = [[a for a in rp.actions if isinstance(a, Compute)] for rp in plan.ranks]
+    default = assemble_plan(plan.header, computes, tensors_of(plan))
+    assert default.ranks == assemble(Layout(pp=4, sub_size=1), one_f_one_b_orders, 0)[0].ranks
+    assert default.ranks != plan.ranks
 
 
 @settings(max_examples=60, deadline=None)
@@ -157,6 +154,11 @@ def posted_at_consumer(plan: Plan) -> Plan:
     return assemble_plan(plan.header, orders, tensors_of(plan), receive_lookahead=0)
 
 
+def posted_ahead(plan: Plan, lookahead: int) -> Plan:
+    orders = [[a for a in rp.actions if isinstance(a, Compute)] for rp in plan.ranks]
+    return assemble_plan(plan.header, orders, tensors_of(plan), receive_lookahead=lookahead)
+
+
 @pytest.mark.parametrize("name", ["tiny-vlm", "tiny-t2v"])
 def test_searched_and_baseline_plans_are_never_slower_on_semu(name: str) -> None:
     w = workload(name)
@@ -176,11 +178,16 @@ def test_searched_and_baseline_plans_are_never_slower_on_semu(name: str) -> None
             except ValueError:
                 continue  # the baseline cannot cut this model
             cases.append((plan, {}))
-        for plan, recompute in cases:
+        for served, recompute in cases:
+            validate(served)
+            assert fifo_ok(served)
+            before = posted_at_consumer(served)
+            # the default posts at the consumer (RECEIVE_LOOKAHEAD)
+            assert [rp.actions for rp in before.ranks] == [rp.actions for rp in served.ranks]
+            plan = posted_ahead(served, 1)
             validate(plan)
             assert fifo_ok(plan)
-            before = posted_at_consumer(plan)
-            assert_moved_earlier(plan, before, RECEIVE_LOOKAHEAD)
+            assert_moved_earlier(plan, before, 1)
             sim = planner.simulate_plan(plan, batch, recompute)
             sim0 = planner.simulate_plan(before, batch, recompute)
             assert sim.makespan_ms <= sim0.makespan_ms * (1 + 1e-12), plan.header.schedule

@@ -313,14 +313,14 @@ def buffer_tensors(src: StageKey, dst: StageKey) -> tuple[TensorSpec, ...]:
 
 
 def test_receive_buffers_count_from_their_post() -> None:
-    """1F1B, 2 ranks, 2 microbatches, free links, receives posted one compute ahead (`assemble_plan`).
+    """1F1B, 2 ranks, 2 microbatches, free links, receives posted one compute ahead (`receive_lookahead=1`).
 
     Rank 1's chunk starts inside the module: a forward input counts from its post and becomes the consumer's
     activations when it starts (counted once). Rank 0's gradients count from their post until their B ends.
     """
     header = chain_header(2, 2)
     costs = StageCosts.uniform(header, forward_ms=1.0, backward_ms=2.0, act_bytes=ACT)
-    res = both(assemble_plan(header, one_f_one_b(2, 2), buffer_tensors), costs, LinkModel.zero(2))
+    res = both(assemble_plan(header, one_f_one_b(2, 2), buffer_tensors, receive_lookahead=1), costs, LinkModel.zero(2))
     # Rank 0: F0 0-1, F1 1-2 (B0's gradient posted before it), B0 4-6 (B1's posted before its wait), B1 7-9.
     assert res.memory_timeline(0) == [
         (0.0, 0.0),
@@ -341,7 +341,7 @@ def test_receive_buffers_count_from_their_post() -> None:
         (4.0, ACT),
         (7.0, 0.0),
     ]
-    without = both(assemble_plan(header, one_f_one_b(2, 2), no_tensors), costs, LinkModel.zero(2))
+    without = both(assemble_plan(header, one_f_one_b(2, 2), no_tensors, receive_lookahead=1), costs, LinkModel.zero(2))
     assert res.makespan_ms == without.makespan_ms
     assert list(res.peak_memory_bytes - without.peak_memory_bytes) == [2 * B, B]
 
@@ -390,7 +390,7 @@ def test_receive_buffer_lifetimes(
     header: PlanHeader, passes: list[Pass], rank: int, timeline: list[tuple[float, float]]
 ) -> None:
     orders = [[_c(r, 0, x) for x in passes] for r in range(2)]
-    plan = assemble_plan(header, orders, buffer_tensors)
+    plan = assemble_plan(header, orders, buffer_tensors, receive_lookahead=1)  # posted before the previous compute
     costs = StageCosts.uniform(header, forward_ms=1.0, backward_ms=2.0, act_bytes=ACT)
     assert both(plan, costs, LinkModel.zero(2)).memory_timeline(rank) == timeline
 
