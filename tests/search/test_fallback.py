@@ -1,0 +1,103 @@
+"""The static fallback: FLOP costs from the spec, the trainer's lean cap, the planner's looser caps checked on SEMU."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pipeweaver.datagen import dynamic_batch, sample_batch
+from pipeweaver.plan.graph import stage_graph
+from pipeweaver.plan.ir import Pass, PlanSource
+from pipeweaver.plan.validator import validate
+from pipeweaver.presets import workload
+from pipeweaver.search import planner as planner_module
+from pipeweaver.search.fallback import build_fallback_plan, stage_work
+from pipeweaver.search.planner import Planner, SearchConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "gpu"))
+
+from e2e_workload import scaled_vlm
+
+FAST = SearchConfig(budget_ms=100, compare_baselines=())
+
+
+def test_stage_work_follows_tokens_and_passes() -> None:
+    w = workload("tiny-vlm")
+    planner = Planner(w.model, w.parallel, w.hardware, config=FAST)
+    batch = sample_batch(w, seed=1)
+    plan = planner.fallback_plan(batch)
+    graph = stage_graph(plan.header)
+    work = stage_work(w.model, batch, plan.header, graph)
+    assert set(work) == set(graph.stages) and all(v > 0 for v in work.values())
+    for s in graph.stages:
+        if s.pass_ is Pass.B:
+            forward = replace(s, pass_=Pass.F)
+            assert work[s] == pytest.approx(2 * work[forward])
+    # The same chunk on microbatches with more tokens does more work.
+    llm = sorted(
+        (s for s in graph.stages if s.pipeline == "llm" and s.chunk == 1 and s.pass_ is Pass.F),
+        key=lambda s: work[s],
+    )
+    tokens = {mb: m.language_tokens() for mb, m in enumerate(batch.microbatches)}
+    assert tokens[llm[0].microbatch] <= tokens[llm[-1].microbatch]
+
+
+@pytest.mark.parametrize("cap_scale", [None, 1.0, 2.0, math.inf])
+def test_every_fallback_variant_is_valid(cap_scale: float | None) -> None:
+    w = workload("tiny-t2v")
+    placement_planner = Planner(w.model, w.parallel, w.hardware, config=FAST)
+    part = placement_planner.partition
+    for seed in range(3):
+        batch = sample_batch(w, seed=seed)
+        for unit_costs in (False, True):
+            plan = build_fallback_plan(
+                w.model,
+                part.placement,
+                part.sub_microbatch_size,
+                batch,
+                cap_scale=cap_scale,
+                unit_costs=unit_costs,
+            )
+            validate(plan)
+            assert plan.header.source is PlanSource.FALLBACK
+
+
+def test_the_service_fallback_is_faster_when_a_looser_cap_fits() -> None:
+    """The scaled VLM of the GPU runs: the uncapped order fits 40 GB and is about as fast as a search."""
+    wl = scaled_vlm(microbatches=16)
+    planner = Planner(wl.model, wl.parallel, wl.hardware, config=FAST)
+    part = planner.partition
+    batch = dynamic_batch(wl, seed=0, iteration=0)
+    served = planner.fallback_plan(batch)
+    validate(served)
+    lean = build_fallback_plan(wl.model, part.placement, part.sub_microbatch_size, batch)
+    fast = planner.simulate_plan(served, batch)
+    slow = planner.simulate_plan(lean, batch)
+    assert planner.fits_memory(fast)
+    assert fast.makespan_ms < 0.7 * slow.makespan_ms
+
+
+def test_a_memory_bound_job_stops_trying_looser_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = workload("tiny-vlm")
+    planner = Planner(w.model, w.parallel, w.hardware, config=FAST)
+    tries: list[float | None] = []
+    real = planner_module.build_fallback_plan
+
+    def counting(*args: object, **kwargs: object) -> object:
+        tries.append(kwargs.get("cap_scale"))  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(planner_module, "build_fallback_plan", counting)
+    monkeypatch.setattr(planner, "_fits", lambda sim: False)  # nothing loose ever fits
+    batch = sample_batch(w, seed=0)
+    n = planner_module.LOOSE_FALLBACK_MISSES_BEFORE_SKIP
+    for _ in range(n + 2):
+        validate(planner.fallback_plan(batch))
+    loose = len(planner_module.LOOSE_FALLBACKS)
+    # n fallbacks try every loose variant then build the lean one; later ones build the lean one directly.
+    assert tries == ([c for c, _ in planner_module.LOOSE_FALLBACKS] + [None]) * n + [None, None]
+    assert loose >= 1
