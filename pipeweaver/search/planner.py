@@ -253,7 +253,7 @@ class Planner:
             for p in graph.data_preds[s]:
                 rp = rank_of[p]
                 if rp != r:
-                    num_bytes = transfer_bytes(shapes.tensors(p, s))
+                    num_bytes = self.link.device_bytes(transfer_bytes(shapes.tensors(p, s)))
                     received += num_bytes
                     delays[(p, s)] = self.link.transfer_ms(rp, r, num_bytes)
             receive_bytes[r] = max(receive_bytes[r], received)

@@ -112,8 +112,15 @@ class LinkModel:
     latency_ms: float
     bandwidth_bytes_per_s: tuple[tuple[float, ...], ...]
     """[src][dst] bandwidth in bytes/s; math.inf makes the bytes free."""
+    shards: int = 1
+    """GPU pairs a transfer is split over: a pipeline rank of tp GPUs with sequence parallelism sends each GPU's
+    1/tp of the sequence to its peer GPU (Megatron-LM's pipeline schedules divide the sequence length of the
+    tensors they send by tp when sequence parallelism is on), so each GPU receives, holds and carries
+    `device_bytes` of a transfer's bytes, over its own link."""
 
     def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise ValueError(f"shards must be >= 1, got {self.shards}")
         pp = len(self.bandwidth_bytes_per_s)
         if any(len(row) != pp for row in self.bandwidth_bytes_per_s):
             raise ValueError(f"bandwidth_bytes_per_s must be a square pp x pp table (pp = {pp})")
@@ -126,7 +133,12 @@ class LinkModel:
     def pp(self) -> int:
         return len(self.bandwidth_bytes_per_s)
 
+    def device_bytes(self, num_bytes: int) -> int:
+        """One GPU's share of a transfer of `num_bytes` (rounded up)."""
+        return -(-num_bytes // self.shards)
+
     def transfer_ms(self, src: int, dst: int, num_bytes: float) -> float:
+        """Time to move one GPU's share, `num_bytes` (`device_bytes`), from pipeline rank src to dst."""
         return self.latency_ms + num_bytes / self.bandwidth_bytes_per_s[src][dst] * 1e3
 
     @staticmethod
@@ -149,7 +161,7 @@ class LinkModel:
         base = dp_replica * pp * tp
         gpu = [base + r * tp for r in range(pp)]
         table = tuple(tuple(hardware.link_bandwidth(gpu[a], gpu[b]) for b in range(pp)) for a in range(pp))
-        return LinkModel(latency_ms=hardware.p2p_latency_s * 1e3, bandwidth_bytes_per_s=table)
+        return LinkModel(latency_ms=hardware.p2p_latency_s * 1e3, bandwidth_bytes_per_s=table, shards=tp)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -212,9 +224,9 @@ def _inputs_in_activations(header: PlanHeader, frees: Mapping[str, Pass]) -> set
     input, or the gradient of its output) until the consumer's activations are freed; SEMU counts it from the post.
     A forward input of a chunk that starts inside a module is the first block's input, which every block's
     activation bytes include: from the forward's start it counts as activations, not twice. The activations take
-    over at most their own bytes, though: a chunk inside a frozen module keeps none, and at tp > 1 the activations
-    are sequence-parallel shards while the transfer is whole, so a lean (full-recompute) chunk may keep fewer bytes
-    than it received; the rest of the buffer counts until the chunk's activations are freed.
+    over at most their own bytes, though: a chunk inside a frozen module keeps none, and a lean (full-recompute)
+    chunk may keep fewer bytes than it received; the rest of the buffer counts until the chunk's activations are
+    freed. At tp > 1 a GPU receives its sequence-parallel shard (`LinkModel.device_bytes`), as its activations are.
     Nothing counts the other receives, so they count until the pass that frees the consumer's activations ends:
     gradients (B or I, or W after a split backward: the executor keeps them for W), forward inputs of forward-only
     chunks (their F, the last pass that reads them), and inputs of a chunk that starts a module, which its pre part
@@ -314,7 +326,7 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
                         sends[(r, op.peer)].append(len(op_action))
                     else:
                         recvs[(op.peer, r)].append(len(op_action))
-                        num_bytes = transfer_bytes(op.tensors)
+                        num_bytes = link.device_bytes(transfer_bytes(op.tensors))
                         if num_bytes:  # the executor allocates the buffer when it posts the receive
                             alloc_b += num_bytes
                             dst = op.dst
