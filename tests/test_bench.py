@@ -60,7 +60,8 @@ def test_bench_json_report_has_every_key(tmp_path: Path) -> None:
     for unfit in report["does_not_fit"].values():
         assert unfit["max_peak_memory_gib"] > unfit["memory_capacity_gib"] and unfit["batches_over_memory"] >= 1
     for stats in systems.values():
-        assert stats["max_peak_memory_gib"] <= 80e9 / 2**30  # every compared system fits the H800's memory
+        # every compared system fits the H800's memory (the report rounds GiB to 3 decimals; a plan may fill it)
+        assert stats["max_peak_memory_gib"] <= round(80e9 / 2**30, 3)
     for stats in systems.values():
         assert set(stats) == {
             "mean_iter_ms",
