@@ -129,20 +129,6 @@ class Geometry:
         for): the tokens, plus per kind the merged image tokens, the caption context and the clip count."""
         return (self.tokens,)
 
-    def rope_tables(self, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of the rotary embedding at `positions`, (tokens, 1, head_dim) each, computed once per
-        geometry: every block of every chunk on this geometry (and q and k alike) rotates by the same angles, and
-        computing them per call was ~20 small kernels per block."""
-        tables: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = self.__dict__.setdefault("_rope", {})
-        found = tables.get((head_dim, dtype))
-        if found is None:
-            found = tables[(head_dim, dtype)] = rope_tables(self.positions, head_dim, dtype)
-        return found
-
-    @property
-    def positions(self) -> torch.Tensor:
-        raise NotImplementedError
-
     def _float(self, t: torch.Tensor) -> torch.Tensor:
         return self._dev(t.to(self.dtype))
 
@@ -231,6 +217,19 @@ class TextGeometry(Geometry):
     def positions(self) -> torch.Tensor:
         """Position of each token inside its document (RoPE restarts per document)."""
         return self._dev(_positions(self.spans))
+
+    def rope_tables(self, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the rotary embedding at `positions`, (tokens, 1, head_dim) each, computed once per
+        geometry: every block of every chunk on this geometry (and q and k alike) rotates by the same angles, and
+        computing them per call was ~20 small kernels per block."""
+        found = self._rope.get((head_dim, dtype))
+        if found is None:
+            found = self._rope[(head_dim, dtype)] = rope_tables(self.positions, head_dim, dtype)
+        return found
+
+    @cached_property
+    def _rope(self) -> dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]:
+        return {}
 
     @cached_property
     def _ids_and_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
