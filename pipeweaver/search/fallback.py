@@ -5,9 +5,10 @@ and a memory cap, so every rank derives the same order from the batch metadata w
 
 Costs: each stage's work in FLOPs from the model spec and the batch's token counts (its chunk's blocks' matrix
 products plus per-instance attention, backward twice the forward), not SEMU: trainers build this plan alone.
-Unit costs (every stage 1, backward 2) made a ViT chunk on 25 images as long as a decoder chunk on 4,096 tokens,
-and the order 2.0x slower than Optimus's on the scaled VLM of the 4-GPU runs (SEMU; measured 1.6-1.7 s against
-0.73 s on 4 H100s).
+Unit costs (every stage 1, backward 2) make a ViT chunk on 25 images as long as a decoder chunk on 4,096 tokens.
+On the scaled VLM of the 4-GPU runs the served fallback (unit costs, lean cap) measured 1.57-1.71 s per iteration
+against 0.73 s for Optimus's coarse schedule (4 H100s, docs/gpu.md section 5); SEMU puts a lean fallback at about
+twice Optimus's time with either cost (`benchmarks/bench_planner_variants.py --only fallback`).
 
 Memory cap, in microbatch-chunks (a chunk's activations for one whole microbatch; a sub-microbatch counts its
 share): rank r keeps at most interleaved 1F1B's in-flight count, 2 (pp - r - 1) + (v - 1) pp + 1, where v is the

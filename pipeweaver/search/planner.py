@@ -891,10 +891,11 @@ class Planner:
 LOOSE_FALLBACKS: tuple[tuple[float, bool], ...] = ((math.inf, True),)
 """(memory cap scale, unit costs) of the looser fallbacks `Planner.fallback_plan` tries, in turn, before a trainer's
 own (lean cap, FLOP costs), keeping the first that fits device memory in SEMU. On the scaled VLM of the 4-GPU
-runs (SEMU, 5 batches) the lean fallback took 1.6-1.75 s, an uncapped one with unit costs 0.89-0.97 s (Optimus's
-coarse schedule 0.89-0.98 s) and fits 3 of the 5 batches' memory (40 GB planning budget). Each try costs an
-assembly and a simulation (~25 ms there, ~350 ms on vlm-s, where it never fits): see
-`LOOSE_FALLBACK_MISSES_BEFORE_SKIP`."""
+runs (SEMU uncalibrated, 5 batches, `benchmarks/bench_planner_variants.py --only fallback`,
+`benchmarks/results/planner_variants_fallback.json`) the lean fallback takes 0.89-1.03 s, the uncapped one with unit
+costs 0.40-0.47 s (Optimus's coarse schedule 0.41-0.47 s), and the uncapped one fits the 40 GB planning budget on
+2 of the 5 batches. Each try costs an assembly and a simulation (~25 ms there, a few hundred ms on vlm-s, where it
+never fits): see `LOOSE_FALLBACK_MISSES_BEFORE_SKIP`."""
 
 LOOSE_FALLBACK_MISSES_BEFORE_SKIP = 3
 """After this many fallbacks in a row whose looser variants all overflowed, a planner builds the lean one
@@ -921,9 +922,10 @@ BASE_POLICIES: tuple[int, ...] = (
 )
 """Interleaving policies of the starting points (`Planner._base_candidates`); MCTS then searches under the picked
 one. The active-schedule variants (a rank may wait for a better stage about to be ready) brought small instances
-from 5.2% to 2.7% above CP-SAT's best (`bench_search.py --only gap`); as planner candidates (2026-11-28, seed 0,
-700 ms, same batches with and without): tiny-vlm 226 -> 223 ms (chosen on 2 of 8 batches), tiny-t2v 452 -> 450,
-vlm-s 16.94 -> 16.94 s, t2v-s 31.70 -> 31.63 s (never chosen), planning time within noise."""
+from 5.2% to 2.7% above CP-SAT's best (`bench_search.py --only gap`). As planner candidates (seed 0, 8 batches,
+700 ms, `benchmarks/bench_planner_variants.py --only policies`, `benchmarks/results/planner_variants_policies.json`):
+tiny-vlm 225.7 -> 222.9 ms mean (picked on 2 batches), tiny-t2v 449.5 -> 449.7, vlm-s 16.22 -> 16.20 s, t2v-s
+31.45 -> 31.46 s (picked once): gains on small instances, noise elsewhere."""
 
 
 def policy_name(policy: int) -> str:
