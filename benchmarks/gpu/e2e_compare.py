@@ -5,8 +5,10 @@ static schedules, on the same batches of the dynamic trace, in one run.
     torchrun --nproc-per-node 4 benchmarks/gpu/e2e_compare.py --out $OUT/e2e.json
     .venv/bin/torchrun --nproc-per-node 4 benchmarks/gpu/e2e_compare.py --tiny --iterations 3 --out /tmp/e2e.json
 
-Workload: the scaled VLM of `e2e_workload.py` (ViT 0.3B + LM 1.1B, pp 4, 16 microbatches of up to 4096 tokens;
-`--tiny`: same structure, toy sizes, gloo, float32). Batches: `--iterations` of the dynamic trace (seed
+Workload (`--workload`, `e2e_workload.py`): `vlm`, the scaled VLM (ViT 0.3B + LM 1.1B, pp 4, 16 microbatches of
+up to 4096 tokens), or `t2v`, the scaled T2V model (LM text encoder 0.4B + DiT 1.4B, pp 4, 16 microbatches of up to
+16 s of 256 x 256 video, 512 DiT tokens a second); `--tiny`: same structure, toy sizes, gloo, float32. Batches:
+`--iterations` of the dynamic trace (seed
 `--seed`), preceded by `--warmup` untimed batches taken from later in the trace (other contents, so no plan-cache
 hits). Every schedule runs exactly these batches, in this order.
 
@@ -25,13 +27,15 @@ Schedules (`--schedules`, run one after another in order of importance, each in 
   (`build_baseline_plan`, built outside the timed region).
 - `torch-1f1b`, `torch-interleaved-1f1b`: `torch.distributed.pipelining` `Schedule1F1B` /
   `ScheduleInterleaved1F1B` over the same modules (the `1f1b` / `interleaved-1f1b` placement: Megatron's, balanced
-  by parameters), every microbatch padded to the run's most images and longest sequence (`e2e_torch_vlm.py`).
+  by parameters), every microbatch padded to the run's most images and longest sequence (`e2e_torch_vlm.py`), or
+  for T2V to the run's most DiT tokens and longest captions (`e2e_torch_t2v.py`).
 Time: each schedule gets an equal share of what is left of `--total-s` (less `FINAL_RESERVE_S`), capped by
 `--schedule-s`; its executor, warm-up, measured iterations and trace all fit in it (the last measured iteration
 starts only if it and the trace still fit).
 Timed region (all schedules): barrier, synchronize, t0, the step, synchronize, t1; the maximum over ranks. It
 includes synthesising the inputs from the batch metadata (both sides alike) and, for ours, the plan check.
-Throughput counts the real (unpadded) language-model tokens for every schedule, so padding shows up as cost.
+Throughput counts the real (unpadded) tokens of the backbone for every schedule (VLM: the language model's, T2V:
+the DiT's), so padding shows up as cost.
 
 SEMU: the calibration profile (`profile_layers` on the device, the executor's own blocks, time-boxed by
 `--profile-s`) goes with RegisterJob; the uncalibrated job is registered too. Rank 0 runs `e2e_semu.py` in the
@@ -89,9 +93,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import e2e_torch_t2v
+import e2e_torch_vlm
 from e2e_service import Sidecar, counter_delta, profile_calibration, scrape_metrics, stamped_client
-from e2e_torch_vlm import TORCH_SCHEDULES, VLMShape, build_torch_pipeline
-from e2e_workload import PLANNING_HARDWARE, scaled_vlm
+from e2e_torch_t2v import T2VShape
+from e2e_torch_vlm import TORCH_SCHEDULES, VLMShape
+from e2e_workload import PLANNING_HARDWARE, SCALED_WORKLOADS
 from executor_overhead import env_info
 
 from pipeweaver.client.cuda_env import prepare_cuda_for_dynamic_pipelines
@@ -132,7 +139,7 @@ class Run:
     hardware: Any
     batches: list[BatchMetadata]
     warmup: int
-    shape: VLMShape
+    shape: VLMShape | T2VShape
     out: Path
     traces: Path
     t_start: float
@@ -519,9 +526,10 @@ def warm_kernels(run: Run, ex: PipelineExecutor) -> None:
     if not run.cuda:
         return
     rows = max(
-        max(sum(m.tokens for m in mb.media(Modality.IMAGE)), mb.language_tokens())
+        max(sum(m.tokens for m in mb.media(media)), mb.language_tokens(), mb.text_tokens)
         for batch in run.batches
         for mb in batch.microbatches
+        for media in (Modality.IMAGE, Modality.VIDEO)
     )
     t0 = time.monotonic()
     n = ex.warm_up_kernels(rows)
@@ -544,18 +552,35 @@ def run_ours(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[s
 
     rows: list[dict[str, Any]] = entry.setdefault("rows", [])  # in the JSON as they come (a cut run keeps them)
     plans: dict[int, Plan] = {}
+
+    def check_ahead(batch: BatchMetadata | None) -> None:
+        """The next iteration's plan, built now (untimed) and checked in this iteration's idle hook, as
+        PipeWeaver's prefetcher does with the plans that arrived: neither side checks a plan on the clock."""
+        if batch is None:
+            ex.idle_hook = None
+            return
+        t0 = time.perf_counter()
+        nxt = plan_for(batch)
+        built_ms[batch.iteration] = (time.perf_counter() - t0) * 1e3
+        ex.idle_hook = lambda: ex.prepare(nxt, batch)
+        ahead[batch.iteration] = nxt
+
+    ahead: dict[int, Plan] = {}
+    built_ms: dict[int, float] = {}
     for w, batch in enumerate(run.batches[: run.warmup]):
         if w and clock.warmup_over():
             break
-        plan = plan_for(batch)
+        plan = ahead.pop(batch.iteration, None) or plan_for(batch)
+        check_ahead(run.batches[w + 1])
         ms, _, _ = clock.timed(lambda p=plan, b=batch: ex.run_iteration(p, b), f"warm-up {w}")
         run.say(schedule=name, warmup=w, ms=round(ms, 1))
     for k, batch in enumerate(run.measured):
         if clock.out_of_time(k):
             break
         t0 = time.perf_counter()
-        plans[k] = plan = plan_for(batch)
-        build_ms = (time.perf_counter() - t0) * 1e3
+        plans[k] = plan = ahead.pop(batch.iteration, None) or plan_for(batch)
+        build_ms = built_ms.pop(batch.iteration, (time.perf_counter() - t0) * 1e3)
+        check_ahead(run.measured[k + 1] if k + 1 < len(run.measured) else None)
         ms, _, stats = clock.timed(lambda p=plan, b=batch: ex.run_iteration(p, b), f"iteration {k}")
         again = repeat_ms(run, clock, ex, plan, batch, k)
         rows.append(
@@ -636,8 +661,10 @@ def run_pipeweaver(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> 
     if run.watchdog is not None:
         run.watchdog.progress("job registered, executor built")
     prefetcher = PlanPrefetcher(
-        client, job, run.batches, rank=run.rank, first_deadline_s=a.first_deadline_s, lookahead=a.lookahead
-    )
+        client, job, run.batches, rank=run.rank, first_deadline_s=a.first_deadline_s, lookahead=a.lookahead,
+        prepare=ex.prepare,
+    )  # fmt: skip
+    ex.idle_hook = prefetcher.prepare_arrived  # plans that arrived are checked while the device finishes
     items: Iterator[Any] = iter(prefetcher)
     # Why the service fell back: the reply carries only a flag, the service's metrics count fallbacks by reason.
     # Each served fallback plan is one count, in the order the service decided them (rank 0 reads them).
@@ -772,7 +799,8 @@ def run_torch(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[
     placement = baseline_placement(TORCH_SCHEDULES[name], model=wl.model, parallel=wl.parallel)
     ex = BenchExecutor(wl.model, placement, run.rank, device=run.device, dtype=run.dtype)
     m = len(run.batches[0].microbatches)
-    pipe = build_torch_pipeline(name, ex, wl.model, run.shape, m, run.device, run.dtype)
+    torch_side = e2e_torch_vlm if isinstance(run.shape, VLMShape) else e2e_torch_t2v
+    pipe = torch_side.build_torch_pipeline(name, ex, wl.model, run.shape, m, run.device, run.dtype)
     params = list(ex.parameters())
     if run.watchdog is not None:
         run.watchdog.progress("stages built")
@@ -1040,6 +1068,7 @@ class SemuJobs:
         work = Path(tempfile.mkdtemp(prefix=f"e2e_semu_{name}_"))
         job = {
             "tiny": run.args.tiny,
+            "workload": run.args.workload,
             "warmup": run.warmup,
             "microbatches": run.args.microbatches,
             "hardware": run.hardware,
@@ -1299,7 +1328,7 @@ def _mape(pred: Sequence[float | None], meas: Sequence[float]) -> dict[str, floa
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """Per schedule: mean / p90 time, real tokens per second; PipeWeaver's speedups on the common iterations;
     SEMU's error per schedule with and without calibration; how each schedule ended."""
-    tokens = [b["lm_tokens"] for b in result["batches"]["measured"]]
+    tokens = [b.get("tokens", b.get("lm_tokens")) for b in result["batches"]["measured"]]  # lm_tokens: before T2V
     out: dict[str, Any] = {"schedules": {}, "speedup_pipeweaver_vs": {}, "semu_mape": {}}
     out["status"] = {name: s.get("status") for name, s in result["schedules"].items()}
     times: dict[str, list[float]] = {}
@@ -1385,12 +1414,13 @@ def loss_check(result: dict[str, Any]) -> tuple[str, dict[str, float]]:
     return ref, out
 
 
-def batch_summary(shape: VLMShape, batches: list[BatchMetadata]) -> list[dict[str, Any]]:
+def batch_summary(shape: VLMShape | T2VShape, batches: list[BatchMetadata]) -> list[dict[str, Any]]:
     return [
         {
             "iteration": b.iteration,
             "documents": sum(len(mb.documents) for mb in b.microbatches),
             "images": sum(len(mb.media(Modality.IMAGE)) for mb in b.microbatches),
+            "videos": sum(len(mb.media(Modality.VIDEO)) for mb in b.microbatches),
             **shape.padding(b),
         }
         for b in batches
@@ -1404,6 +1434,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--traces-dir", default="", help="default: <out> without .json, plus _traces")
+    ap.add_argument("--workload", default="vlm", choices=sorted(SCALED_WORKLOADS), help="e2e_workload.py's model")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: toy sizes, gloo, float32")
     ap.add_argument("--iterations", type=int, default=30, help="measured iterations of the dynamic trace")
     ap.add_argument("--warmup", type=int, default=2, help="untimed iterations before each schedule's timed ones")
@@ -1453,7 +1484,7 @@ def setup(args: argparse.Namespace, t_start: float) -> Run:
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, timeout=timeout)
     cpu = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(900.0, args.total_s)))
     rank, world = dist.get_rank(), dist.get_world_size()
-    wl = scaled_vlm(microbatches=args.microbatches, tiny=args.tiny)
+    wl = SCALED_WORKLOADS[args.workload](microbatches=args.microbatches, tiny=args.tiny)
     if world != wl.parallel.pp:
         raise SystemExit(f"run with {wl.parallel.pp} ranks (the workload's pp), not {world}")
     warm = [dynamic_batch(wl, seed=args.seed, iteration=args.iterations + w) for w in range(args.warmup)]
@@ -1462,7 +1493,7 @@ def setup(args: argparse.Namespace, t_start: float) -> Run:
     warm = [replace(b, iteration=w) for w, b in enumerate(warm)]
     measured = [replace(b, iteration=args.warmup + k) for k, b in enumerate(measured)]
     batches = warm + measured
-    shape = VLMShape.of(wl.model, batches)
+    shape = VLMShape.of(wl.model, batches) if args.workload == "vlm" else T2VShape.of(wl.model, batches)
     out = Path(args.out)
     traces = Path(args.traces_dir) if args.traces_dir else out.with_name(out.stem + "_traces")
     run = Run(

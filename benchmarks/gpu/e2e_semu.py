@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_workload import scaled_vlm
+from e2e_workload import SCALED_WORKLOADS
 
 from pipeweaver.plan.export import write_chrome_trace
 from pipeweaver.plan.ir import Pass
@@ -136,7 +136,7 @@ def main() -> None:
         hard.start()
     out_path = Path(args.out)
     job = pickle.loads(Path(args.input).read_bytes())
-    wl = scaled_vlm(microbatches=job["microbatches"], tiny=job["tiny"])
+    wl = SCALED_WORKLOADS[job.get("workload", "vlm")](microbatches=job["microbatches"], tiny=job["tiny"])
     hardware: HardwareSpec = job["hardware"]
     batches: list[BatchMetadata] = job["batches"]
     out: dict[str, Any] = {"schedules": {}, "errors": [], "traces": [], "complete": False}

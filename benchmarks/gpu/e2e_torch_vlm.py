@@ -17,13 +17,17 @@ Inputs are synthesised inside the timed step, exactly as our executor does (`Syn
 GPU, token ids on the host; padding images are zeros made on the device). torch hands a stage only tensors, so a
 stage learns which microbatch it is running from a call counter: torch's 1F1B and interleaved 1F1B run each stage's
 forwards in microbatch order, once per step (checked: `StageFeed.check_complete`).
+
+The model-independent half (`StageFeed`, `TorchStage`, `TorchPipeline`, `torch_pipeline`) is shared with the
+text-to-video side, `e2e_torch_t2v.py`.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +83,7 @@ class VLMShape:
         return {
             "vit_patches": images * self.patches_per_image,
             "vit_patches_padded": m * self.max_images * self.patches_per_image,
+            "tokens": tokens,  # the throughput unit, shared with the T2V shape
             "lm_tokens": tokens,
             "lm_tokens_padded": m * self.max_tokens,
         }
@@ -156,20 +161,28 @@ class PaddedMicrobatch:
         return labels
 
 
+M = TypeVar("M")
+"""One microbatch as torch sees it (`PaddedMicrobatch` here, `PaddedT2VMicrobatch` for the T2V model)."""
+
+
 @dataclass
-class StageFeed:
+class StageFeed(Generic[M]):
     """The padded microbatches of the current step, shared by this rank's stages."""
 
-    microbatches: list[PaddedMicrobatch] = field(default_factory=list)
-    stages: list[TorchVLMStage] = field(default_factory=list)
+    padded: Callable[..., M] = PaddedMicrobatch  # type: ignore[assignment]
+    """Builds microbatch j: (model, shape, batch, j, data, scale, device, dtype) -> M."""
+    microbatches: list[M] = field(default_factory=list)
+    stages: list[TorchStage[M]] = field(default_factory=list)
+    scale: LossScale = field(default_factory=lambda: LossScale(text_targets=1, video_values=1))
+    """The current batch's loss denominators (the real batch's, as ours)."""
 
-    def start(self, model: ModelSpec, shape: VLMShape, batch: BatchMetadata, device: Any, dtype: Any) -> None:
+    def start(self, model: ModelSpec, shape: Any, batch: BatchMetadata, device: Any, dtype: Any) -> None:
         dev = torch.device(device)
         data_device = str(dev) if dev.type == "cuda" else "cpu"  # as PipelineExecutor draws them
         data = SyntheticData(seed=0, iteration=batch.iteration, dp_replica=batch.dp_replica, device=data_device)
-        scale = LossScale.of(model, batch)
+        self.scale = LossScale.of(model, batch)
         self.microbatches = [
-            PaddedMicrobatch(model, shape, batch, j, data, scale, device, dtype) for j in range(len(batch.microbatches))
+            self.padded(model, shape, batch, j, data, self.scale, device, dtype) for j in range(len(batch.microbatches))
         ]
         for s in self.stages:
             s.calls = 0
@@ -180,25 +193,37 @@ class StageFeed:
                 raise RuntimeError(f"torch stage ran {s.calls} forwards for {len(self.microbatches)} microbatches")
 
 
-class TorchVLMStage(nn.Module):
-    """A torch pipelining stage over one of our chunks: the same pre/blocks/post modules, padded geometry.
+class TorchStage(nn.Module, Generic[M]):
+    """A torch pipelining stage over one of our chunks (its `_Part`s): the same pre/blocks/post modules."""
+
+    def __init__(self, parts: list[Any], feed: StageFeed[M]) -> None:
+        super().__init__()
+        self.parts = parts
+        self.mods = nn.ModuleList([m for p in parts for m in (p.pre, *p.blocks, p.post) if m is not None])
+        self.feed = feed
+        self.calls = 0
+        feed.stages.append(self)
+
+    def next_microbatch(self) -> M:
+        """The microbatch of this forward: torch hands a stage only tensors, and runs its forwards in order."""
+        mb = self.feed.microbatches[self.calls]
+        self.calls += 1
+        return mb
+
+
+class TorchVLMStage(TorchStage[PaddedMicrobatch]):
+    """A VLM stage on the padded geometry.
 
     Its single input and output is whatever crosses the chunk boundary: ViT hidden states, merged image tokens
     (the ViT's output) or LM hidden states. The last stage ends at the final norm; `loss_fn` applies the LM head.
     """
 
-    def __init__(self, parts: list[Any], shape: VLMShape, feed: StageFeed) -> None:
-        super().__init__()
-        self.parts = parts
-        self.mods = nn.ModuleList([m for p in parts for m in (p.pre, *p.blocks, p.post) if m is not None])
+    def __init__(self, parts: list[Any], shape: VLMShape, feed: StageFeed[PaddedMicrobatch]) -> None:
+        super().__init__(parts, feed)
         self.shape = shape
-        self.feed = feed
-        self.calls = 0
-        feed.stages.append(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        mb = self.feed.microbatches[self.calls]
-        self.calls += 1
+        mb = self.next_microbatch()
         h = x
         for k, part in enumerate(self.parts):
             vit = part.layers.module == self.shape.vit
@@ -247,64 +272,92 @@ class TorchPipeline:
     """torch's schedule on this rank, with what a step needs."""
 
     schedule: Any
-    feed: StageFeed
+    feed: StageFeed[Any]
     first: bool
     last: bool
     microbatches: int
     step_kwargs: dict[str, Any]
-    loss_scale: dict[str, int]
-    """The current batch's next-token target count (the loss divisor, as ours)."""
+    target: Callable[[StageFeed[Any]], Tensor]
+    """The last stage's `target` of the step (torch splits it per microbatch and hands each piece to `loss_fn`)."""
+    prepare: Callable[[StageFeed[Any]], None] | None = None
+    """Runs after the step's microbatches are known, before torch's schedule (nothing in flight yet)."""
 
-    def step(self, model: ModelSpec, shape: VLMShape, batch: BatchMetadata, device: Any, dtype: Any) -> float:
+    def step(self, model: ModelSpec, shape: Any, batch: BatchMetadata, device: Any, dtype: Any) -> float:
         """One training step on `batch` (inputs synthesised here, as ours does); the loss on the last rank."""
         self.feed.start(model, shape, batch, device, dtype)
-        self.loss_scale["targets"] = LossScale.of(model, batch).text_targets
+        if self.prepare is not None:
+            self.prepare(self.feed)
         losses: list[Tensor] = []
         if self.first:
             self.schedule.step(torch.zeros(self.microbatches, 1, device=device, dtype=dtype), **self.step_kwargs)
         elif self.last:
-            labels = torch.stack([mb.labels() for mb in self.feed.microbatches])
-            self.schedule.step(target=labels, losses=losses, **self.step_kwargs)
+            self.schedule.step(target=self.target(self.feed), losses=losses, **self.step_kwargs)
         else:
             self.schedule.step(**self.step_kwargs)
         self.feed.check_complete()
         return float(sum(float(x.detach().float()) for x in losses)) if self.last else 0.0
 
 
-def build_torch_pipeline(
-    name: str, executor: Any, model: ModelSpec, shape: VLMShape, microbatches: int, device: Any, dtype: Any
+StageOf = Callable[[int, list[Any]], tuple[nn.Module, tuple[Tensor, ...], tuple[Tensor, ...]]]
+"""(chunk index, its parts) -> (the stage module, example inputs, example outputs)."""
+
+
+def torch_pipeline(
+    name: str,
+    executor: Any,
+    microbatches: int,
+    device: Any,
+    feed: StageFeed[Any],
+    stage_of: StageOf,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    target: Callable[[StageFeed[Any]], Tensor],
+    prepare: Callable[[StageFeed[Any]], None] | None = None,
 ) -> TorchPipeline:
-    """torch's `Schedule1F1B` / `ScheduleInterleaved1F1B` over `executor`'s chunks (its baseline placement)."""
+    """torch's `Schedule1F1B` / `ScheduleInterleaved1F1B` with one stage per chunk of `executor` on this rank."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
     placement = executor.placement
     n = len(placement.chunks)
     mine = sorted(c.index for c in placement.chunks if c.rank == executor.rank)
-    feed = StageFeed()
-    stages = []
-    head = None
+    stages: list[Any] = []
     for c in mine:
-        parts = executor.chunks[(placement.pipelines[0].name, c)]
-        if parts[-1].post is not None and parts[-1].layers.module == shape.llm:
-            head = parts[-1].post.head
-        mod = TorchVLMStage(parts, shape, feed)
+        mod, inputs, outputs = stage_of(c, executor.chunks[(placement.pipelines[0].name, c)])
+        stages.append(PipelineStage(mod, c, n, device, input_args=inputs, output_args=outputs))
+    sched: Schedule1F1B | ScheduleInterleaved1F1B
+    if TORCH_SCHEDULES[name] == "1f1b":
+        sched = Schedule1F1B(stages[0], microbatches, loss_fn=loss_fn, scale_grads=False)
+    else:
+        sched = ScheduleInterleaved1F1B(stages, microbatches, loss_fn=loss_fn, scale_grads=False)
+    # torch >= 2.12 can skip merging the last stage's outputs into one tensor (nobody reads them here)
+    kwargs = {"return_outputs": False} if "return_outputs" in inspect.signature(sched.step).parameters else {}
+    return TorchPipeline(sched, feed, 0 in mine, (n - 1) in mine, microbatches, kwargs, target, prepare)
+
+
+def build_torch_pipeline(
+    name: str, executor: Any, model: ModelSpec, shape: VLMShape, microbatches: int, device: Any, dtype: Any
+) -> TorchPipeline:
+    """torch's `Schedule1F1B` / `ScheduleInterleaved1F1B` over `executor`'s chunks (its baseline placement)."""
+    feed: StageFeed[PaddedMicrobatch] = StageFeed(PaddedMicrobatch)
+    heads = [
+        parts[-1].post.head
+        for parts in executor.chunks.values()
+        if parts[-1].post is not None and parts[-1].layers.module == shape.llm
+    ]
+
+    def stage_of(c: int, parts: list[Any]) -> tuple[nn.Module, tuple[Tensor, ...], tuple[Tensor, ...]]:
         in_shape = boundary_shape(parts, shape, model, output=False)
         # requires_grad matters: torch takes it from these examples for its receive buffers
         inp = torch.zeros(in_shape, dtype=dtype, device=device, requires_grad=c > 0)
         out = torch.zeros(boundary_shape(parts, shape, model, output=True), dtype=dtype, device=device)
-        stages.append(PipelineStage(mod, c, n, device, input_args=(inp,), output_args=(out.requires_grad_(),)))
-    m = microbatches
-    state = {"targets": 1}
+        return TorchVLMStage(parts, shape, feed), (inp,), (out.requires_grad_(),)
 
     def loss_fn(hidden: Tensor, target: Tensor) -> Tensor:
-        assert head is not None
+        (head,) = heads
         logits = head(hidden).float()
-        return (
-            F.cross_entropy(logits, target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum") / state["targets"]
-        )
+        ce = F.cross_entropy(logits, target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        return ce / feed.scale.text_targets
 
-    cls = Schedule1F1B if TORCH_SCHEDULES[name] == "1f1b" else ScheduleInterleaved1F1B
-    sched = cls(stages[0] if cls is Schedule1F1B else stages, m, loss_fn=loss_fn, scale_grads=False)
-    # torch >= 2.12 can skip merging the last stage's outputs into one tensor (nobody reads them here)
-    kwargs = {"return_outputs": False} if "return_outputs" in inspect.signature(sched.step).parameters else {}
-    return TorchPipeline(sched, feed, 0 in mine, (n - 1) in mine, m, kwargs, state)
+    def labels(feed: StageFeed[Any]) -> Tensor:
+        return torch.stack([mb.labels() for mb in feed.microbatches])
+
+    return torch_pipeline(name, executor, microbatches, device, feed, stage_of, loss_fn, labels)

@@ -787,6 +787,11 @@ class PlanStream:
                     )
                 self._cond.wait(left)
 
+    def has_results(self, iteration: int, ranks: Sequence[int]) -> bool:
+        """Whether `result` would answer at once for every one of `ranks` of `iteration` (a plan or an error)."""
+        with self._cond:
+            return all((iteration, r) in self._replies or (iteration, r) in self._errors for r in ranks)
+
     def forget_before(self, iteration: int) -> None:
         """Drop answers and errors of iterations before `iteration` (late answers nobody will read)."""
         with self._cond:

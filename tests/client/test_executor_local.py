@@ -91,6 +91,49 @@ def test_refuses_a_plan_for_another_placement_or_batch_before_touching_tensors()
     assert all(p.grad is None for p in ex.parameters())
 
 
+def test_a_plan_prepared_ahead_is_not_checked_again_and_the_idle_hook_runs_once_per_iteration(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    wl = small("tiny-vlm")
+    batches = [sample_batch(wl, seed=s) for s in (5, 6)]
+    plans = [local_plan(wl.model, b, mixed=False, split=False) for b in batches]
+    ex = PipelineExecutor(wl.model, plans[0].header.placement, 0)
+    checks: list[int] = []
+    real_check = ex._check
+
+    def counting_check(plan: Plan, batch: BatchMetadata) -> object:
+        checks.append(batch.iteration)
+        return real_check(plan, batch)
+
+    ex._check = counting_check  # type: ignore[method-assign]
+    hook_calls: list[int] = []
+
+    def hook() -> None:  # what PlanPrefetcher.prepare_arrived does: check the next iteration's plan
+        hook_calls.append(len(checks))
+        ex.prepare(plans[1], batches[1])
+
+    ex.idle_hook = hook
+    ex.run_with_fallback(plans[0], batches[0], lambda b: plans[0])
+    assert len(checks) == 2 and hook_calls == [1]  # this plan, then the next one inside the hook
+    second = ex.run_with_fallback(plans[1], batches[1], lambda b: plans[1])
+    assert len(checks) == 2 and second.fallback_reason == ""  # checked ahead: not again
+    # A different batch for the same plan is still refused, and the cache stays bounded.
+    with pytest.raises(InvalidPlan, match="another batch"):
+        ex.prepare(plans[1], batches[0])
+    for seed in range(7, 14):
+        b = sample_batch(wl, seed=seed)
+        ex.prepare(local_plan(wl.model, b, mixed=False, split=False), b)
+    assert len(ex._checked) == client.executor.CHECKED_PLANS
+
+    def broken() -> None:
+        raise RuntimeError("planner client trouble")
+
+    ex.idle_hook = broken  # a failing hook is logged; the iteration still completes
+    with caplog.at_level("WARNING", logger="pipeweaver.client"):
+        stats = ex.run_iteration(plans[0], batches[0])
+    assert stats.computes > 0 and "idle hook failed" in caplog.text
+
+
 def test_weights_depend_on_the_layer_not_on_the_rank_or_placement() -> None:
     model = presets.tiny_vlm().model
     modules = reference_modules(model)

@@ -1,4 +1,5 @@
-"""CPU checks of the GPU benchmark helpers (benchmarks/gpu): torch's padded VLM stages compute our loss."""
+"""CPU checks of the GPU benchmark helpers (benchmarks/gpu): torch's padded VLM and T2V stages compute our loss
+(and, for T2V, our gradients)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ torch = pytest.importorskip("torch")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "gpu"))
 
+from e2e_torch_t2v import PaddedT2VMicrobatch, T2VShape, TorchT2VStage  # noqa: E402
 from e2e_torch_vlm import StageFeed, TorchVLMStage, VLMShape  # noqa: E402
-from e2e_workload import scaled_vlm  # noqa: E402
+from e2e_workload import scaled_t2v, scaled_vlm  # noqa: E402
 
 from pipeweaver.client.executor import PipelineExecutor  # noqa: E402
 from pipeweaver.client.geometry import IGNORE_INDEX  # noqa: E402
@@ -55,6 +57,43 @@ def test_padded_torch_stages_give_the_unpadded_loss(schedule: str) -> None:
         assert loss == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved-1f1b"])
+def test_padded_torch_t2v_stages_give_the_unpadded_loss_and_gradients(schedule: str) -> None:
+    """T2V: captions and clips padded to the run's longest (iteration 0: microbatches of 1-3 clips; 15: captions
+    only, the DiT runs on padding alone); loss and every gradient equal the unpadded reference's."""
+    torch.manual_seed(0)
+    wl = scaled_t2v(tiny=True, microbatches=4)
+    batches = [dynamic_batch(wl, seed=0, iteration=k) for k in (0, 15)]
+    shape = T2VShape.of(wl.model, batches)
+    assert shape.padding(batches[1])["tokens"] == 0 and shape.padding(batches[1])["dit_tokens_padded"] > 0
+    placement = baseline_placement(schedule, model=wl.model, parallel=wl.parallel)
+    executors = [PipelineExecutor(wl.model, placement, r, pair_groups=False) for r in range(wl.parallel.pp)]
+    feed = StageFeed(PaddedT2VMicrobatch)
+    stages = [TorchT2VStage(executors[c.rank].chunks[(c.pipeline, c.index)], shape, feed) for c in placement.chunks]
+    reference = ReferenceModel(wl.model)
+    for batch in batches:
+        for ex in executors:
+            for p in ex.parameters():
+                p.grad = None
+        feed.start(wl.model, shape, batch, torch.device("cpu"), torch.float32)
+        loss = 0.0
+        for _ in feed.microbatches:
+            h: tuple[torch.Tensor, ...] = (torch.zeros(1, 1),)
+            for stage in stages:
+                out = stage(*h)
+                h = out if isinstance(out, tuple) else (out,)
+            (mb_loss,) = h
+            mb_loss.sum().backward()
+            loss += float(mb_loss.detach())
+        feed.check_complete()
+        want = reference.step(batch, data_seed=0)
+        assert loss == pytest.approx(want.loss, rel=1e-5, abs=1e-12)
+        grads = {k: v for ex in executors for k, v in ex.gradients().items()}
+        assert set(grads) == set(want.grads)
+        for k, g in want.grads.items():
+            torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-5 * float(g.abs().max()) + 1e-12, msg=k)
+
+
 def test_summary_speedups_mape_and_losses() -> None:
     """The end-to-end summary: PipeWeaver's speedups on common iterations, SEMU's error, the loss cross-check."""
     from e2e_compare import summarize
@@ -71,7 +110,7 @@ def test_summary_speedups_mape_and_losses() -> None:
         "served_fallback": False,
     }
     result = {
-        "batches": {"measured": [{"lm_tokens": 1000}] * 3},
+        "batches": {"measured": [{"tokens": 1000}] * 3},
         "schedules": {
             "pipeweaver": {"rows": rows([100.0, 100.0], **pw_extra)},
             "1f1b": {"rows": rows([150.0, 130.0, 500.0])},
@@ -114,7 +153,7 @@ def test_summary_records_status_fallback_reasons_and_loss_reference() -> None:
         }
 
     result = {
-        "batches": {"measured": [{"lm_tokens": 1000}] * 3},
+        "batches": {"measured": [{"tokens": 1000}] * 3},
         "schedules": {
             "pipeweaver": {"status": "ok", "rows": [row(0, True, "deadline"), row(1, True, "deadline"), row(2, False)]},
             "interleaved-1f1b": {"status": "ok", "rows": [{"i": 0, "ms": 120.0, "loss": 2.002}]},

@@ -330,3 +330,42 @@ def test_lookahead_sends_metadata_further_ahead(planner: ServerProcess) -> None:
     assert [i.metadata.iteration for i in items] == list(range(100, 105))
     assert all(i.origin == "planner" for i in items)
     assert prefetcher.stats.planned == 5
+
+
+def test_plans_that_arrived_early_are_checked_before_their_iteration(planner: ServerProcess) -> None:
+    w = presets.tiny_vlm(pp=2)
+    with PlannerClient(planner.address) as client:
+        job = client.register_job(w.model, w.parallel, w.hardware)
+    client = PlannerClient(planner.address)
+    ex = PipelineExecutor(w.model, job.placement, 0)
+    prepared: list[tuple[int, int]] = []
+
+    def prepare(plan: Any, batch: BatchMetadata) -> None:
+        prepared.append((batch.iteration, id(plan)))
+        ex.prepare(plan, batch)
+
+    batches = _batches(w, 4, seed=4, start=200)
+    prefetcher = PlanPrefetcher(client, job, batches, deadline_s=5.0, lookahead=2, prepare=prepare)
+    items: list[PlannedBatch[BatchMetadata]] = []
+    for item in prefetcher:
+        items.append(item)
+        k = item.metadata.iteration
+        if k < 203:
+            deadline = time.monotonic() + 20.0  # "training": until the next iteration's plan is here
+            while time.monotonic() < deadline:
+                prefetcher.prepare_arrived()
+                if k + 1 in dict(prepared):
+                    break
+                time.sleep(0.05)
+            assert k + 1 in dict(prepared), prepared
+    client.close()
+    assert [i.metadata.iteration for i in items] == list(range(200, 204))
+    assert all(i.origin == "planner" for i in items)
+    # Every plan after the first was handed out as the very object checked ahead, with no wait for it.
+    early = dict(prepared)
+    assert sorted(early) == [201, 202, 203]
+    for item in items[1:]:
+        assert early[item.metadata.iteration] == id(item.plan)
+        assert item.wait_ms < 50.0
+        assert ex.check(item.plan, item.metadata) is ex._checked[id(item.plan)].graph
+    assert prefetcher.stats.planned == 4
