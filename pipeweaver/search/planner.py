@@ -204,6 +204,8 @@ class Planner:
         self._search_pool: SearchPool | None = None
         self._loose_fallback_misses = 0
         """Fallbacks in a row whose looser variants all overflowed memory (`LOOSE_FALLBACK_MISSES_BEFORE_SKIP`)."""
+        self._fallback_rung = 0
+        """Index in `LOOSE_FALLBACKS` of the last fallback that fit."""
         self._post_rates: list[float] = []
         """Seconds per stage that the recent plans spent after their search (see `_post_search_s`)."""
         self._post_config: SearchConfig | None = None
@@ -879,23 +881,37 @@ class Planner:
             )
 
         if self._loose_fallback_misses < LOOSE_FALLBACK_MISSES_BEFORE_SKIP:
-            for cap_scale, unit_costs in LOOSE_FALLBACKS:
+            # From one rung looser than the last that fit (batches of a job fit alike): usually one or two tries.
+            for rung in range(max(0, self._fallback_rung - 1), len(LOOSE_FALLBACKS)):
+                cap_scale, unit_costs = LOOSE_FALLBACKS[rung]
                 plan = build(cap_scale=cap_scale, unit_costs=unit_costs)
                 if self._fits(self.simulate_plan(plan, batch)):
                     self._loose_fallback_misses = 0
+                    self._fallback_rung = rung
                     return plan
             self._loose_fallback_misses += 1
+            self._fallback_rung = 0
         return build()
 
 
-LOOSE_FALLBACKS: tuple[tuple[float, bool], ...] = ((math.inf, True),)
-"""(memory cap scale, unit costs) of the looser fallbacks `Planner.fallback_plan` tries, in turn, before a trainer's
-own (lean cap, FLOP costs), keeping the first that fits device memory in SEMU. On the scaled VLM of the 4-GPU
-runs (SEMU uncalibrated, 5 batches, `benchmarks/bench_planner_variants.py --only fallback`,
-`benchmarks/results/planner_variants_fallback.json`) the lean fallback takes 0.89-1.03 s, the uncapped one with unit
-costs 0.40-0.47 s (Optimus's coarse schedule 0.41-0.47 s), and the uncapped one fits the 40 GB planning budget on
-2 of the 5 batches. Each try costs an assembly and a simulation (~25 ms there, a few hundred ms on vlm-s, where it
-never fits): see `LOOSE_FALLBACK_MISSES_BEFORE_SKIP`."""
+LOOSE_FALLBACKS: tuple[tuple[float, bool], ...] = (
+    (math.inf, True),
+    (2.0, False),
+    (1.5, False),
+    (1.0, False),
+    (0.5, False),
+)
+"""(memory cap scale, unit costs) of the looser fallbacks `Planner.fallback_plan` tries, loosest first, before a
+trainer's own (lean cap, FLOP costs), keeping the first that fits device memory in SEMU; a job's next fallback
+starts one rung looser than the last that fit. The rungs between "no cap" and the lean cap matter when the
+uncapped order overflows: on the scaled T2V of the 4-GPU runs (SEMU uncalibrated, seed 0) the uncapped order
+overflows the 40 GB planning budget on iterations 0 and 3 and the lean one takes 1.55-1.59 s, the 1.5 rung fits
+at 0.48-0.50 s (measured on 4 H200s: the served lean fallback ran 3.8 s where Optimus's schedule took 1.4 s,
+docs/gpu.md section 6); on t2v-s the 1.0-1.5 rungs take 37-56 s against the lean 47-71 s. On the scaled VLM
+(`benchmarks/bench_planner_variants.py --only fallback`, `benchmarks/results/planner_variants_fallback.json`) the
+uncapped one with unit costs fits 2 of 5 batches at 0.40-0.47 s (lean: 0.89-1.03 s). Each try costs an assembly
+and a simulation (~25-50 ms on the scaled models, a few hundred ms on vlm-s, where none fits): see
+`LOOSE_FALLBACK_MISSES_BEFORE_SKIP`."""
 
 LOOSE_FALLBACK_MISSES_BEFORE_SKIP = 3
 """After this many fallbacks in a row whose looser variants all overflowed, a planner builds the lean one

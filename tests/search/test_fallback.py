@@ -101,3 +101,29 @@ def test_a_memory_bound_job_stops_trying_looser_fallbacks(monkeypatch: pytest.Mo
     # n fallbacks try every loose variant then build the lean one; later ones build the lean one directly.
     assert tries == ([c for c, _ in planner_module.LOOSE_FALLBACKS] + [None]) * n + [None, None]
     assert loose >= 1
+
+
+def test_the_fallback_takes_the_loosest_rung_that_fits_and_starts_near_it_next_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    w = workload("tiny-vlm")
+    planner = Planner(w.model, w.parallel, w.hardware, config=FAST)
+    tries: list[float | None] = []
+    real = planner_module.build_fallback_plan
+
+    def counting(*args: object, **kwargs: object) -> object:
+        tries.append(kwargs.get("cap_scale"))  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(planner_module, "build_fallback_plan", counting)
+    # Only the capped rungs at 1.0 and below "fit": the uncapped order and the looser caps overflow.
+    monkeypatch.setattr(planner, "_fits", lambda sim: tries[-1] is not None and tries[-1] <= 1.0)
+    batch = sample_batch(w, seed=0)
+    caps = [c for c, _ in planner_module.LOOSE_FALLBACKS]
+    assert caps[0] == math.inf and 1.0 in caps and caps == sorted(caps, reverse=True)
+    one = caps.index(1.0)
+    validate(planner.fallback_plan(batch))
+    assert tries == caps[: one + 1]  # loosest first, down to the first that fits; no lean plan built
+    tries.clear()
+    validate(planner.fallback_plan(batch))
+    assert tries == caps[one - 1 : one + 1]  # one rung looser than last time, then the rung that fit
