@@ -212,3 +212,19 @@ def test_watchdog_thresholds() -> None:
     assert "no progress" in w.late(81.0)
     w.last = 100.0
     assert "past its 40 s limit" in w.late(101.0)
+
+
+def test_trace_ratios_per_stage_kind_from_a_committed_trace() -> None:
+    """The committed run 13 trace: every (module, chunk, pass) of PipeWeaver's plan has a measured and a predicted
+    mean, and the decoder's forward is the kind SEMU under-predicts most (docs/gpu.md section 6)."""
+    from trace_ratios import kind_ratios
+
+    root = Path(__file__).resolve().parents[2]
+    rows = kind_ratios(root / "benchmarks/results/e2e_traces_run13/pipeweaver_it3.trace.json.gz")
+    kinds = {r.kind for r in rows}
+    assert kinds == {(m, c, p) for m in ("vit", "llm") for c in range(4) for p in ("F", "B")}
+    assert all(r.computes == 16 and r.measured_ms > 0 and r.predicted_ms > 0 for r in rows)
+    worst = max(rows, key=lambda r: r.ratio)
+    assert worst.kind[0] == "llm" and worst.kind[2] == "F" and worst.ratio > 1.5
+    with pytest.raises(ValueError, match="no 'semu_nothing' timeline"):
+        kind_ratios(root / "benchmarks/results/e2e_traces_run13/pipeweaver_it3.trace.json.gz", "semu_nothing")
