@@ -242,6 +242,7 @@ def _rank_main(a: _RankArgs) -> None:
     ex.warm_up()
     opt = torch.optim.SGD(list(ex.parameters()), lr=cfg.lr)
     prefetcher = PlanPrefetcher(client, job, batches, rank=rank, grace_s=0.3)
+    prefetcher.attach(ex)  # plans that arrived are checked while the previous iteration finishes
     say(f"PipeWeaver run: {cfg.iterations} iterations on {pp} ranks (job {job.job_id})")
     planned: list[dict[str, Any]] = []
     shown: dict[str, Any] | None = None

@@ -233,7 +233,7 @@ class PipelineExecutor:
         self._pair_group: dict[tuple[int, int], dist.ProcessGroup] = {}
         self._checked: OrderedDict[int, _CheckedPlan] = OrderedDict()
         """Recently accepted plans by identity (see `check`), newest last, at most `CHECKED_PLANS`."""
-        self.idle_hook: Callable[[], None] | None = None
+        self.idle_hook: Callable[[], object] | None = None
         """Called once per iteration once the iteration's work is all queued on the device, before the host waits
         for it to finish: the host is idle there, so it is the place to check the plans of the next iterations
         (`PlanPrefetcher.prepare_arrived` with `prepare`). An exception in it is logged, never raised."""

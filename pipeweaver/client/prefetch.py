@@ -15,7 +15,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 from pipeweaver.client.planner_client import (
     JobRegistration,
@@ -30,7 +30,7 @@ from pipeweaver.errors import InvalidPlan, PipeWeaverError, PlannerUnavailable, 
 from pipeweaver.plan.ir import Plan
 from pipeweaver.spec.batch import BatchMetadata
 
-__all__ = ["PlanPrefetcher", "PlannedBatch", "PrefetchStats", "batch_metadata"]
+__all__ = ["PlanPrefetcher", "PlanPreparer", "PlannedBatch", "PrefetchStats", "batch_metadata"]
 
 log = logging.getLogger("pipeweaver.client")
 
@@ -41,6 +41,14 @@ FallbackReason = Literal["deadline", "unavailable", "rejected", "invalid", "unre
 """Why an iteration ran the local fallback: no plan by its deadline; the planner unreachable (or backing off);
 the planner refused the request; the replies did not make one valid plan; the job is being registered again
 after a planner restart; the planner's placement differs from the one the trainer was built for."""
+
+
+class PlanPreparer(Protocol):
+    """What `PlanPrefetcher.attach` wires: `PipelineExecutor` (kept as a protocol: this module imports no torch)."""
+
+    idle_hook: Callable[[], object] | None
+
+    def prepare(self, plan: Plan, batch: BatchMetadata) -> None: ...
 
 
 def batch_metadata(item: object) -> BatchMetadata:
@@ -122,10 +130,10 @@ class PlanPrefetcher(Generic[T]):
     microbatches, 37k actions), less than the executor's own validation of that plan. A service answer carrying
     the whole plan once (a v1 addition) would remove the pp-fold transfer if that ever matters.
 
-    **Checking plans before their iteration.** With ``prepare=executor.prepare`` and the executor's
-    ``idle_hook = prefetcher.prepare_arrived``, plans that arrived early are assembled and checked while the
-    device finishes the iteration before (the host waits for it there anyway), so the next iteration starts at
-    once instead of validating a plan with the device idle.
+    **Checking plans before their iteration.** After ``prefetcher.attach(executor)`` (``prepare=executor.prepare``
+    and the executor's ``idle_hook = prefetcher.prepare_arrived``), plans that arrived early are assembled and
+    checked while the device finishes the iteration before (the host waits for it there anyway), so the next
+    iteration starts at once instead of validating a plan with the device idle.
 
     Fork safety: the user's iterable is started (DataLoader workers fork) before the prefetcher opens its stream,
     so the gRPC channel never exists in a forked worker. `rank` is this trainer's pipeline rank (for `report`).
@@ -312,6 +320,12 @@ class PlanPrefetcher(Generic[T]):
         level = logging.DEBUG if self._degraded else logging.WARNING
         log.log(level, "iteration %d: local fallback plan (%s): %s", it, reason, str(exc).splitlines()[0])
         self._degraded = True
+
+    def attach(self, executor: PlanPreparer) -> None:
+        """Check plans ahead on `executor`: ``prepare=executor.prepare`` and ``executor.idle_hook =
+        self.prepare_arrived`` (see the class docstring)."""
+        self.prepare = executor.prepare
+        executor.idle_hook = self.prepare_arrived
 
     def prepare_arrived(self) -> int:
         """Collect the plans of requested iterations whose replies are all here and pass each to `prepare`, without

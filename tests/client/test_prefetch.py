@@ -344,6 +344,10 @@ def test_plans_that_arrived_early_are_checked_before_their_iteration(planner: Se
         prepared.append((batch.iteration, id(plan)))
         ex.prepare(plan, batch)
 
+    wired = PlanPrefetcher(client, job, [], deadline_s=5.0)
+    wired.attach(ex)  # what a training loop does
+    assert ex.idle_hook == wired.prepare_arrived and wired.prepare == ex.prepare
+    ex.idle_hook = None
     batches = _batches(w, 4, seed=4, start=200)
     prefetcher = PlanPrefetcher(client, job, batches, deadline_s=5.0, lookahead=2, prepare=prepare)
     items: list[PlannedBatch[BatchMetadata]] = []
