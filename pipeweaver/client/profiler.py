@@ -188,8 +188,12 @@ class TimedExecutor(PipelineExecutor):
     """A `PipelineExecutor` that records when each of its rank's actions ran in the latest iteration.
 
     `action_times` holds one (start, end) per action of `plan.ranks[rank]` on the `time.monotonic` clock (in
-    seconds, shared by every process of a host), aligned with the actions, ready for `ReportTimings` and
-    `viz.Timeline` after `relative_ms`.
+    seconds, shared by every process of a host), aligned with the actions, ready for `ReportTimings` (whose
+    per-action times the service refits its stage costs with) and `viz.Timeline` after `relative_ms`.
+
+    On a GPU the times are the device's: CUDA events recorded on the stream around each action, placed on the host
+    clock by an event at the iteration's start (the device is idle then: the previous iteration ended with a
+    synchronize). Host timestamps would measure when Python launched the kernels, not when they ran.
 
     It wraps the executor's per-action dispatch (`_compute`, `_post`, `_wait`): the executor has no public hook
     for this yet.
@@ -199,18 +203,37 @@ class TimedExecutor(PipelineExecutor):
         super().__init__(*args, **kwargs)
         self.action_times: list[tuple[float, float]] = []
         self.last_plan: Plan | None = None
+        self._events: list[tuple[Any, Any]] = []
 
     def run_iteration(
         self, plan: Plan, batch: BatchMetadata, *, optimizer: torch.optim.Optimizer | None = None
     ) -> IterationStats:
         self.action_times = []
+        self._events = []
         self.last_plan = plan
-        return super().run_iteration(plan, batch, optimizer=optimizer)
+        if self.device.type != "cuda":
+            return super().run_iteration(plan, batch, optimizer=optimizer)
+        origin = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        origin.record()
+        host = time.monotonic()
+        stats = super().run_iteration(plan, batch, optimizer=optimizer)  # ends with a synchronize
+        self.action_times = [
+            (host + origin.elapsed_time(s) / 1e3, host + origin.elapsed_time(e) / 1e3) for s, e in self._events
+        ]
+        return stats
 
     def _timed(self, fn: Any, *args: Any) -> None:
-        start = time.monotonic()
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            start.record()
+            fn(*args)
+            end.record()
+            self._events.append((start, end))
+            return
+        start_s = time.monotonic()
         fn(*args)
-        self.action_times.append((start, time.monotonic()))
+        self.action_times.append((start_s, time.monotonic()))
 
     def _compute(self, it: Any, action: Compute) -> None:
         self._timed(super()._compute, it, action)

@@ -29,6 +29,11 @@ REFIT_ALPHA = 0.3
 """Weight of the newest iteration in the job's measured / predicted ratio (an exponential moving average)."""
 REFIT_RATIO_RANGE = (0.01, 100.0)
 """Ratios outside this range are clipped: a report that far off is a broken clock, not a cost model."""
+STAGE_SCALE_STEP = 1.05
+"""Per-stage refit factors are published in whole powers of this (5% steps): a worker builds a planner on new
+costs only when a factor moves a step, not after every report."""
+STAGE_SCALE_RANGE = (0.2, 5.0)
+"""Bounds of a per-stage refit factor: beyond them the measurement, not the cost model, is suspect."""
 RECENT_ERRORS = 50
 TIMING_WINDOW = 16
 """Recent worker timings kept per job; the estimates below are their maximum (a deadline is no place for means)."""
@@ -266,6 +271,9 @@ class JobState:
         self._reserve_fallbacks = 0
         self.time_scale = 1.0
         """Online refit: EWMA of measured / predicted makespan, applied to later predictions."""
+        self._stage_log_scale: dict[tuple[str, str], float] = {}
+        """Per (module, pass F/B): EWMA of log(measured / predicted stage time) folded into the planner's costs."""
+        self._stage_folded: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._errors: deque[float] = deque(maxlen=RECENT_ERRORS)
         self._folded: OrderedDict[int, None] = OrderedDict()
 
@@ -431,6 +439,64 @@ class JobState:
             self.time_scale = (1 - REFIT_ALPHA) * self.time_scale + REFIT_ALPHA * ratio
         self._errors.append(error)
         return error, self.mean_error(), True
+
+    @property
+    def stage_scales(self) -> work.StageScales:
+        """The per-stage refit as the workers take it: factors rounded to whole `STAGE_SCALE_STEP`s, 1.0 left out."""
+        out = []
+        for (module, pass_), log_scale in sorted(self._stage_log_scale.items()):
+            steps = round(log_scale / math.log(STAGE_SCALE_STEP))
+            if steps:
+                out.append((module, pass_, STAGE_SCALE_STEP**steps))
+        return tuple(out)
+
+    def fold_stage_timings(self, iteration: int, rank: int, starts: Any, ends: Any) -> int:
+        """Refit the per-(module, pass) factors from one rank's measured action times for `iteration`: per key,
+        the sum of its computes' measured durations over the sum of their predicted durations (the served plan's
+        `predicted_*_ms`, which already include the current factors and the time scale) moves the factor by an
+        EWMA step in log space. Computes of a pipeline that is not one module (mixed chunks) are skipped, as are
+        fallback plans (no predictions). Returns the number of keys updated (0: nothing to learn, or this
+        (iteration, rank) was folded already)."""
+        served = [s for s in self.served_for(iteration) if s.predicted_ms > 0 and s.action_count(rank) == len(starts)]
+        if not served or (iteration, rank) in self._stage_folded:
+            return 0
+        self._stage_folded[(iteration, rank)] = None
+        while len(self._stage_folded) > 4 * self._plan_window * self.job.spec.parallel.pp:
+            self._stage_folded.popitem(last=False)
+        shared = served[0]
+        rank_plan = pb.RankPlan.FromString(shared.shared.encoded.ranks[rank])
+        if len(rank_plan.predicted_start_ms) != len(starts):
+            return 0
+        # The plan's times carry the makespan refit of the moment it was served; take it out.
+        scale = shared.predicted_ms / shared.raw_predicted_ms if shared.raw_predicted_ms > 0 else 1.0
+        modules = set(self.job.spec.model.module_names)
+        measured: dict[tuple[str, str], float] = {}
+        predicted: dict[tuple[str, str], float] = {}
+        busy = 0.0
+        for i, action in enumerate(rank_plan.actions):
+            if action.WhichOneof("action") != "compute":
+                continue
+            stage = action.compute.stage
+            if stage.pipeline not in modules:
+                continue
+            key = (stage.pipeline, "F" if stage.pass_kind == pb.PASS_FORWARD else "B")
+            want = (rank_plan.predicted_end_ms[i] - rank_plan.predicted_start_ms[i]) / scale
+            got = float(ends[i]) - float(starts[i])
+            busy += max(got, 0.0)
+            if want > 0 and got > 0:
+                measured[key] = measured.get(key, 0.0) + got
+                predicted[key] = predicted.get(key, 0.0) + want
+        span = max(map(float, ends), default=0.0) - min(map(float, starts), default=0.0)
+        if busy > 1.05 * span:
+            return 0  # a rank's computes run one after another: these are not per-action times
+        lo, hi = (math.log(x) for x in STAGE_SCALE_RANGE)
+        for key, got in measured.items():
+            # The ratio corrects the factor the plan was predicted with, which is the current one unless the refit
+            # moved since (plans are made an iteration or two ahead: a small lag, no bias at a fixed point).
+            step = min(max(math.log(got / predicted[key]), lo), hi)
+            old = self._stage_log_scale.get(key, 0.0)
+            self._stage_log_scale[key] = min(max(old + REFIT_ALPHA * step, lo), hi)
+        return len(measured)
 
     def close(self) -> None:
         """Stop planning for this job (it was forgotten or the server is stopping)."""

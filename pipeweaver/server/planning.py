@@ -223,6 +223,7 @@ class Planning:
             budget_ms,
             limits=self.config.limits,
             time_scale=job.time_scale,
+            stage_scales=job.stage_scales,
             deadline=deadline,
             reserve_ms=job.overhead_ms + job.fallback_ms + SLACK_MS,
         )
@@ -336,7 +337,7 @@ class Planning:
 
     async def _build_fallback(self, job: JobState, batch: bytes) -> SharedPlan:
         """The fallback plan of `batch` (the job's placement, a static schedule), built on the control lane."""
-        task = work.PlanTask(job.job, batch, "fallback", 0.0, limits=self.config.limits)
+        task = work.PlanTask(job.job, batch, "fallback", 0.0, limits=self.config.limits, stage_scales=job.stage_scales)
         try:
             outcome = await self.pool.control.run(work.plan_batch, task)
         except QueueFull as exc:
@@ -376,13 +377,17 @@ class Planning:
         error, mean, folded = job.fold_report(req.iteration, measured)
         if folded:
             self.m.prediction_error.observe(error)
+        if n:
+            job.fold_stage_timings(req.iteration, req.rank, req.measured_start_ms, req.measured_end_ms)
         return pb.ReportTimingsResponse(iteration_error=error, mean_error=mean)
 
     # ---- Simulate ----
     async def simulate(self, req: Any) -> Any:
         which = req.WhichOneof("job")
+        scales: work.StageScales = ()
         if which == "job_id":
-            job = self.job(req.job_id).job
+            state = self.job(req.job_id)
+            job, scales = state.job, state.stage_scales
         elif which == "spec":
             spec = req.spec
             model, parallel, hardware = check_job_spec(
@@ -404,7 +409,12 @@ class Planning:
             raise invalid([Violation("batch", "missing")])
         check_batch(req.batch, job.spec.parallel, self.config.limits)
         task = work.SimulateTask(
-            job, req.batch.SerializeToString(), schedule, limits=self.config.limits, budget_ms=self.config.budget_ms
+            job,
+            req.batch.SerializeToString(),
+            schedule,
+            limits=self.config.limits,
+            budget_ms=self.config.budget_ms,
+            stage_scales=scales,
         )
         lane = self.pool.search if schedule == "pipeweaver" else self.pool.control
         outcome = await self._run(lane, work.simulate, task, "simulation")

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from pipeweaver.simulator.costmodel import EfficiencyFactors
 
 Mode = Literal["search", "fallback"]
+StageScales = tuple[tuple[str, str, float], ...]
+"""(module, pass ``F``/``B``, factor) entries of a job's per-stage refit (1.0 entries may be left out)."""
 
 PLANNERS_PER_WORKER = 16
 """Jobs whose `Planner` a worker keeps (least recently used dropped)."""
@@ -116,6 +118,9 @@ class PlanTask:
     limits: BatchLimits = field(default_factory=BatchLimits)
     time_scale: float = 1.0
     """Online refit of the job (measured / predicted makespan): applied to every predicted time of the plan."""
+    stage_scales: StageScales = ()
+    """Online refit per (module, pass) from measured stage times (`jobs.JobState.fold_stage_timings`): the cost
+    model's factors on those stages' times (`CostModel.stage_scales`)."""
     deadline: float | None = None
     """When the plan is needed, on the `time.monotonic` clock (one clock for every process of a host)."""
     reserve_ms: float = 0.0
@@ -197,6 +202,7 @@ class SimulateTask:
     schedule: str
     limits: BatchLimits = field(default_factory=BatchLimits)
     budget_ms: float = 500.0
+    stage_scales: StageScales = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +292,7 @@ def plan_batch(task: PlanTask) -> PlanOutcome | Rejected | Expired:
         return decoded
     t_setup = time.perf_counter()
     cold = task.job.job_id not in _planners
-    planner = _planner(task.job)
+    planner = _planner(task.job, task.stage_scales)
     setup_ms = (time.perf_counter() - t_setup) * 1e3 if cold else 0.0
     if task.mode == "fallback":
         plan = planner.fallback_plan(decoded, job_id=task.job.job_id)
@@ -320,7 +326,7 @@ def plan_batch(task: PlanTask) -> PlanOutcome | Rejected | Expired:
 def simulate(task: SimulateTask) -> SimulateOutcome | Rejected:
     """SEMU's prediction for `task.schedule` (a baseline, ``pipeweaver`` or ``fallback``) on one batch."""
     try:
-        planner = _planner(task.job)
+        planner = _planner(task.job, task.stage_scales)
     except DoesNotFit as exc:
         return Rejected(str(exc), (Violation("spec.parallel", str(exc)),), precondition=True)
     except (SpecError, ValueError) as exc:
@@ -401,7 +407,7 @@ def _factors(job: Job) -> EfficiencyFactors | None:
     return fit_layer_factors(rows, job.spec.hardware)
 
 
-def _build_planner(job: Job) -> Planner:
+def _build_planner(job: Job, stage_scales: StageScales = ()) -> Planner:
     from pipeweaver.search.planner import Planner, SearchConfig
 
     spec = job.spec
@@ -414,6 +420,7 @@ def _build_planner(job: Job) -> Planner:
         config=SearchConfig(compare_baselines=spec.compare_baselines),
         sizes=part.sub_microbatch_size if part is not None else None,
         segments=part.segments if part is not None else None,
+        stage_scales={(module, pass_): scale for module, pass_, scale in stage_scales},
     )
 
 
@@ -424,10 +431,15 @@ def _remember(job_id: str, planner: Planner) -> None:
         _planners.popitem(last=False)
 
 
-def _planner(job: Job) -> Planner:
+def _planner(job: Job, stage_scales: StageScales = ()) -> Planner:
     planner = _planners.get(job.job_id)
+    wanted = {(module, pass_): scale for module, pass_, scale in stage_scales if scale != 1.0}
+    if planner is not None and planner.cost.stage_scales != wanted:
+        # The job's refit moved (by a quantum, see `jobs.STAGE_SCALE_STEP`): a planner on the new costs, with the
+        # registered partition. Its caches start cold; the refit settles after a few iterations.
+        planner = None
     if planner is None:
-        planner = _build_planner(job)
+        planner = _build_planner(job, stage_scales)
         if job.partition is not None and planner.partition.placement != job.partition.placement:
             # Every rank must run the placement the job registered with; a planner that partitions differently
             # (a changed cost model, say) must not serve this job.

@@ -270,6 +270,7 @@ class CostModel:
         hardware: HardwareSpec,
         factors: EfficiencyFactors | None = None,
         cache: StageCostCache | None = None,
+        stage_scales: Mapping[tuple[str, str], float] | None = None,
     ) -> None:
         self.model = model
         self.parallel = parallel
@@ -286,11 +287,20 @@ class CostModel:
         self._needs_backward = {m.name: model.needs_backward(m.name) for m in model.modules}
         self._dims: dict[str, Hashable] = {m.name: _dims_key(m) for m in model.modules}
         self._resolved: dict[tuple[LayerKind | None, bool], dict[OpClass, ClassFactors]] = {}
+        self.stage_scales: dict[tuple[str, str], float] = {}
+        """(module, pass) -> factor on that module's share of a stage's time: what a job's measured stage times
+        taught the service (`server.jobs.JobState.fold_stage_timings`); pass ``F`` or ``B`` (I and W use B's)."""
+        for (module, pass_), scale in (stage_scales or {}).items():
+            if module not in self._modules or pass_ not in ("F", "B") or not 0 < scale < math.inf:
+                raise ValueError(f"stage scale ({module!r}, {pass_!r}) = {scale}: needs a module, F or B, > 0")
+            if scale != 1.0:
+                self.stage_scales[(module, pass_)] = float(scale)
         context = ("costmodel/1", hardware, self.factors, self.dtype_bytes, self.tp)
         # Layer and part costs depend on dims, never on module names: one table per (hardware, factors, dtype,
-        # tp), shared by every model. Stage keys name modules, so stages get a table per model as well.
+        # tp), shared by every model. Stage keys name modules, so stages get a table per model (and scales).
         self._table = cache.table(context) if cache is not None else None
-        self._stage_table = cache.table((*context, model)) if cache is not None else None
+        scales_key = tuple(sorted(self.stage_scales.items()))
+        self._stage_table = cache.table((*context, model, scales_key)) if cache is not None else None
 
     # ---- operators ----
     def module(self, name: str) -> ModuleSpec:
@@ -371,19 +381,29 @@ class CostModel:
         self.module(module_name)
         if not instances or self._skip(module_name, pass_):
             return 0.0
-        return self._cached_layer_ms(module_name, token_signature(instances), pass_, recompute)
+        scale = self._scale(module_name, pass_)
+        return scale * self._cached_layer_ms(module_name, token_signature(instances), pass_, recompute)
+
+    def _scale(self, module_name: str, pass_: Pass) -> float:
+        if not self.stage_scales:
+            return 1.0
+        return self.stage_scales.get((module_name, "F" if pass_ is Pass.F else "B"), 1.0)
 
     def pre_time_ms(self, module_name: str, instances: Sequence[Instance], pass_: Pass) -> float:
         self.module(module_name)
         if not instances or self._skip(module_name, pass_):
             return 0.0
-        return self._cached_part_ms(module_name, "pre", token_signature(instances), pass_)
+        return self._scale(module_name, pass_) * self._cached_part_ms(
+            module_name, "pre", token_signature(instances), pass_
+        )
 
     def post_time_ms(self, module_name: str, instances: Sequence[Instance], pass_: Pass) -> float:
         self.module(module_name)
         if not instances or self._skip(module_name, pass_):
             return 0.0
-        return self._cached_part_ms(module_name, "post", token_signature(instances), pass_)
+        return self._scale(module_name, pass_) * self._cached_part_ms(
+            module_name, "post", token_signature(instances), pass_
+        )
 
     # ---- per stage ----
     def _signatures(
@@ -406,16 +426,21 @@ class CostModel:
         recompute: Recompute,
     ) -> float:
         total = 0.0
+        scales = self.stage_scales
         for (name, n, pre, post), sig in zip(structure, sigs, strict=True):
             if not sig or self._skip(name, pass_):
                 continue
+            part = 0.0
             if pre:
-                total += self._cached_part_ms(name, "pre", sig, pass_)
-            total += n * self._cached_layer_ms(name, sig, pass_, recompute)
+                part += self._cached_part_ms(name, "pre", sig, pass_)
+            part += n * self._cached_layer_ms(name, sig, pass_, recompute)
             if self.cache is not None:
                 self.cache.note_layers(n)
             if post:
-                total += self._cached_part_ms(name, "post", sig, pass_)
+                part += self._cached_part_ms(name, "post", sig, pass_)
+            if scales:
+                part *= self._scale(name, pass_)
+            total += part
         return total
 
     def stage_time_ms(

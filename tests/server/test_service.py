@@ -281,6 +281,51 @@ def test_equal_batches_that_fall_back_share_one_fallback_build(planner: ServerPr
 # ---- ReportTimings -----------------------------------------------------------------------------------------
 
 
+def test_per_action_timings_refit_the_stage_costs_of_the_module_and_pass_they_measure(planner: ServerProcess) -> None:
+    """Measured stage times teach the service per (module, pass): the language model's forwards measured at twice
+    their prediction raise the job's cost of those stages (seen through Simulate of a baseline on the job), once
+    per (iteration, rank); reports whose actions overlap are not per-action times and teach nothing."""
+    stub = planner.stub()
+    jid = stub.RegisterJob(register_request(W, planning_budget_ms=41.0), timeout=60).job_id  # a job of its own
+    probe = batch(W, 700, seed=9)
+
+    def simulated() -> float:
+        return stub.Simulate(pb.SimulateRequest(job_id=jid, batch=probe, schedule="1f1b"), timeout=60).makespan_ms
+
+    before = simulated()
+    it = 701
+    b = batch(W, it, seed=9)
+    plans = [stub.GetPlan(pb.GetPlanRequest(job_id=jid, rank=r, batch=b), timeout=30) for r in (0, 1)]
+    assert plans[0].header.source == pb.PLAN_SOURCE_SEARCH
+
+    def report(rank: int, stretch: float, overlap: bool = False) -> None:
+        rp = plans[rank].rank_plan
+        starts, ends, t = [], [], 0.0
+        for action, s, e in zip(rp.actions, rp.predicted_start_ms, rp.predicted_end_ms, strict=True):
+            stage = action.compute.stage if action.WhichOneof("action") == "compute" else None
+            slow = stage is not None and stage.pipeline == "llm" and stage.pass_kind == pb.PASS_FORWARD
+            d = (e - s) * (stretch if slow else 1.0)
+            starts.append(0.0 if overlap else t)
+            ends.append((0.0 if overlap else t) + d + (10.0 if overlap else 0.0))
+            t += d
+        stub.ReportTimings(
+            pb.ReportTimingsRequest(
+                job_id=jid, iteration=it, rank=rank, measured_start_ms=starts, measured_end_ms=ends,
+                measured_iteration_ms=t,
+            ),
+            timeout=10,
+        )  # fmt: skip
+
+    report(0, 2.0, overlap=True)  # every action [0, d + 10 ms): not a timeline, ignored
+    assert simulated() == pytest.approx(before, rel=1e-9)
+    report(0, 2.0)
+    report(1, 2.0)
+    after = simulated()
+    assert after > before * 1.01, (before, after)  # both ranks' llm forwards now cost ~1.2x (one EWMA step)
+    report(0, 2.0)  # the same (iteration, rank) again: folded once
+    assert simulated() == pytest.approx(after, rel=1e-9)
+
+
 def test_timing_reports_refit_the_predictions_and_export_the_error(planner: ServerProcess) -> None:
     stub = planner.stub()
     jid = stub.RegisterJob(register_request(W, planning_budget_ms=40.0), timeout=60).job_id

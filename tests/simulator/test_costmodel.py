@@ -21,6 +21,7 @@ from pipeweaver.simulator.costmodel import (
     training_flops,
 )
 from pipeweaver.simulator.ops import Op, OpClass, layer_ops, model_flops, post_ops, pre_ops
+from pipeweaver.simulator.reuse import StageCostCache
 from pipeweaver.spec import BatchMetadata, Document, Instance, MediaItem, Microbatch, Modality, ModelSpec
 from pipeweaver.spec.hardware import H100_SXM
 from pipeweaver.spec.model import LayerKind, ModuleSpec
@@ -318,6 +319,32 @@ def test_stage_time_sums_layer_ranges_and_pre_post_parts() -> None:
     assert cm.stage_time_ms(chunk, {}, Pass.F) == 0.0
     assert cm.post_time_ms("vit", vit, Pass.F) > 0
     assert cm.pre_time_ms("llm", llm, Pass.F) > 0
+
+
+def test_stage_scales_scale_one_module_and_pass_and_nothing_else() -> None:
+    """The service's per-stage refit: a factor on (module, pass) multiplies that module's share of a stage (its
+    pre, blocks and post parts), for F alone or for every backward pass (B, and I/W of a split backward)."""
+    w = presets.workload("vlm-s")
+    plain = CostModel(w.model, w.parallel, w.hardware, cache=StageCostCache())
+    scaled = CostModel(w.model, w.parallel, w.hardware, cache=plain.cache, stage_scales={("llm", "F"): 1.7})
+    vit = tuple(Instance(tokens=2704, attention_spans=(2704,), output_tokens=169) for _ in range(4))
+    llm = (Instance(tokens=3000, attention_spans=(1000, 2000)),)
+    by_module = {"vit": vit, "llm": llm}
+    chunk = Chunk("model", 5, 1, (LayerRange("vit", 60, 63), LayerRange("llm", 0, 2)))
+    for p in (Pass.F, Pass.B, Pass.I, Pass.W):
+        vit_part = 3 * plain.layer_time_ms("vit", vit, p) + plain.post_time_ms("vit", vit, p)
+        llm_part = plain.pre_time_ms("llm", llm, p) + 2 * plain.layer_time_ms("llm", llm, p)
+        factor = 1.7 if p is Pass.F else 1.0
+        assert scaled.stage_time_ms(chunk, by_module, p) == pytest.approx(vit_part + factor * llm_part, rel=1e-12)
+        assert scaled.layer_time_ms("llm", llm, p) == pytest.approx(factor * plain.layer_time_ms("llm", llm, p))
+    # A shared cache keeps the two models' stage costs apart; the plain model is unchanged.
+    assert plain.stage_time_ms(chunk, by_module, Pass.F) < scaled.stage_time_ms(chunk, by_module, Pass.F)
+    backward = CostModel(w.model, w.parallel, w.hardware, stage_scales={("vit", "B"): 0.5})
+    for p in (Pass.B, Pass.I, Pass.W):
+        assert backward.layer_time_ms("vit", vit, p) == pytest.approx(0.5 * plain.layer_time_ms("vit", vit, p))
+    for bad in ({("vision", "F"): 1.5}, {("llm", "W"): 1.5}, {("llm", "F"): 0.0}, {("llm", "F"): math.inf}):
+        with pytest.raises(ValueError, match="stage scale"):
+            CostModel(w.model, w.parallel, w.hardware, stage_scales=bad)
 
 
 def test_header_costs_cover_every_stage() -> None:
