@@ -269,8 +269,10 @@ def _rank_main(a: _RankArgs) -> None:
         planned.append(
             {"step": red, "predicted": pred, "predicted_baseline": base_pred, "source": source, "wait": item.wait_ms}
         )
-        if rank == 0 and item.origin == "planner" and not stats.fallback_reason:
-            prefetcher.report(item.metadata.iteration, red.makespan_ms)
+        if item.origin == "planner" and not stats.fallback_reason:
+            # Every rank reports its own actions' times (the service refits its per-stage costs from them); the
+            # iteration's makespan refit counts the iteration once.
+            prefetcher.report(item.metadata.iteration, red.makespan_ms, ex.relative_ms())
         # The picture shows the iteration with a prediction and the most image patches (the latest on ties); every
         # rank ran the same plan on the same batch, so every rank picks the same iteration.
         patches = sum(m.tokens for mb in item.metadata.microbatches for m in mb.media(Modality.IMAGE))

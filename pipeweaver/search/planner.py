@@ -214,6 +214,13 @@ class Planner:
         if self.config.workers > 1:
             self._pool()  # spawn and warm the workers now, not inside the first plan's budget
 
+    def set_stage_scales(self, stage_scales: Mapping[tuple[str, str], float]) -> None:
+        """New per-(module, pass) cost factors (`CostModel.stage_scales`, the service's online refit), in place: the
+        partition stays (it is the job's), the per-batch memos of stage costs and baselines go."""
+        self.cost.set_stage_scales(stage_scales)
+        self._costs_for, self._costs_batch, self._costs_memo = None, None, {}
+        self._baseline_memo = None
+
     # ---- building blocks ----
     def header_for(self, batch: BatchMetadata, *, job_id: str, source: PlanSource, schedule: str) -> PlanHeader:
         part = self.partition

@@ -451,10 +451,16 @@ class JobState:
         return tuple(out)
 
     def fold_stage_timings(self, iteration: int, rank: int, starts: Any, ends: Any) -> int:
-        """Refit the per-(module, pass) factors from one rank's measured action times for `iteration`: per key,
-        the sum of its computes' measured durations over the sum of their predicted durations (the served plan's
-        `predicted_*_ms`, which already include the current factors and the time scale) moves the factor by an
-        EWMA step in log space. Computes of a pipeline that is not one module (mixed chunks) are skipped, as are
+        """Refit the per-(module, pass) factors from one rank's measured action times for `iteration`.
+
+        Per key, the sum of its computes' measured durations over the sum of their predicted durations (the served
+        plan's `predicted_*_ms`, with the current factors; the time scale taken out) is compared with the same
+        ratio over all the rank's computes, and the factor moves by an EWMA step in log space towards that
+        relative ratio. Relative, because the level (everything 1.5x slower) is the makespan refit's
+        (`time_scale`): two loops correcting the same level overshoot (the demo's SEMU error went from 23% to 36%
+        with absolute per-stage ratios); what decides between plans is how stage kinds compare, which is what the
+        factors learn (on 4 H200s a decoder forward ran 1.6-1.9x its prediction while ViT stages were within 15%,
+        docs/gpu.md section 6). Computes of a pipeline that is not one module (mixed chunks) are skipped, as are
         fallback plans (no predictions). Returns the number of keys updated (0: nothing to learn, or this
         (iteration, rank) was folded already)."""
         served = [s for s in self.served_for(iteration) if s.predicted_ms > 0 and s.action_count(rank) == len(starts)]
@@ -489,11 +495,14 @@ class JobState:
         span = max(map(float, ends), default=0.0) - min(map(float, starts), default=0.0)
         if busy > 1.05 * span:
             return 0  # a rank's computes run one after another: these are not per-action times
+        if len(measured) < 2:
+            return 0  # one kind of stage: nothing relative to learn
         lo, hi = (math.log(x) for x in STAGE_SCALE_RANGE)
+        level = math.log(sum(measured.values()) / sum(predicted.values()))
         for key, got in measured.items():
             # The ratio corrects the factor the plan was predicted with, which is the current one unless the refit
             # moved since (plans are made an iteration or two ahead: a small lag, no bias at a fixed point).
-            step = min(max(math.log(got / predicted[key]), lo), hi)
+            step = min(max(math.log(got / predicted[key]) - level, lo), hi)
             old = self._stage_log_scale.get(key, 0.0)
             self._stage_log_scale[key] = min(max(old + REFIT_ALPHA * step, lo), hi)
         return len(measured)

@@ -287,20 +287,32 @@ class CostModel:
         self._needs_backward = {m.name: model.needs_backward(m.name) for m in model.modules}
         self._dims: dict[str, Hashable] = {m.name: _dims_key(m) for m in model.modules}
         self._resolved: dict[tuple[LayerKind | None, bool], dict[OpClass, ClassFactors]] = {}
+        self._context = ("costmodel/1", hardware, self.factors, self.dtype_bytes, self.tp)
+        # Layer and part costs depend on dims, never on module names: one table per (hardware, factors, dtype,
+        # tp), shared by every model. Stage keys name modules, so stages get a table per model (and scales).
+        self._table = cache.table(self._context) if cache is not None else None
         self.stage_scales: dict[tuple[str, str], float] = {}
         """(module, pass) -> factor on that module's share of a stage's time: what a job's measured stage times
         taught the service (`server.jobs.JobState.fold_stage_timings`); pass ``F`` or ``B`` (I and W use B's)."""
-        for (module, pass_), scale in (stage_scales or {}).items():
+        self._stage_table: dict[Any, Any] | None = None
+        self.set_stage_scales(stage_scales or {})
+
+    def set_stage_scales(self, stage_scales: Mapping[tuple[str, str], float]) -> None:
+        """Replace the per-(module, pass) factors (see `stage_scales`). Layer and part costs stay cached (they are
+        unscaled); stage costs go to the table of the new factors."""
+        scales: dict[tuple[str, str], float] = {}
+        for (module, pass_), scale in stage_scales.items():
             if module not in self._modules or pass_ not in ("F", "B") or not 0 < scale < math.inf:
                 raise ValueError(f"stage scale ({module!r}, {pass_!r}) = {scale}: needs a module, F or B, > 0")
             if scale != 1.0:
-                self.stage_scales[(module, pass_)] = float(scale)
-        context = ("costmodel/1", hardware, self.factors, self.dtype_bytes, self.tp)
-        # Layer and part costs depend on dims, never on module names: one table per (hardware, factors, dtype,
-        # tp), shared by every model. Stage keys name modules, so stages get a table per model (and scales).
-        self._table = cache.table(context) if cache is not None else None
-        scales_key = tuple(sorted(self.stage_scales.items()))
-        self._stage_table = cache.table((*context, model, scales_key)) if cache is not None else None
+                scales[(module, pass_)] = float(scale)
+        if self.cache is not None:
+            old = (*self._context, self.model, tuple(sorted(self.stage_scales.items())))
+            new = (*self._context, self.model, tuple(sorted(scales.items())))
+            if self._stage_table is not None and old != new:
+                self.cache.drop(old)  # an online refit moves on; its earlier factors' stage costs are dead weight
+            self._stage_table = self.cache.table(new)
+        self.stage_scales = scales
 
     # ---- operators ----
     def module(self, name: str) -> ModuleSpec:

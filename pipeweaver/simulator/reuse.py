@@ -83,6 +83,10 @@ class StageCostCache:
             t = self._tables.setdefault(context, {})
         return t
 
+    def drop(self, context: Hashable) -> None:
+        """Forget one context's entries (a cost model moved to other factors and will not come back to these)."""
+        self._tables.pop(context, None)
+
     def lookup(
         self, table: dict[Hashable, float], key: Hashable, compute: Callable[[], float], *, stage: bool = False
     ) -> float:

@@ -20,6 +20,7 @@ from tests.server.harness import (
     register_request,
     stream_requests,
     tiny_workload,
+    wait_until,
 )
 
 W = tiny_workload()
@@ -359,7 +360,12 @@ def test_bad_rpcs_are_counted_by_code(planner: ServerProcess) -> None:
     )
     with pytest.raises(grpc.RpcError):
         planner.stub().GetPlan(pb.GetPlanRequest(job_id="job-x", rank=0, batch=batch(W, 1)), timeout=30)
-    after = planner.sample(
-        "pipeweaver_grpc_server_handled_total", grpc_method="GetPlan", grpc_code="FAILED_PRECONDITION"
-    )
-    assert after - before == 1
+
+    def counted() -> float:
+        return planner.sample(
+            "pipeweaver_grpc_server_handled_total", grpc_method="GetPlan", grpc_code="FAILED_PRECONDITION"
+        )
+
+    # The status reaches the client as the handler ends; the counter moves just after (the interceptor's finally).
+    wait_until(lambda: counted() - before >= 1, 5, "the failed GetPlan to be counted")
+    assert counted() - before == 1
