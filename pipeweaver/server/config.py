@@ -92,6 +92,11 @@ class ServerConfig:
     """None: plaintext (the sidecar default: loopback only)."""
     reflection: bool = True
     """Register gRPC server reflection (grpcurl and friends)."""
+    stage_refit: bool = False
+    """Also refit per-(module, pass) stage costs from ReportTimings' per-action times (`jobs.JobState.
+    fold_stage_timings`). Off by default: replayed on the measured 4-GPU runs, factors learnt from one iteration
+    helped some schedules' predictions and hurt others' (`benchmarks/gpu/semu_replay.py`, docs/gpu.md section 6);
+    the makespan refit runs either way."""
     leader: str | None = None
     """host:port of the sidecar that plans for this job; set: this sidecar forwards every PlannerService call
     there (follower), so every rank of a pipeline runs the plan one planner made."""
@@ -231,6 +236,13 @@ OPTIONS: tuple[_Option, ...] = (
         "FILE",
     ),
     _Option("--reflection", "PIPEWEAVER_REFLECTION", "reflection", _bool, "server reflection (default true)"),
+    _Option(
+        "--stage-refit",
+        "PIPEWEAVER_STAGE_REFIT",
+        "stage_refit",
+        _bool,
+        "refit per-stage costs from reported action times (default false)",
+    ),
     _Option(
         "--leader",
         "PIPEWEAVER_LEADER",

@@ -377,7 +377,7 @@ class Planning:
         error, mean, folded = job.fold_report(req.iteration, measured)
         if folded:
             self.m.prediction_error.observe(error)
-        if n:
+        if n and self.config.stage_refit:
             job.fold_stage_timings(req.iteration, req.rank, req.measured_start_ms, req.measured_end_ms)
         return pb.ReportTimingsResponse(iteration_error=error, mean_error=mean)
 
