@@ -46,9 +46,15 @@ class SyntheticData:
     def _normal(self, shape: tuple[int, int], *key: object) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator(*key, device=self.device), device=self.device)
 
-    def text_ids(self, microbatch: int, document: int, tokens: int, vocab_size: int) -> torch.Tensor:
-        """Token ids of one document's text (int64, shape (tokens,))."""
-        g = self.generator("text", microbatch, document)
+    def text_ids(self, microbatch: int, tokens: int, vocab_size: int) -> torch.Tensor:
+        """Token ids of a microbatch's text, its documents one after another (int64, shape (tokens,)).
+
+        One draw per microbatch: a draw per document cost ~50 us of host time each (a generator and three small
+        tensors), 50-75 ms per text-heavy iteration of 1,000-2,000 short documents on the first pipeline stage,
+        which made measured iterations grow with the document count where SEMU's did not (docs/gpu.md section 6).
+        The CPU generator fills the ids in order, so a longer draw extends a shorter one: appending a document
+        (torch's padding) keeps every earlier document's ids."""
+        g = self.generator("text", microbatch)
         return torch.randint(0, max(vocab_size, 1), (tokens,), generator=g)
 
     def image_patches(self, microbatch: int, document: int, item: int, patches: int, patch_dim: int) -> torch.Tensor:

@@ -233,19 +233,26 @@ class TextGeometry(Geometry):
 
     @cached_property
     def _ids_and_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (image placeholders 0) and next-token labels (IGNORE_INDEX on image tokens and on each
+        document's last text token), built with a handful of whole-sequence ops however many documents."""
         images, texts, _, _ = self._layout
-        vocab = self.module.vocab_size
-        ids: list[torch.Tensor] = []
-        labels: list[torch.Tensor] = []
-        for d, (n_img, n_text) in enumerate(zip(images, texts, strict=True)):
-            text = self.data.text_ids(self.microbatch, d, n_text, vocab)
-            target = torch.full((n_text,), IGNORE_INDEX, dtype=torch.long)
+        n_text = sum(texts)
+        total = n_text + sum(images)
+        text = self.data.text_ids(self.microbatch, n_text, self.module.vocab_size)
+        # Each document is its image tokens, then its text tokens: mark the text positions.
+        spans = torch.tensor([n for pair in zip(images, texts, strict=True) for n in pair], dtype=torch.long)
+        is_text = torch.arange(len(spans)).remainder(2).repeat_interleave(spans, output_size=total).bool()
+        ids = torch.zeros(total, dtype=torch.long)
+        ids[is_text] = text
+        target = torch.full((n_text,), IGNORE_INDEX, dtype=torch.long)
+        if n_text:
             target[:-1] = text[1:]
-            ids += [torch.zeros(n_img, dtype=torch.long), text]
-            labels += [torch.full((n_img,), IGNORE_INDEX, dtype=torch.long), target]
-        if not ids:
-            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-        return torch.cat(ids), torch.cat(labels)
+            lengths = torch.tensor(texts, dtype=torch.long)
+            ends = lengths.cumsum(0)[lengths > 0] - 1
+            target[ends] = IGNORE_INDEX  # a document's last token predicts nothing (the next one is another's)
+        labels = torch.full((total,), IGNORE_INDEX, dtype=torch.long)
+        labels[is_text] = target
+        return ids, labels
 
     @property
     def token_ids(self) -> torch.Tensor:

@@ -35,6 +35,41 @@ def test_every_kind_and_key_draws_its_own_values() -> None:
     assert torch.equal(a, SyntheticData(seed=0, iteration=0).video_latents(0, 0, 0, tokens=6, channels=3))
 
 
+def test_text_ids_are_one_draw_per_microbatch_and_a_longer_draw_extends_a_shorter() -> None:
+    data = SyntheticData(seed=1, iteration=4)
+    short, long = data.text_ids(2, 1000, 512), data.text_ids(2, 1300, 512)
+    assert torch.equal(long[:1000], short)  # torch's padding appends a document: earlier ids stay
+    assert not torch.equal(data.text_ids(3, 1000, 512), short)
+    assert int(long.min()) >= 0 and int(long.max()) < 512
+
+
+def test_packed_labels_are_next_tokens_inside_each_document() -> None:
+    from pipeweaver import presets
+    from pipeweaver.client.geometry import IGNORE_INDEX, LossScale, TextGeometry, geometry
+    from pipeweaver.spec.batch import BatchMetadata, Document, MediaItem, Microbatch
+    from pipeweaver.spec.model import Modality
+
+    w = presets.tiny_vlm()
+    image = MediaItem(Modality.IMAGE, 16, 4)
+    docs = (Document(5), Document(0, (image,)), Document(3, (image,)), Document(1), Document(4))
+    batch = BatchMetadata(iteration=0, microbatches=(Microbatch(docs),))
+    g = geometry(w.model, batch, "llm", 0, (0,), SyntheticData(seed=0, iteration=0), LossScale.of(w.model, batch))
+    assert isinstance(g, TextGeometry)
+    ids, labels = g.token_ids, g.labels
+    # Layout: per document its 4 merged image tokens (id 0, no label), then its text: text at 0-4, 13-15, 16,
+    # 17-20; the two images' placeholders at 5-12.
+    runs = ((0, 5), (13, 3), (16, 1), (17, 4))
+    assert ids.shape[0] == labels.shape[0] == 21
+    want = torch.full((21,), IGNORE_INDEX)
+    for start, n in runs:
+        want[start : start + n - 1] = ids[start + 1 : start + n]  # the document's last token predicts nothing
+    assert torch.equal(labels, want)
+    text_pos = [start + i for start, n in runs for i in range(n)]
+    vocab = w.model.module("llm").vocab_size
+    assert torch.equal(ids[text_pos], SyntheticData(seed=0, iteration=0).text_ids(0, 13, vocab))
+    assert int(ids[5:13].abs().sum()) == 0
+
+
 def test_unprepared_cuda_settings_warn(monkeypatch: pytest.MonkeyPatch) -> None:
     cudnn = torch.backends.cuda.cudnn_sdp_enabled()
     try:
