@@ -70,6 +70,14 @@ def test_packed_labels_are_next_tokens_inside_each_document() -> None:
     assert int(ids[5:13].abs().sum()) == 0
 
 
+@pytest.mark.parametrize("lengths", [[3, 0, 2, 5], [1], [0], [], [4096], [1] * 700])
+def test_positions_restart_at_every_document(lengths: list[int]) -> None:
+    from pipeweaver.client.geometry import _positions
+
+    want = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
+    assert torch.equal(_positions(lengths), want)
+
+
 def test_unprepared_cuda_settings_warn(monkeypatch: pytest.MonkeyPatch) -> None:
     cudnn = torch.backends.cuda.cudnn_sdp_enabled()
     try:
