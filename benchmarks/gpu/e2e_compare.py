@@ -42,6 +42,9 @@ SEMU: the calibration profile (`profile_layers` on the device, the executor's ow
 background (nice, one CPU thread each, own deadline): the baselines' plans of every measured iteration as soon as
 the profile is known, PipeWeaver's plans (and the Simulate RPC cross-check) once they ran. Collected after every
 schedule and, at the end, until the deadline: what finished is in the JSON even if the run is cut.
+With `--report-timings` PipeWeaver's ranks report every measured iteration's time to the service (ReportTimings):
+its makespan refit then scales the predictions of later plans, which the plan headers carry (the summary's
+`service_header_calibrated` MAPE: SEMU after the profile and the online refit).
 One iteration per `--trace-schedules` is run once more with per-action timing (CUDA events) and written as a
 measured Chrome trace beside SEMU's, under the traces directory (default: `<out>` without `.json` + `_traces`).
 
@@ -737,6 +740,10 @@ def run_pipeweaver(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> 
                     **again,
                 }
             )
+            if a.report_timings and item.origin == "planner" and not stats.fallback_reason:
+                # The service's makespan refit (ReportTimings): later headers predict with what it learnt.
+                report = prefetcher.report(item.metadata.iteration, ms)
+                rows[-1]["reported_error"] = report.iteration_error if report is not None else None
             run.say(
                 schedule=name,
                 iteration=k,
@@ -1460,6 +1467,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--dtype", default="", choices=["", "bfloat16", "float32"], help="default: bf16, tiny fp32")
     ap.add_argument("--attention", default="fast", choices=["fast", "reference"])
     ap.add_argument("--repeat", action="store_true", help="run each measured iteration of our executor twice")
+    ap.add_argument(
+        "--report-timings",
+        action="store_true",
+        help="PipeWeaver's ranks report each measured iteration (ReportTimings): the service's online refit, whose "
+        "predictions the plan headers then carry (SEMU MAPE 'service_header_calibrated')",
+    )
     args = ap.parse_args()
     args.budget_ms = args.budget_ms or (100.0 if args.tiny else 1000.0)
     args.workers = args.workers or (1 if args.tiny else 3)
