@@ -82,14 +82,21 @@ def wire_dtype(name: str) -> torch.dtype:
         raise InvalidPlan(f"unsupported transfer dtype '{name}'; use one of {sorted(_WIRE_DTYPES)}") from None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _CheckedPlan:
-    """A plan this executor accepted for a batch: its stage graph and the digest the ranks vote on."""
+    """A plan this executor accepted for a batch: its stage graph and, once asked for, the digest the ranks vote
+    on (`run_with_fallback` only: a plain `run_iteration` never hashes its plan)."""
 
     plan: Plan
     batch: BatchMetadata
     graph: StageGraph
-    digest: int
+    digest: int | None = None
+
+    def vote_digest(self) -> int:
+        if self.digest is None:
+            # Every rank of the pipeline must hold the same actions, not just the same header.
+            self.digest = stable_seed("plan", repr(self.plan)) & ((1 << 62) - 1)
+        return self.digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +329,7 @@ class PipelineExecutor:
         """Check `plan` for `batch` now (raises `InvalidPlan`) and remember it with its digest, so that running it
         later costs neither: about 40 ms of host time for a 1,300-action plan of the scaled VLM on a slow core,
         time in which the device would otherwise sit idle at the start of the iteration."""
-        self._accepted(plan, batch)
+        self._accepted(plan, batch).vote_digest()
 
     def _accepted(self, plan: Plan, batch: BatchMetadata) -> _CheckedPlan:
         key = id(plan)
@@ -330,10 +337,7 @@ class PipelineExecutor:
         if hit is not None and hit.plan is plan and (hit.batch is batch or hit.batch == batch):
             self._checked.move_to_end(key)
             return hit
-        graph = self._check(plan, batch)
-        # The vote's digest: every rank of the pipeline must hold the same actions, not just the same header.
-        digest = stable_seed("plan", repr(plan)) & ((1 << 62) - 1)
-        entry = _CheckedPlan(plan=plan, batch=batch, graph=graph, digest=digest)
+        entry = _CheckedPlan(plan=plan, batch=batch, graph=self._check(plan, batch))
         self._checked[key] = entry
         while len(self._checked) > CHECKED_PLANS:
             self._checked.popitem(last=False)
@@ -487,7 +491,7 @@ class PipelineExecutor:
             reason = "no plan arrived"
         else:
             try:
-                digest = self._accepted(plan, batch).digest
+                digest = self._accepted(plan, batch).vote_digest()
             except InvalidPlan as e:
                 reason = f"invalid plan: {str(e).splitlines()[0]}"
         ok = 0 if reason else 1
