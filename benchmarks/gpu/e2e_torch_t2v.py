@@ -32,11 +32,11 @@ from functools import cached_property
 from typing import Any
 
 import torch
-from e2e_torch_vlm import TORCH_SCHEDULES, StageFeed, TorchPipeline, TorchStage, torch_pipeline
+from e2e_torch_vlm import TORCH_SCHEDULES, StageFeed, TorchPipeline, TorchStage, swapped_geometry, torch_pipeline
 from torch import Tensor, nn
 
 from pipeweaver.client.data import SyntheticData
-from pipeweaver.client.geometry import LossScale, TextGeometry, VideoGeometry, geometry
+from pipeweaver.client.geometry import LossScale, TextGeometry, VideoGeometry
 from pipeweaver.client.kernel_warmup import warm_up_rows
 from pipeweaver.client.models import Piece, Stream
 from pipeweaver.spec.batch import BatchMetadata, Document, MediaItem, Microbatch
@@ -175,20 +175,7 @@ class PaddedT2VMicrobatch:
 
     def _geometry(self, module: str, mb: Microbatch, instances: tuple[int, ...]) -> Any:
         """`module`'s geometry with this microbatch replaced by `mb` (same index: same synthetic data keys)."""
-        mbs = list(self.batch.microbatches)
-        mbs[self.index] = mb
-        batch = BatchMetadata(iteration=self.batch.iteration, microbatches=tuple(mbs), dp_replica=self.batch.dp_replica)
-        return geometry(
-            self.model,
-            batch,
-            module,
-            self.index,
-            instances,
-            self.data,
-            self.scale,
-            device=self.device,
-            dtype=self.dtype,
-        )
+        return swapped_geometry(self, module, mb, instances)
 
 
 class TorchT2VStage(TorchStage[PaddedT2VMicrobatch]):

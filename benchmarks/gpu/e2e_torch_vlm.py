@@ -89,6 +89,26 @@ class VLMShape:
         }
 
 
+def swapped_geometry(padded: Any, module: str, mb: Microbatch, instances: tuple[int, ...]) -> Any:
+    """`module`'s geometry of `padded.batch` with microbatch `padded.index` replaced by `mb` (same index: the same
+    synthetic data keys as the real microbatch's), for a padded microbatch of either model."""
+    mbs = list(padded.batch.microbatches)
+    mbs[padded.index] = mb
+    b = padded.batch
+    batch = BatchMetadata(iteration=b.iteration, microbatches=tuple(mbs), dp_replica=b.dp_replica)
+    return geometry(
+        padded.model,
+        batch,
+        module,
+        padded.index,
+        instances,
+        padded.data,
+        padded.scale,
+        device=padded.device,
+        dtype=padded.dtype,
+    )
+
+
 @dataclass(eq=False)
 class PaddedMicrobatch:
     """One microbatch as torch sees it; geometries are built on first use (inside the timed step)."""
@@ -114,20 +134,7 @@ class PaddedMicrobatch:
 
     def _geometry(self, module: str, mb: Microbatch, instances: tuple[int, ...]) -> Any:
         """`module`'s geometry with this microbatch replaced by `mb` (same index: same synthetic data keys)."""
-        mbs = list(self.batch.microbatches)
-        mbs[self.index] = mb
-        batch = BatchMetadata(iteration=self.batch.iteration, microbatches=tuple(mbs), dp_replica=self.batch.dp_replica)
-        return geometry(
-            self.model,
-            batch,
-            module,
-            self.index,
-            instances,
-            self.data,
-            self.scale,
-            device=self.device,
-            dtype=self.dtype,
-        )
+        return swapped_geometry(self, module, mb, instances)
 
     @property
     def vision(self) -> VisionGeometry:

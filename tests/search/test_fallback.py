@@ -81,9 +81,8 @@ def test_the_service_fallback_is_faster_when_a_looser_cap_fits() -> None:
     assert fast.makespan_ms < 0.7 * slow.makespan_ms
 
 
-def test_a_memory_bound_job_stops_trying_looser_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
-    w = workload("tiny-vlm")
-    planner = Planner(w.model, w.parallel, w.hardware, config=FAST)
+def _record_fallback_caps(monkeypatch: pytest.MonkeyPatch) -> list[float | None]:
+    """The `cap_scale` of every fallback plan the planner builds from now on (None: the lean one), in order."""
     tries: list[float | None] = []
     real = planner_module.build_fallback_plan
 
@@ -92,6 +91,13 @@ def test_a_memory_bound_job_stops_trying_looser_fallbacks(monkeypatch: pytest.Mo
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(planner_module, "build_fallback_plan", counting)
+    return tries
+
+
+def test_a_memory_bound_job_stops_trying_looser_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = workload("tiny-vlm")
+    planner = Planner(w.model, w.parallel, w.hardware, config=FAST)
+    tries = _record_fallback_caps(monkeypatch)
     monkeypatch.setattr(planner, "_fits", lambda sim: False)  # nothing loose ever fits
     batch = sample_batch(w, seed=0)
     n = planner_module.LOOSE_FALLBACK_MISSES_BEFORE_SKIP
@@ -108,14 +114,7 @@ def test_the_fallback_takes_the_loosest_rung_that_fits_and_starts_near_it_next_t
 ) -> None:
     w = workload("tiny-vlm")
     planner = Planner(w.model, w.parallel, w.hardware, config=FAST)
-    tries: list[float | None] = []
-    real = planner_module.build_fallback_plan
-
-    def counting(*args: object, **kwargs: object) -> object:
-        tries.append(kwargs.get("cap_scale"))  # type: ignore[arg-type]
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(planner_module, "build_fallback_plan", counting)
+    tries = _record_fallback_caps(monkeypatch)
     # Only the capped rungs at 1.0 and below "fit": the uncapped order and the looser caps overflow.
     monkeypatch.setattr(planner, "_fits", lambda sim: tries[-1] is not None and tries[-1] <= 1.0)
     batch = sample_batch(w, seed=0)
