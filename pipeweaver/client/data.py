@@ -49,9 +49,10 @@ class SyntheticData:
     def text_ids(self, microbatch: int, tokens: int, vocab_size: int) -> torch.Tensor:
         """Token ids of a microbatch's text, its documents one after another (int64, shape (tokens,)).
 
-        One draw per microbatch: a draw per document cost ~50 us of host time each (a generator and three small
-        tensors), 50-75 ms per text-heavy iteration of 1,000-2,000 short documents on the first pipeline stage,
-        which made measured iterations grow with the document count where SEMU's did not (docs/gpu.md section 6).
+        One draw per microbatch: a draw per document cost ~60 us of host time each on the development machine (a
+        generator and three small tensors; 60 ms for a microbatch of 1,024 documents, now 0.8 ms), inside the timed
+        step of the first pipeline stage: one suspect for why text-heavy GPU iterations ran above SEMU's
+        prediction (docs/gpu.md section 6; not yet re-measured on GPUs).
         The CPU generator fills the ids in order, so a longer draw extends a shorter one: appending a document
         (torch's padding) keeps every earlier document's ids."""
         g = self.generator("text", microbatch)

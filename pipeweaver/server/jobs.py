@@ -457,12 +457,12 @@ class JobState:
         plan's `predicted_*_ms`, with the current factors; the time scale taken out) is compared with the same
         ratio over all the rank's computes, and the factor moves by an EWMA step in log space towards that
         relative ratio. Relative, because the level (everything 1.5x slower) is the makespan refit's
-        (`time_scale`): two loops correcting the same level overshoot (the demo's SEMU error went from 23% to 36%
-        with absolute per-stage ratios); what decides between plans is how stage kinds compare, which is what the
-        factors learn (on 4 H200s a decoder forward ran 1.6-1.9x its prediction while ViT stages were within 15%,
-        docs/gpu.md section 6). Computes of a pipeline that is not one module (mixed chunks) are skipped, as are
-        fallback plans (no predictions). Returns the number of keys updated (0: nothing to learn, or this
-        (iteration, rank) was folded already)."""
+        (`time_scale`): two loops correcting the same level would overshoot (one demo run with absolute per-stage
+        ratios over-predicted by 14% on average; a single noisy run on a loaded machine). What decides between
+        plans is how stage kinds compare, which is what the factors learn (on 4 H200s a decoder forward ran
+        1.6-1.9x its prediction while ViT stages were within 15%, docs/gpu.md section 6). Computes of a pipeline
+        that is not one module (mixed chunks) are skipped, as are fallback plans (no predictions). Returns the
+        number of keys updated (0: nothing to learn, or this (iteration, rank) was folded already)."""
         served = [s for s in self.served_for(iteration) if s.predicted_ms > 0 and s.action_count(rank) == len(starts)]
         if not served or (iteration, rank) in self._stage_folded:
             return 0

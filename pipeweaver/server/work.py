@@ -436,7 +436,7 @@ def _planner(job: Job, stage_scales: StageScales = ()) -> Planner:
     wanted = {(module, pass_): scale for module, pass_, scale in stage_scales if scale != 1.0}
     if planner is not None and planner.cost.stage_scales != wanted:
         # The job's refit moved (by a quantum, see `jobs.STAGE_SCALE_STEP`): new stage costs, same partition; the
-        # layer-cost cache stays warm (a new planner here cost the demo 10 of 17 searches to deadline misses).
+        # layer-cost cache stays warm (rebuilding the planner here made searches miss their deadlines in the demo).
         planner.set_stage_scales(wanted)
     if planner is None:
         planner = _build_planner(job, stage_scales)
