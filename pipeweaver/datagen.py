@@ -17,7 +17,9 @@ import numpy as np
 
 from pipeweaver.errors import SpecError, require
 from pipeweaver.spec.batch import BatchLimits, BatchMetadata, Document, MediaItem, Microbatch
+from pipeweaver.spec.hardware import HardwareSpec
 from pipeweaver.spec.model import Modality, ModelSpec, ModuleSpec
+from pipeweaver.spec.parallel import ParallelSpec
 from pipeweaver.spec.workload import DatasetKind, Workload
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "describe",
     "dynamic_bounds",
     "dynamic_trace",
+    "representative_batch",
     "sample_batch",
 ]
 
@@ -431,6 +434,34 @@ def dynamic_batch(workload: Workload, *, seed: int, iteration: int, dp_replica: 
     """Iteration `iteration` of `dynamic_trace`, sampled on its own."""
     bounds = dynamic_bounds(workload, iteration)
     return _sample(workload, seed=seed, iteration=iteration, dp_replica=dp_replica, bounds=bounds)
+
+
+HEAVIEST_DYNAMIC_PHASE = 4
+"""The dynamic trace's iteration (within a period) with the most media: lower bound 1/3, upper 2/3 of the cap."""
+
+
+def representative_batch(
+    model: ModelSpec, parallel: ParallelSpec, hardware: HardwareSpec, *, seed: int = 0
+) -> BatchMetadata | None:
+    """A heavy batch for a model known only by its specs (a job registered with the planner service): the
+    heaviest phase of the dynamic trace, drawn from video-caption pairs for a model with a video module, from the
+    image-text mix for one with an image module. None for a model with neither (no sample distribution fits)."""
+    inputs = {m.input for m in model.modules}
+    if Modality.VIDEO in inputs:
+        dataset = DatasetKind.VIDEO_CAPTION
+    elif Modality.IMAGE in inputs:
+        dataset = DatasetKind.VLM_MIX
+    else:
+        return None
+    workload = Workload(
+        name=f"{model.name}-representative",
+        description="a registered job's model with the sample distribution its modules imply",
+        model=model,
+        parallel=parallel,
+        hardware=hardware,
+        dataset=dataset,
+    )
+    return dynamic_batch(workload, seed=seed, iteration=HEAVIEST_DYNAMIC_PHASE)
 
 
 def dynamic_trace(workload: Workload, *, seed: int, iterations: int) -> Iterator[BatchMetadata]:

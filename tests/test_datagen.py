@@ -301,3 +301,17 @@ def test_describe_counts_tokens() -> None:
         t + 169 * n for t, n in zip(s["text_tokens_per_microbatch"], s["images_per_microbatch"], strict=True)
     ]
     assert s["video_tokens"] == s["clips"] == 0
+
+
+def test_a_representative_batch_follows_the_models_modules() -> None:
+    from pipeweaver.datagen import representative_batch
+
+    for name, media in (("vlm-s", "images"), ("t2v-s", "clips")):
+        w = presets.workload(name)
+        b = representative_batch(w.model, w.parallel, w.hardware, seed=0)
+        assert b is not None
+        validate_batch(w.model, w.parallel, b)
+        s = describe(b)
+        assert s["microbatches"] == w.parallel.microbatches and s[media] > 0
+        # the heaviest phase of the dynamic trace: every microbatch carries media
+        assert s["text_only_microbatches"] == 0

@@ -412,7 +412,21 @@ def repeat_ms(run: Run, clock: Clock, ex: BenchExecutor, plan: Plan, batch: Batc
     if not run.args.repeat:
         return {}
     ms, _, stats = clock.timed(lambda: ex.run_iteration(plan, batch), f"iteration {k} again")
-    return {"repeat_ms": round(ms, 3), "repeat_warmed_gemms": stats.warmed_gemms}
+    return {"repeat_ms": round(ms, 3), "repeat_warmed_gemms": stats.warmed_gemms, **host_times(run, stats, "repeat_")}
+
+
+def host_times(run: Run, stats: Any, prefix: str = "") -> dict[str, Any]:
+    """Where each rank's host spent the iteration (`IterationStats`): issuing the actions, in the idle hook
+    (checking the next plans, loading their kernels), waiting for the device at the end. A rank whose drain is
+    near zero had a device that finished first: its host set the pace."""
+    rows = run.gather([round(stats.dispatch_ms, 2), round(stats.idle_hook_ms, 2), round(stats.drain_ms, 2)])
+    return {
+        f"{prefix}host_ms_per_rank": {
+            "dispatch": [r[0] for r in rows],
+            "idle_hook": [r[1] for r in rows],
+            "drain": [r[2] for r in rows],
+        }
+    }
 
 
 def reduce_max(run: Run, value: float) -> float:
@@ -595,6 +609,8 @@ def run_ours(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[s
                 "warmed_gemms": stats.warmed_gemms,  # this rank's new (layer, rows) kernels loaded first
                 "warm_ms_max_rank": reduce_max(run, stats.warm_ms),  # their time, the slowest rank's
                 "sends_released_early": stats.sends_released_early,
+                "prewarmed_gemms_so_far": ex.prewarmed_gemms,  # loaded ahead by `prepare` (this rank)
+                **host_times(run, stats),
                 **again,
             }
         )
@@ -729,6 +745,8 @@ def run_pipeweaver(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> 
                     "warmed_gemms": stats.warmed_gemms,
                     "warm_ms_max_rank": reduce_max(run, stats.warm_ms),
                     "sends_released_early": stats.sends_released_early,
+                    "prewarmed_gemms_so_far": ex.prewarmed_gemms,  # loaded ahead by `prepare` (this rank)
+                    **host_times(run, stats),
                     "source": h.source.value,
                     "plan_schedule": h.schedule,
                     "fallback": h.source is PlanSource.FALLBACK,

@@ -91,6 +91,8 @@ class _CheckedPlan:
     batch: BatchMetadata
     graph: StageGraph
     digest: int | None = None
+    warmed: bool = False
+    """Its computes' new GEMM row counts were loaded ahead (`prepare`)."""
 
     def vote_digest(self) -> int:
         if self.digest is None:
@@ -121,6 +123,14 @@ class IterationStats:
     long run pays once per shape."""
     sends_released_early: int = 0
     """Send batches whose tensors were dropped on completion, before the plan's Wait for them."""
+    dispatch_ms: float = 0.0
+    """Host time from the iteration's start until every action was issued: when it is close to `wall_ms`, the
+    host, not the device, set the iteration's pace."""
+    idle_hook_ms: float = 0.0
+    """Host time in `idle_hook` (checking the next plans, loading their kernels)."""
+    drain_ms: float = 0.0
+    """Host time waiting for the device at the end: near zero means the hook or the dispatch was the bottleneck
+    (the device had finished before the host got there)."""
 
 
 @dataclass(slots=True)
@@ -228,7 +238,10 @@ class PipelineExecutor:
         # Synthetic inputs are drawn where they are used (see pipeweaver.client.data).
         self._data_device = str(self.device) if self.device.type == "cuda" else "cpu"
         self.warm_new_shapes = self.device.type == "cuda"
-        """Load new GEMM shapes' kernels at the start of each iteration (`pipeweaver.client.kernel_warmup`)."""
+        """Load new GEMM shapes' kernels at the start of each iteration, or ahead in `prepare`
+        (`pipeweaver.client.kernel_warmup`)."""
+        self.prewarmed_gemms = 0
+        """(layer, rows) pairs `prepare` loaded ahead of their iteration, since this executor was built."""
         self.dtype = dtype
         self.modules = dict(modules) if modules is not None else reference_modules(model)
         self.parts: dict[str, nn.Module] = {}
@@ -328,8 +341,19 @@ class PipelineExecutor:
     def prepare(self, plan: Plan, batch: BatchMetadata) -> None:
         """Check `plan` for `batch` now (raises `InvalidPlan`) and remember it with its digest, so that running it
         later costs neither: about 40 ms of host time for a 1,300-action plan of the scaled VLM on a slow core,
-        time in which the device would otherwise sit idle at the start of the iteration."""
-        self._accepted(plan, batch).vote_digest()
+        time in which the device would otherwise sit idle at the start of the iteration.
+
+        On GPUs (`warm_new_shapes`) it also loads the GEMM kernels of the plan's new row counts
+        (`pipeweaver.client.kernel_warmup`), which the iteration would otherwise do at its start with the device
+        idle (40-120 ms per iteration of the 4-GPU T2V runs: per-batch sub-microbatches bring new token counts
+        every iteration). Call it with none of this rank's work waiting for a peer's host, as the idle hook is
+        (every action of the running iteration is queued, so every transfer completes and the device drains
+        for the load), or between iterations."""
+        entry = self._accepted(plan, batch)
+        entry.vote_digest()
+        if self.warm_new_shapes and not entry.warmed:
+            entry.warmed = True
+            self.prewarmed_gemms += self._warm_rows(self._gemm_rows(self._iteration(plan, batch, entry.graph)))
 
     def _accepted(self, plan: Plan, batch: BatchMetadata) -> _CheckedPlan:
         key = id(plan)
@@ -413,16 +437,7 @@ class PipelineExecutor:
         """
         start = time.perf_counter()
         graph = self.check(plan, batch)
-        it = _Iteration(
-            plan=plan,
-            batch=batch,
-            graph=graph,
-            data=SyntheticData(
-                seed=self.data_seed, iteration=batch.iteration, dp_replica=batch.dp_replica, device=self._data_device
-            ),
-            scale=LossScale.of(self.model, batch),
-            subs={(s.pipeline, s.microbatch, s.index): s for s in plan.header.sub_microbatches},
-        )
+        it = self._iteration(plan, batch, graph)
         for p in self.parameters():
             p.grad = None
         warm_ms = 0.0
@@ -444,10 +459,13 @@ class PipelineExecutor:
         self._all_reduce_gradients()
         if optimizer is not None:
             optimizer.step()
+        t_hook = time.perf_counter()
         self._run_idle_hook()  # everything is queued: the host has time while the device finishes
+        t_drain = time.perf_counter()
         loss = float(loss_sum) if loss_sum is not None else 0.0
         if self.device.type == "cuda":  # kernels run asynchronously: time the work, not its launch
             torch.cuda.synchronize(self.device)
+        t_end = time.perf_counter()
         h = plan.header
         return IterationStats(
             iteration=h.iteration,
@@ -461,6 +479,9 @@ class PipelineExecutor:
             warmed_gemms=it.warmed_gemms,
             warm_ms=warm_ms,
             sends_released_early=it.sends_released,
+            dispatch_ms=(t_hook - start) * 1e3,
+            idle_hook_ms=(t_drain - t_hook) * 1e3,
+            drain_ms=(t_end - t_drain) * 1e3,
         )
 
     def _run_idle_hook(self) -> None:
@@ -535,9 +556,26 @@ class PipelineExecutor:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
 
+    def _iteration(self, plan: Plan, batch: BatchMetadata, graph: StageGraph) -> _Iteration:
+        return _Iteration(
+            plan=plan,
+            batch=batch,
+            graph=graph,
+            data=SyntheticData(
+                seed=self.data_seed, iteration=batch.iteration, dp_replica=batch.dp_replica, device=self._data_device
+            ),
+            scale=LossScale.of(self.model, batch),
+            subs={(s.pipeline, s.microbatch, s.index): s for s in plan.header.sub_microbatches},
+        )
+
     def _warm_new_rows(self, it: _Iteration) -> None:
         """Load the GEMM kernels of the row counts this iteration's computes use that this process has not run
-        (see `pipeweaver.client.kernel_warmup`): now, before any transfer of the iteration is posted."""
+        (see `pipeweaver.client.kernel_warmup`): now, before any transfer of the iteration is posted. Nothing
+        when `prepare` loaded them ahead."""
+        it.warmed_gemms += self._warm_rows(self._gemm_rows(it))
+
+    def _gemm_rows(self, it: _Iteration) -> dict[tuple[ChunkId, int], set[int]]:
+        """Row counts per (chunk, part) of this rank's forward computes (backward runs the same GEMM shapes)."""
         rows: dict[tuple[ChunkId, int], set[int]] = {}
         for action in it.plan.ranks[self.rank].actions:
             if not isinstance(action, Compute) or action.stage.pass_ is not Pass.F:
@@ -548,10 +586,15 @@ class PipelineExecutor:
                 rng = part.layers
                 geom = self._geometry(it, rng.module, s.microbatch, sub.instances_of(rng.module))
                 rows.setdefault(((s.pipeline, s.chunk), k), set()).update(geom.gemm_rows())
+        return rows
+
+    def _warm_rows(self, rows: dict[tuple[ChunkId, int], set[int]]) -> int:
+        runs = 0
         for ((pipeline, chunk), k), counts in rows.items():
             part = self.chunks[(pipeline, chunk)][k]
             modules = [m for m in (part.pre, *part.blocks, part.post) if m is not None]
-            it.warmed_gemms += warm_up_rows(modules, counts)
+            runs += warm_up_rows(modules, counts)
+        return runs
 
     def warm_up_kernels(self, max_rows: int) -> int:
         """Load the GEMM kernels of this rank's chunks for every row count up to `max_rows` (the most tokens or

@@ -276,6 +276,8 @@ class JobState:
         self._stage_folded: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._errors: deque[float] = deque(maxlen=RECENT_ERRORS)
         self._folded: OrderedDict[int, None] = OrderedDict()
+        self.warming: asyncio.Task[None] | None = None
+        """The workers' warm-up for this job (`Planning.register`), running or done."""
 
     @property
     def job_id(self) -> str:

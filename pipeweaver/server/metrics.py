@@ -91,6 +91,12 @@ class Metrics:
             buckets=SECONDS_BUCKETS,
             registry=r,
         )
+        self.job_warmup_seconds = Histogram(
+            "pipeweaver_job_warmup_seconds",
+            "Time from a job's registration until every worker has planned one batch of it (warm caches)",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
         self.worker_task_seconds = Histogram(
             "pipeweaver_worker_task_seconds",
             "Wall time of a worker task (decode, search or fallback, baselines, encode)",

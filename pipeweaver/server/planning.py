@@ -50,6 +50,10 @@ log = logging.getLogger("pipeweaver.server")
 SLACK_MS = 10.0
 """Event loop, IPC and serialization time kept free before a deadline."""
 SIMULATE_SCHEDULES = ("pipeweaver", "fallback")
+WARM_JOB_BUDGET_MS = 500.0
+"""Most search budget a worker's warm-up for a new job uses (the job's own budget when smaller)."""
+WARM_JOB_HOLD_S = 0.3
+"""Each search worker's warm-up task holds it this long, so that the N tasks reach N different workers."""
 
 
 def shutting_down() -> RequestError:
@@ -107,15 +111,51 @@ class Planning:
                 static_memory_bytes=part.static_memory_bytes,
             )
             log.info("registered %s (%s, pp %d)", job_id, req.spec.model.name, req.spec.parallel.pp)
-            return JobState(
+            state = JobState(
                 work.Job(job_id, req.spec, part),
                 response,
                 budget_ms=req.budget_ms,
                 plan_window=self.config.plan_window,
                 plan_cache_size=self.config.plan_cache_size,
             )
+            state.warming = asyncio.get_running_loop().create_task(self._warm_job(state))
+            return state
 
         return await self.registry.register(job_id, create)
+
+    async def _warm_job(self, job: JobState) -> None:
+        """Warm every worker for a newly registered job, in the background (RegisterJob has answered): each search
+        worker builds the job's planner and searches one heavy batch, the control worker builds its fallback.
+        The warm plans' times seed the job's deadline reserve with warm samples instead of a prior or a cold
+        first search. A request arriving meanwhile queues behind the warm-up (about one search)."""
+        t0 = time.monotonic()
+        budget_ms = min(job.budget_ms, WARM_JOB_BUDGET_MS)
+        search = self.pool.search
+        tasks = [
+            search.submit(work.warm_job, work.WarmJobTask(job.job, "search", budget_ms, WARM_JOB_HOLD_S))
+            for _ in range(search.workers)
+        ]
+        tasks.append(self.pool.control.submit(work.warm_job, work.WarmJobTask(job.job, "fallback", 0.0, 0.0)))
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        pids: set[int] = set()
+        for r in results:
+            if isinstance(r, work.WarmJobOutcome):
+                lane = "search" if r.mode == "search" else "control"
+                self.m.worker_task_seconds.labels(lane=lane, task="warm_job").observe(r.worker_ms / 1e3)
+                if r.mode == "search":
+                    pids.add(r.pid)
+                    job.record_overhead(r.worker_ms, r.budget_ms)
+                else:
+                    job.record_fallback(r.worker_ms)
+            elif isinstance(r, work.Rejected):
+                log.warning("warming %s: %s", job.job_id, r.message)
+            elif isinstance(r, (PoolClosed, asyncio.CancelledError)):
+                return
+            else:
+                log.warning("warming %s failed: %s: %s", job.job_id, type(r).__name__, r)
+        seconds = time.monotonic() - t0
+        self.m.job_warmup_seconds.observe(seconds)
+        log.info("warmed %s on %d of %d search workers in %.1f s", job.job_id, len(pids), search.workers, seconds)
 
     async def _run(self, lane: Any, fn: Any, arg: Any, what: str) -> Any:
         """Run a control task, mapping pool failures to statuses (registration, simulation)."""

@@ -219,6 +219,30 @@ class WarmReport:
     seconds: float
 
 
+@dataclass(frozen=True, slots=True)
+class WarmJobTask:
+    """Get one worker ready for a newly registered job (`warm_job`)."""
+
+    job: Job
+    mode: Mode
+    """``search``: a search worker (the job's planner, then one search); ``fallback``: the control worker."""
+    budget_ms: float
+    hold_s: float
+    """Hold the worker this long after the warm-up, so N concurrent tasks reach N different workers."""
+
+
+@dataclass(frozen=True, slots=True)
+class WarmJobOutcome:
+    pid: int
+    mode: Mode
+    worker_ms: float
+    """The warm plan's wall time in the worker (planner built beforehand, hold excluded): a warm sample of the
+    job's per-plan overhead."""
+    budget_ms: float
+    setup_ms: float
+    """Building the job's planner in this worker."""
+
+
 # ---- worker process state ------------------------------------------------------------------------------------
 
 _planners: OrderedDict[str, Planner] = OrderedDict()
@@ -258,6 +282,38 @@ def warm_up(hold_s: float) -> WarmReport:
 
 
 # ---- tasks ---------------------------------------------------------------------------------------------------
+
+
+def warm_job(task: WarmJobTask) -> WarmJobOutcome | Rejected:
+    """Build the job's planner in this worker and plan one heavy batch of its kind, so that the job's first real
+    searches do not pay for a cold worker (its planner, SEMU's layer costs, the specialisations of its shapes).
+
+    Without this, every search worker's first search for a job was cold: on the 4-GPU T2V runs the first plans
+    took seconds more than the later ones, and the deadline reserve learnt from them turned the next two to four
+    iterations into fallbacks. The batch is the heaviest phase of the dynamic trace for the dataset kind the
+    job's modules imply (`datagen.representative_batch`)."""
+    from pipeweaver.datagen import representative_batch
+
+    t_setup = time.perf_counter()
+    try:
+        planner = _planner(task.job)
+    except DoesNotFit as exc:
+        return Rejected(str(exc), (Violation("parallel", str(exc)),), precondition=True)
+    setup_ms = (time.perf_counter() - t_setup) * 1e3
+    spec = task.job.spec
+    batch = representative_batch(spec.model, spec.parallel, spec.hardware, seed=0)
+    t0 = time.perf_counter()
+    if batch is not None:
+        if task.mode == "search":
+            planner.plan(batch, job_id=task.job.job_id, budget_ms=task.budget_ms)
+            _searched.add(task.job.job_id)
+        else:
+            planner.fallback_plan(batch, job_id=task.job.job_id)
+    worker_ms = (time.perf_counter() - t0) * 1e3
+    time.sleep(task.hold_s)
+    return WarmJobOutcome(
+        pid=os.getpid(), mode=task.mode, worker_ms=worker_ms, budget_ms=task.budget_ms, setup_ms=setup_ms
+    )
 
 
 def register_job(job: Job) -> Registered | Rejected:

@@ -74,3 +74,26 @@ def test_iterations_load_only_row_counts_not_run_before(monkeypatch: pytest.Monk
     loaded_rows = {m for _, m in kernel_warmup._loaded}
     assert {mb.language_tokens() for mb in batch.microbatches} <= loaded_rows  # the LM's exact token counts
     assert ex.run_iteration(plan, batch).warmed_gemms == 0  # the same shapes again: nothing new to load
+
+
+def test_prepare_loads_a_plans_new_row_counts_ahead_of_its_iteration(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeweaver import presets
+    from pipeweaver.client import PipelineExecutor
+    from pipeweaver.datagen import dynamic_batch
+    from pipeweaver.plan.layouts import modular_placement
+    from pipeweaver.search.fallback import build_fallback_plan
+
+    monkeypatch.setattr(kernel_warmup, "_loaded", set())
+    wl = presets.tiny_vlm(pp=1)
+    placement = modular_placement(wl.model, 1)
+    ex = PipelineExecutor(wl.model, placement, 0)
+    ex.warm_new_shapes = True
+    batch = dynamic_batch(wl, seed=0, iteration=1)
+    plan = build_fallback_plan(wl.model, placement, {}, batch)
+    ex.prepare(plan, batch)
+    assert ex.prewarmed_gemms > 0
+    loaded_rows = {m for _, m in kernel_warmup._loaded}
+    assert {mb.language_tokens() for mb in batch.microbatches} <= loaded_rows
+    ex.prepare(plan, batch)  # once per plan
+    assert ex.prewarmed_gemms == len(kernel_warmup._loaded)
+    assert ex.run_iteration(plan, batch).warmed_gemms == 0  # nothing left to load at the iteration's start

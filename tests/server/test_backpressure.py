@@ -34,6 +34,8 @@ def test_queue_full_and_stream_cancellation(tmp_path: Path) -> None:
     with running_server(tmp_path, "--queue-size", "1") as server:
         stub = server.stub()
         job_id = stub.RegisterJob(register_request(W, planning_budget_ms=3_000.0), timeout=60).job_id
+        # The workers' warm-up for the new job runs first; this test counts the lane's tasks from an idle worker.
+        wait_until(lambda: server.sample("pipeweaver_job_warmup_seconds_count") == 1, 60, "the job's warm-up")
         hold = threading.Event()
 
         def requests() -> Iterator[Any]:

@@ -26,6 +26,7 @@ from tests.server.harness import (
     start_server,
     stream_requests,
     tiny_workload,
+    wait_until,
 )
 
 W = tiny_workload()
@@ -68,6 +69,21 @@ def test_workers_never_load_grpc(planner: ServerProcess) -> None:
 
 
 # ---- RegisterJob -------------------------------------------------------------------------------------------
+
+
+def test_a_new_job_is_warmed_on_every_search_worker_and_the_control_worker(planner: ServerProcess) -> None:
+    w = tiny_workload(pp=4)  # a job no other test registers: its warm-up is this test's alone
+    before = planner.sample("pipeweaver_job_warmup_seconds_count")
+    response = planner.stub().RegisterJob(register_request(w), timeout=120)
+    wait_until(lambda: planner.sample("pipeweaver_job_warmup_seconds_count") > before, 60, "the job's worker warm-up")
+    line = next(x for x in planner.log().splitlines() if f"warmed {response.job_id}" in x)
+    workers = len(planner.search_worker_pids)
+    assert f"on {workers} of {workers} search workers" in line, line
+    assert planner.sample("pipeweaver_worker_task_seconds_count", lane="control", task="warm_job") >= 1
+    # Registering again is idempotent: no second warm-up.
+    planner.stub().RegisterJob(register_request(w), timeout=120)
+    time.sleep(0.5)
+    assert planner.sample("pipeweaver_job_warmup_seconds_count") == before + 1
 
 
 def test_register_job_is_idempotent_and_returns_the_partition(planner: ServerProcess, job_id: str) -> None:

@@ -96,3 +96,21 @@ def test_a_calibration_profile_changes_the_cost_model(job: work.Job) -> None:
     b = work.plan_batch(work.PlanTask(calibrated, data, "search", 30.0))
     assert isinstance(a, work.PlanOutcome) and isinstance(b, work.PlanOutcome)
     assert not math.isclose(a.raw_predicted_ms, b.raw_predicted_ms, rel_tol=0.05)
+
+
+def test_warming_a_worker_for_a_job_plans_one_heavy_batch_and_marks_the_job_searched() -> None:
+    job_id = "job-warm"
+    registered = work.register_job(work.Job(job_id, SPEC))
+    assert isinstance(registered, work.Registered)
+    job = work.Job(job_id, SPEC, registered.partition)
+    work._planners.pop(job_id, None)  # as on a search worker that has not seen the job
+    work._searched.discard(job_id)
+    out = work.warm_job(work.WarmJobTask(job, "search", 30.0, 0.0))
+    assert isinstance(out, work.WarmJobOutcome)
+    assert out.mode == "search" and out.worker_ms > 0 and out.setup_ms > 0
+    assert job_id in work._planners
+    # The job's first real search in this worker is not a cold one any more (its overhead counts as warm).
+    first = work.plan_batch(work.PlanTask(job, batch(W, 6).SerializeToString(), "search", 30.0))
+    assert isinstance(first, work.PlanOutcome) and not first.first_search and first.setup_ms == 0.0
+    fallback = work.warm_job(work.WarmJobTask(job, "fallback", 0.0, 0.0))
+    assert isinstance(fallback, work.WarmJobOutcome) and fallback.mode == "fallback" and fallback.setup_ms < 1.0

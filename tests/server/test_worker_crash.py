@@ -30,6 +30,8 @@ def test_a_worker_killed_mid_search_yields_flagged_fallbacks_and_a_new_worker(tm
     with running_server(tmp_path, "--budget-ms", "50") as server:
         stub = server.stub()
         job_id = stub.RegisterJob(register_request(W, planning_budget_ms=8_000.0), timeout=60).job_id
+        # The workers' warm-up for the new job first: the worker killed below must be running the real search.
+        wait_until(lambda: server.sample("pipeweaver_job_warmup_seconds_count") == 1, 60, "the job's warm-up")
         b = batch(W, 0, seed=21)
         with ThreadPoolExecutor(2) as pool:
             unary = pool.submit(stub.GetPlan, pb.GetPlanRequest(job_id=job_id, rank=0, batch=b), timeout=60)
