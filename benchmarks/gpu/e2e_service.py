@@ -104,8 +104,18 @@ class Sidecar:
         return self.proc.returncode
 
 
-METRICS = ("pipeweaver_fallback_plans_total", "pipeweaver_plans_total", "pipeweaver_plan_cache_lookups_total")
-"""Counters worth keeping: fallbacks by reason (the plan reply itself only carries a flag), plans by source, cache."""
+METRICS = (
+    "pipeweaver_fallback_plans_total",
+    "pipeweaver_plans_total",
+    "pipeweaver_plan_cache_lookups_total",
+    "pipeweaver_job_warmup_seconds_sum",
+    "pipeweaver_job_warmup_seconds_count",
+    "pipeweaver_worker_task_seconds_sum",
+    "pipeweaver_worker_task_seconds_count",
+)
+"""Series worth keeping: fallbacks by reason (the plan reply itself only carries a flag), plans by source, cache;
+the workers' warm-up for the job and their time per task (search, fallback, warm_job: what the deadline reserve
+is learnt from)."""
 
 
 def scrape_metrics(port: int, prefixes: tuple[str, ...] = METRICS, timeout_s: float = 1.0) -> dict[str, float]:
