@@ -96,8 +96,10 @@ class _CheckedPlan:
 
     def vote_digest(self) -> int:
         if self.digest is None:
-            # Every rank of the pipeline must hold the same actions, not just the same header.
-            self.digest = stable_seed("plan", repr(self.plan)) & ((1 << 62) - 1)
+            # Every rank of the pipeline must hold the same actions, not just the same header: the digest of the
+            # bytes the plan was decoded from when it came from the service, else of the whole object graph.
+            wire = self.plan.wire_digest
+            self.digest = wire if wire is not None else stable_seed("plan", repr(self.plan)) & ((1 << 62) - 1)
         return self.digest
 
 

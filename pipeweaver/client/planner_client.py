@@ -13,6 +13,7 @@ pickling a client (spawned workers) carries its settings, never its channel.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import random
@@ -136,6 +137,8 @@ class PlanReply(NamedTuple):
     header: PlanHeader
     rank_plan: RankPlan
     fallback: bool
+    wire_digest: bytes = b""
+    """blake2b of the reply's serialized header and rank plan (deterministic serialization); empty when unknown."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +312,16 @@ def assemble_plan_replies(replies: Sequence[PlanReply]) -> tuple[Plan, bool]:
         by_rank[r.rank_plan.rank] = r.rank_plan
     if sorted(by_rank) != list(range(pp)):
         raise InvalidPlan(f"iteration {header.iteration}: replies for ranks {sorted(by_rank)}, the plan has pp={pp}")
-    return Plan(header=header, ranks=tuple(by_rank[r] for r in range(pp))), fallback
+    digests = {r.rank_plan.rank: r.wire_digest for r in replies}
+    wire_digest: int | None = None
+    if all(digests.values()):
+        # Every rank assembles the same replies, so every rank gets the same digest: cheap to compare in the vote.
+        h = hashlib.blake2b(digest_size=8)
+        for r in range(pp):
+            h.update(digests[r])
+        wire_digest = int.from_bytes(h.digest(), "little") & ((1 << 62) - 1)
+    ranks = tuple(by_rank[r] for r in range(pp))
+    return Plan(header=header, ranks=ranks, wire_digest=wire_digest), fallback
 
 
 def _reply(msg: Any, path: str, headers: dict[bytes, PlanHeader] | None = None) -> PlanReply:
@@ -326,10 +338,14 @@ def _reply(msg: Any, path: str, headers: dict[bytes, PlanHeader] | None = None) 
             if len(headers) >= 8:
                 headers.clear()
             headers[key] = header
+    h = hashlib.blake2b(key or msg.header.SerializeToString(deterministic=True), digest_size=16)
+    h.update(msg.rank_plan.SerializeToString(deterministic=True))  # C serialization: ~1 ms for 1,000 actions
+    h.update(b"\x01" if msg.fallback else b"\x00")
     return PlanReply(
         header=header,
         rank_plan=rank_plan_from_proto(msg.rank_plan, path=f"{path}.rank_plan"),
         fallback=bool(msg.fallback),
+        wire_digest=h.digest(),
     )
 
 

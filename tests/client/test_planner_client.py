@@ -170,10 +170,15 @@ def test_four_ranks_get_the_same_header_and_their_own_actions(
     validate(plan)
     for r in range(PP):  # what run_with_fallback checks on each rank before running it
         PipelineExecutor(workload.model, job.placement, r).check(plan, batch)
-    # The unary path asked for all ranks at once gives the same plan (one entry per iteration in the service).
+    # The unary path asked for all ranks at once gives the same plan (one entry per iteration in the service)...
     with PlannerClient(planner.address) as client:
         whole, _ = client.get_full_plan(job, batch, deadline_s=60)
     assert whole == plan
+    # ...with the same digest of the bytes it came from, which is what the ranks' vote compares.
+    assert plan.wire_digest is not None and whole.wire_digest == plan.wire_digest
+    ex = PipelineExecutor(workload.model, job.placement, 0)
+    ex.prepare(plan, batch)
+    assert ex._accepted(plan, batch).vote_digest() == plan.wire_digest
 
 
 def test_assembly_refuses_mismatched_or_incomplete_replies(
@@ -184,6 +189,12 @@ def test_assembly_refuses_mismatched_or_incomplete_replies(
         b = client.get_plans(job.job_id, range(PP), dynamic_batch(workload, seed=4, iteration=7), 60)
     with pytest.raises(InvalidPlan, match="another header"):
         assemble_plan_replies([a[0], b[1], a[2], a[3]])
+    # Any other rank plan under the same header gives another digest (the vote would send everyone to fallback).
+    plan_a = assemble_plan_replies(a)[0]
+    swapped = a[1]._replace(wire_digest=a[2].wire_digest)
+    assert assemble_plan_replies([a[0], swapped, a[2], a[3]])[0].wire_digest != plan_a.wire_digest
+    # A plan built here (no wire bytes) has none: the vote hashes the object instead.
+    assert assemble_plan_replies([r._replace(wire_digest=b"") for r in a])[0].wire_digest is None
     with pytest.raises(InvalidPlan, match="pp=4"):
         assemble_plan_replies(a[:3])
 
