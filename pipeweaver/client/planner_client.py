@@ -317,8 +317,8 @@ def assemble_plan_replies(replies: Sequence[PlanReply]) -> tuple[Plan, bool]:
     if all(digests.values()):
         # Every rank assembles the same replies, so every rank gets the same digest: cheap to compare in the vote.
         h = hashlib.blake2b(digest_size=8)
-        for r in range(pp):
-            h.update(digests[r])
+        for rank in range(pp):
+            h.update(digests[rank])
         wire_digest = int.from_bytes(h.digest(), "little") & ((1 << 62) - 1)
     ranks = tuple(by_rank[r] for r in range(pp))
     return Plan(header=header, ranks=ranks, wire_digest=wire_digest), fallback
