@@ -1,0 +1,114 @@
+"""What checking a plan costs the trainer's host, part by part (issue: trainer client and executor).
+
+On the 4-GPU runs every iteration is host-bound (docs/gpu.md section 7): the work of the executor's idle hook
+(checking the next plan before its iteration) adds to the iteration instead of overlapping the device's. This
+times each part of that check on one searched plan of a workload, on this machine:
+
+- the stage graph and the validator's dry run of every rank's actions (`validate`);
+- the transfer shapes of every send and receive against the batch (`TransferShapes`);
+- the ranks' vote digest two ways: the `repr` of the whole plan (what a plan built locally votes with) and the
+  blake2b of the service's reply bytes (`Plan.wire_digest`, what a served plan votes with).
+
+    .venv/bin/python benchmarks/bench_plan_check.py [--workload t2v-s] [--repeats 5] > result.json
+
+`--workload e2e-t2v` / `e2e-vlm` take the scaled models of the 4-GPU runs (benchmarks/gpu/e2e_workload.py).
+Each number is the median of `--repeats` runs, in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeweaver.client.data import stable_seed
+from pipeweaver.datagen import representative_batch
+from pipeweaver.plan.graph import stage_graph
+from pipeweaver.plan.ir import CommBatch, Plan
+from pipeweaver.plan.shapes import TransferShapes
+from pipeweaver.plan.validator import validate
+from pipeweaver.presets import workload as preset
+from pipeweaver.search.planner import Planner, SearchConfig
+from pipeweaver.spec.workload import Workload
+from pipeweaver.wire import plan_to_proto
+
+
+def _workload(name: str) -> Workload:
+    if name.startswith("e2e-"):
+        sys.path.insert(0, str(Path(__file__).parent / "gpu"))
+        import e2e_workload
+
+        return e2e_workload.scaled_t2v() if name == "e2e-t2v" else e2e_workload.scaled_vlm()
+    return preset(name)
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(statistics.median(times), 2)
+
+
+def measure(w: Workload, *, budget_ms: float, repeats: int) -> dict[str, Any]:
+    batch = representative_batch(w.model, w.parallel, w.hardware, seed=0)
+    if batch is None:
+        raise SystemExit(f"workload '{w.name}' has no image or video module to draw a batch for")
+    planner = Planner(w.model, w.parallel, w.hardware, config=SearchConfig(compare_baselines=()))
+    plan: Plan = planner.plan(batch, job_id="bench", budget_ms=budget_ms).plan
+    wire = plan_to_proto(plan)
+
+    def transfer_shapes() -> None:
+        shapes = TransferShapes(w.model, batch, plan.header, dtype="float32")
+        for rp in plan.ranks:
+            for action in rp.actions:
+                if isinstance(action, CommBatch):
+                    for op in action.ops:
+                        shapes.tensors(op.src, op.dst)
+
+    def wire_digest() -> None:  # what `planner_client._reply` adds per reply, for all ranks' replies
+        for rp in wire.ranks:
+            hashlib.blake2b(rp.SerializeToString(deterministic=True), digest_size=16).digest()
+
+    return {
+        "workload": w.name,
+        "actions_per_rank": [len(rp.actions) for rp in plan.ranks],
+        "ms": {
+            "stage_graph": _median_ms(lambda: stage_graph(plan.header), repeats),
+            "validate": _median_ms(lambda: validate(plan, graph=stage_graph(plan.header)), repeats),
+            "transfer_shapes": _median_ms(transfer_shapes, repeats),
+            "digest_repr": _median_ms(lambda: stable_seed("plan", repr(plan)), repeats),
+            "digest_wire": _median_ms(wire_digest, repeats),
+        },
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", default="e2e-t2v", help="a preset name, or e2e-t2v / e2e-vlm")
+    ap.add_argument("--budget-ms", type=float, default=300.0)
+    ap.add_argument("--repeats", type=int, default=5)
+    a = ap.parse_args()
+    if a.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {a.repeats}")
+    out = measure(_workload(a.workload), budget_ms=a.budget_ms, repeats=a.repeats)
+    out["env"] = {
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]),
+    }
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
