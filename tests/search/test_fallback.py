@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,7 @@ def test_stage_work_follows_tokens_and_passes() -> None:
     assert set(work) == set(graph.stages) and all(v > 0 for v in work.values())
     for s in graph.stages:
         if s.pass_ is Pass.B:
-            forward = replace(s, pass_=Pass.F)
+            forward = s.with_pass(Pass.F)
             assert work[s] == pytest.approx(2 * work[forward])
     # The same chunk on microbatches with more tokens does more work.
     llm = sorted(
