@@ -76,6 +76,7 @@ class PlannerServer:
         self._serving = False
         self._stopping = False
         self._readiness: asyncio.Task[None] | None = None
+        self._planning: Planning | None = None
 
     # ---- startup ----
     async def start(self) -> None:
@@ -89,7 +90,8 @@ class PlannerServer:
         server = grpc.aio.server(interceptors=[MetricsInterceptor(self.metrics)], options=grpc_options(cfg))
         self._server = server
         if self.pool is not None:
-            service: PlannerService | ForwardingService = PlannerService(cfg, Planning(cfg, self.pool, self.metrics))
+            self._planning = Planning(cfg, self.pool, self.metrics)
+            service: PlannerService | ForwardingService = PlannerService(cfg, self._planning)
         else:
             self._leader = leader_channel(cfg)
             service = ForwardingService(self._leader)
@@ -189,6 +191,8 @@ class PlannerServer:
 
     def _lane_restarted(self, lane: Lane) -> None:
         self.metrics.worker_restarts.labels(lane=lane.name).inc()
+        if self._planning is not None and not self._stopping:
+            self._planning.rewarm(lane.name)
 
     async def _sync_readiness(self) -> None:
         if self.pool is not None and not self._stopping:

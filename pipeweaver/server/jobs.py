@@ -540,6 +540,10 @@ class JobRegistry:
             self._jobs.move_to_end(job_id)
         return job
 
+    def recent(self, n: int) -> list[JobState]:
+        """The `n` most recently used jobs, newest first."""
+        return list(reversed(self._jobs.values()))[:n]
+
     async def register(self, job_id: str, create: Callable[[], Awaitable[JobState]]) -> JobState:
         """The job `job_id`, created by `create()` unless it exists or is being created.
 

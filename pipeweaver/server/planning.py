@@ -54,6 +54,8 @@ WARM_JOB_BUDGET_MS = 500.0
 """Most search budget a worker's warm-up for a new job uses (the job's own budget when smaller)."""
 WARM_JOB_HOLD_S = 0.3
 """Each search worker's warm-up task holds it this long, so that the N tasks reach N different workers."""
+REWARM_JOBS = 4
+"""Jobs a replacement pool (after a worker died) is warmed for: the most recently used ones."""
 
 
 def shutting_down() -> RequestError:
@@ -123,7 +125,13 @@ class Planning:
 
         return await self.registry.register(job_id, create)
 
-    async def _warm_job(self, job: JobState) -> None:
+    def rewarm(self, lane: str) -> None:
+        """A lane's pool was replaced (a worker died): warm its new workers for the most recently used jobs, so
+        that their next searches are not cold either."""
+        for job in self.registry.recent(REWARM_JOBS):
+            asyncio.get_running_loop().create_task(self._warm_job(job, lanes=(lane,)))
+
+    async def _warm_job(self, job: JobState, lanes: tuple[str, ...] = ("search", "control")) -> None:
         """Warm every worker for a newly registered job, in the background (RegisterJob has answered): each search
         worker builds the job's planner and searches one heavy batch, the control worker builds its fallback.
         A request arriving meanwhile queues behind the warm-up (about one search).
@@ -135,11 +143,14 @@ class Planning:
         t0 = time.monotonic()
         budget_ms = min(job.budget_ms, WARM_JOB_BUDGET_MS)
         search = self.pool.search
-        tasks = [
-            search.submit(work.warm_job, work.WarmJobTask(job.job, "search", budget_ms, WARM_JOB_HOLD_S))
-            for _ in range(search.workers)
-        ]
-        tasks.append(self.pool.control.submit(work.warm_job, work.WarmJobTask(job.job, "fallback", 0.0, 0.0)))
+        tasks = []
+        if "search" in lanes:
+            tasks += [
+                search.submit(work.warm_job, work.WarmJobTask(job.job, "search", budget_ms, WARM_JOB_HOLD_S))
+                for _ in range(search.workers)
+            ]
+        if "control" in lanes:
+            tasks.append(self.pool.control.submit(work.warm_job, work.WarmJobTask(job.job, "fallback", 0.0, 0.0)))
         results = await asyncio.gather(*tasks, return_exceptions=True)
         pids: set[int] = set()
         for r in results:
@@ -156,7 +167,14 @@ class Planning:
                 log.warning("warming %s failed: %s: %s", job.job_id, type(r).__name__, r)
         seconds = time.monotonic() - t0
         self.m.job_warmup_seconds.observe(seconds)
-        log.info("warmed %s on %d of %d search workers in %.1f s", job.job_id, len(pids), search.workers, seconds)
+        log.info(
+            "warmed %s on %d of %d search workers (lanes: %s) in %.1f s",
+            job.job_id,
+            len(pids),
+            search.workers if "search" in lanes else 0,
+            ", ".join(lanes),
+            seconds,
+        )
 
     async def _run(self, lane: Any, fn: Any, arg: Any, what: str) -> Any:
         """Run a control task, mapping pool failures to statuses (registration, simulation)."""

@@ -55,4 +55,8 @@ def test_a_worker_killed_mid_search_yields_flagged_fallbacks_and_a_new_worker(tm
             pb.GetPlanRequest(job_id=job_id, rank=0, batch=batch(W, 1, seed=22), budget_ms=50.0), timeout=60
         )
         assert not after.fallback and after.header.source == pb.PLAN_SOURCE_SEARCH
+        # The replacement workers were warmed for the job too (a second warm-up, of the search lane only).
+        wait_until(lambda: server.sample("pipeweaver_job_warmup_seconds_count") == 2, 60, "the replacement's warm-up")
+        n = len(server.search_worker_pids)
+        assert f"warmed {job_id} on {n} of {n} search workers (lanes: search)" in server.log()
         assert server.stop() == 0, server.log()
