@@ -54,6 +54,11 @@ class _Posted:
         return f"comm#{self.handle} at step {self.step}"
 
 
+def _where(r: int, h: int, i: int) -> str:
+    """Where an op sits, for messages only (formatted when a check fails, not for every op)."""
+    return f"rank {r} comm#{h} (step {i})"
+
+
 def validate(plan: Plan, *, graph: StageGraph | None = None) -> None:
     """Raise `InvalidPlan` unless every rank of `plan` can run its actions to the end with matched transfers.
 
@@ -235,19 +240,19 @@ class _Checker:
 
     def _check_op(self, r: int, i: int, h: int, op: Transfer) -> None:
         g, src, dst = self.g, op.src, op.dst
-        where = f"rank {r} comm#{h} (step {i})"
-        if src not in g.rank or dst not in g.rank or src not in g.data_preds[dst]:
-            self.fail("not a data edge", f"{where} carries {op}, but {dst} does not consume {src}", [(r, i)])
-        if g.rank[src] == g.rank[dst]:
-            self.fail("local transfer", f"{where} carries {op}, but both run on rank {g.rank[src]}", [(r, i)])
+        rank_src, rank_dst = g.rank.get(src), g.rank.get(dst)
+        if rank_src is None or rank_dst is None or src not in g.data_preds[dst]:
+            self.fail("not a data edge", f"{_where(r, h, i)} carries {op}, but {dst} does not consume {src}", [(r, i)])
+        if rank_src == rank_dst:
+            self.fail("local transfer", f"{_where(r, h, i)} carries {op}, but both run on rank {rank_src}", [(r, i)])
         if op.direction is Direction.SEND:
-            owner, peer, role = g.rank[src], g.rank[dst], "producer"
+            owner, peer, role = rank_src, rank_dst, "producer"
         else:
-            owner, peer, role = g.rank[dst], g.rank[src], "consumer"
+            owner, peer, role = rank_dst, rank_src, "consumer"
         if r != owner:
-            self.fail("wrong rank", f"{where} carries {op}, but its {role} runs on rank {owner}", [(r, i)])
+            self.fail("wrong rank", f"{_where(r, h, i)} carries {op}, but its {role} runs on rank {owner}", [(r, i)])
         if op.peer != peer:
-            self.fail("wrong peer", f"{where} carries {op}, but the peer stage runs on rank {peer}", [(r, i)])
+            self.fail("wrong peer", f"{_where(r, h, i)} carries {op}, but the peer stage runs on rank {peer}", [(r, i)])
 
     def _check_edges(self) -> None:
         """Every cross-rank data edge has its send and its receive."""
