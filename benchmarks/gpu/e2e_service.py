@@ -114,8 +114,8 @@ METRICS = (
     "pipeweaver_worker_task_seconds_count",
 )
 """Series worth keeping: fallbacks by reason (the plan reply itself only carries a flag), plans by source, cache;
-the workers' warm-up for the job and their time per task (search, fallback, warm_job: what the deadline reserve
-is learnt from)."""
+the workers' warm-up for the job and their time per task (search and fallback: what the deadline reserve is
+learnt from; warm_job: each worker's cold first plan for the job)."""
 
 
 def scrape_metrics(port: int, prefixes: tuple[str, ...] = METRICS, timeout_s: float = 1.0) -> dict[str, float]:

@@ -58,9 +58,10 @@ class StageKey(NamedTuple):
     """One execution of one chunk: (pipeline, chunk, microbatch, sub-microbatch, pass).
 
     A named tuple, not a dataclass: stage keys are the dictionary keys of the validator, the stage graph, SEMU's
-    flattening and the search, and a tuple hashes and compares in C (a dict lookup 0.15 us against 0.73 us for a
-    frozen dataclass on the development machine). Immutable and ordered field by field as before; it is also
-    equal to a plain tuple of the same fields, so never mix the two as keys of one mapping.
+    flattening and the search, and a tuple hashes and compares in C (`benchmarks/bench_plan_check.py`: checking
+    a scaled-T2V plan's graph and validation 52 -> 19 ms with the change, docs/gpu.md section 7). Immutable and
+    ordered field by field as before; it is also equal to a plain tuple of the same fields, so never mix the two
+    as keys of one mapping.
     """
 
     pipeline: str
@@ -285,7 +286,7 @@ class Plan:
     wire_digest: int | None = field(default=None, compare=False, repr=False)
     """Digest of the serialized header and rank plans this plan was decoded from (set by the client when it
     assembles the service's replies): what the ranks' vote compares, instead of hashing the whole object graph
-    (`repr` of a T2V plan of ~3,600 actions: ~45 ms of host time on the development machine, on ranks whose
+    (`benchmarks/bench_plan_check.py`, scaled-T2V plan: 0.6 ms against 21-37 ms for its `repr`, on ranks whose
     host sets the iteration's pace). None for a plan built in this process."""
 
     def rank(self, r: int) -> RankPlan:

@@ -277,7 +277,8 @@ class JobState:
         self._errors: deque[float] = deque(maxlen=RECENT_ERRORS)
         self._folded: OrderedDict[int, None] = OrderedDict()
         self.warming: asyncio.Task[None] | None = None
-        """The workers' warm-up for this job (`Planning.register`), running or done."""
+        """The latest warm-up of the workers for this job (`Planning._warm_job`), running or done: held here so
+        that the event loop's weak reference is not the task's only one."""
 
     @property
     def job_id(self) -> str:

@@ -129,12 +129,12 @@ class Planning:
         """A lane's pool was replaced (a worker died): warm its new workers for the most recently used jobs, so
         that their next searches are not cold either."""
         for job in self.registry.recent(REWARM_JOBS):
-            asyncio.get_running_loop().create_task(self._warm_job(job, lanes=(lane,)))
+            job.warming = asyncio.get_running_loop().create_task(self._warm_job(job, lanes=(lane,)))
 
     async def _warm_job(self, job: JobState, lanes: tuple[str, ...] = ("search", "control")) -> None:
-        """Warm every worker for a newly registered job, in the background (RegisterJob has answered): each search
-        worker builds the job's planner and searches one heavy batch, the control worker builds its fallback.
-        A request arriving meanwhile queues behind the warm-up (about one search).
+        """Warm the workers of `lanes` for `job`, in the background (RegisterJob has answered, or a lane's pool was
+        replaced): each search worker builds the job's planner and searches one heavy batch, the control worker
+        builds its fallback. A request arriving meanwhile queues behind the warm-up (about one search).
 
         The warm plans' times are *not* deadline-reserve samples: they are each worker's first, cold, plan for
         the job (2.6 s for a 300 ms search on the 4-GPU VLM run, run 16) and, kept as warm overheads, they sent

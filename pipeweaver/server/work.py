@@ -236,9 +236,8 @@ class WarmJobOutcome:
     pid: int
     mode: Mode
     worker_ms: float
-    """The warm plan's wall time in the worker (planner built beforehand, hold excluded): a warm sample of the
-    job's per-plan overhead."""
-    budget_ms: float
+    """The warm plan's wall time in the worker (planner built beforehand, hold excluded). It is this worker's
+    first, cold, plan for the job: reported, never a deadline-reserve sample."""
     setup_ms: float
     """Building the job's planner in this worker."""
 
@@ -311,9 +310,7 @@ def warm_job(task: WarmJobTask) -> WarmJobOutcome | Rejected:
             planner.fallback_plan(batch, job_id=task.job.job_id)
     worker_ms = (time.perf_counter() - t0) * 1e3
     time.sleep(task.hold_s)
-    return WarmJobOutcome(
-        pid=os.getpid(), mode=task.mode, worker_ms=worker_ms, budget_ms=task.budget_ms, setup_ms=setup_ms
-    )
+    return WarmJobOutcome(pid=os.getpid(), mode=task.mode, worker_ms=worker_ms, setup_ms=setup_ms)
 
 
 def register_job(job: Job) -> Registered | Rejected:
