@@ -106,6 +106,7 @@ from executor_overhead import env_info
 
 from pipeweaver.client.cuda_env import prepare_cuda_for_dynamic_pipelines
 from pipeweaver.client.executor import PipelineExecutor
+from pipeweaver.client.host_gc import CollectorClock, CollectorTime, settle_host_objects
 from pipeweaver.datagen import dynamic_batch
 from pipeweaver.errors import InvalidPlan
 from pipeweaver.plan.export import chrome_trace
@@ -368,6 +369,9 @@ class Clock:
     started: float = field(default_factory=time.monotonic)
     elapsed_s: float = 0.0
     last_ms: float = 0.0
+    last_gc: CollectorTime = field(default_factory=lambda: CollectorTime(ms=0.0, collections=(0, 0, 0)))
+    """This rank's garbage collections during the last timed step."""
+    collector: CollectorClock = field(default_factory=CollectorClock)
 
     def timed(self, fn: Callable[[], Any], label: str) -> tuple[float, float, Any]:
         """(max ms over ranks, this rank's end on the monotonic clock, fn's result)."""
@@ -377,8 +381,13 @@ class Clock:
         t0 = time.perf_counter()
         run.in_step = True
         simulated_fault(run, self.name, label)
-        out = fn()
-        run.sync()
+        self.collector.start().take()
+        try:
+            out = fn()
+            run.sync()
+        finally:
+            self.last_gc = self.collector.take()
+            self.collector.stop()
         run.in_step = False
         t1 = time.perf_counter()
         end = time.monotonic()
@@ -412,7 +421,18 @@ def repeat_ms(run: Run, clock: Clock, ex: BenchExecutor, plan: Plan, batch: Batc
     if not run.args.repeat:
         return {}
     ms, _, stats = clock.timed(lambda: ex.run_iteration(plan, batch), f"iteration {k} again")
-    return {"repeat_ms": round(ms, 3), "repeat_warmed_gemms": stats.warmed_gemms, **host_times(run, stats, "repeat_")}
+    return {
+        "repeat_ms": round(ms, 3),
+        "repeat_warmed_gemms": stats.warmed_gemms,
+        **host_times(run, stats, "repeat_"),
+        **gc_times(run, clock, "repeat_"),
+    }
+
+
+def gc_times(run: Run, clock: Clock, prefix: str = "") -> dict[str, Any]:
+    """Each rank's time in the garbage collector during the last timed step, and its full passes."""
+    rows = run.gather([round(clock.last_gc.ms, 2), clock.last_gc.collections[2]])
+    return {f"{prefix}gc_ms_per_rank": [r[0] for r in rows], f"{prefix}gc_full_passes_per_rank": [r[1] for r in rows]}
 
 
 def host_times(run: Run, stats: Any, prefix: str = "") -> dict[str, Any]:
@@ -561,7 +581,7 @@ def run_ours(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[s
     """Our executor on a baseline's plans."""
     wl = run.wl
     placement = baseline_placement(name, model=wl.model, parallel=wl.parallel)
-    ex = BenchExecutor(wl.model, placement, run.rank, device=run.device, dtype=run.dtype)
+    ex = BenchExecutor(wl.model, placement, run.rank, device=run.device, dtype=run.dtype, settle_gc=False)
     ex.warm_up()
     warm_kernels(run, ex)
     run.executor = ex
@@ -603,6 +623,7 @@ def run_ours(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[s
         build_ms = built_ms.pop(batch.iteration, (time.perf_counter() - t0) * 1e3)
         check_ahead(run.measured[k + 1] if k + 1 < len(run.measured) else None)
         ms, _, stats = clock.timed(lambda p=plan, b=batch: ex.run_iteration(p, b), f"iteration {k}")
+        collected = gc_times(run, clock)
         again = repeat_ms(run, clock, ex, plan, batch, k)
         rows.append(
             {
@@ -615,6 +636,7 @@ def run_ours(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[s
                 "sends_released_early": stats.sends_released_early,
                 "prewarmed_gemms_so_far": ex.prewarmed_gemms,  # loaded ahead by `prepare` (this rank)
                 **host_times(run, stats),
+                **collected,
                 **again,
             }
         )
@@ -677,7 +699,7 @@ def run_pipeweaver(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> 
 
     a = run.args
     client, job, info = register_jobs(run, entry["sidecar"]["address"])
-    ex = BenchExecutor(run.wl.model, job.placement, run.rank, device=run.device, dtype=run.dtype)
+    ex = BenchExecutor(run.wl.model, job.placement, run.rank, device=run.device, dtype=run.dtype, settle_gc=False)
     ex.warm_up()
     warm_kernels(run, ex)
     run.executor = ex
@@ -721,6 +743,7 @@ def run_pipeweaver(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> 
             )
             ran = ex.last_plan
             assert ran is not None
+            collected = gc_times(run, clock) if k >= 0 else {}
             again = repeat_ms(run, clock, ex, ran, item.metadata, k) if k >= 0 else {}
             mine.append(
                 {
@@ -751,6 +774,7 @@ def run_pipeweaver(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> 
                     "sends_released_early": stats.sends_released_early,
                     "prewarmed_gemms_so_far": ex.prewarmed_gemms,  # loaded ahead by `prepare` (this rank)
                     **host_times(run, stats),
+                    **collected,
                     "source": h.source.value,
                     "plan_schedule": h.schedule,
                     "fallback": h.source is PlanSource.FALLBACK,
@@ -826,7 +850,7 @@ def run_torch(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[
     """torch.distributed.pipelining over the same modules, padded batches."""
     wl = run.wl
     placement = baseline_placement(TORCH_SCHEDULES[name], model=wl.model, parallel=wl.parallel)
-    ex = BenchExecutor(wl.model, placement, run.rank, device=run.device, dtype=run.dtype)
+    ex = BenchExecutor(wl.model, placement, run.rank, device=run.device, dtype=run.dtype, settle_gc=False)
     m = len(run.batches[0].microbatches)
     torch_side = e2e_torch_vlm if isinstance(run.shape, VLMShape) else e2e_torch_t2v
     pipe = torch_side.build_torch_pipeline(name, ex, wl.model, run.shape, m, run.device, run.dtype)
@@ -849,7 +873,10 @@ def run_torch(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[
         if clock.out_of_time(k):
             break
         ms, _, loss = clock.timed(lambda b=batch: step(b), f"iteration {k}")
-        rows.append({"i": k, "ms": round(ms, 3), "loss": reduce_sum(run, loss), **run.shape.padding(batch)})
+        collected = gc_times(run, clock)
+        rows.append(
+            {"i": k, "ms": round(ms, 3), "loss": reduce_sum(run, loss), **run.shape.padding(batch), **collected}
+        )
         run.say(schedule=name, iteration=k, ms=round(ms, 1), loss=round(rows[-1]["loss"], 5))
     return {"stages": len(placement.chunks)}
 
@@ -1288,6 +1315,9 @@ def run_schedule(run: Run, name: str, remaining: int) -> bool:
         run.write()
         return False
     reset_memory_stats(run)
+    # Every schedule, torch's included, starts with the process's survivors frozen out of the collector's full
+    # passes (what PipelineExecutor does after its first iteration; see pipeweaver.client.host_gc).
+    settle_host_objects()
     clock = Clock(run, name, limit, tail=1.0 if name in a.trace_schedules.split(",") else 0.0)
     if run.watchdog is not None:
         run.watchdog.arm(name, limit)

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from pipeweaver.client.cuda_env import warn_if_unprepared_for_dynamic_pipelines
 from pipeweaver.client.data import SyntheticData, stable_seed
 from pipeweaver.client.geometry import Geometry, LossScale, geometry
+from pipeweaver.client.host_gc import CollectorClock, settle_host_objects
 from pipeweaver.client.kernel_warmup import warm_up_gemms, warm_up_rows
 from pipeweaver.client.models import (
     BlockPart,
@@ -133,6 +134,10 @@ class IterationStats:
     drain_ms: float = 0.0
     """Host time waiting for the device at the end: near zero means the hook or the dispatch was the bottleneck
     (the device had finished before the host got there)."""
+    gc_ms: float = 0.0
+    """Host time in the cyclic garbage collector during the iteration, hook included (`host_gc`)."""
+    gc_passes: tuple[int, int, int] = (0, 0, 0)
+    """The collector's passes per generation during the iteration (2: full passes)."""
 
 
 @dataclass(slots=True)
@@ -224,6 +229,7 @@ class PipelineExecutor:
         dtype: torch.dtype = torch.float32,
         pair_groups: bool | None = None,
         pipelines: Sequence[Sequence[int]] | None = None,
+        settle_gc: bool | None = None,
     ) -> None:
         if not 0 <= rank < placement.pp:
             raise ValueError(f"rank must be in [0, {placement.pp}) for a placement of pp={placement.pp}, got {rank}")
@@ -244,6 +250,12 @@ class PipelineExecutor:
         (`pipeweaver.client.kernel_warmup`)."""
         self.prewarmed_gemms = 0
         """(layer, rows) pairs `prepare` loaded ahead of their iteration, since this executor was built."""
+        self.settle_gc = self.device.type == "cuda" if settle_gc is None else settle_gc
+        """After the first iteration, freeze the process's surviving objects out of the garbage collector's full
+        passes (`host_gc.settle_host_objects`): on host-bound GPU ranks those passes would otherwise land inside
+        iterations. Process-wide; default on for CUDA devices."""
+        self.iterations_run = 0
+        self._gc_clock = CollectorClock()
         self.dtype = dtype
         self.modules = dict(modules) if modules is not None else reference_modules(model)
         self.parts: dict[str, nn.Module] = {}
@@ -437,7 +449,22 @@ class PipelineExecutor:
 
         Raises `InvalidPlan` (before any tensor or communication) for a plan that fails `check`.
         """
+        self._gc_clock.start()
+        try:
+            stats = self._run_iteration(plan, batch, optimizer)
+        finally:
+            self._gc_clock.stop()
+        self.iterations_run += 1
+        if self.settle_gc and self.iterations_run == 1:
+            # The trainer's long-lived objects exist now (chunks, optimizer state, CUDA/NCCL wrappers, kernels).
+            settle_host_objects()
+        return stats
+
+    def _run_iteration(
+        self, plan: Plan, batch: BatchMetadata, optimizer: torch.optim.Optimizer | None
+    ) -> IterationStats:
         start = time.perf_counter()
+        self._gc_clock.take()
         graph = self.check(plan, batch)
         it = self._iteration(plan, batch, graph)
         for p in self.parameters():
@@ -468,6 +495,7 @@ class PipelineExecutor:
         if self.device.type == "cuda":  # kernels run asynchronously: time the work, not its launch
             torch.cuda.synchronize(self.device)
         t_end = time.perf_counter()
+        collector = self._gc_clock.take()
         h = plan.header
         return IterationStats(
             iteration=h.iteration,
@@ -484,6 +512,8 @@ class PipelineExecutor:
             dispatch_ms=(t_hook - start) * 1e3,
             idle_hook_ms=(t_drain - t_hook) * 1e3,
             drain_ms=(t_end - t_drain) * 1e3,
+            gc_ms=collector.ms,
+            gc_passes=collector.collections,
         )
 
     def _run_idle_hook(self) -> None:
@@ -528,20 +558,7 @@ class PipelineExecutor:
         if not reason:
             reason = "another rank had no valid plan, or a different one"
         stats = self.run_iteration(fallback(batch), batch, optimizer=optimizer)
-        return IterationStats(
-            iteration=stats.iteration,
-            schedule=stats.schedule,
-            source=PlanSource.FALLBACK,
-            loss=stats.loss,
-            computes=stats.computes,
-            sent_bytes=stats.sent_bytes,
-            received_bytes=stats.received_bytes,
-            wall_ms=stats.wall_ms,
-            fallback_reason=reason,
-            warmed_gemms=stats.warmed_gemms,
-            warm_ms=stats.warm_ms,
-            sends_released_early=stats.sends_released_early,
-        )
+        return replace(stats, source=PlanSource.FALLBACK, fallback_reason=reason)
 
     def warm_up(self) -> None:
         """One ring exchange in which every pipeline rank takes part (NCCL's first batched p2p call must involve
