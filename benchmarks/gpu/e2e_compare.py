@@ -581,7 +581,7 @@ def run_ours(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[s
     """Our executor on a baseline's plans."""
     wl = run.wl
     placement = baseline_placement(name, model=wl.model, parallel=wl.parallel)
-    ex = BenchExecutor(wl.model, placement, run.rank, device=run.device, dtype=run.dtype, settle_gc=False)
+    ex = BenchExecutor(wl.model, placement, run.rank, device=run.device, dtype=run.dtype)
     ex.warm_up()
     warm_kernels(run, ex)
     run.executor = ex
@@ -699,7 +699,7 @@ def run_pipeweaver(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> 
 
     a = run.args
     client, job, info = register_jobs(run, entry["sidecar"]["address"])
-    ex = BenchExecutor(run.wl.model, job.placement, run.rank, device=run.device, dtype=run.dtype, settle_gc=False)
+    ex = BenchExecutor(run.wl.model, job.placement, run.rank, device=run.device, dtype=run.dtype)
     ex.warm_up()
     warm_kernels(run, ex)
     run.executor = ex
@@ -850,7 +850,7 @@ def run_torch(run: Run, name: str, clock: Clock, entry: dict[str, Any]) -> dict[
     """torch.distributed.pipelining over the same modules, padded batches."""
     wl = run.wl
     placement = baseline_placement(TORCH_SCHEDULES[name], model=wl.model, parallel=wl.parallel)
-    ex = BenchExecutor(wl.model, placement, run.rank, device=run.device, dtype=run.dtype, settle_gc=False)
+    ex = BenchExecutor(wl.model, placement, run.rank, device=run.device, dtype=run.dtype)
     m = len(run.batches[0].microbatches)
     torch_side = e2e_torch_vlm if isinstance(run.shape, VLMShape) else e2e_torch_t2v
     pipe = torch_side.build_torch_pipeline(name, ex, wl.model, run.shape, m, run.device, run.dtype)
@@ -1315,8 +1315,9 @@ def run_schedule(run: Run, name: str, remaining: int) -> bool:
         run.write()
         return False
     reset_memory_stats(run)
-    # Every schedule, torch's included, starts with the process's survivors frozen out of the collector's full
-    # passes (what PipelineExecutor does after its first iteration; see pipeweaver.client.host_gc).
+    # Every schedule, torch's included, starts with the process settled: survivors frozen, automatic collection
+    # off (what PipelineExecutor does after its first iteration; our executors then collect every
+    # host_gc.FULL_PASS_EVERY iterations, torch's schedules never). See pipeweaver.client.host_gc.
     settle_host_objects()
     clock = Clock(run, name, limit, tail=1.0 if name in a.trace_schedules.split(",") else 0.0)
     if run.watchdog is not None:

@@ -10,6 +10,7 @@ inputs are fresh leaves and gradients travel as explicit tensors, exactly as the
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import OrderedDict, deque
@@ -24,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from pipeweaver.client.cuda_env import warn_if_unprepared_for_dynamic_pipelines
 from pipeweaver.client.data import SyntheticData, stable_seed
 from pipeweaver.client.geometry import Geometry, LossScale, geometry
-from pipeweaver.client.host_gc import CollectorClock, settle_host_objects
+from pipeweaver.client.host_gc import FULL_PASS_EVERY, CollectorClock, is_settled, settle_host_objects
 from pipeweaver.client.kernel_warmup import warm_up_gemms, warm_up_rows
 from pipeweaver.client.models import (
     BlockPart,
@@ -130,7 +131,8 @@ class IterationStats:
     """Host time from the iteration's start until every action was issued: when it is close to `wall_ms`, the
     host, not the device, set the iteration's pace."""
     idle_hook_ms: float = 0.0
-    """Host time in `idle_hook` (checking the next plans, loading their kernels)."""
+    """Host time in `idle_hook` (checking the next plans, loading their kernels), and in the executor's periodic
+    full garbage collection when this iteration ran it (`settle_gc`)."""
     drain_ms: float = 0.0
     """Host time waiting for the device at the end: near zero means the hook or the dispatch was the bottleneck
     (the device had finished before the host got there)."""
@@ -251,9 +253,11 @@ class PipelineExecutor:
         self.prewarmed_gemms = 0
         """(layer, rows) pairs `prepare` loaded ahead of their iteration, since this executor was built."""
         self.settle_gc = self.device.type == "cuda" if settle_gc is None else settle_gc
-        """After the first iteration, freeze the process's surviving objects out of the garbage collector's full
-        passes (`host_gc.settle_host_objects`): on host-bound GPU ranks those passes would otherwise land inside
-        iterations. Process-wide; default on for CUDA devices."""
+        """Manage the process's garbage collector (`pipeweaver.client.host_gc`): after the first iteration, freeze
+        the surviving objects out of its passes and switch its automatic passes off (unless the process is settled
+        already), then run a full pass every `full_pass_every` iterations. On host-bound GPU ranks the automatic
+        passes would land inside iterations. Process-wide; default on for CUDA devices."""
+        self.full_pass_every = FULL_PASS_EVERY
         self.iterations_run = 0
         self._gc_clock = CollectorClock()
         self.dtype = dtype
@@ -455,7 +459,7 @@ class PipelineExecutor:
         finally:
             self._gc_clock.stop()
         self.iterations_run += 1
-        if self.settle_gc and self.iterations_run == 1:
+        if self.settle_gc and self.iterations_run == 1 and not is_settled():
             # The trainer's long-lived objects exist now (chunks, optimizer state, CUDA/NCCL wrappers, kernels).
             settle_host_objects()
         return stats
@@ -490,6 +494,8 @@ class PipelineExecutor:
             optimizer.step()
         t_hook = time.perf_counter()
         self._run_idle_hook()  # everything is queued: the host has time while the device finishes
+        if self.settle_gc and is_settled() and (self.iterations_run + 1) % self.full_pass_every == 0:
+            gc.collect()  # the automatic passes are off (host_gc): every rank collects in the same iteration
         t_drain = time.perf_counter()
         loss = float(loss_sum) if loss_sum is not None else 0.0
         if self.device.type == "cuda":  # kernels run asynchronously: time the work, not its launch

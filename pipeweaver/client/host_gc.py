@@ -12,8 +12,16 @@ Most of those objects live as long as the trainer. `settle_host_objects` collect
 left (`gc.freeze`): the collector never walks the frozen objects again, so a later full pass walks only what was
 allocated since (0.8 ms instead of 138 ms in the example above). Frozen objects are still freed by reference
 counting; only a reference cycle among them would never be reclaimed, which is why this runs once the trainer's
-long-lived state exists (after its first iteration), not repeatedly. The collector's thresholds are left as they
-are: autograd graphs can hold device memory in reference cycles, and those must still be collected promptly.
+long-lived state exists (after its first iteration).
+
+That alone left PipeWeaver's ranks 29 ms of collection per T2V iteration on 4 H200s (run 19, docs/gpu.md section
+8): each iteration decodes and checks a plan of ~3,000 actions, tens of thousands of objects that survive a few
+iterations, so young and full passes kept walking them. So settling also switches the automatic collector off,
+and `PipelineExecutor` runs one full pass every `FULL_PASS_EVERY` iterations itself, at the same iteration on every
+rank (a pass on one rank would stall its peers) and where the host would otherwise wait for the device. This is
+Megatron-LM's `--manual-gc`. What it risks is memory held by reference cycles until the next pass: the executor's
+own iterations make no cycle that holds a tensor (tests/client/test_host_gc.py checks; torch's pytree makes a few
+small ones per call), and a trainer whose own code does can pass `settle_gc=False`.
 
 `CollectorClock` times every collection through `gc.callbacks`, so that `IterationStats` can say how much of an
 iteration the collector took.
@@ -26,18 +34,48 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CollectorClock", "CollectorTime", "settle_host_objects"]
+__all__ = [
+    "FULL_PASS_EVERY",
+    "CollectorClock",
+    "CollectorTime",
+    "is_settled",
+    "settle_host_objects",
+    "unsettle_host_objects",
+]
+
+FULL_PASS_EVERY = 16
+"""Iterations between the executor's own full collections once the process is settled."""
+
+_settled = False
 
 
 def settle_host_objects() -> int:
-    """Collect garbage once, then freeze every surviving object out of the collector's future passes.
+    """Collect garbage once, freeze every surviving object out of the collector's future passes, and switch the
+    automatic collector off (full passes are then the executor's, every `FULL_PASS_EVERY` iterations).
 
     Returns the number of objects frozen. Affects the whole process (the collector is global): call it once the
-    trainer's long-lived objects exist; `PipelineExecutor` does after its first iteration unless told not to.
+    trainer's long-lived objects exist; `PipelineExecutor` does after its first iteration unless told not to, or
+    the process is settled already. Calling it again collects and freezes again.
     """
+    global _settled
     gc.collect()
     gc.freeze()
+    gc.disable()
+    _settled = True
     return gc.get_freeze_count()
+
+
+def unsettle_host_objects() -> None:
+    """Undo `settle_host_objects`: unfreeze every object and switch the automatic collector back on."""
+    global _settled
+    gc.unfreeze()
+    gc.enable()
+    _settled = False
+
+
+def is_settled() -> bool:
+    """Whether `settle_host_objects` ran in this process (and was not undone)."""
+    return _settled
 
 
 @dataclass(frozen=True, slots=True)
