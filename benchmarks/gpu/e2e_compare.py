@@ -437,16 +437,11 @@ def gc_times(run: Run, clock: Clock, prefix: str = "") -> dict[str, Any]:
 
 def host_times(run: Run, stats: Any, prefix: str = "") -> dict[str, Any]:
     """Where each rank's host spent the iteration (`IterationStats`): issuing the actions, in the idle hook
-    (checking the next plans, loading their kernels), waiting for the device at the end. A rank whose drain is
-    near zero had a device that finished first: its host set the pace."""
-    rows = run.gather([round(stats.dispatch_ms, 2), round(stats.idle_hook_ms, 2), round(stats.drain_ms, 2)])
-    return {
-        f"{prefix}host_ms_per_rank": {
-            "dispatch": [r[0] for r in rows],
-            "idle_hook": [r[1] for r in rows],
-            "drain": [r[2] for r in rows],
-        }
-    }
+    (of which checking the next plans and loading their kernels), waiting for the device at the end. A rank whose
+    drain is near zero had a device that finished first: its host set the pace."""
+    keys = ("dispatch", "idle_hook", "hook_check", "hook_warm", "drain")
+    rows = run.gather([round(getattr(stats, f"{k}_ms"), 2) for k in keys])
+    return {f"{prefix}host_ms_per_rank": {k: [r[i] for r in rows] for i, k in enumerate(keys)}}
 
 
 def reduce_max(run: Run, value: float) -> float:

@@ -136,6 +136,10 @@ class IterationStats:
     drain_ms: float = 0.0
     """Host time waiting for the device at the end: near zero means the hook or the dispatch was the bottleneck
     (the device had finished before the host got there)."""
+    hook_check_ms: float = 0.0
+    """Part of `idle_hook_ms` in which `prepare` checked plans (graph, validator, shapes, vote digest)."""
+    hook_warm_ms: float = 0.0
+    """Part of `idle_hook_ms` in which `prepare` loaded new GEMM shapes' kernels (GPUs)."""
     gc_ms: float = 0.0
     """Host time in the cyclic garbage collector during the iteration, hook included (`host_gc`)."""
     gc_passes: tuple[int, int, int] = (0, 0, 0)
@@ -252,6 +256,8 @@ class PipelineExecutor:
         (`pipeweaver.client.kernel_warmup`)."""
         self.prewarmed_gemms = 0
         """(layer, rows) pairs `prepare` loaded ahead of their iteration, since this executor was built."""
+        self.prepare_ms = {"check": 0.0, "warm": 0.0}
+        """Host time `prepare` spent checking plans and loading their kernels, since this executor was built."""
         self.settle_gc = self.device.type == "cuda" if settle_gc is None else settle_gc
         """Manage the process's garbage collector (`pipeweaver.client.host_gc`): after the first iteration, freeze
         the surviving objects out of its passes and switch its automatic passes off (unless the process is settled
@@ -367,11 +373,17 @@ class PipelineExecutor:
         every iteration). Call it with none of this rank's work waiting for a peer's host, as the idle hook is
         (every action of the running iteration is queued, so every transfer completes and the device drains
         for the load), or between iterations."""
-        entry = self._accepted(plan, batch)
-        entry.vote_digest()
+        t0 = time.perf_counter()
+        try:
+            entry = self._accepted(plan, batch)
+            entry.vote_digest()
+        finally:
+            t1 = time.perf_counter()
+            self.prepare_ms["check"] += (t1 - t0) * 1e3
         if self.warm_new_shapes and not entry.warmed:
             entry.warmed = True
             self.prewarmed_gemms += self._warm_rows(self._gemm_rows(self._iteration(plan, batch, entry.graph)))
+            self.prepare_ms["warm"] += (time.perf_counter() - t1) * 1e3
 
     def _accepted(self, plan: Plan, batch: BatchMetadata) -> _CheckedPlan:
         key = id(plan)
@@ -493,6 +505,7 @@ class PipelineExecutor:
         if optimizer is not None:
             optimizer.step()
         t_hook = time.perf_counter()
+        before = dict(self.prepare_ms)
         self._run_idle_hook()  # everything is queued: the host has time while the device finishes
         if self.settle_gc and is_settled() and (self.iterations_run + 1) % self.full_pass_every == 0:
             gc.collect()  # the automatic passes are off (host_gc): every rank collects in the same iteration
@@ -517,6 +530,8 @@ class PipelineExecutor:
             sends_released_early=it.sends_released,
             dispatch_ms=(t_hook - start) * 1e3,
             idle_hook_ms=(t_drain - t_hook) * 1e3,
+            hook_check_ms=self.prepare_ms["check"] - before["check"],
+            hook_warm_ms=self.prepare_ms["warm"] - before["warm"],
             drain_ms=(t_end - t_drain) * 1e3,
             gc_ms=collector.ms,
             gc_passes=collector.collections,

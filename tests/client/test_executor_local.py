@@ -113,8 +113,9 @@ def test_a_plan_prepared_ahead_is_not_checked_again_and_the_idle_hook_runs_once_
         ex.prepare(plans[1], batches[1])
 
     ex.idle_hook = hook
-    ex.run_with_fallback(plans[0], batches[0], lambda b: plans[0])
+    first = ex.run_with_fallback(plans[0], batches[0], lambda b: plans[0])
     assert len(checks) == 2 and hook_calls == [1]  # this plan, then the next one inside the hook
+    assert 0 < first.hook_check_ms <= first.idle_hook_ms and first.hook_warm_ms == 0.0  # no kernels to load on CPU
     second = ex.run_with_fallback(plans[1], batches[1], lambda b: plans[1])
     assert len(checks) == 2 and second.fallback_reason == ""  # checked ahead: not again
     # A different batch for the same plan is still refused, and the cache stays bounded.
