@@ -168,4 +168,4 @@ def build_fallback_plan(
         orders = fallback_orders(header, interleaver, graph, work=work, lean=True)
     else:
         orders = fallback_orders(header, interleaver, graph, work=work, cap_scale=cap_scale)
-    return assemble_plan(header, orders, shapes.tensors)
+    return assemble_plan(header, orders, shapes.tensors, graph=graph)  # one stage graph per build, not two

@@ -207,6 +207,10 @@ class Planner:
         """Fallbacks in a row whose looser variants all overflowed memory (`LOOSE_FALLBACK_MISSES_BEFORE_SKIP`)."""
         self._fallback_rung = 0
         """Index in `LOOSE_FALLBACKS` of the last fallback that fit."""
+        self._loose_try_s = 0.0
+        """Wall time of this planner's last looser fallback try (build and SEMU check); 0 before the first."""
+        self._lean_fallback_s = 0.0
+        """Wall time of its last lean fallback build."""
         self._post_rates: list[float] = []
         """Seconds per stage that the recent plans spent after their search (see `_post_search_s`)."""
         self._post_config: SearchConfig | None = None
@@ -871,9 +875,14 @@ class Planner:
                 return sim
         return sim
 
-    def fallback_plan(self, batch: BatchMetadata, *, job_id: str = "") -> Plan:
+    def fallback_plan(self, batch: BatchMetadata, *, job_id: str = "", deadline: float | None = None) -> Plan:
         """The static fallback for `batch` (what the service serves when a search misses its deadline): the first
-        of `LOOSE_FALLBACKS` that fits device memory in SEMU, else a trainer's own fallback (lean memory cap)."""
+        of `LOOSE_FALLBACKS` that fits device memory in SEMU, else a trainer's own fallback (lean memory cap).
+
+        `deadline` (`time.monotonic` clock) bounds the looser tries: one is made only if it and the lean build
+        can still finish before it, at the times this planner's last ones took. A fallback served late is worth
+        nothing (the trainer has run its own by then), so near a deadline the lean one comes at once. A fallback
+        whose tries (at least one) all overflowed counts as a miss; one that could try none does not."""
         part = self.partition
 
         def build(**kwargs: Any) -> Plan:
@@ -888,18 +897,33 @@ class Planner:
                 **kwargs,
             )
 
+        def lean() -> Plan:
+            t0 = time.monotonic()
+            plan = build()
+            self._lean_fallback_s = time.monotonic() - t0
+            return plan
+
         if self._loose_fallback_misses < LOOSE_FALLBACK_MISSES_BEFORE_SKIP:
             # From one rung looser than the last that fit (batches of a job fit alike): usually one or two tries.
-            for rung in range(max(0, self._fallback_rung - 1), len(LOOSE_FALLBACKS)):
+            first = max(0, self._fallback_rung - 1)
+            for rung in range(first, len(LOOSE_FALLBACKS)):
+                if deadline is not None and time.monotonic() + self._loose_try_s + self._lean_fallback_s > deadline:
+                    if rung > first:  # the tries made all overflowed: a miss, as when every rung was tried
+                        self._loose_fallback_misses += 1
+                        self._fallback_rung = 0
+                    return lean()
+                t0 = time.monotonic()
                 cap_scale, unit_costs = LOOSE_FALLBACKS[rung]
                 plan = build(cap_scale=cap_scale, unit_costs=unit_costs)
-                if self._fits(self.simulate_plan(plan, batch)):
+                fits = self._fits(self.simulate_plan(plan, batch))
+                self._loose_try_s = time.monotonic() - t0
+                if fits:
                     self._loose_fallback_misses = 0
                     self._fallback_rung = rung
                     return plan
             self._loose_fallback_misses += 1
             self._fallback_rung = 0
-        return build()
+        return lean()
 
 
 LOOSE_FALLBACKS: tuple[tuple[float, bool], ...] = (

@@ -293,6 +293,10 @@ class Planning:
             return
         if job.caching:
             job.start_searching(entry)
+        if task.deadline is not None and task.search_budget_ms() < budget_ms:
+            # The deadline already cuts the search short: the fallback may well be needed, and built only when
+            # its reserve is all that is left it comes late whenever the control lane or the event loop is busy.
+            self._prebuild_fallback(job, entry, task.deadline)
         # Submitted now: the worker starts while the rest of a burst of requests is being read.
         outcome = self.pool.search.submit(work.plan_batch, task)
         outcome.add_done_callback(mark_retrieved)
@@ -374,12 +378,18 @@ class Planning:
             return
         entry.fallback = asyncio.create_task(self._fallback(job, entry, reason))
 
-    async def _fallback(self, job: JobState, entry: PlanEntry, reason: str) -> None:
+    def _prebuild_fallback(self, job: JobState, entry: PlanEntry, deadline: float | None) -> asyncio.Future[SharedPlan]:
+        """`entry`'s fallback build, started now unless one for its batch is under way or done."""
         build = job.fallback_build(entry.digest)
         if build is None:
-            build = asyncio.ensure_future(self._build_fallback(job, entry.batch))
+            due = deadline - SLACK_MS / 1e3 if deadline is not None else None  # ready before it, not at it
+            build = asyncio.ensure_future(self._build_fallback(job, entry.batch, due))
             build.add_done_callback(mark_retrieved)
             job.add_fallback_build(entry.digest, build)
+        return build
+
+    async def _fallback(self, job: JobState, entry: PlanEntry, reason: str) -> None:
+        build = self._prebuild_fallback(job, entry, min(entry.deadlines) if entry.deadlines else None)
         try:
             shared = await asyncio.shield(build)
         except RequestError as error:
@@ -394,9 +404,13 @@ class Planning:
             if entry.search is not None and not entry.search.done():
                 entry.search.cancel()  # free its queue slot; this iteration's plan is fixed now
 
-    async def _build_fallback(self, job: JobState, batch: bytes) -> SharedPlan:
-        """The fallback plan of `batch` (the job's placement, a static schedule), built on the control lane."""
-        task = work.PlanTask(job.job, batch, "fallback", 0.0, limits=self.config.limits, stage_scales=job.stage_scales)
+    async def _build_fallback(self, job: JobState, batch: bytes, deadline: float | None = None) -> SharedPlan:
+        """The fallback plan of `batch` (the job's placement, a static schedule), built on the control lane; near
+        `deadline` without the looser tries (`Planner.fallback_plan`)."""
+        task = work.PlanTask(
+            job.job, batch, "fallback", 0.0, limits=self.config.limits, stage_scales=job.stage_scales, deadline=deadline
+        )
+        t0 = time.monotonic()
         try:
             outcome = await self.pool.control.run(work.plan_batch, task)
         except QueueFull as exc:
@@ -412,7 +426,9 @@ class Planning:
             raise from_rejected(outcome)
         if not isinstance(outcome, work.PlanOutcome):
             raise RequestError(grpc.StatusCode.INTERNAL, "no plan", reason="NO_PLAN")
-        job.record_fallback(outcome.worker_ms)
+        # The reserve before a deadline is what a fallback takes from its start to its plan being here: the
+        # control lane's queue and the transfer back count, not only the worker's time.
+        job.record_fallback(max(outcome.worker_ms, (time.monotonic() - t0) * 1e3))
         self.m.worker_task_seconds.labels(lane="control", task="fallback").observe(outcome.worker_ms / 1e3)
         return SharedPlan(outcome.plan)
 

@@ -348,7 +348,7 @@ def plan_batch(task: PlanTask) -> PlanOutcome | Rejected | Expired:
     planner = _planner(task.job, task.stage_scales)
     setup_ms = (time.perf_counter() - t_setup) * 1e3 if cold else 0.0
     if task.mode == "fallback":
-        plan = planner.fallback_plan(decoded, job_id=task.job.job_id)
+        plan = planner.fallback_plan(decoded, job_id=task.job.job_id, deadline=task.deadline)
         return PlanOutcome(
             plan=EncodedPlan.of(plan_to_proto(plan)),
             mode="fallback",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,45 @@ def test_the_fallback_takes_the_loosest_rung_that_fits_and_starts_near_it_next_t
     tries.clear()
     validate(planner.fallback_plan(batch))
     assert tries == caps[one - 1 : one + 1]  # one rung looser than last time, then the rung that fit
+
+
+def test_near_its_deadline_the_fallback_skips_the_looser_tries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fallback served after its deadline is worth nothing: the looser tries are made only while they and the
+    lean build still fit before it (at the times the last ones took)."""
+    w = workload("tiny-vlm")
+    planner = Planner(w.model, w.parallel, w.hardware, config=FAST)
+    tries = _record_fallback_caps(monkeypatch)
+    monkeypatch.setattr(planner, "_fits", lambda sim: False)
+    batch = sample_batch(w, seed=0)
+    loose = [c for c, _ in planner_module.LOOSE_FALLBACKS]
+    far = time.monotonic() + 3600.0
+    validate(planner.fallback_plan(batch, deadline=far))  # time enough: every rung, then the lean one
+    assert tries == [*loose, None]
+    assert planner._loose_try_s > 0 and planner._lean_fallback_s > 0
+    tries.clear()
+    misses = planner._loose_fallback_misses
+    served = planner.fallback_plan(batch, deadline=time.monotonic())  # due now: the lean one at once
+    validate(served)
+    assert tries == [None] and served.header.source is PlanSource.FALLBACK
+    assert planner._loose_fallback_misses == misses  # nothing was tried: no miss
+    # On a clock where a looser try takes 1 s and the lean build 0.5 s, a deadline 2 s away leaves room for one
+    # try (1 + 1 + 0.5 > 2 after it), then the lean build; the try overflowed, so that is a miss.
+    clock = [1000.0]
+    built: list[float | None] = []
+    real_build = planner_module.build_fallback_plan
+
+    def timed(*args: object, **kwargs: object) -> object:
+        cap = kwargs.get("cap_scale")
+        built.append(cap)  # type: ignore[arg-type]
+        clock[0] += 1.0 if cap is not None else 0.5
+        return real_build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(planner_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(planner_module, "build_fallback_plan", timed)
+    misses = planner._loose_fallback_misses
+    planner._fallback_rung = 0
+    validate(planner.fallback_plan(batch, deadline=clock[0] + 2.0))
+    assert built == [loose[0], None]
+    assert planner._loose_fallback_misses == misses + 1

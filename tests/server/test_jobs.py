@@ -195,6 +195,14 @@ def test_a_reserve_inflated_by_one_slow_search_recovers() -> None:
     for _ in range(3):
         job.note_reserve_fallback()
     assert job.fallback_ms == 100.0  # back to the prior once the outlier is forgotten
+    for ms in (400.0, 450.0, 420.0, 4_000.0):
+        job.record_fallback(ms)
+    for _ in range(3):
+        job.note_reserve_fallback()
+    assert job.fallback_ms == 450.0  # the outlier goes
+    for _ in range(6):
+        job.note_reserve_fallback()
+    assert job.fallback_ms == 450.0  # typical fallback times stay: they are what the next deadline needs
 
 
 def test_a_cold_first_search_does_not_set_the_reserve_once_a_warm_one_is_measured() -> None:
