@@ -227,10 +227,14 @@ def test_streams_answer_every_iteration_for_every_rank(planner: ServerProcess, j
 def test_a_deadline_shorter_than_the_budget_still_gets_a_searched_plan(planner: ServerProcess) -> None:
     stub = planner.stub()
     slow = stub.RegisterJob(register_request(W, planning_budget_ms=20_000.0), timeout=60).job_id
+    builds = {"name": "pipeweaver_worker_task_seconds_count", "lane": "control", "task": "fallback"}
+    builds_before = planner.sample(**builds)
     started = time.monotonic()
     r = stub.GetPlan(pb.GetPlanRequest(job_id=slow, rank=0, batch=batch(W, 300, seed=5)), timeout=3.0)
     assert time.monotonic() - started < 3.0
     assert not r.fallback and r.header.source == pb.PLAN_SOURCE_SEARCH
+    # The deadline cut the search short, so its fallback was built at once, in case (and not served).
+    assert planner.sample(**builds) - builds_before == 1
 
 
 def test_no_plan_by_the_deadline_means_the_flagged_fallback(planner: ServerProcess) -> None:
