@@ -7,7 +7,9 @@ per pipeline rank, 16 replica streams each) on the same machine as the server.
 
 Pass 1 (planning): all replicas send the same batch per iteration (on 2 cores, 16 distinct searches per iteration
 would measure the CPU, not the service): one replica's search runs, the other replicas share it while it is in
-flight. Overhead = delivery latency minus the worker time the answer reports (the search it waited for).
+flight. With --distinct-replicas (a host with cores for the searches) each replica draws its own batches, so every
+iteration asks for 16 searches at once. Overhead = delivery latency minus the worker time the answer reports (the
+search it waited for).
 Pass 2 (cached): the same iterations again; every plan is a cache hit, so the delivery latency is the service's
 own overhead (gRPC, de-duplication, the answers) for a burst of 64 requests per iteration.
 Pass 3 (transport floor, --floor-iterations): the same clients against a gRPC server that does nothing but answer
@@ -146,11 +148,11 @@ async def _stream(
     return out
 
 
-def _client(args: tuple[int, str, int, list[bytes], float]) -> tuple[list[Sample], float]:
+def _client(args: tuple[int, str, int, list[list[bytes]], float]) -> tuple[list[Sample], float]:
     """One pipeline rank's 16 replica streams in one process; returns the samples and the process's CPU seconds."""
     import grpc
 
-    port, job_id, rank, batches, iteration_ms = args
+    port, job_id, rank, batches, iteration_ms = args  # batches[replica][iteration]
     assert _START is not None
     barrier, shared_start = _START
 
@@ -164,7 +166,7 @@ def _client(args: tuple[int, str, int, list[bytes], float]) -> tuple[list[Sample
             start = float(shared_start.value)
             results = await asyncio.gather(
                 *(
-                    _stream(ch, job_id, rank, replica, batches, iteration_ms, start)
+                    _stream(ch, job_id, rank, replica, batches[replica], iteration_ms, start)
                     for replica, ch in enumerate(channels)
                 )
             )
@@ -177,8 +179,9 @@ def _client(args: tuple[int, str, int, list[bytes], float]) -> tuple[list[Sample
     return samples, time.process_time() - cpu0
 
 
-def run_pass(port: int, job_id: str, batches: list[bytes], iteration_ms: float) -> tuple[list[Sample], float]:
-    """All 64 streams through one pass; returns the samples and the client processes' CPU seconds."""
+def run_pass(port: int, job_id: str, batches: list[list[bytes]], iteration_ms: float) -> tuple[list[Sample], float]:
+    """All 64 streams through one pass (`batches[replica][iteration]`); returns the samples and the client
+    processes' CPU seconds."""
     ctx = multiprocessing.get_context("spawn")
     init = (ctx.Barrier(4), ctx.Value("d", 0.0))
     with ctx.Pool(4, initializer=_init_client, initargs=init) as pool:  # a process per pipeline rank
@@ -224,7 +227,7 @@ def one_answer(port: int, job_id: str, batch: bytes) -> bytes:
         return bytes(get_plan(pb.GetPlanRequest(job_id=job_id, rank=1, batch=pb.BatchMetadata.FromString(batch))))
 
 
-def floor_pass(answer: bytes, batches: list[bytes], iteration_ms: float) -> tuple[list[Sample], float, float]:
+def floor_pass(answer: bytes, batches: list[list[bytes]], iteration_ms: float) -> tuple[list[Sample], float, float]:
     """The clients of `run_pass` against `_echo_server`: (samples, server CPU seconds, client CPU seconds)."""
     ctx = multiprocessing.get_context("spawn")
     ports = ctx.Queue()
@@ -253,6 +256,9 @@ def main() -> None:
     parser.add_argument("--iteration-ms", type=float, default=2000.0)
     parser.add_argument("--budget-ms", type=float, default=300.0)
     parser.add_argument("--floor-iterations", type=int, default=50, help="iterations of the transport floor (0: skip)")
+    parser.add_argument(
+        "--distinct-replicas", action="store_true", help="each replica its own batches (16 searches per iteration)"
+    )
     parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU", help="recorded in the report")
     parser.add_argument("--out", default="", help="also write the report here (JSON)")
     args = parser.parse_args()
@@ -261,9 +267,12 @@ def main() -> None:
     from pipeweaver.wire import batch_to_proto
 
     w = workload("vlm-s")
-    batches = [
-        batch_to_proto(dynamic_batch(w, seed=0, iteration=i)).SerializeToString() for i in range(args.iterations)
+    replicas = 16 if args.distinct_replicas else 1
+    drawn = [
+        [batch_to_proto(dynamic_batch(w, seed=r, iteration=i)).SerializeToString() for i in range(args.iterations)]
+        for r in range(replicas)
     ]
+    batches = [drawn[r % replicas] for r in range(16)]  # [replica][iteration]
     proc, port, _ = start_server(args.budget_ms)
     try:
         job_id = register(port)
@@ -272,13 +281,13 @@ def main() -> None:
         cpu1, t1 = cpu_seconds(proc.pid), time.perf_counter()
         cached, cached_client_cpu = run_pass(port, job_id, batches, args.iteration_ms)
         cpu2, t2 = cpu_seconds(proc.pid), time.perf_counter()
-        answer = one_answer(port, job_id, batches[0])
+        answer = one_answer(port, job_id, batches[0][0])
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     floor = None
     if args.floor_iterations > 0:
-        floor = floor_pass(answer, batches[: args.floor_iterations], args.iteration_ms)
+        floor = floor_pass(answer, [b[: args.floor_iterations] for b in batches], args.iteration_ms)
 
     def pct(values: list[float], q: float) -> float | None:
         return round(float(np.percentile(values, q)), 2) if values else None
@@ -314,6 +323,7 @@ def main() -> None:
         "command": "python benchmarks/bench_service.py " + " ".join(sys.argv[1:]),
         "machine": args.machine,
         "streams": 64,
+        "distinct_replicas": args.distinct_replicas,
         "iterations": args.iterations,
         "budget_ms": args.budget_ms,
         "iteration_ms": args.iteration_ms,
