@@ -84,7 +84,11 @@ class PlannerServer:
         if not cfg.follower:
             # Spawned before any gRPC object exists (spawn is safe anyway; fork would not be).
             self.pool = WorkerPool(
-                cfg.search_workers, cfg.queue_size, on_change=self._lane_changed, on_restart=self._lane_restarted
+                cfg.search_workers,
+                cfg.queue_size,
+                control_workers=cfg.control_workers,
+                on_change=self._lane_changed,
+                on_restart=self._lane_restarted,
             )
             self.pool.spawn()
         server = grpc.aio.server(interceptors=[MetricsInterceptor(self.metrics)], options=grpc_options(cfg))

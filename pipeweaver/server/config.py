@@ -24,9 +24,17 @@ class ConfigError(PipeWeaverError, ValueError):
     """A server option is invalid; the message names the flag or variable, the value and the fix."""
 
 
+def default_control_workers() -> int:
+    """One control worker per 16 cores (registrations, fallbacks, simulations), at least one. With distinct
+    batches per data-parallel replica, an iteration that misses its deadlines needs one fallback per replica, and a
+    single control worker builds them one after another (~150 ms each for vlm-s: docs/benchmarks.md)."""
+    return max(1, (os.cpu_count() or 2) // 16)
+
+
 def default_search_workers() -> int:
-    """One search worker per core, less one core for the event loop and the control worker."""
-    return max(1, (os.cpu_count() or 2) - 1)
+    """One search worker per core, less the control workers' cores and, from 16 cores, one for the event loop."""
+    cores = os.cpu_count() or 2
+    return max(1, cores - default_control_workers() - (1 if cores >= 16 else 0))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -66,6 +74,8 @@ class ServerConfig:
     """Port of the Prometheus /metrics endpoint; 0 picks a free one."""
     search_workers: int = field(default_factory=default_search_workers)
     """Processes that run searches (spawned, never forked)."""
+    control_workers: int = field(default_factory=default_control_workers)
+    """Processes that run registrations, fallback plans and simulations."""
     queue_size: int = 64
     """Searches that may wait for a worker; past it, requests get RESOURCE_EXHAUSTED."""
     budget_ms: float = 500.0
@@ -111,6 +121,7 @@ class ServerConfig:
         _check(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
         _check(0 <= self.metrics_port <= 65535, f"metrics port must be in 0..65535, got {self.metrics_port}")
         _check(self.search_workers >= 1, f"search workers must be at least 1, got {self.search_workers}")
+        _check(self.control_workers >= 1, f"control workers must be at least 1, got {self.control_workers}")
         _check(self.queue_size >= 0, f"queue size must not be negative, got {self.queue_size}")
         _check(self.budget_ms > 0, f"budget must be positive, got {self.budget_ms} ms")
         _check(
@@ -191,6 +202,13 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--metrics-host", "PIPEWEAVER_METRICS_HOST", "metrics_host", str, "metrics address (default: --host)"),
     _Option("--metrics-port", "PIPEWEAVER_METRICS_PORT", "metrics_port", int, "Prometheus port (default 9464)"),
     _Option("--workers", "PIPEWEAVER_WORKERS", "search_workers", int, "search worker processes (default: cores - 1)"),
+    _Option(
+        "--control-workers",
+        "PIPEWEAVER_CONTROL_WORKERS",
+        "control_workers",
+        int,
+        "worker processes for registrations, fallbacks and simulations (default: 1 per 16 cores)",
+    ),
     _Option("--queue-size", "PIPEWEAVER_QUEUE_SIZE", "queue_size", int, "searches that may wait (default 64)"),
     _Option("--budget-ms", "PIPEWEAVER_BUDGET_MS", "budget_ms", float, "default planning budget per batch"),
     _Option("--max-budget-ms", "PIPEWEAVER_MAX_BUDGET_MS", "max_budget_ms", float, "largest budget accepted"),

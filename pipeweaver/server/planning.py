@@ -55,7 +55,7 @@ SIMULATE_SCHEDULES = ("pipeweaver", "fallback")
 WARM_JOB_BUDGET_MS = 500.0
 """Most search budget a worker's warm-up for a new job uses (the job's own budget when smaller)."""
 WARM_JOB_HOLD_S = 0.3
-"""Each search worker's warm-up task holds it this long, so that the N tasks reach N different workers."""
+"""Each warm-up task holds its worker this long, so that a lane's N tasks reach its N different workers."""
 REWARM_JOBS = 4
 """Jobs a replacement pool (after a worker died) is warmed for: the most recently used ones."""
 
@@ -135,7 +135,7 @@ class Planning:
 
     async def _warm_job(self, job: JobState, lanes: tuple[str, ...] = ("search", "control")) -> None:
         """Warm the workers of `lanes` for `job`, in the background (RegisterJob has answered, or a lane's pool was
-        replaced): each search worker builds the job's planner and searches one heavy batch, the control worker
+        replaced): each search worker builds the job's planner and searches one heavy batch, each control worker
         builds its fallback. A request arriving meanwhile queues behind the warm-up (about one search).
 
         The warm plans' times are *not* deadline-reserve samples: they are each worker's first, cold, plan for
@@ -152,15 +152,19 @@ class Planning:
                 for _ in range(search.workers)
             ]
         if "control" in lanes:
-            tasks.append(self.pool.control.submit(work.warm_job, work.WarmJobTask(job.job, "fallback", 0.0, 0.0)))
+            control = self.pool.control
+            hold_s = WARM_JOB_HOLD_S if control.workers > 1 else 0.0  # held: one task per worker, as above
+            tasks += [
+                control.submit(work.warm_job, work.WarmJobTask(job.job, "fallback", 0.0, hold_s))
+                for _ in range(control.workers)
+            ]
         results = await asyncio.gather(*tasks, return_exceptions=True)
-        pids: set[int] = set()
+        pids: dict[str, set[int]] = {"search": set(), "control": set()}
         for r in results:
             if isinstance(r, work.WarmJobOutcome):
                 lane = "search" if r.mode == "search" else "control"
                 self.m.worker_task_seconds.labels(lane=lane, task="warm_job").observe(r.worker_ms / 1e3)
-                if r.mode == "search":
-                    pids.add(r.pid)
+                pids[lane].add(r.pid)
             elif isinstance(r, work.Rejected):
                 log.warning("warming %s: %s", job.job_id, r.message)
             elif isinstance(r, (PoolClosed, asyncio.CancelledError)):
@@ -170,10 +174,12 @@ class Planning:
         seconds = time.monotonic() - t0
         self.m.job_warmup_seconds.observe(seconds)
         log.info(
-            "warmed %s on %d of %d search workers (lanes: %s) in %.1f s",
+            "warmed %s on %d of %d search workers and %d of %d control workers (lanes: %s) in %.1f s",
             job.job_id,
-            len(pids),
+            len(pids["search"]),
             search.workers if "search" in lanes else 0,
+            len(pids["control"]),
+            self.pool.control.workers if "control" in lanes else 0,
             ", ".join(lanes),
             seconds,
         )

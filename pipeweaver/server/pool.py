@@ -2,7 +2,8 @@
 
 gRPC Python must never fork, so workers are *spawned* (a fresh interpreter each), started and warmed before the
 service reports SERVING. Two lanes keep short work from queueing behind searches: ``search`` (N workers) runs the
-per-batch searches; ``control`` (one worker) runs registrations, fallback plans and simulations. Each lane
+per-batch searches; ``control`` (one worker per 16 cores by default) runs registrations, fallback plans and
+simulations. Each lane
 admits at most `workers` running tasks plus `queue_size` waiting ones (`QueueFull` past that, which the service
 answers with RESOURCE_EXHAUSTED). A worker that dies breaks its `ProcessPoolExecutor`: the lane replaces it with
 a fresh pool at once, and every task that was on the broken one raises `WorkerCrashed` (the service then answers
@@ -318,12 +319,17 @@ class WorkerPool:
         search_workers: int,
         queue_size: int,
         *,
+        control_workers: int = 1,
         on_change: Callable[[Lane], None] | None = None,
         on_restart: Callable[[Lane], None] | None = None,
     ) -> None:
         self.search = Lane("search", search_workers, queue_size, on_change=on_change, on_restart=on_restart)
         self.control = Lane(
-            "control", 1, max(64, queue_size + search_workers), on_change=on_change, on_restart=on_restart
+            "control",
+            control_workers,
+            max(64, queue_size + search_workers),
+            on_change=on_change,
+            on_restart=on_restart,
         )
         self.lanes = (self.search, self.control)
 

@@ -157,11 +157,12 @@ def test_planner_configuration_uses_real_server_options(where: str) -> None:
     flags = {a.partition("=")[0] for a in planner.get("args", []) if a.startswith("--")}
     assert flags <= KNOWN_FLAGS, f"{where}: not flags of `pipeweaver serve`: {flags - KNOWN_FLAGS}"
 
-    # The worker count follows the CPU limit (the default, cores - 1, would count the node's cores).
+    # The worker counts follow the CPU limit (the defaults would count the node's cores).
     limits, requests = planner["resources"]["limits"], planner["resources"]["requests"]
     assert {"cpu", "memory"} <= set(limits) and {"cpu", "memory"} <= set(requests)
     workers = int(env(planner)["PIPEWEAVER_WORKERS"])
-    assert workers + 1 <= float(limits["cpu"]), "search workers plus the control worker within the CPU limit"
+    control = int(env(planner)["PIPEWEAVER_CONTROL_WORKERS"])
+    assert workers + control <= float(limits["cpu"]), "search and control workers within the CPU limit"
 
 
 @pytest.mark.parametrize("where", TEMPLATES)

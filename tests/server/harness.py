@@ -105,7 +105,12 @@ class ServerProcess:
 
 
 def start_server(
-    tmp_path: Path, *args: str, workers: int = 1, env: dict[str, str] | None = None, timeout_s: float = START_TIMEOUT_S
+    tmp_path: Path,
+    *args: str,
+    workers: int = 1,
+    control_workers: int = 1,
+    env: dict[str, str] | None = None,
+    timeout_s: float = START_TIMEOUT_S,
 ) -> ServerProcess:
     n = next(_counter)
     ready = tmp_path / f"ready-{n}.json"
@@ -121,6 +126,8 @@ def start_server(
         "0",
         "--workers",
         str(workers),
+        "--control-workers",  # not the default, which depends on the machine's cores
+        str(control_workers),
         "--ready-file",
         str(ready),
         *args,

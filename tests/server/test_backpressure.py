@@ -73,3 +73,16 @@ def test_queue_full_and_stream_cancellation(tmp_path: Path) -> None:
         r = stub.GetPlan(pb.GetPlanRequest(job_id=job_id, rank=1, batch=batch(W, 4, seed=51), budget_ms=50), timeout=30)
         assert not r.fallback and _plans(server) == 1
         assert server.stop() == 0, server.log()
+
+
+def test_every_control_worker_is_warmed_for_a_new_job(tmp_path: Path) -> None:
+    """With several control workers (many-core hosts: fallbacks of distinct replicas' batches in parallel), the
+    warm-up reaches each of them, as it does each search worker."""
+    with running_server(tmp_path, control_workers=2) as server:
+        assert len(server.control_worker_pids) == 2
+        server.stub().RegisterJob(register_request(W, planning_budget_ms=100.0), timeout=60)
+        wait_until(lambda: server.sample("pipeweaver_job_warmup_seconds_count") == 1, 60, "the job's warm-up")
+        assert server.sample("pipeweaver_worker_task_seconds_count", lane="control", task="warm_job") == 2
+        line = next(x for x in server.log().splitlines() if "warmed " in x)
+        assert "on 1 of 1 search workers and 2 of 2 control workers" in line, line
+        assert server.health() == 1  # SERVING

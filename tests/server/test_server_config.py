@@ -23,6 +23,7 @@ def test_defaults_suit_a_sidecar() -> None:
     cfg = parse([])
     assert cfg.host == "127.0.0.1" and cfg.port == 50051 and cfg.metrics_port == 9464
     assert cfg.tls is None and cfg.reflection and not cfg.follower and cfg.search_workers >= 1
+    assert cfg.control_workers >= 1
 
 
 def test_environment_fills_in_and_flags_win() -> None:
@@ -31,6 +32,8 @@ def test_environment_fills_in_and_flags_win() -> None:
     assert (cfg.port, cfg.metrics_port, cfg.search_workers) == (7000, 6001, 3)
     cfg = parse([], {"PIPEWEAVER_MAX_MICROBATCHES": "16", "PIPEWEAVER_REFLECTION": "off"})
     assert cfg.limits.max_microbatches == 16 and not cfg.reflection
+    cfg = parse(["--control-workers", "2"], {"PIPEWEAVER_CONTROL_WORKERS": "3"})
+    assert cfg.control_workers == 2
     cfg = parse(["--compare-baselines", "1f1b,zb-h1"])
     assert cfg.compare_baselines == ("1f1b", "zb-h1")
 
@@ -42,6 +45,7 @@ def test_environment_fills_in_and_flags_win() -> None:
         ([], {"PIPEWEAVER_PORT": "seventy"}, "PIPEWEAVER_PORT"),
         (["--port", "70000"], {}, "port must be in 0..65535"),
         (["--workers", "0"], {}, "search workers must be at least 1"),
+        ([], {"PIPEWEAVER_CONTROL_WORKERS": "0"}, "control workers must be at least 1"),
         (["--budget-ms", "-1"], {}, "budget must be positive"),
         (["--compare-baselines", "fastest"], {}, "unknown baseline"),
         (["--tls-cert", "/nonexistent.pem"], {}, "TLS needs both"),

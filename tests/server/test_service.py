@@ -78,7 +78,7 @@ def test_a_new_job_is_warmed_on_every_search_worker_and_the_control_worker(plann
     wait_until(lambda: planner.sample("pipeweaver_job_warmup_seconds_count") > before, 60, "the job's worker warm-up")
     line = next(x for x in planner.log().splitlines() if f"warmed {response.job_id}" in x)
     workers = len(planner.search_worker_pids)
-    assert f"on {workers} of {workers} search workers" in line, line
+    assert f"on {workers} of {workers} search workers and 1 of 1 control workers" in line, line
     assert planner.sample("pipeweaver_worker_task_seconds_count", lane="control", task="warm_job") >= 1
     # Registering again is idempotent: no second warm-up.
     planner.stub().RegisterJob(register_request(w), timeout=120)

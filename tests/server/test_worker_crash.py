@@ -58,5 +58,7 @@ def test_a_worker_killed_mid_search_yields_flagged_fallbacks_and_a_new_worker(tm
         # The replacement workers were warmed for the job too (a second warm-up, of the search lane only).
         wait_until(lambda: server.sample("pipeweaver_job_warmup_seconds_count") == 2, 60, "the replacement's warm-up")
         n = len(server.search_worker_pids)
-        assert f"warmed {job_id} on {n} of {n} search workers (lanes: search)" in server.log()
+        assert (
+            f"warmed {job_id} on {n} of {n} search workers and 0 of 0 control workers (lanes: search)" in server.log()
+        )
         assert server.stop() == 0, server.log()
