@@ -201,7 +201,13 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--port", "PIPEWEAVER_PORT", "port", int, "gRPC port (default 50051; 0: any free port)"),
     _Option("--metrics-host", "PIPEWEAVER_METRICS_HOST", "metrics_host", str, "metrics address (default: --host)"),
     _Option("--metrics-port", "PIPEWEAVER_METRICS_PORT", "metrics_port", int, "Prometheus port (default 9464)"),
-    _Option("--workers", "PIPEWEAVER_WORKERS", "search_workers", int, "search worker processes (default: cores - 1)"),
+    _Option(
+        "--workers",
+        "PIPEWEAVER_WORKERS",
+        "search_workers",
+        int,
+        "search worker processes (default: cores - control workers, less one from 16 cores)",
+    ),
     _Option(
         "--control-workers",
         "PIPEWEAVER_CONTROL_WORKERS",
