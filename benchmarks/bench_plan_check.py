@@ -13,11 +13,16 @@ times each part of that check on one searched plan of a workload, on this machin
 
 `--workload e2e-t2v` / `e2e-vlm` take the scaled models of the 4-GPU runs (benchmarks/gpu/e2e_workload.py).
 Each number is the median of `--repeats` runs, in ms.
+
+`--gc N` adds what Python's garbage collector does to the check (`pipeweaver.client.host_gc`): the whole check
+(graph, validation, shapes) run N times with the collector as Python leaves it (median, max, full passes), and
+the cost of one full pass over this process's objects before and after `settle_host_objects`.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import platform
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeweaver.client.data import stable_seed
+from pipeweaver.client.host_gc import CollectorClock, settle_host_objects, unsettle_host_objects
 from pipeweaver.datagen import representative_batch
 from pipeweaver.plan.graph import stage_graph
 from pipeweaver.plan.ir import CommBatch, Plan
@@ -92,15 +98,65 @@ def measure(w: Workload, *, budget_ms: float, repeats: int) -> dict[str, Any]:
     }
 
 
+def measure_gc(w: Workload, *, budget_ms: float, checks: int) -> dict[str, Any]:
+    """The check with the collector on (times and full passes per check), then one full pass before and after
+    settling this process's objects. Leaves the process unsettled."""
+    batch = representative_batch(w.model, w.parallel, w.hardware, seed=0)
+    if batch is None:
+        raise SystemExit(f"workload '{w.name}' has no image or video module to draw a batch for")
+    planner = Planner(w.model, w.parallel, w.hardware, config=SearchConfig(compare_baselines=()))
+    plan: Plan = planner.plan(batch, job_id="bench", budget_ms=budget_ms).plan
+
+    def check() -> None:
+        validate(plan, graph=stage_graph(plan.header))
+        shapes = TransferShapes(w.model, batch, plan.header, dtype="float32")
+        for rp in plan.ranks:
+            for action in rp.actions:
+                if isinstance(action, CommBatch):
+                    for op in action.ops:
+                        shapes.tensors(op.src, op.dst)
+
+    unsettle_host_objects()
+    times, full = [], 0
+    with CollectorClock() as clock:
+        for _ in range(checks):
+            t0 = time.perf_counter()
+            check()
+            times.append((time.perf_counter() - t0) * 1e3)
+            full += clock.take().collections[2]
+
+    def one_full_pass_ms() -> float:
+        t0 = time.perf_counter()
+        gc.collect()
+        return round((time.perf_counter() - t0) * 1e3, 2)
+
+    tracked = len(gc.get_objects())
+    before = one_full_pass_ms()
+    settle_host_objects()
+    after = one_full_pass_ms()
+    unsettle_host_objects()
+    return {
+        "checks": checks,
+        "check_ms_collector_on": {"median": round(statistics.median(times), 2), "max": round(max(times), 2)},
+        "full_passes_during_checks": full,
+        "objects_tracked": tracked,
+        "full_pass_ms": {"before_settling": before, "after_settling": after},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", default="e2e-t2v", help="a preset name, or e2e-t2v / e2e-vlm")
     ap.add_argument("--budget-ms", type=float, default=300.0)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--gc", type=int, default=0, metavar="N", help="also measure the collector over N checks")
     a = ap.parse_args()
     if a.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {a.repeats}")
-    out = measure(_workload(a.workload), budget_ms=a.budget_ms, repeats=a.repeats)
+    w = _workload(a.workload)
+    out = measure(w, budget_ms=a.budget_ms, repeats=a.repeats)
+    if a.gc > 0:
+        out["gc"] = measure_gc(w, budget_ms=a.budget_ms, checks=a.gc)
     out["env"] = {
         "machine": platform.processor() or platform.machine(),
         "python": platform.python_version(),

@@ -369,7 +369,7 @@ class Clock:
     started: float = field(default_factory=time.monotonic)
     elapsed_s: float = 0.0
     last_ms: float = 0.0
-    last_gc: CollectorTime = field(default_factory=lambda: CollectorTime(ms=0.0, collections=(0, 0, 0)))
+    last_gc: CollectorTime = field(default_factory=CollectorTime)
     """This rank's garbage collections during the last timed step."""
     collector: CollectorClock = field(default_factory=CollectorClock)
 

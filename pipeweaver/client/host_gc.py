@@ -3,14 +3,14 @@
 On GPUs our iterations are host-bound (docs/gpu.md section 7): the host's time per action sets the pace, so
 anything else the host does adds to the iteration. CPython's cyclic collector is such a thing. A full (generation
 2) pass walks every container object the process holds, and a trainer holds hundreds of thousands (modules,
-parameters, plans, the CUDA and NCCL wrappers): 138 ms per pass for the 265,000 objects of a process that has
-built the scaled T2V model and planned one batch, on the 2-core development machine. The interpreter starts such
-passes on its own, at points no one chooses, in the middle of an iteration's dispatch or of the idle hook's plan
-check (a median check of 38 ms took 160-185 ms once every ~9 checks there).
+parameters, plans, the CUDA and NCCL wrappers): 119 ms per pass for the 263,000 objects of a process that has
+planned one batch of the scaled T2V model, on the 2-core development machine. The interpreter starts such passes
+on its own, at points no one chooses, in the middle of an iteration's dispatch or of the idle hook's plan check
+(3 in 30 checks there: median 35 ms, max 178 ms; `benchmarks/bench_plan_check.py --gc`).
 
 Most of those objects live as long as the trainer. `settle_host_objects` collects once and then freezes what is
 left (`gc.freeze`): the collector never walks the frozen objects again, so a later full pass walks only what was
-allocated since (0.8 ms instead of 138 ms in the example above). Frozen objects are still freed by reference
+allocated since (0.01 ms instead of 119 ms in the example above). Frozen objects are still freed by reference
 counting; only a reference cycle among them would never be reclaimed, which is why this runs once the trainer's
 long-lived state exists (after its first iteration).
 
@@ -82,8 +82,8 @@ def is_settled() -> bool:
 class CollectorTime:
     """Collections and the wall time they took, since the clock's last `take`."""
 
-    ms: float
-    collections: tuple[int, int, int]
+    ms: float = 0.0
+    collections: tuple[int, int, int] = (0, 0, 0)
     """Passes per generation (0: young objects only, 2: every unfrozen object)."""
 
 

@@ -408,8 +408,8 @@ class JobState:
         estimate of the search's overhead and let the next iteration try a search again. The fallback's estimate
         loses its largest sample only when that is an outlier (more than twice the median of the others, or alone):
         fallbacks refresh it every time they are built, and forgetting typical ones starts the next fallbacks too
-        late for their deadlines (at 500 ms iterations of vlm-s on 2 cores, 24% of them came late once it had
-        decayed to the prior)."""
+        late for their deadlines (at 500 ms iterations of vlm-s on 2 cores, the decayed estimate was one of the
+        three reasons a quarter of the fallbacks came late: docs/benchmarks.md)."""
         self._reserve_fallbacks += 1
         if self._reserve_fallbacks >= RESERVE_FALLBACKS_BEFORE_DECAY:
             self._reserve_fallbacks = 0

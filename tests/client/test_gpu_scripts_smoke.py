@@ -228,3 +228,22 @@ def test_trace_ratios_per_stage_kind_from_a_committed_trace() -> None:
     assert worst.kind[0] == "llm" and worst.kind[2] == "F" and worst.ratio > 1.5
     with pytest.raises(ValueError, match="no 'semu_nothing' timeline"):
         kind_ratios(root / "benchmarks/results/e2e_traces_run13/pipeweaver_it3.trace.json.gz", "semu_nothing")
+
+
+def test_offline_refit_reproduces_the_runs_calibrated_error_and_the_partition() -> None:
+    """semu_offline.py on a committed run: its calibrated MAPE is the one the run reported, and the partitioner on
+    the run's profile gives the K_i the run's sidecar used."""
+    import json
+
+    from semu_offline import partition, refit
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    run = json.loads((results / "e2e_compare_run21_h200x4.json").read_text())
+    got = refit(run)
+    for name, entry in got.items():
+        reported = run["summary"]["semu_mape"][name]["calibrated"]["mape_pct"]
+        assert entry["mape_pct"]["calibrated"] == round(reported, 1), name
+        assert entry["iterations"] == 30
+    part = partition(run)
+    assert part is not None
+    assert part["segments"] == run["schedules"]["pipeweaver"]["service"]["segments"]
