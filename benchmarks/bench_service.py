@@ -43,8 +43,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(budget_ms: float) -> tuple[subprocess.Popen[bytes], int, Path]:
+def start_server(budget_ms: float, log: str = "") -> tuple[subprocess.Popen[bytes], int, Path]:
     ready = Path(tempfile.mkdtemp()) / "ready.json"
+    sink = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the server holds it until it exits
     env = dict(os.environ)
     env.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".cache" / "numba"))
     proc = subprocess.Popen(
@@ -63,8 +64,8 @@ def start_server(budget_ms: float) -> tuple[subprocess.Popen[bytes], int, Path]:
             str(budget_ms),
         ],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=sink,
+        stderr=sink,
     )
     deadline = time.time() + 240
     while not ready.exists():
@@ -98,8 +99,8 @@ def register(port: int) -> str:
         return str(resp.job_id)
 
 
-Sample = tuple[float, float, bool, str, float]
-"""(latency ms, search ms, on time, source, parse ms)."""
+Sample = tuple[float, float, bool, str, float, int]
+"""(latency ms, search ms, on time, source, parse ms, iteration)."""
 
 _START: tuple[Any, Any] | None = None
 """(barrier, shared start time) of the client processes: every rank starts iteration 0 at the same instant."""
@@ -111,7 +112,14 @@ def _init_client(barrier: Any, start: Any) -> None:
 
 
 async def _stream(
-    channel: Any, job_id: str, rank: int, replica: int, batches: list[bytes], iteration_ms: float, start: float
+    channel: Any,
+    job_id: str,
+    rank: int,
+    replica: int,
+    batches: list[bytes],
+    iteration_ms: float,
+    start: float,
+    first_iteration: int,
 ) -> list[Sample]:
     from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -129,6 +137,7 @@ async def _stream(
         due = start + i * iteration_ms / 1e3
         batch = pb.BatchMetadata.FromString(raw)
         batch.dp_replica = replica
+        batch.iteration = first_iteration + i  # a later pass: later iterations whose batches repeat (cache hits)
         deadline = Timestamp()
         deadline.FromNanoseconds(int((due + iteration_ms / 1e3) * 1e9))
         request = pb.StreamPlansRequest(job_id=job_id, rank=rank, batch=batch, deadline=deadline).SerializeToString()
@@ -143,16 +152,16 @@ async def _stream(
         resp = pb.StreamPlansResponse.FromString(data)
         parse_ms = (time.perf_counter() - t0) * 1e3
         source = "fallback" if resp.fallback else "search" if resp.header.source == pb.PLAN_SOURCE_SEARCH else "cache"
-        out.append((latency, float(resp.search_ms), latency <= iteration_ms, source, parse_ms))
+        out.append((latency, float(resp.search_ms), latency <= iteration_ms, source, parse_ms, i))
     await call.done_writing()
     return out
 
 
-def _client(args: tuple[int, str, int, list[list[bytes]], float]) -> tuple[list[Sample], float]:
+def _client(args: tuple[int, str, int, list[list[bytes]], float, int]) -> tuple[list[Sample], float]:
     """One pipeline rank's 16 replica streams in one process; returns the samples and the process's CPU seconds."""
     import grpc
 
-    port, job_id, rank, batches, iteration_ms = args  # batches[replica][iteration]
+    port, job_id, rank, batches, iteration_ms, first_iteration = args  # batches[replica][iteration]
     assert _START is not None
     barrier, shared_start = _START
 
@@ -166,7 +175,7 @@ def _client(args: tuple[int, str, int, list[list[bytes]], float]) -> tuple[list[
             start = float(shared_start.value)
             results = await asyncio.gather(
                 *(
-                    _stream(ch, job_id, rank, replica, batches[replica], iteration_ms, start)
+                    _stream(ch, job_id, rank, replica, batches[replica], iteration_ms, start, first_iteration)
                     for replica, ch in enumerate(channels)
                 )
             )
@@ -179,13 +188,17 @@ def _client(args: tuple[int, str, int, list[list[bytes]], float]) -> tuple[list[
     return samples, time.process_time() - cpu0
 
 
-def run_pass(port: int, job_id: str, batches: list[list[bytes]], iteration_ms: float) -> tuple[list[Sample], float]:
-    """All 64 streams through one pass (`batches[replica][iteration]`); returns the samples and the client
-    processes' CPU seconds."""
+def run_pass(
+    port: int, job_id: str, batches: list[list[bytes]], iteration_ms: float, first_iteration: int = 0
+) -> tuple[list[Sample], float]:
+    """All 64 streams through one pass (`batches[replica][iteration]`, numbered from `first_iteration`); returns
+    the samples and the client processes' CPU seconds."""
     ctx = multiprocessing.get_context("spawn")
     init = (ctx.Barrier(4), ctx.Value("d", 0.0))
     with ctx.Pool(4, initializer=_init_client, initargs=init) as pool:  # a process per pipeline rank
-        parts = pool.map(_client, [(port, job_id, rank, batches, iteration_ms) for rank in range(4)], chunksize=1)
+        parts = pool.map(
+            _client, [(port, job_id, rank, batches, iteration_ms, first_iteration) for rank in range(4)], chunksize=1
+        )
     return [r for samples, _ in parts for r in samples], sum(cpu for _, cpu in parts)
 
 
@@ -259,6 +272,7 @@ def main() -> None:
     parser.add_argument(
         "--distinct-replicas", action="store_true", help="each replica its own batches (16 searches per iteration)"
     )
+    parser.add_argument("--server-log", default="", help="write the server's log here")
     parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU", help="recorded in the report")
     parser.add_argument("--out", default="", help="also write the report here (JSON)")
     args = parser.parse_args()
@@ -273,13 +287,15 @@ def main() -> None:
         for r in range(replicas)
     ]
     batches = [drawn[r % replicas] for r in range(16)]  # [replica][iteration]
-    proc, port, _ = start_server(args.budget_ms)
+    proc, port, _ = start_server(args.budget_ms, args.server_log)
     try:
         job_id = register(port)
         cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
         planning, planning_client_cpu = run_pass(port, job_id, batches, args.iteration_ms)
         cpu1, t1 = cpu_seconds(proc.pid), time.perf_counter()
-        cached, cached_client_cpu = run_pass(port, job_id, batches, args.iteration_ms)
+        # Iterations numbered after the first pass's: plans for them come from the plan cache, not from the
+        # entries the first pass left (those would answer with the first pass's search time, a negative overhead).
+        cached, cached_client_cpu = run_pass(port, job_id, batches, args.iteration_ms, args.iterations)
         cpu2, t2 = cpu_seconds(proc.pid), time.perf_counter()
         answer = one_answer(port, job_id, batches[0][0])
     finally:
@@ -316,6 +332,17 @@ def main() -> None:
                 }
                 for src in ("search", "cache", "fallback")
                 for part in [[x[0] - x[1] for x in samples if x[3] == src]]
+            },
+            # Which iterations had late plans, and from where: a late first iteration (a cold job) is not a late
+            # steady state.
+            "late_by_iteration": {
+                str(i): {
+                    "plans": len(late),
+                    "sources": sorted({x[3] for x in late}),
+                    "latency_ms_max": round(max(x[0] for x in late), 1),
+                }
+                for i in sorted({x[5] for x in samples if not x[2]})
+                for late in [[x for x in samples if x[5] == i and not x[2]]]
             },
         }
 

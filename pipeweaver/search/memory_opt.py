@@ -654,3 +654,4 @@ def warm_memory_kernels() -> None:
     mem = np.array([[2.0, 1.0], [2.0, 1.0]])
     optimise_rank_arrays(lat, mem, np.array([2, 2]), [0.0, 0.5], [1.0, 1.5], 3.0, time_limit_s=0.0)
     greedy_choice_arrays(lat, mem, np.array([2, 2]), [0.0, 0.5], [1.0, 1.5], 3.0)
+    _total(lat, np.zeros(2, dtype=np.int64))  # also called from Python (an infeasible rank, after CP-SAT)

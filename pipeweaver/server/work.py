@@ -261,8 +261,12 @@ def warm_up(hold_s: float) -> WarmReport:
     t0 = time.perf_counter()
     from pipeweaver.datagen import sample_batch
     from pipeweaver.presets import tiny_vlm
-    from pipeweaver.search.planner import Planner, SearchConfig
+    from pipeweaver.search.planner import Planner, SearchConfig, warm_kernels
 
+    # Every kernel, including those a tiny plan never reaches (the memory program's, which run only when a rank's
+    # memory binds): compiled here, before SERVING, not in a job's first searches (6.4 s of vlm-s's first search
+    # with an empty numba cache, which made the first iterations' plans late).
+    warm_kernels()
     w = tiny_vlm(pp=2)
     planner = Planner(w.model, w.parallel, w.hardware, config=SearchConfig(budget_ms=20.0, compare_baselines=()))
     batch = sample_batch(w, seed=0, iteration=0)

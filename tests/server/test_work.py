@@ -114,3 +114,46 @@ def test_warming_a_worker_for_a_job_plans_one_heavy_batch_and_marks_the_job_sear
     assert isinstance(first, work.PlanOutcome) and not first.first_search and first.setup_ms == 0.0
     fallback = work.warm_job(work.WarmJobTask(job, "fallback", 0.0, 0.0))
     assert isinstance(fallback, work.WarmJobOutcome) and fallback.mode == "fallback" and fallback.setup_ms < 1.0
+
+
+def _new_numba_signatures_after_warm_up() -> dict[str, list[str]]:
+    """In a fresh process: the worker's warm-up, then a vlm-s job's warm-up (a search whose memory binds, and its
+    fallback); returns the pipeweaver kernels that gained a signature in the job's warm-up."""
+    import gc
+    from dataclasses import replace
+
+    from numba.core.registry import CPUDispatcher
+
+    from pipeweaver.presets import workload
+
+    def signatures() -> dict[str, set[str]]:
+        gc.unfreeze()  # the warm-up froze its objects out of the collector, which also hides them from get_objects
+        return {
+            f"{o.py_func.__module__}.{o.py_func.__name__}": {str(s) for s in o.signatures}
+            for o in gc.get_objects()
+            if isinstance(o, CPUDispatcher) and o.py_func.__module__.startswith("pipeweaver")
+        }
+
+    work.warm_up(0.0)
+    before = signatures()
+    w = workload("vlm-s")
+    spec = work.JobSpec(w.model, replace(w.parallel, dp=2), w.hardware)
+    registered = work.register_job(work.Job("job-warm", spec))
+    assert isinstance(registered, work.Registered)
+    job = work.Job("job-warm", spec, registered.partition)
+    for mode in ("search", "fallback"):
+        assert isinstance(work.warm_job(work.WarmJobTask(job, mode, 100.0, 0.0)), work.WarmJobOutcome)
+    after = signatures()
+    return {
+        name: sorted(sigs - before.get(name, set())) for name, sigs in after.items() if sigs - before.get(name, set())
+    }
+
+
+def test_the_worker_warm_up_compiles_every_kernel_a_job_needs() -> None:
+    # A kernel first compiled in a job's first search costs seconds with an empty numba cache (6.4 s on vlm-s,
+    # whose memory program the tiny warm-up plan never reached): the first iterations' plans came late.
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        new = pool.apply(_new_numba_signatures_after_warm_up)
+    assert new == {}, f"kernels compiled after the worker's warm-up: {new}"
