@@ -1,6 +1,7 @@
 """Does the shape of a streaming handler change plan delivery? Three do-nothing StreamPlans servers, same clients.
 
     .venv/bin/python benchmarks/bench_stream_shapes.py [--iterations 30] [--iteration-ms 300] [--out FILE]
+        [--shapes generator ...] [--answer-kb 90 20 ...]
 
 The clients are `bench_service.py`'s (64 streams: 16 replicas x 4 ranks in 4 processes, all ranks sending at the
 same instant each iteration); every answer is the same 90 KB message. The servers differ only in how a handler
@@ -45,23 +46,26 @@ def _varint(value: int) -> bytes:
         out.append(low | 0x80)
 
 
-ANSWER = _varint((1000 << 3) | 2) + _varint(90_000) + bytes(90_000)
-"""A valid StreamPlansResponse of 90 KB: one unknown length-delimited field, which parsers skip."""
+def answer_of(size: int) -> bytes:
+    """A valid StreamPlansResponse of about `size` bytes: one unknown length-delimited field, which parsers skip."""
+    return _varint((1000 << 3) | 2) + _varint(size) + bytes(size)
 
 
-def _serve(shape: str, ports: Any) -> None:
+def _serve(shape: str, size: int, ports: Any) -> None:
     import grpc
+
+    answer = answer_of(size)
 
     async def generator(requests: Any, context: Any) -> Any:
         async for _ in requests:
-            yield ANSWER
+            yield answer
 
     async def reader_queue(requests: Any, context: Any) -> Any:
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
 
         async def read() -> None:
             async for _ in requests:
-                queue.put_nowait(ANSWER)
+                queue.put_nowait(answer)
             queue.put_nowait(None)
 
         reader = asyncio.create_task(read())
@@ -73,7 +77,7 @@ def _serve(shape: str, ports: Any) -> None:
 
     async def written(requests: Any, context: Any) -> None:
         async for _ in requests:
-            await context.write(ANSWER)
+            await context.write(answer)
 
     handler_fn = {"generator": generator, "reader+queue": reader_queue, "context.write": written}[shape]
 
@@ -90,19 +94,25 @@ def _serve(shape: str, ports: Any) -> None:
     asyncio.run(main())
 
 
-def run_shape(shape: str, batches: list[list[bytes]], iteration_ms: float) -> dict[str, float]:
+def run_shape(shape: str, batches: list[list[bytes]], iteration_ms: float, size: int) -> dict[str, float]:
+    """Latency percentiles (ms) and the server's CPU per answer (ms) of one shape."""
     ctx = multiprocessing.get_context("spawn")
     ports = ctx.Queue()
-    server = ctx.Process(target=_serve, args=(shape, ports), daemon=True)
+    server = ctx.Process(target=_serve, args=(shape, size, ports), daemon=True)
     server.start()
     try:
         port = ports.get(timeout=60)
+        assert server.pid is not None
+        cpu0 = bench_service.cpu_seconds(server.pid)
         samples, _ = bench_service.run_pass(port, "job-shapes", batches, iteration_ms)
+        cpu = bench_service.cpu_seconds(server.pid) - cpu0
     finally:
         server.kill()
         server.join(10)
     latency = [s[0] for s in samples]
-    return {f"p{q}": round(float(np.percentile(latency, q)), 2) for q in (50, 90, 99)}
+    out = {f"p{q}": round(float(np.percentile(latency, q)), 2) for q in (50, 90, 99)}
+    out["server_cpu_ms_per_answer"] = round(cpu * 1e3 / len(samples), 3)
+    return out
 
 
 def main() -> None:
@@ -110,6 +120,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--iteration-ms", type=float, default=300.0)
     parser.add_argument("--repeats", type=int, default=2, help="rounds over the three shapes (interleaved)")
+    parser.add_argument(
+        "--answer-kb", type=float, nargs="+", default=[90.0], help="answer sizes (KB; vlm-s's answers are 90)"
+    )
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     from pipeweaver.datagen import dynamic_batch
@@ -121,7 +135,13 @@ def main() -> None:
     batches = [drawn for _ in range(16)]
     rounds: list[dict[str, dict[str, float]]] = []
     for _ in range(args.repeats):
-        rounds.append({shape: run_shape(shape, batches, args.iteration_ms) for shape in SHAPES})
+        rounds.append(
+            {
+                f"{shape} {kb:g} KB": run_shape(shape, batches, args.iteration_ms, int(kb * 1000))
+                for kb in args.answer_kb
+                for shape in args.shapes
+            }
+        )
         print(json.dumps(rounds[-1]), flush=True)
     report = {
         "command": "python benchmarks/bench_stream_shapes.py " + " ".join(sys.argv[1:]),
