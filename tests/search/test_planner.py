@@ -235,3 +235,57 @@ def test_plan_stays_near_its_budget_once_the_planner_has_seen_a_batch() -> None:
     validate(result.plan)
     assert result.evaluations > 10  # the search ran past its first step
     assert wall_ms < 2500 * 1.6  # generous (shared machine); before, the work after the search came on top
+
+
+def test_an_overflowing_best_start_is_re_gated_before_a_slower_one_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    # t2v-s, seed 0, batch 1: the two best starting points by interleaved score overflow rank 0 in SEMU by a
+    # fraction of a GiB (receive buffers, link queueing: the interleaver does not see them); the first one that
+    # fits is ~5% slower. Under a gate 1% tighter the best one fits and keeps its speed.
+    from pipeweaver.search import planner as planner_module
+
+    w = workload("t2v-s")
+    planner = Planner(w.model, w.parallel, w.hardware, config=SearchConfig(budget_ms=700, compare_baselines=()))
+    batch = sample_batch(w, seed=0, iteration=1)
+    header = planner.header_for(batch, job_id="", source=PlanSource.SEARCH, schedule="pipeweaver")
+    prep = planner._prepare(batch, header, Recompute.NONE)
+    pipelines = tuple(p.name for p in header.placement.pipelines)
+    priority = priorities_from_order(planner_module.heuristic_group_order(prep.problem, pipelines))
+    planner._pairs(prep, batch)
+    # The starting points without the iterated refits (on this batch, they find a start that fits at once).
+    budget = planner._budget_bytes(prep)
+    candidates, _, _ = planner._base_candidates(prep, priority, budget, 0.0, memory=True, refit_until=0.0)
+
+    repaired = planner._pick_base(prep, candidates, priority)
+    monkeypatch.setattr(planner_module, "REGATED_CANDIDATES", 0)
+    plain = planner._pick_base(prep, candidates, priority)
+    assert repaired is not None and plain is not None
+    repaired_sim, plain_sim = repaired[3][1], plain[3][1]
+    assert planner.fits_memory(repaired_sim) and planner.fits_memory(plain_sim)
+    assert "re-gated" in repaired[4] and "re-gated" not in plain[4]
+    assert repaired_sim.makespan_ms < 0.98 * plain_sim.makespan_ms, (repaired[4], plain[4])
+    # The repair keeps the candidate's strategies and only tightens its gate.
+    assert np.array_equal(repaired[0], candidates[0].codes)
+    assert np.all(repaired[1].mem_cap_bytes < candidates[0].problem.mem_cap_bytes)
+
+
+def test_iterated_refits_add_starting_points_at_least_as_good() -> None:
+    from pipeweaver.search import planner as planner_module
+
+    w = workload("t2v-s")
+    planner = Planner(w.model, w.parallel, w.hardware, config=SearchConfig(budget_ms=700, compare_baselines=()))
+    batch = sample_batch(w, seed=0, iteration=1)
+    header = planner.header_for(batch, job_id="", source=PlanSource.SEARCH, schedule="pipeweaver")
+    prep = planner._prepare(batch, header, Recompute.NONE)
+    pipelines = tuple(p.name for p in header.placement.pipelines)
+    priority = priorities_from_order(planner_module.heuristic_group_order(prep.problem, pipelines))
+    planner._pairs(prep, batch)
+    budget = planner._budget_bytes(prep)
+    once, _, _ = planner._base_candidates(prep, priority, budget, 0.0, memory=True, refit_until=0.0)
+    iterated, _, _ = planner._base_candidates(prep, priority, budget, 0.0, memory=True)
+    rounds = [c for c in iterated if " / refit " in c.label]
+    assert len(iterated) > len(once) and rounds
+    assert iterated[0].score <= once[0].score
+    # Each refit keeps its start's policy: the rounds are the memory programs' answers, not new schedules.
+    starts = {c.label: c.problem.policy for c in once}
+    for c in rounds:
+        assert c.problem.policy == starts[c.label.split(" / refit ")[0]]
