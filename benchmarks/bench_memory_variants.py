@@ -17,7 +17,12 @@ Per i.i.d. batch (seed 0) of the workload, with the H800 model of the paper:
   between no and full recompute, as Megatron-LM's block method); the best interleaved score, against the same
   with the three shipped strategies.
 
-The last two use the planner's internals (a measurement, not an API). The interleaved score is the search's own
+- ``starts``: the 3 best starting points without the iterated refits, simulated by SEMU (makespan, whether they
+  fit, the largest overflow), and the starting point `Planner._pick_base` takes with and without re-gating;
+- ``pairs``: per strategy (none, selective, full), the median and largest activation bytes of rank 0's stage
+  pairs of its heaviest module, and each rank's budget beside static memory.
+
+The last four use the planner's internals (a measurement, not an API). The interleaved score is the search's own
 makespan estimate; SEMU's check of the planned plans is within about 1% of it.
 """
 
@@ -38,7 +43,9 @@ from pipeweaver.datagen import sample_batch
 from pipeweaver.plan.ir import PlanSource, Recompute
 from pipeweaver.presets import workload
 from pipeweaver.search import planner as planner_module
+from pipeweaver.search.interleave import interleave
 from pipeweaver.search.planner import Planner, SearchConfig, heuristic_group_order, priorities_from_order
+from pipeweaver.search.problem import stage_priorities
 
 BLOCK_FRACTIONS = (0.25, 0.5, 0.75)
 REFIT_ROUNDS = 4
@@ -105,6 +112,54 @@ def block_recompute(planner: Planner, batch: Any) -> dict[str, float]:
     return {"shipped_ms": start, "with_blocks_ms": with_blocks, "best_label": candidates[0].label}
 
 
+def starts(planner: Planner, batch: Any) -> dict[str, Any]:
+    prep, priority = _prepared(planner, batch)
+    budget = planner._budget_bytes(prep)
+    candidates, _, _ = planner._base_candidates(prep, priority, budget, 0.0, memory=True, refit_until=0.0)
+    capacity = planner.hardware.memory_bytes
+    top = []
+    for c in candidates[:3]:
+        order = interleave(c.problem, stage_priorities(c.problem, priority))[0]
+        _, sim = planner._assemble_simulate(prep, planner._orders_from_positions(c.problem, order), c.codes)
+        top.append(
+            {
+                "label": c.label,
+                "score_ms": c.score,
+                "semu_ms": sim.makespan_ms,
+                "fits": planner.fits_memory(sim),
+                "max_overflow_gb": round(float(np.max(np.asarray(sim.peak_memory_bytes) - capacity)) / 1e9, 3),
+            }
+        )
+    picked = {}
+    for name, regated in (("with_regate", planner_module.REGATED_CANDIDATES), ("without_regate", 0)):
+        shipped, planner_module.REGATED_CANDIDATES = planner_module.REGATED_CANDIDATES, regated
+        try:
+            got = planner._pick_base(prep, candidates, priority)
+        finally:
+            planner_module.REGATED_CANDIDATES = shipped
+        picked[name] = None if got is None else {"label": got[4], "semu_ms": got[3][1].makespan_ms}
+    return {"top3": top, "picked": picked}
+
+
+def pair_bytes(planner: Planner, batch: Any) -> dict[str, Any]:
+    prep, _ = _prepared(planner, batch)
+    pairs = prep.pairs
+    on_rank0 = np.flatnonzero(pairs.rank == 0)
+    by_module: dict[str, list[int]] = {}
+    for i in on_rank0:
+        by_module.setdefault(pairs.keys[i][0], []).append(int(i))
+    heaviest = max(by_module, key=lambda m: float(pairs.memory[by_module[m], 0].sum()))
+    rows = pairs.memory[by_module[heaviest]]
+    return {
+        "module": heaviest,
+        "pairs_on_rank0": len(rows),
+        "median_gb": [round(float(np.median(rows[:, j])) / 1e9, 2) for j in range(rows.shape[1])],
+        "max_gb": [round(float(np.max(rows[:, j])) / 1e9, 2) for j in range(rows.shape[1])],
+        "median_pair_ms": [round(float(np.median(pairs.latency[by_module[heaviest], j])), 1) for j in range(3)],
+        "budget_gb_per_rank": [round(float(x) / 1e9, 1) for x in planner._device_budget_bytes()],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", default="t2v-s")
@@ -128,6 +183,8 @@ def main() -> None:
             "longer_budget_ms": planner.plan(batch, budget_ms=5000).predicted_ms,
             "iterated_refits": iterated_refits(planner, batch),
             "block_recompute": block_recompute(planner, batch),
+            "starts": starts(planner, batch),
+            "pairs": pair_bytes(planner, batch),
             "seconds": round(time.perf_counter() - t0, 1),
         }
         rows.append(row)
