@@ -1041,7 +1041,7 @@ REGATE_FACTORS: tuple[float, ...] = (0.99, 0.97, 0.94)
 """Tighter memory gates (fractions of the candidate's own) tried, in order, on a starting point that SEMU finds
 overflowing, before moving on to the next candidate (`Planner._pick_base`). On t2v-s seed 0 batch 1 the two best
 starting points overflowed rank 0 by 0.28 and 0.43 GB; the third, which fits, simulates 31.92 s, while the best
-re-gated at 99% fits at 30.60 s."""
+re-gated at 99% fits at 30.60 s (`benchmarks/bench_memory_variants.py`, its `starts`)."""
 
 REFIT_STARTS = 2
 REFIT_ROUNDS = 2

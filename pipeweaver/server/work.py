@@ -264,8 +264,9 @@ def warm_up(hold_s: float) -> WarmReport:
     from pipeweaver.search.planner import Planner, SearchConfig, warm_kernels
 
     # Every kernel, including those a tiny plan never reaches (the memory program's, which run only when a rank's
-    # memory binds): compiled here, before SERVING, not in a job's first searches (6.4 s of vlm-s's first search
-    # with an empty numba cache, which made the first iterations' plans late).
+    # memory binds): compiled here, before SERVING, not in a job's first searches (with an empty numba cache a
+    # vlm-s job's warm-up took 8.2 s instead of 1.8 s on the 2-core machine, and its first iterations' plans
+    # came late: `benchmarks/bench_service.py --iterations 4 --floor-iterations 0 --server-log LOG`).
     warm_kernels()
     w = tiny_vlm(pp=2)
     planner = Planner(w.model, w.parallel, w.hardware, config=SearchConfig(budget_ms=20.0, compare_baselines=()))

@@ -150,7 +150,7 @@ def _new_numba_signatures_after_warm_up() -> dict[str, list[str]]:
 
 
 def test_the_worker_warm_up_compiles_every_kernel_a_job_needs() -> None:
-    # A kernel first compiled in a job's first search costs seconds with an empty numba cache (6.4 s on vlm-s,
+    # A kernel first compiled in a job's first search costs seconds with an empty numba cache (vlm-s,
     # whose memory program the tiny warm-up plan never reached): the first iterations' plans came late.
     import multiprocessing
 
