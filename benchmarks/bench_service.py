@@ -202,18 +202,13 @@ def run_pass(
     return [r for samples, _ in parts for r in samples], sum(cpu for _, cpu in parts)
 
 
-def _echo_server(answer: bytes, ports: Any) -> None:
-    """The transport floor: StreamPlans answered with `answer`, whatever the request."""
+def serve_stream_plans(handler_fn: Any, ports: Any) -> None:
+    """A gRPC server whose only method is StreamPlans, served by `handler_fn` (bytes in, bytes out) on a loopback
+    port, which is put on `ports`; runs until the process is killed."""
     import grpc
 
-    async def serve() -> None:
-        async def stream_plans(requests: Any, context: Any) -> Any:
-            async for _ in requests:
-                yield answer
-
-        handler = grpc.stream_stream_rpc_method_handler(
-            stream_plans, request_deserializer=None, response_serializer=None
-        )
+    async def main() -> None:
+        handler = grpc.stream_stream_rpc_method_handler(handler_fn, request_deserializer=None, response_serializer=None)
         server = grpc.aio.server()
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler("pipeweaver.v1.PlannerService", {"StreamPlans": handler}),)
@@ -222,7 +217,17 @@ def _echo_server(answer: bytes, ports: Any) -> None:
         await server.start()
         await server.wait_for_termination()
 
-    asyncio.run(serve())
+    asyncio.run(main())
+
+
+def _echo_server(answer: bytes, ports: Any) -> None:
+    """The transport floor: StreamPlans answered with `answer`, whatever the request."""
+
+    async def stream_plans(requests: Any, context: Any) -> Any:
+        async for _ in requests:
+            yield answer
+
+    serve_stream_plans(stream_plans, ports)
 
 
 def one_answer(port: int, job_id: str, batch: bytes) -> bytes:

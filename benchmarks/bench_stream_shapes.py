@@ -52,8 +52,6 @@ def answer_of(size: int) -> bytes:
 
 
 def _serve(shape: str, size: int, ports: Any) -> None:
-    import grpc
-
     answer = answer_of(size)
 
     async def generator(requests: Any, context: Any) -> Any:
@@ -80,18 +78,7 @@ def _serve(shape: str, size: int, ports: Any) -> None:
             await context.write(answer)
 
     handler_fn = {"generator": generator, "reader+queue": reader_queue, "context.write": written}[shape]
-
-    async def main() -> None:
-        handler = grpc.stream_stream_rpc_method_handler(handler_fn, request_deserializer=None, response_serializer=None)
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("pipeweaver.v1.PlannerService", {"StreamPlans": handler}),)
-        )
-        ports.put(server.add_insecure_port("127.0.0.1:0"))
-        await server.start()
-        await server.wait_for_termination()
-
-    asyncio.run(main())
+    bench_service.serve_stream_plans(handler_fn, ports)
 
 
 def run_shape(shape: str, batches: list[list[bytes]], iteration_ms: float, size: int) -> dict[str, float]:
