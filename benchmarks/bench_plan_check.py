@@ -43,6 +43,7 @@ from pipeweaver.plan.shapes import TransferShapes
 from pipeweaver.plan.validator import validate
 from pipeweaver.presets import workload as preset
 from pipeweaver.search.planner import Planner, SearchConfig
+from pipeweaver.spec.batch import BatchMetadata
 from pipeweaver.spec.workload import Workload
 from pipeweaver.wire import plan_to_proto
 
@@ -65,21 +66,28 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
     return round(statistics.median(times), 2)
 
 
-def measure(w: Workload, *, budget_ms: float, repeats: int) -> dict[str, Any]:
+def _planned(w: Workload, budget_ms: float) -> tuple[BatchMetadata, Plan]:
+    """The workload's representative batch and its searched plan."""
     batch = representative_batch(w.model, w.parallel, w.hardware, seed=0)
     if batch is None:
         raise SystemExit(f"workload '{w.name}' has no image or video module to draw a batch for")
     planner = Planner(w.model, w.parallel, w.hardware, config=SearchConfig(compare_baselines=()))
-    plan: Plan = planner.plan(batch, job_id="bench", budget_ms=budget_ms).plan
-    wire = plan_to_proto(plan)
+    return batch, planner.plan(batch, job_id="bench", budget_ms=budget_ms).plan
 
-    def transfer_shapes() -> None:
-        shapes = TransferShapes(w.model, batch, plan.header, dtype="float32")
-        for rp in plan.ranks:
-            for action in rp.actions:
-                if isinstance(action, CommBatch):
-                    for op in action.ops:
-                        shapes.tensors(op.src, op.dst)
+
+def _transfer_shapes(w: Workload, batch: BatchMetadata, plan: Plan) -> None:
+    """The receive shapes of every transfer of the plan, as the executor computes them."""
+    shapes = TransferShapes(w.model, batch, plan.header, dtype="float32")
+    for rp in plan.ranks:
+        for action in rp.actions:
+            if isinstance(action, CommBatch):
+                for op in action.ops:
+                    shapes.tensors(op.src, op.dst)
+
+
+def measure(w: Workload, *, budget_ms: float, repeats: int) -> dict[str, Any]:
+    batch, plan = _planned(w, budget_ms)
+    wire = plan_to_proto(plan)
 
     def wire_digest() -> None:  # what `planner_client._reply` adds per reply, for all ranks' replies
         for rp in wire.ranks:
@@ -91,7 +99,7 @@ def measure(w: Workload, *, budget_ms: float, repeats: int) -> dict[str, Any]:
         "ms": {
             "stage_graph": _median_ms(lambda: stage_graph(plan.header), repeats),
             "validate": _median_ms(lambda: validate(plan, graph=stage_graph(plan.header)), repeats),
-            "transfer_shapes": _median_ms(transfer_shapes, repeats),
+            "transfer_shapes": _median_ms(lambda: _transfer_shapes(w, batch, plan), repeats),
             "digest_repr": _median_ms(lambda: stable_seed("plan", repr(plan)), repeats),
             "digest_wire": _median_ms(wire_digest, repeats),
         },
@@ -101,20 +109,11 @@ def measure(w: Workload, *, budget_ms: float, repeats: int) -> dict[str, Any]:
 def measure_gc(w: Workload, *, budget_ms: float, checks: int) -> dict[str, Any]:
     """The check with the collector on (times and full passes per check), then one full pass before and after
     settling this process's objects. Leaves the process unsettled."""
-    batch = representative_batch(w.model, w.parallel, w.hardware, seed=0)
-    if batch is None:
-        raise SystemExit(f"workload '{w.name}' has no image or video module to draw a batch for")
-    planner = Planner(w.model, w.parallel, w.hardware, config=SearchConfig(compare_baselines=()))
-    plan: Plan = planner.plan(batch, job_id="bench", budget_ms=budget_ms).plan
+    batch, plan = _planned(w, budget_ms)
 
     def check() -> None:
         validate(plan, graph=stage_graph(plan.header))
-        shapes = TransferShapes(w.model, batch, plan.header, dtype="float32")
-        for rp in plan.ranks:
-            for action in rp.actions:
-                if isinstance(action, CommBatch):
-                    for op in action.ops:
-                        shapes.tensors(op.src, op.dst)
+        _transfer_shapes(w, batch, plan)
 
     unsettle_host_objects()
     times, full = [], 0

@@ -10,7 +10,7 @@ misses, its error would grow with the actions a rank issues: under-predicted mos
 computes and transfers. Per run and schedule: the calibrated prediction the run recorded (`semu` section), the
 measured first-run and repeated times, their mean signed residual, and the actions per rank of the plan (our
 baselines' plans are a pure function of the microbatch count and the placement: rebuilt here; PipeWeaver's
-searched plans are not recorded, only their mean action count where the run's rows carry it).
+searched plans are not recorded, so their actions are not counted).
 """
 
 from __future__ import annotations
