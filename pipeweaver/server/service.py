@@ -8,11 +8,10 @@ INTERNAL, and the server goes on serving everyone else. A stream answers its req
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -20,9 +19,10 @@ from google.protobuf.message import DecodeError
 
 from pipeweaver.server import rawproto
 from pipeweaver.server.config import ServerConfig
-from pipeweaver.server.jobs import Batch, JobClosed, JobState, PlanEntry, Served
+from pipeweaver.server.jobs import Batch, JobState, Served
 from pipeweaver.server.planning import Planning, shutting_down
 from pipeweaver.server.pool import PoolClosed
+from pipeweaver.server.streams import StreamSession, StreamSink
 from pipeweaver.server.validation import (
     MAX_DEADLINE_AHEAD_S,
     RequestError,
@@ -33,9 +33,9 @@ from pipeweaver.server.validation import (
     check_message_size,
     check_rank,
     check_register,
+    internal_error,
     invalid,
     message_too_large,
-    unknown_job,
 )
 from pipeweaver.v1 import planner_pb2 as pb
 
@@ -45,10 +45,6 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["PlannerService"].full_name
 
 if TYPE_CHECKING:  # grpc's classes are generic only in its stubs
     Context = grpc.aio.ServicerContext[Any, Any]
-
-
-def _internal(exc: BaseException) -> RequestError:
-    return RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", reason="INTERNAL")
 
 
 def _largest_field(msg: Any) -> str:
@@ -124,10 +120,20 @@ def add_planner_service(servicer: Any, server: Any) -> None:
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-_END = object()
-"""A stream's client is done writing and every request it sent is answered."""
-_DRAIN = object()
-"""The server is draining: the stream stops reading and ends after its answers in flight."""
+class _QueueSink:
+    """A session's output onto the in-process handler's queue: bytes, then None (end) or the error."""
+
+    def __init__(self, out: asyncio.Queue[bytes | RequestError | None]) -> None:
+        self._out = out
+
+    def answer(self, data: bytes) -> None:
+        self._out.put_nowait(data)
+
+    def end(self) -> None:
+        self._out.put_nowait(None)
+
+    def fail(self, error: RequestError) -> None:
+        self._out.put_nowait(error)
 
 
 class PlannerService:
@@ -142,13 +148,13 @@ class PlannerService:
         self._config = config
         self._planning = planning
         self._draining = False
-        self._streams: set[asyncio.Queue[Any]] = set()
+        self._sessions: set[StreamSession] = set()
 
     def drain(self) -> None:
         """Stop taking requests on open streams; they end once their in-flight answers are sent."""
         self._draining = True
-        for responses in self._streams:
-            responses.put_nowait(_DRAIN)
+        for session in list(self._sessions):
+            session.drain()
 
     async def _fail(self, context: Context, exc: BaseException) -> None:
         if isinstance(exc, RequestError):
@@ -156,7 +162,7 @@ class PlannerService:
         if isinstance(exc, PoolClosed):
             await abort(context, shutting_down())
         log.exception("unexpected error in a handler", exc_info=exc)
-        await abort(context, _internal(exc))
+        await abort(context, internal_error(exc))
 
     # ---- RegisterJob ----
     async def RegisterJob(self, request: Any, context: Context) -> Any:
@@ -210,7 +216,7 @@ class PlannerService:
         return served.response_bytes(rank)
 
     # ---- StreamPlans ----
-    def _stream_request(self, data: bytes) -> tuple[JobState, int, Batch, float | None]:
+    def stream_request(self, data: bytes) -> tuple[JobState, int, Batch, float | None]:
         """Check one serialized `StreamPlansRequest`: its job, rank, batch and deadline. A batch whose microbatches
         the job has checked before (another rank's request, an equal replica's, an earlier iteration's) is not
         parsed, checked or digested again (`rawproto`, `JobState.known_contents`)."""
@@ -236,111 +242,48 @@ class PlannerService:
             job.remember_contents(head.microbatches, batch.digest)
         return job, req.rank, batch, deadline
 
-    def _answer(self, job: JobState, final: asyncio.Future[Served], rank: int) -> bytes | RequestError:
-        """A resolved entry's answer to `rank`, or the error that ends the stream."""
-        error = None if final.cancelled() else final.exception()
-        if error is None and not final.cancelled():
-            try:
-                return self._response(final.result(), rank)
-            except Exception as exc:  # in a callback: nobody else would see it, and the stream would hang
-                log.exception("unexpected error answering a streamed batch")
-                return _internal(exc)
-        if isinstance(error, RequestError):
-            return error
-        if isinstance(error, JobClosed):
-            return unknown_job(job.job_id)
-        log.error("unexpected outcome of a streamed batch's plan: %r", error)
-        return _internal(error or asyncio.CancelledError())
-
     async def StreamPlans(self, request_iterator: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
-        """Answers go out as their plans are fixed, in that order. A request whose plan is there already (a cache
-        hit, a rank after the first) is answered as it is read; the others wait on their entry's plan through a
-        callback, so one search's answers go to every waiting stream at once, without a task per request."""
-        responses: asyncio.Queue[Any] = asyncio.Queue()
-        waiting: dict[int, tuple[JobState, PlanEntry, float | None, Callable[[Any], None]]] = {}
-        keys = itertools.count()
-        done_reading = False
-        planning = self._planning
-
-        def wait_for(job: JobState, entry: PlanEntry, rank: int, deadline: float | None) -> None:
-            key = next(keys)
-
-            def deliver(final: asyncio.Future[Served]) -> None:
-                if waiting.pop(key, None) is None:  # the stream ended while this callback was scheduled
-                    return
-                planning.unwatch(job, entry, deadline)
-                responses.put_nowait(self._answer(job, final, rank))
-                if done_reading and not waiting:
-                    responses.put_nowait(_END)
-
-            planning.watch(job, entry, deadline)
-            waiting[key] = (job, entry, deadline, deliver)
-            entry.final.add_done_callback(deliver)
+        """Answers go out as their plans are fixed, in that order (`streams.StreamSession`)."""
+        out: asyncio.Queue[bytes | RequestError | None] = asyncio.Queue()
+        session = self.open_session(_QueueSink(out))
 
         async def read() -> None:
-            nonlocal done_reading
             try:
                 async for data in request_iterator:
-                    try:
-                        job, rank, batch, deadline = self._stream_request(data)
-                        entry = planning.attach(job, batch, budget_ms=job.budget_ms, deadline=deadline)
-                        served = entry.served()
-                        if served is not None:  # a cache hit, or another rank's request has its plan: answer now
-                            responses.put_nowait(self._response(served, rank))
-                        else:
-                            wait_for(job, entry, rank, deadline)
-                    except RequestError as exc:
-                        responses.put_nowait(exc)
+                    session.take(data)
+                    if session.finished:
                         return
-                    except PoolClosed:
-                        responses.put_nowait(shutting_down())
-                        return
-                done_reading = True  # the client is done writing: answer what it asked, then end the stream
-                if not waiting:
-                    responses.put_nowait(_END)
+                session.done_writing()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # reading the stream failed: end it
-                log.exception("unexpected error taking a streamed batch")
-                responses.put_nowait(_internal(exc))
+                log.exception("unexpected error reading a stream")
+                session.fail(internal_error(exc))
 
-        self._streams.add(responses)
-        if self._draining:
-            responses.put_nowait(_DRAIN)
         reader = asyncio.create_task(read())
         try:
             while True:
-                item = await responses.get()
-                if item is _DRAIN:
-                    # Stop reading, send the answers in flight (for up to grace_s), then tell the client to
-                    # reconnect (to this planner's replacement).
-                    reader.cancel()
-                    loop = asyncio.get_running_loop()
-                    until = loop.time() + self._config.grace_s
-                    while waiting and loop.time() < until:
-                        try:
-                            item = await asyncio.wait_for(responses.get(), until - loop.time())
-                        except TimeoutError:
-                            break
-                        if isinstance(item, bytes):
-                            yield item
-                    while not responses.empty():
-                        item = responses.get_nowait()
-                        if isinstance(item, bytes):
-                            yield item
-                    await abort(context, shutting_down())
-                if item is _END:
+                item = await out.get()
+                if item is None:
                     return
                 if isinstance(item, RequestError):
                     await abort(context, item)
                 yield item
         finally:
-            self._streams.discard(responses)
             reader.cancel()
-            for job, entry, deadline, deliver in waiting.values():  # the stream went away: it waits no more
-                entry.final.remove_done_callback(deliver)
-                planning.unwatch(job, entry, deadline)
-            waiting.clear()  # a `deliver` already scheduled finds nothing to do
+            self.close_session(session)
+
+    def open_session(self, sink: StreamSink) -> StreamSession:
+        """A new stream's session (drained at once if the server is draining)."""
+        session = StreamSession(self, self._planning, sink, self._config.grace_s)
+        self._sessions.add(session)
+        if self._draining:
+            session.drain()
+        return session
+
+    def close_session(self, session: StreamSession) -> None:
+        self._sessions.discard(session)
+        session.close()
 
     # ---- ReportTimings ----
     async def ReportTimings(self, request: Any, context: Context) -> Any:

@@ -111,6 +111,11 @@ def from_rejected(rejected: work.Rejected) -> RequestError:
     return invalid(violations)
 
 
+def internal_error(exc: BaseException) -> RequestError:
+    """What a client gets for a bug of ours: INTERNAL, naming the exception (the server logs its traceback)."""
+    return RequestError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", reason="INTERNAL")
+
+
 def unknown_job(job_id: str) -> RequestError:
     return RequestError(
         grpc.StatusCode.FAILED_PRECONDITION,
