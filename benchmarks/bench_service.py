@@ -43,7 +43,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(budget_ms: float, log: str = "") -> tuple[subprocess.Popen[bytes], int, Path]:
+def start_server(
+    budget_ms: float, log: str = "", frontends: int = 0
+) -> tuple[subprocess.Popen[bytes], int, dict[str, Any]]:
     ready = Path(tempfile.mkdtemp()) / "ready.json"
     sink = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the server holds it until it exits
     env = dict(os.environ)
@@ -62,6 +64,8 @@ def start_server(budget_ms: float, log: str = "") -> tuple[subprocess.Popen[byte
             str(ready),
             "--budget-ms",
             str(budget_ms),
+            "--frontends",
+            str(frontends),
         ],
         env=env,
         stdout=sink,
@@ -73,7 +77,7 @@ def start_server(budget_ms: float, log: str = "") -> tuple[subprocess.Popen[byte
             raise RuntimeError("server did not start")
         time.sleep(0.2)
     info = json.loads(ready.read_text())
-    return proc, int(info["port"]), ready
+    return proc, int(info["port"]), info
 
 
 def register(port: int) -> str:
@@ -166,7 +170,10 @@ def _client(args: tuple[int, str, int, list[list[bytes]], float, int]) -> tuple[
     barrier, shared_start = _START
 
     async def main() -> list[Sample]:
-        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(16)]
+        # A connection per stream, as 64 trainer processes would have (channels to one address otherwise share
+        # one connection per process); with front-ends the kernel spreads connections, not streams.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(16)]
         try:
             await asyncio.gather(*(ch.channel_ready() for ch in channels))
             if await asyncio.to_thread(barrier.wait) == 0:  # every process is connected: one of them sets the start
@@ -277,6 +284,13 @@ def main() -> None:
     parser.add_argument(
         "--distinct-replicas", action="store_true", help="each replica its own batches (16 searches per iteration)"
     )
+    parser.add_argument(
+        "--frontends",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="front-end processes of the server (several values: one server each, measured one after another)",
+    )
     parser.add_argument("--server-log", default="", help="write the server's log here")
     parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU", help="recorded in the report")
     parser.add_argument("--out", default="", help="also write the report here (JSON)")
@@ -292,20 +306,41 @@ def main() -> None:
         for r in range(replicas)
     ]
     batches = [drawn[r % replicas] for r in range(16)]  # [replica][iteration]
-    proc, port, _ = start_server(args.budget_ms, args.server_log)
-    try:
-        job_id = register(port)
-        cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
-        planning, planning_client_cpu = run_pass(port, job_id, batches, args.iteration_ms)
-        cpu1, t1 = cpu_seconds(proc.pid), time.perf_counter()
-        # Iterations numbered after the first pass's: plans for them come from the plan cache, not from the
-        # entries the first pass left (those would answer with the first pass's search time, a negative overhead).
-        cached, cached_client_cpu = run_pass(port, job_id, batches, args.iteration_ms, args.iterations)
-        cpu2, t2 = cpu_seconds(proc.pid), time.perf_counter()
-        answer = one_answer(port, job_id, batches[0][0])
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    runs: list[dict[str, Any]] = []
+    for frontends in args.frontends:
+        log = (
+            args.server_log.replace(".log", f"_frontends{frontends}.log")
+            if len(args.frontends) > 1
+            else args.server_log
+        )
+        proc, port, info = start_server(args.budget_ms, log, frontends)
+        # The server's own CPU: the core process and its front-ends (not the workers).
+        pids = [proc.pid, *info.get("frontend_pids", [])]
+
+        def server_cpu(pids: list[int] = pids) -> float:
+            return sum(cpu_seconds(pid) for pid in pids)
+
+        try:
+            job_id = register(port)
+            cpu0, t0 = server_cpu(), time.perf_counter()
+            planning, planning_client_cpu = run_pass(port, job_id, batches, args.iteration_ms)
+            cpu1, t1 = server_cpu(), time.perf_counter()
+            # Iterations numbered after the first pass's: plans for them come from the plan cache, not from the
+            # entries the first pass left (those would answer with the first pass's search time, a negative
+            # overhead).
+            cached, cached_client_cpu = run_pass(port, job_id, batches, args.iteration_ms, args.iterations)
+            cpu2, t2 = server_cpu(), time.perf_counter()
+            answer = one_answer(port, job_id, batches[0][0])
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        runs.append(
+            {
+                "frontends": frontends,
+                "planning": (planning, cpu1 - cpu0, planning_client_cpu, t1 - t0),
+                "cached": (cached, cpu2 - cpu1, cached_client_cpu, t2 - t1),
+            }
+        )
     floor = None
     if args.floor_iterations > 0:
         floor = floor_pass(answer, [b[: args.floor_iterations] for b in batches], args.iteration_ms)
@@ -361,10 +396,18 @@ def main() -> None:
         "iteration_ms": args.iteration_ms,
         "cpu_cores": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
-        "planning_pass": {**summary(planning, cpu1 - cpu0, planning_client_cpu), "seconds": round(t1 - t0, 1)},
-        "cached_pass": {**summary(cached, cpu2 - cpu1, cached_client_cpu), "seconds": round(t2 - t1, 1)},
         "answer_bytes": len(answer),
     }
+    for run in runs:
+        # The first server's passes keep the report's original keys; others are keyed by their front-ends.
+        suffix = "" if run is runs[0] else f"_frontends{run['frontends']}"
+        for name in ("planning", "cached"):
+            samples, server_cpu_s, client_cpu_s, seconds = run[name]
+            report[f"{name}_pass{suffix}"] = {
+                "frontends": run["frontends"],
+                **summary(samples, server_cpu_s, client_cpu_s),
+                "seconds": round(seconds, 1),
+            }
     if floor is not None:
         samples, server_cpu, client_cpu = floor
         report["transport_floor"] = {
