@@ -320,16 +320,19 @@ def main() -> None:
         def server_cpu(pids: list[int] = pids) -> float:
             return sum(cpu_seconds(pid) for pid in pids)
 
+        def core_cpu(pid: int = proc.pid) -> float:
+            return cpu_seconds(pid)
+
         try:
             job_id = register(port)
-            cpu0, t0 = server_cpu(), time.perf_counter()
+            cpu0, core0, t0 = server_cpu(), core_cpu(), time.perf_counter()
             planning, planning_client_cpu = run_pass(port, job_id, batches, args.iteration_ms)
-            cpu1, t1 = server_cpu(), time.perf_counter()
+            cpu1, core1, t1 = server_cpu(), core_cpu(), time.perf_counter()
             # Iterations numbered after the first pass's: plans for them come from the plan cache, not from the
             # entries the first pass left (those would answer with the first pass's search time, a negative
             # overhead).
             cached, cached_client_cpu = run_pass(port, job_id, batches, args.iteration_ms, args.iterations)
-            cpu2, t2 = server_cpu(), time.perf_counter()
+            cpu2, core2, t2 = server_cpu(), core_cpu(), time.perf_counter()
             answer = one_answer(port, job_id, batches[0][0])
         finally:
             proc.terminate()
@@ -337,8 +340,8 @@ def main() -> None:
         runs.append(
             {
                 "frontends": frontends,
-                "planning": (planning, cpu1 - cpu0, planning_client_cpu, t1 - t0),
-                "cached": (cached, cpu2 - cpu1, cached_client_cpu, t2 - t1),
+                "planning": (planning, cpu1 - cpu0, planning_client_cpu, t1 - t0, core1 - core0),
+                "cached": (cached, cpu2 - cpu1, cached_client_cpu, t2 - t1, core2 - core1),
             }
         )
     floor = None
@@ -402,10 +405,12 @@ def main() -> None:
         # The first server's passes keep the report's original keys; others are keyed by their front-ends.
         suffix = "" if run is runs[0] else f"_frontends{run['frontends']}"
         for name in ("planning", "cached"):
-            samples, server_cpu_s, client_cpu_s, seconds = run[name]
+            samples, server_cpu_s, client_cpu_s, seconds, core_cpu_s = run[name]
             report[f"{name}_pass{suffix}"] = {
                 "frontends": run["frontends"],
                 **summary(samples, server_cpu_s, client_cpu_s),
+                # Of the server's CPU, the core process's (with front-ends, the rest is theirs).
+                "core_cpu_ms_per_plan": round(core_cpu_s * 1e3 / len(samples), 3),
                 "seconds": round(seconds, 1),
             }
     if floor is not None:

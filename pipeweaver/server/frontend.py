@@ -72,7 +72,11 @@ class FrontendLink:
             self._streams.clear()
 
     def _take(self, message: bytes) -> None:
+        parts: list[bytes] = []
         for kind, stream, payload in relay.records(message):
+            if kind == relay.PART:
+                parts.append(payload)
+                continue
             if kind == relay.READY:
                 self._on_ready(payload == b"\x01")
                 continue
@@ -80,7 +84,7 @@ class FrontendLink:
             if queue is None:  # the stream went away here first
                 continue
             if kind == relay.ANSWER:
-                queue.put_nowait(payload)
+                queue.put_nowait(relay.answer_of(payload, parts))
             elif kind == relay.END:
                 del self._streams[stream]
                 queue.put_nowait(None)

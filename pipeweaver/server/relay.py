@@ -49,7 +49,11 @@ CANCEL = 3
 """The stream went away before it ended (its client cancelled, its connection broke)."""
 # core -> front-end
 ANSWER = 11
-"""One serialized `StreamPlansResponse` for the stream."""
+"""One serialized `StreamPlansResponse` for the stream: `_COUNT` n, n `_INDEX` part numbers (PART records of the
+same message), then the answer's own last bytes."""
+PART = 15
+"""Bytes that answers of this message start with (a plan's header, a rank's actions), sent once per message
+however many of its streams get them; the stream id field numbers the part."""
 END = 12
 """The stream ends OK."""
 FAIL = 13
@@ -58,6 +62,7 @@ READY = 14
 """The core's readiness (payload b"\\x01" or b"\\x00"); stream id 0."""
 
 _HEAD = struct.Struct("<BII")
+_COUNT = struct.Struct("<I")
 _STATUS = struct.Struct("<HI")
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 DETAILS_KEY = "grpc-status-details-bin"
@@ -88,13 +93,34 @@ def decode_status(payload: bytes) -> tuple[grpc.StatusCode, str, tuple[tuple[str
     return _CODES.get(code, grpc.StatusCode.UNKNOWN), message, ((DETAILS_KEY, details),) if details else ()
 
 
+def answer_of(payload: bytes, parts: list[bytes]) -> bytes:
+    """The answer an ANSWER record stands for, given its message's PART records in order."""
+    (n,) = _COUNT.unpack_from(payload)
+    indices = struct.unpack_from(f"<{n}I", payload, _COUNT.size)
+    return b"".join([*(parts[i] for i in indices), payload[_COUNT.size + 4 * n :]])
+
+
 class Outbox:
     """Records written during one event-loop turn leave as one message (`messages` yields them)."""
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._parts: dict[int, tuple[int, bytes]] = {}
+        """id() of each part already in the buffer -> (its number, the part, kept alive so the id stays its)."""
         self._ready = asyncio.Event()
         self._closed = False
+
+    def put_answer(self, stream: int, parts: tuple[bytes, ...]) -> None:
+        """An ANSWER record, and a PART record for each shared part not yet in this message."""
+        *shared, own = parts
+        indices = []
+        for part in shared:
+            known = self._parts.get(id(part))
+            if known is None:
+                known = self._parts[id(part)] = (len(self._parts), part)
+                self.put(PART, known[0], part)
+            indices.append(known[0])
+        self.put(ANSWER, stream, struct.pack(f"<I{len(indices)}I", len(indices), *indices) + own)
 
     def put(self, kind: int, stream: int, payload: bytes = b"") -> None:
         if self._closed:
@@ -115,6 +141,7 @@ class Outbox:
             if self._buffer:
                 message = bytes(self._buffer)
                 self._buffer.clear()
+                self._parts.clear()
                 yield message
             if self._closed and not self._buffer:
                 return
@@ -138,9 +165,9 @@ class _RelayedStream:
         self._sent = metrics.msg_sent.labels(**self._labels)
         self.received = metrics.msg_received.labels(**self._labels)
 
-    def answer(self, data: bytes) -> None:
+    def answer(self, parts: tuple[bytes, ...]) -> None:
         self._sent.inc()
-        self._link.outbox.put(ANSWER, self._stream, data)
+        self._link.outbox.put_answer(self._stream, parts)
 
     def end(self) -> None:
         self._link.outbox.put(END, self._stream)

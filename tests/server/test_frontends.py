@@ -3,6 +3,7 @@ rest; a dead one is replaced; SIGTERM drains through them; a busy port fails the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -76,12 +77,40 @@ def _connections(pid: int, port: int) -> int:
 # ---- the relay's records ---------------------------------------------------------------------------------------
 
 
-def test_relay_records_and_statuses_survive_the_link() -> None:
+def test_relay_records_come_back_as_written() -> None:
     outbox_bytes = b"".join(
         relay._HEAD.pack(kind, stream, len(payload)) + payload
         for kind, stream, payload in [(relay.OPEN, 1, b""), (relay.REQUEST, 1, b"abc"), (relay.HALF_CLOSE, 70000, b"")]
     )
     assert list(relay.records(outbox_bytes)) == [(relay.OPEN, 1, b""), (relay.REQUEST, 1, b"abc"), (2, 70000, b"")]
+
+
+def test_an_answer_burst_sends_each_shared_part_once_per_message() -> None:
+    """A plan's answers to many streams of one front-end carry its header and each rank's actions once."""
+    header, rank0, rank1 = b"H" * 1000, b"A" * 500, b"B" * 700
+    answers = {s: ((header, rank0 if s % 2 else rank1), bytes([s]) * 3) for s in range(1, 17)}
+
+    async def one_message() -> bytes:
+        outbox = relay.Outbox()
+        for stream, (shared, own) in answers.items():
+            outbox.put_answer(stream, (*shared, own))
+        outbox.close()
+        return b"".join([m async for m in outbox.messages()])
+
+    message = asyncio.run(one_message())
+    assert len(message) < 1000 + 500 + 700 + 16 * 40
+    parts: list[bytes] = []
+    got = {}
+    for kind, stream, payload in relay.records(message):
+        if kind == relay.PART:
+            parts.append(payload)
+        else:
+            assert kind == relay.ANSWER
+            got[stream] = relay.answer_of(payload, parts)
+    assert got == {s: b"".join((*shared, own)) for s, (shared, own) in answers.items()}
+
+
+def test_a_failed_streams_status_crosses_the_link_with_its_details() -> None:
     error = invalid([Violation("batch.microbatches[3]", "too many tokens: 10 > 4")])
     code, message, trailing = relay.decode_status(relay.encode_status(error))
     assert code is grpc.StatusCode.INVALID_ARGUMENT
@@ -122,8 +151,10 @@ def test_every_rank_gets_its_replicas_plan_through_either_frontend(fronted: Serv
         by_iteration = [{r.header.iteration: r.header.SerializeToString() for r in rs} for rs in ranks]
         assert by_iteration[0] == by_iteration[1], f"replica {replica}: the ranks got different plans"
     wait_until(
-        lambda: fronted.sample("pipeweaver_grpc_server_handled_total", grpc_method="StreamPlans", grpc_code="OK")
-        == handled + 16,
+        lambda: (
+            fronted.sample("pipeweaver_grpc_server_handled_total", grpc_method="StreamPlans", grpc_code="OK")
+            == handled + 16
+        ),
         10,
         "the core to count the 16 relayed streams",
     )
