@@ -5,27 +5,25 @@ service reports SERVING. Two lanes keep short work from queueing behind searches
 per-batch searches; ``control`` (one worker per 16 cores by default) runs registrations, fallback plans and
 simulations. Each lane
 admits at most `workers` running tasks plus `queue_size` waiting ones (`QueueFull` past that, which the service
-answers with RESOURCE_EXHAUSTED). A worker that dies breaks its `ProcessPoolExecutor`: the lane replaces it with
-a fresh pool at once, and every task that was on the broken one raises `WorkerCrashed` (the service then answers
-with fallback plans). A running task cannot be interrupted; cancelling `run` drops a waiting task and abandons a
-running one, whose worker stays busy until the task's own time limit.
+answers with RESOURCE_EXHAUSTED). The pools are `loop_pool.LoopProcessPool`s, which the event loop drives without
+helper threads (a busy loop starves those: see that module). A worker that dies breaks its pool: the lane
+replaces it with a fresh pool at once, and every task that was on the broken one raises `WorkerCrashed` (the
+service then answers with fallback plans). A running task cannot be interrupted; cancelling `run` drops a waiting
+task and abandons a running one, whose worker stays busy until the task's own time limit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import multiprocessing
-import os
-import signal
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from pipeweaver.server import work
+from pipeweaver.server.loop_pool import LoopProcessPool
 
 log = logging.getLogger("pipeweaver.server")
 
@@ -53,7 +51,7 @@ class PoolClosed(Exception):
 
 
 class Lane:
-    """One spawn `ProcessPoolExecutor` plus a FIFO admission queue in front of it."""
+    """One spawn `LoopProcessPool` plus a FIFO admission queue in front of it."""
 
     def __init__(
         self,
@@ -75,7 +73,7 @@ class Lane:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._generation = 0
         self._closing = False
-        self._executor: ProcessPoolExecutor | None = None
+        self._executor: LoopProcessPool | None = None
         self._warming: Future[list[work.WarmReport]] | None = None
         self._ready = False
         self._rewarm: asyncio.Task[None] | None = None
@@ -118,25 +116,15 @@ class Lane:
         executor = self._executor
         if executor is None:
             return
-        # The executor's process table is private, but it is the only list of live workers to kill if need be.
-        processes = list(getattr(executor, "_processes", {}).values())
-        executor.shutdown(wait=False, cancel_futures=True)
-        # shutdown(wait=True) joins the executor's own thread, which reaps every worker; it runs in a thread so
-        # that the event loop can give up waiting.
-        joined = asyncio.ensure_future(asyncio.to_thread(executor.shutdown, True))
-        try:
-            await asyncio.wait_for(asyncio.shield(joined), timeout_s)
+        executor.shutdown(cancel_futures=True)
+        if await executor.join(timeout_s):
             return
-        except TimeoutError:
-            pass
         level = logging.WARNING if self._ready else logging.INFO  # still warming up: expected
-        for p in processes:
-            if p.pid is not None and p.exitcode is None:
+        for p in executor.processes:
+            if p.exitcode is None:
                 log.log(level, "%s worker %d did not stop within %.1f s; killing it", self.name, p.pid, timeout_s)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGKILL)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(joined, 10.0)
+                p.kill()
+        await executor.join(10.0)
 
     # ---- running tasks ----
     async def run(self, fn: Callable[[T], R], arg: T) -> R:
@@ -198,11 +186,12 @@ class Lane:
         loop = asyncio.get_running_loop()
 
         def done(f: Future[Any]) -> None:
-            # Runs in the executor's thread. The slot is only free once the worker is; a pool that broke under a
-            # task nobody awaits any more (its requester left) is still replaced now, not at the next request.
+            # Runs on the loop, inside the pool's own bookkeeping: the release waits for the loop's next step.
+            # The slot is only free once the worker is; a pool that broke under a task nobody awaits any more
+            # (its requester left) is still replaced now, not at the next request.
             broken = not f.cancelled() and isinstance(f.exception(), BrokenProcessPool)
-            with contextlib.suppress(RuntimeError):  # a closed loop has nothing left to release for
-                loop.call_soon_threadsafe(self._finished, generation, broken)
+            if not loop.is_closed():  # a closed loop has nothing left to release for
+                loop.call_soon(self._finished, generation, broken)
 
         return done
 
@@ -248,15 +237,10 @@ class Lane:
             self._on_change(self)
 
     # ---- executors ----
-    def _new_executor(self) -> ProcessPoolExecutor:
-        # spawn, explicitly: never fork a process that runs gRPC (and 3.14 changes the Linux default).
-        return ProcessPoolExecutor(
-            max_workers=self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=work.init_worker,
-        )
+    def _new_executor(self) -> LoopProcessPool:
+        return LoopProcessPool(self.workers, initializer=work.init_worker)
 
-    def _submit_warm_up(self, executor: ProcessPoolExecutor) -> Future[list[work.WarmReport]]:
+    def _submit_warm_up(self, executor: LoopProcessPool) -> Future[list[work.WarmReport]]:
         futures = [executor.submit(work.warm_up, WARM_HOLD_S) for _ in range(self.workers)]
         combined: Future[list[work.WarmReport]] = Future()
         remaining = [len(futures)]
@@ -291,7 +275,7 @@ class Lane:
         old = self._executor
         log.warning("a %s worker died; replacing the pool (restart %d)", self.name, self.restarts)
         if old is not None:
-            old.shutdown(wait=False, cancel_futures=True)
+            old.shutdown(cancel_futures=True)
         self._executor = self._new_executor()
         warming = self._submit_warm_up(self._executor)
         if self._on_restart is not None:

@@ -125,7 +125,7 @@ def test_a_worker_that_dies_while_idle_is_replaced_before_the_next_task() -> Non
         lane = await _lane(workers=1, queue_size=4)
         try:
             os.kill(lane.pids[0], signal.SIGKILL)
-            await asyncio.sleep(1.0)  # the executor notices the death on its own thread
+            await asyncio.sleep(1.0)  # the pool notices the death on the event loop
             assert await lane.run(abs, -9) == 9  # resubmitted to the replacement, not failed
             assert lane.restarts == 1
         finally:

@@ -1,0 +1,204 @@
+"""A spawn process pool driven by the asyncio event loop itself: no helper threads in the server's process.
+
+Why not `concurrent.futures.ProcessPoolExecutor`: its tasks reach the workers through two helper threads (the
+executor's manager thread and the call queue's feeder thread), and its results come back through the manager
+thread. Those threads need the GIL, and an event loop that is busy, as it is while it reads a burst of 64
+requests, releases the GIL only briefly at each of its `select` calls and takes it straight back, so the threads
+rarely win it: on the 2-core machine a no-op task submitted at the start of 64 x 0.3 ms of event-loop work
+reached its worker after 24 ms, the whole burst, whatever `sys.setswitchinterval` said (5 or 0.5 ms); with the
+loop idle, 0.3-0.5 ms. Every search started that late, and its plan went out that much later.
+
+Here the event loop writes a task straight into an idle worker's pipe when it is submitted, and reads results
+with `loop.add_reader` on the workers' pipes, so nothing waits for a thread. The interface is the part of
+`ProcessPoolExecutor` that `pool.Lane` uses: `submit` returns a `concurrent.futures.Future` (completed on the
+loop's thread), a worker that dies breaks the pool (every task on it or waiting for it fails with
+`BrokenProcessPool`, as the executor does), and `shutdown`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import pickle
+import traceback
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+log = logging.getLogger("pipeweaver.server")
+
+_STOP = b""
+"""Sent to a worker: exit."""
+
+
+class RemoteTraceback(Exception):
+    """The worker-side traceback of a task's exception (set as its `__cause__`)."""
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.args[0]}"""'
+
+
+def _worker_main(conn: Connection, initializer: Callable[[], None] | None) -> None:
+    if initializer is not None:
+        initializer()
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except EOFError:  # the server went away
+            return
+        if data == _STOP:
+            return
+        fn, args = pickle.loads(data)
+        try:
+            outcome: tuple[bool, Any, str] = (True, fn(*args), "")
+        except BaseException as exc:
+            outcome = (False, exc, traceback.format_exc())
+        try:
+            payload = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # an unpicklable result or exception: say so rather than die
+            error = RuntimeError(f"the task's {'result' if outcome[0] else 'exception'} cannot be pickled: {exc!r}")
+            payload = pickle.dumps((False, error, outcome[2]), protocol=pickle.HIGHEST_PROTOCOL)
+        conn.send_bytes(payload)
+
+
+class _Worker:
+    __slots__ = ("conn", "process", "task")
+
+    def __init__(self, conn: Connection, process: BaseProcess) -> None:
+        self.conn = conn
+        self.process = process
+        self.task: Future[Any] | None = None
+
+
+class LoopProcessPool:
+    """`workers` spawned processes; create, submit to and shut down on the event loop's thread."""
+
+    def __init__(self, workers: int, initializer: Callable[[], None] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC
+        self._workers: list[_Worker] = []
+        self._idle: deque[_Worker] = deque()
+        self._queue: deque[tuple[Future[Any], bytes]] = deque()
+        self._broken = False
+        self._shutdown = False
+        for _ in range(workers):
+            parent, child = ctx.Pipe(duplex=True)
+            process = ctx.Process(target=_worker_main, args=(child, initializer), daemon=True)
+            process.start()
+            child.close()
+            worker = _Worker(parent, process)
+            self._workers.append(worker)
+            self._idle.append(worker)
+            self._loop.add_reader(parent.fileno(), self._on_result, worker)
+            self._loop.add_reader(process.sentinel, self._on_exit, worker)
+
+    @property
+    def processes(self) -> list[BaseProcess]:
+        return [w.process for w in self._workers]
+
+    # ---- tasks ----
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
+        if self._broken:
+            raise BrokenProcessPool("a worker of this pool died")
+        if self._shutdown:
+            raise RuntimeError("cannot submit after shutdown")
+        future: Future[Any] = Future()
+        self._queue.append((future, pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)))
+        self._dispatch()
+        return future
+
+    def _dispatch(self) -> None:
+        while self._idle and self._queue:
+            future, data = self._queue.popleft()
+            if not future.set_running_or_notify_cancel():  # cancelled while it waited
+                continue
+            worker = self._idle.popleft()
+            worker.task = future
+            try:
+                worker.conn.send_bytes(data)  # the worker is idle, reading: a large task does not block long
+            except OSError:
+                self._break(f"worker {worker.process.pid}'s pipe broke")
+                return
+
+    def _on_result(self, worker: _Worker) -> None:
+        try:
+            ok, value, remote_tb = pickle.loads(worker.conn.recv_bytes())
+        except (EOFError, OSError):
+            self._on_exit(worker)
+            return
+        future, worker.task = worker.task, None
+        if self._shutdown:
+            self._stop(worker)
+        else:
+            self._idle.append(worker)
+        if future is not None:
+            if ok:
+                future.set_result(value)
+            else:
+                if remote_tb:
+                    value.__cause__ = RemoteTraceback(remote_tb)
+                future.set_exception(value)
+        self._dispatch()
+
+    def _on_exit(self, worker: _Worker) -> None:
+        self._forget(worker)
+        if not self._shutdown or worker.task is not None:
+            self._break(f"worker {worker.process.pid} exited with {worker.process.exitcode}")
+
+    def _break(self, why: str) -> None:
+        """Like the executor: one dead worker breaks the pool; its tasks and the waiting ones fail."""
+        if self._broken:
+            return
+        self._broken = True
+        error = BrokenProcessPool(f"a worker of this pool died ({why})")
+        pending = [w.task for w in self._workers if w.task is not None] + [f for f, _ in self._queue]
+        self._queue.clear()
+        for worker in self._workers:
+            worker.task = None
+            self._forget(worker)
+            if worker.process.exitcode is None:
+                worker.process.kill()
+        for future in pending:
+            if not future.done():
+                future.set_exception(error)
+
+    def _forget(self, worker: _Worker) -> None:
+        with contextlib.suppress(ValueError, OSError):  # already removed / closed
+            self._loop.remove_reader(worker.conn.fileno())
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(worker.process.sentinel)
+
+    # ---- shutdown ----
+    def shutdown(self, wait: bool = False, *, cancel_futures: bool = True) -> None:
+        """Refuse new tasks; drop the waiting ones (`cancel_futures`); idle workers exit now, busy ones after
+        their task. `wait` is not supported here (it would block the event loop): see `join`."""
+        assert not wait, "use join() to wait"
+        self._shutdown = True
+        if cancel_futures:
+            while self._queue:
+                self._queue.popleft()[0].cancel()
+        while self._idle:
+            self._stop(self._idle.popleft())
+
+    def _stop(self, worker: _Worker) -> None:
+        with contextlib.suppress(OSError):
+            worker.conn.send_bytes(_STOP)
+
+    async def join(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for every worker to exit; whether they all did."""
+        deadline = self._loop.time() + timeout_s
+        while any(w.process.exitcode is None for w in self._workers):
+            if self._loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        for worker in self._workers:
+            self._forget(worker)
+            worker.process.join(0)
+            worker.conn.close()
+        return True

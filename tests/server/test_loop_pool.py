@@ -1,0 +1,112 @@
+"""`LoopProcessPool`: the event loop drives spawned workers itself (no helper threads), with the executor's
+semantics for results, errors, queueing, cancellation, a dead worker and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import pytest
+
+from pipeweaver.server.loop_pool import LoopProcessPool, RemoteTraceback
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def _unpicklable(_: int) -> Any:
+    return threading.Lock()
+
+
+def _with_pool(workers: int, body: Callable[[LoopProcessPool], Awaitable[None]]) -> None:
+    async def main() -> None:
+        pool = LoopProcessPool(workers)
+        try:
+            await body(pool)
+        finally:
+            pool.shutdown()
+            assert await pool.join(30)
+
+    asyncio.run(main())
+
+
+def test_results_errors_and_their_remote_tracebacks_come_back() -> None:
+    async def body(pool: LoopProcessPool) -> None:
+        assert await asyncio.wrap_future(pool.submit(abs, -4)) == 4
+        with pytest.raises(ValueError, match="no good") as info:
+            await asyncio.wrap_future(pool.submit(_fail, "no good"))
+        assert isinstance(info.value.__cause__, RemoteTraceback)
+        assert "_fail" in str(info.value.__cause__)
+        with pytest.raises(RuntimeError, match="cannot be pickled"):
+            await asyncio.wrap_future(pool.submit(_unpicklable, 1))
+        assert await asyncio.wrap_future(pool.submit(abs, -5)) == 5  # the worker survived all of it
+
+    _with_pool(1, body)
+
+
+def test_no_helper_thread_carries_tasks_or_results() -> None:
+    """The reason the pool exists: a busy event loop starves helper threads (`loop_pool` docstring)."""
+
+    async def body(pool: LoopProcessPool) -> None:
+        threads = threading.active_count()
+        results = await asyncio.gather(*(asyncio.wrap_future(pool.submit(abs, -i)) for i in range(20)))
+        assert results == list(range(20))
+        assert threading.active_count() == threads
+
+    _with_pool(2, body)
+
+
+def test_tasks_wait_for_a_free_worker_in_order_and_a_cancelled_one_never_runs() -> None:
+    async def body(pool: LoopProcessPool) -> None:
+        first = pool.submit(time.sleep, 0.3)
+        queued = [pool.submit(abs, -i) for i in range(3)]
+        dropped = pool.submit(os._exit, 9)  # would kill the worker, were it run
+        assert dropped.cancel()
+        last = pool.submit(abs, -7)
+        assert await asyncio.wrap_future(first) is None
+        assert [await asyncio.wrap_future(f) for f in queued] == [0, 1, 2]
+        assert await asyncio.wrap_future(last) == 7
+        assert dropped.cancelled()
+
+    _with_pool(1, body)
+
+
+def test_a_dead_worker_breaks_the_pool_and_fails_its_waiting_tasks() -> None:
+    async def main() -> None:
+        pool = LoopProcessPool(1)
+        dying = pool.submit(os._exit, 3)
+        waiting = pool.submit(abs, -1)
+        with pytest.raises(BrokenProcessPool, match="exited with 3"):
+            await asyncio.wrap_future(dying)
+        with pytest.raises(BrokenProcessPool):
+            await asyncio.wrap_future(waiting)
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(abs, -2)
+        pool.shutdown()
+        assert await pool.join(30)
+
+    asyncio.run(main())
+
+
+def test_shutdown_lets_a_running_task_finish_and_every_worker_exit() -> None:
+    async def main() -> None:
+        pool = LoopProcessPool(2)
+        running = pool.submit(time.sleep, 0.3)
+        await asyncio.sleep(0.1)
+        waiting = [pool.submit(abs, -1), pool.submit(abs, -2), pool.submit(abs, -3)]
+        pool.shutdown(cancel_futures=True)
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            pool.submit(abs, -4)
+        assert await asyncio.wrap_future(running) is None
+        assert await pool.join(30)
+        assert all(p.exitcode == 0 for p in pool.processes)
+        # The second worker was idle when the three arrived: the first of them ran there, the rest were dropped.
+        assert [f.cancelled() for f in waiting] == [False, True, True]
+
+    asyncio.run(main())
