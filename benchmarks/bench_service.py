@@ -161,11 +161,16 @@ async def _stream(
     return out
 
 
-def _client(args: tuple[int, str, int, list[list[bytes]], float, int]) -> tuple[list[Sample], float]:
-    """One pipeline rank's 16 replica streams in one process; returns the samples and the process's CPU seconds."""
+ClientArgs = tuple[int, str, list[tuple[int, int]], list[list[bytes]], float, int]
+"""(port, job id, the process's (rank, replica) streams, batches[replica][iteration], iteration ms, first
+iteration)."""
+
+
+def _client(args: ClientArgs) -> tuple[list[Sample], float]:
+    """Some of the 64 rank streams in one process; returns the samples and the process's CPU seconds."""
     import grpc
 
-    port, job_id, rank, batches, iteration_ms, first_iteration = args  # batches[replica][iteration]
+    port, job_id, streams, batches, iteration_ms, first_iteration = args
     assert _START is not None
     barrier, shared_start = _START
 
@@ -173,7 +178,7 @@ def _client(args: tuple[int, str, int, list[list[bytes]], float, int]) -> tuple[
         # A connection per stream, as 64 trainer processes would have (channels to one address otherwise share
         # one connection per process); with front-ends the kernel spreads connections, not streams.
         options = [("grpc.use_local_subchannel_pool", 1)]
-        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(16)]
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in streams]
         try:
             await asyncio.gather(*(ch.channel_ready() for ch in channels))
             if await asyncio.to_thread(barrier.wait) == 0:  # every process is connected: one of them sets the start
@@ -183,7 +188,7 @@ def _client(args: tuple[int, str, int, list[list[bytes]], float, int]) -> tuple[
             results = await asyncio.gather(
                 *(
                     _stream(ch, job_id, rank, replica, batches[replica], iteration_ms, start, first_iteration)
-                    for replica, ch in enumerate(channels)
+                    for (rank, replica), ch in zip(streams, channels, strict=True)
                 )
             )
         finally:
@@ -196,15 +201,27 @@ def _client(args: tuple[int, str, int, list[list[bytes]], float, int]) -> tuple[
 
 
 def run_pass(
-    port: int, job_id: str, batches: list[list[bytes]], iteration_ms: float, first_iteration: int = 0
+    port: int,
+    job_id: str,
+    batches: list[list[bytes]],
+    iteration_ms: float,
+    first_iteration: int = 0,
+    processes: int = 4,
 ) -> tuple[list[Sample], float]:
-    """All 64 streams through one pass (`batches[replica][iteration]`, numbered from `first_iteration`); returns
-    the samples and the client processes' CPU seconds."""
+    """All 64 streams (4 ranks x 16 replicas) through one pass (`batches[replica][iteration]`, numbered from
+    `first_iteration`), in `processes` client processes (4: one per pipeline rank); returns the samples and the
+    client processes' CPU seconds."""
+    streams = [(rank, replica) for rank in range(4) for replica in range(16)]
+    shares = (
+        [streams[i::processes] for i in range(processes)]
+        if processes != 4
+        else [streams[16 * r : 16 * (r + 1)] for r in range(4)]
+    )
     ctx = multiprocessing.get_context("spawn")
-    init = (ctx.Barrier(4), ctx.Value("d", 0.0))
-    with ctx.Pool(4, initializer=_init_client, initargs=init) as pool:  # a process per pipeline rank
+    init = (ctx.Barrier(processes), ctx.Value("d", 0.0))
+    with ctx.Pool(processes, initializer=_init_client, initargs=init) as pool:
         parts = pool.map(
-            _client, [(port, job_id, rank, batches, iteration_ms, first_iteration) for rank in range(4)], chunksize=1
+            _client, [(port, job_id, share, batches, iteration_ms, first_iteration) for share in shares], chunksize=1
         )
     return [r for samples, _ in parts for r in samples], sum(cpu for _, cpu in parts)
 
@@ -252,7 +269,9 @@ def one_answer(port: int, job_id: str, batch: bytes) -> bytes:
         return bytes(get_plan(pb.GetPlanRequest(job_id=job_id, rank=1, batch=pb.BatchMetadata.FromString(batch))))
 
 
-def floor_pass(answer: bytes, batches: list[list[bytes]], iteration_ms: float) -> tuple[list[Sample], float, float]:
+def floor_pass(
+    answer: bytes, batches: list[list[bytes]], iteration_ms: float, processes: int = 4
+) -> tuple[list[Sample], float, float]:
     """The clients of `run_pass` against `_echo_server`: (samples, server CPU seconds, client CPU seconds)."""
     ctx = multiprocessing.get_context("spawn")
     ports = ctx.Queue()
@@ -262,7 +281,7 @@ def floor_pass(answer: bytes, batches: list[list[bytes]], iteration_ms: float) -
         port = ports.get(timeout=60)
         assert server.pid is not None
         cpu0 = cpu_seconds(server.pid)
-        samples, client_cpu = run_pass(port, "job-floor", batches, iteration_ms)
+        samples, client_cpu = run_pass(port, "job-floor", batches, iteration_ms, processes=processes)
         return samples, cpu_seconds(server.pid) - cpu0, client_cpu
     finally:
         server.kill()
@@ -290,6 +309,12 @@ def main() -> None:
         nargs="+",
         default=[0],
         help="front-end processes of the server (several values: one server each, measured one after another)",
+    )
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=4,
+        help="processes the 64 streams live in (4: one per pipeline rank; 64: one per stream, as trainers are)",
     )
     parser.add_argument("--server-log", default="", help="write the server's log here")
     parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU", help="recorded in the report")
@@ -326,12 +351,16 @@ def main() -> None:
         try:
             job_id = register(port)
             cpu0, core0, t0 = server_cpu(), core_cpu(), time.perf_counter()
-            planning, planning_client_cpu = run_pass(port, job_id, batches, args.iteration_ms)
+            planning, planning_client_cpu = run_pass(
+                port, job_id, batches, args.iteration_ms, processes=args.client_processes
+            )
             cpu1, core1, t1 = server_cpu(), core_cpu(), time.perf_counter()
             # Iterations numbered after the first pass's: plans for them come from the plan cache, not from the
             # entries the first pass left (those would answer with the first pass's search time, a negative
             # overhead).
-            cached, cached_client_cpu = run_pass(port, job_id, batches, args.iteration_ms, args.iterations)
+            cached, cached_client_cpu = run_pass(
+                port, job_id, batches, args.iteration_ms, args.iterations, processes=args.client_processes
+            )
             cpu2, core2, t2 = server_cpu(), core_cpu(), time.perf_counter()
             answer = one_answer(port, job_id, batches[0][0])
         finally:
@@ -346,7 +375,9 @@ def main() -> None:
         )
     floor = None
     if args.floor_iterations > 0:
-        floor = floor_pass(answer, [b[: args.floor_iterations] for b in batches], args.iteration_ms)
+        floor = floor_pass(
+            answer, [b[: args.floor_iterations] for b in batches], args.iteration_ms, args.client_processes
+        )
 
     def pct(values: list[float], q: float) -> float | None:
         return round(float(np.percentile(values, q)), 2) if values else None
@@ -393,6 +424,7 @@ def main() -> None:
         "command": "python benchmarks/bench_service.py " + " ".join(sys.argv[1:]),
         "machine": args.machine,
         "streams": 64,
+        "client_processes": args.client_processes,
         "distinct_replicas": args.distinct_replicas,
         "iterations": args.iterations,
         "budget_ms": args.budget_ms,
