@@ -2,8 +2,9 @@
 
 The ranks run in lockstep, as data-parallel training does: every rank sends iteration i's metadata at the same
 instant (start + i x --iteration-ms, or at once when its previous plan came later), due by the end of that
-iteration; a plan is on time if it arrives within --iteration-ms. The 64 streams live in 4 client processes (one
-per pipeline rank, 16 replica streams each) on the same machine as the server.
+iteration; a plan is on time if it arrives within --iteration-ms. The 64 streams live in --client-processes client
+processes (default 4: one per pipeline rank, 16 replica streams each) on the same machine as the server, each
+stream on its own connection, as each trainer process has its own.
 
 Pass 1 (planning): all replicas send the same batch per iteration (on 2 cores, 16 distinct searches per iteration
 would measure the CPU, not the service): one replica's search runs, the other replicas share it while it is in
@@ -43,9 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(
-    budget_ms: float, log: str = "", frontends: int = 0
-) -> tuple[subprocess.Popen[bytes], int, dict[str, Any]]:
+def start_server(budget_ms: float, log: str = "") -> tuple[subprocess.Popen[bytes], int]:
     ready = Path(tempfile.mkdtemp()) / "ready.json"
     sink = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the server holds it until it exits
     env = dict(os.environ)
@@ -64,8 +63,6 @@ def start_server(
             str(ready),
             "--budget-ms",
             str(budget_ms),
-            "--frontends",
-            str(frontends),
         ],
         env=env,
         stdout=sink,
@@ -77,7 +74,7 @@ def start_server(
             raise RuntimeError("server did not start")
         time.sleep(0.2)
     info = json.loads(ready.read_text())
-    return proc, int(info["port"]), info
+    return proc, int(info["port"])
 
 
 def register(port: int) -> str:
@@ -176,7 +173,7 @@ def _client(args: ClientArgs) -> tuple[list[Sample], float]:
 
     async def main() -> list[Sample]:
         # A connection per stream, as 64 trainer processes would have (channels to one address otherwise share
-        # one connection per process); with front-ends the kernel spreads connections, not streams.
+        # one connection per process).
         options = [("grpc.use_local_subchannel_pool", 1)]
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in streams]
         try:
@@ -304,13 +301,6 @@ def main() -> None:
         "--distinct-replicas", action="store_true", help="each replica its own batches (16 searches per iteration)"
     )
     parser.add_argument(
-        "--frontends",
-        type=int,
-        nargs="+",
-        default=[0],
-        help="front-end processes of the server (several values: one server each, measured one after another)",
-    )
-    parser.add_argument(
         "--client-processes",
         type=int,
         default=4,
@@ -331,48 +321,24 @@ def main() -> None:
         for r in range(replicas)
     ]
     batches = [drawn[r % replicas] for r in range(16)]  # [replica][iteration]
-    runs: list[dict[str, Any]] = []
-    for frontends in args.frontends:
-        log = (
-            args.server_log.replace(".log", f"_frontends{frontends}.log")
-            if len(args.frontends) > 1
-            else args.server_log
+    proc, port = start_server(args.budget_ms, args.server_log)
+    try:
+        job_id = register(port)
+        cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
+        planning, planning_client_cpu = run_pass(
+            port, job_id, batches, args.iteration_ms, processes=args.client_processes
         )
-        proc, port, info = start_server(args.budget_ms, log, frontends)
-        # The server's own CPU: the core process and its front-ends (not the workers).
-        pids = [proc.pid, *info.get("frontend_pids", [])]
-
-        def server_cpu(pids: list[int] = pids) -> float:
-            return sum(cpu_seconds(pid) for pid in pids)
-
-        def core_cpu(pid: int = proc.pid) -> float:
-            return cpu_seconds(pid)
-
-        try:
-            job_id = register(port)
-            cpu0, core0, t0 = server_cpu(), core_cpu(), time.perf_counter()
-            planning, planning_client_cpu = run_pass(
-                port, job_id, batches, args.iteration_ms, processes=args.client_processes
-            )
-            cpu1, core1, t1 = server_cpu(), core_cpu(), time.perf_counter()
-            # Iterations numbered after the first pass's: plans for them come from the plan cache, not from the
-            # entries the first pass left (those would answer with the first pass's search time, a negative
-            # overhead).
-            cached, cached_client_cpu = run_pass(
-                port, job_id, batches, args.iteration_ms, args.iterations, processes=args.client_processes
-            )
-            cpu2, core2, t2 = server_cpu(), core_cpu(), time.perf_counter()
-            answer = one_answer(port, job_id, batches[0][0])
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-        runs.append(
-            {
-                "frontends": frontends,
-                "planning": (planning, cpu1 - cpu0, planning_client_cpu, t1 - t0, core1 - core0),
-                "cached": (cached, cpu2 - cpu1, cached_client_cpu, t2 - t1, core2 - core1),
-            }
+        cpu1, t1 = cpu_seconds(proc.pid), time.perf_counter()
+        # Iterations numbered after the first pass's: plans for them come from the plan cache, not from the
+        # entries the first pass left (those would answer with the first pass's search time, a negative overhead).
+        cached, cached_client_cpu = run_pass(
+            port, job_id, batches, args.iteration_ms, args.iterations, processes=args.client_processes
         )
+        cpu2, t2 = cpu_seconds(proc.pid), time.perf_counter()
+        answer = one_answer(port, job_id, batches[0][0])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
     floor = None
     if args.floor_iterations > 0:
         floor = floor_pass(
@@ -431,20 +397,10 @@ def main() -> None:
         "iteration_ms": args.iteration_ms,
         "cpu_cores": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
+        "planning_pass": {**summary(planning, cpu1 - cpu0, planning_client_cpu), "seconds": round(t1 - t0, 1)},
+        "cached_pass": {**summary(cached, cpu2 - cpu1, cached_client_cpu), "seconds": round(t2 - t1, 1)},
         "answer_bytes": len(answer),
     }
-    for run in runs:
-        # The first server's passes keep the report's original keys; others are keyed by their front-ends.
-        suffix = "" if run is runs[0] else f"_frontends{run['frontends']}"
-        for name in ("planning", "cached"):
-            samples, server_cpu_s, client_cpu_s, seconds, core_cpu_s = run[name]
-            report[f"{name}_pass{suffix}"] = {
-                "frontends": run["frontends"],
-                **summary(samples, server_cpu_s, client_cpu_s),
-                # Of the server's CPU, the core process's (with front-ends, the rest is theirs).
-                "core_cpu_ms_per_plan": round(core_cpu_s * 1e3 / len(samples), 3),
-                "seconds": round(seconds, 1),
-            }
     if floor is not None:
         samples, server_cpu, client_cpu = floor
         report["transport_floor"] = {

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import signal
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,9 @@ from prometheus_client import disable_created_metrics, start_http_server
 
 from pipeweaver.server.config import ServerConfig
 from pipeweaver.server.forward import ForwardingService, leader_channel
-from pipeweaver.server.frontends import FrontendGroup, FrontendStartError
 from pipeweaver.server.metrics import Metrics, MetricsInterceptor
 from pipeweaver.server.planning import Planning
 from pipeweaver.server.pool import Lane, WorkerPool
-from pipeweaver.server.relay import CoreRelay
 from pipeweaver.server.service import SERVICE_NAME, PlannerService, add_planner_service
 
 log = logging.getLogger("pipeweaver.server")
@@ -46,8 +43,7 @@ class StartupError(Exception):
     """The server could not start (port in use, bad certificate, worker warm-up failed)."""
 
 
-def grpc_options(config: ServerConfig, *, reuse_port: bool = False) -> list[tuple[str, Any]]:
-    """`reuse_port`: front-ends share the public port (the core checked it was free before starting them)."""
+def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
     return [
         # The service refuses requests over max_message_bytes itself (INVALID_ARGUMENT with a field violation);
         # the transport only stops what is far beyond it.
@@ -59,29 +55,8 @@ def grpc_options(config: ServerConfig, *, reuse_port: bool = False) -> list[tupl
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
         # A second server on a busy port must fail, not share it.
-        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.so_reuseport", 0),
     ]
-
-
-def bind_port(server: grpc.aio.Server, config: ServerConfig, address: str) -> int:
-    """Bind `address` with the configured transport security; the bound port."""
-    try:
-        if config.tls is None:
-            port = server.add_insecure_port(address)
-        else:
-            creds = grpc.ssl_server_credentials(
-                [(Path(config.tls.key_file).read_bytes(), Path(config.tls.cert_file).read_bytes())],
-                root_certificates=(
-                    Path(config.tls.client_ca_file).read_bytes() if config.tls.client_ca_file is not None else None
-                ),
-                require_client_auth=config.tls.mutual,
-            )
-            port = server.add_secure_port(address, creds)
-    except RuntimeError as exc:
-        raise StartupError(f"cannot bind {address}: {exc}") from exc
-    if port == 0:
-        raise StartupError(f"cannot bind {address}")
-    return port
 
 
 class PlannerServer:
@@ -102,8 +77,6 @@ class PlannerServer:
         self._stopping = False
         self._readiness: asyncio.Task[None] | None = None
         self._planning: Planning | None = None
-        self._relay: CoreRelay | None = None
-        self.frontends: FrontendGroup | None = None
 
     # ---- startup ----
     async def start(self) -> None:
@@ -131,23 +104,10 @@ class PlannerServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if cfg.reflection:
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        if cfg.frontends and isinstance(service, PlannerService):
-            # The front-ends hold the public port; the core listens on a Unix socket only they reach.
-            self._relay = CoreRelay(service, self.metrics)
-            server.add_generic_rpc_handlers((self._relay.handler(),))
-            self.frontends = FrontendGroup(cfg, self._relay, self.metrics.frontend_restarts.inc)
-            bind_port(server, replace(cfg, tls=None), self.frontends.core_address)
-        else:
-            self.port = bind_port(server, cfg, cfg.address)
+        self.port = self._bind(server)
         await self._health.set(health.OVERALL_HEALTH, SERVING)
-        await self._set_readiness(NOT_SERVING)
+        await self._health.set(SERVICE_NAME, NOT_SERVING)
         await server.start()
-        if self.frontends is not None:
-            try:
-                await self.frontends.start()
-            except FrontendStartError as exc:
-                raise StartupError(str(exc)) from exc
-            self.port = self.frontends.port
         try:
             http, _ = start_http_server(cfg.metrics_port, addr=cfg.metrics_address, registry=self.metrics.registry)
         except OSError as exc:
@@ -176,9 +136,29 @@ class PlannerServer:
         gc.collect()
         gc.freeze()
         self._serving = True
-        await self._set_readiness(SERVING)
+        await self._health.set(SERVICE_NAME, SERVING)
         self._write_ready_file()
         log.info("serving %s", SERVICE_NAME)
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        cfg = self.config
+        try:
+            if cfg.tls is None:
+                port = server.add_insecure_port(cfg.address)
+            else:
+                creds = grpc.ssl_server_credentials(
+                    [(Path(cfg.tls.key_file).read_bytes(), Path(cfg.tls.cert_file).read_bytes())],
+                    root_certificates=(
+                        Path(cfg.tls.client_ca_file).read_bytes() if cfg.tls.client_ca_file is not None else None
+                    ),
+                    require_client_auth=cfg.tls.mutual,
+                )
+                port = server.add_secure_port(cfg.address, creds)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot bind {cfg.address}: {exc}") from exc
+        if port == 0:
+            raise StartupError(f"cannot bind {cfg.address}")
+        return port
 
     async def _leader_ready(self) -> None:
         assert self._leader is not None
@@ -200,7 +180,6 @@ class PlannerServer:
             "follower": self.config.follower,
             "search_worker_pids": list(self.pool.search.pids) if self.pool else [],
             "control_worker_pids": list(self.pool.control.pids) if self.pool else [],
-            "frontend_pids": self.frontends.pids if self.frontends else [],
         }
         tmp = Path(f"{path}.tmp")
         tmp.write_text(json.dumps(data))
@@ -221,13 +200,7 @@ class PlannerServer:
 
     async def _sync_readiness(self) -> None:
         if self.pool is not None and not self._stopping:
-            await self._set_readiness(SERVING if self.pool.ready else NOT_SERVING)
-
-    async def _set_readiness(self, status: Any) -> None:
-        """Readiness here and on every front-end."""
-        if self._relay is not None:
-            self._relay.set_ready(status == SERVING)
-        await self._health.set(SERVICE_NAME, status)
+            await self._health.set(SERVICE_NAME, SERVING if self.pool.ready else NOT_SERVING)
 
     # ---- shutdown ----
     async def stop(self, grace_s: float | None = None) -> None:
@@ -235,12 +208,8 @@ class PlannerServer:
         self._stopping = True
         log.info("shutting down (grace %.1f s)", grace)
         await self._health.enter_graceful_shutdown()
-        if self._relay is not None:
-            self._relay.set_ready(False)
         if self._service is not None:
             self._service.drain()
-        if self.frontends is not None:
-            await self.frontends.stop(grace)
         if self._server is not None:
             await self._server.stop(grace)
         if self.pool is not None:

@@ -76,10 +76,6 @@ class ServerConfig:
     """Processes that run searches (spawned, never forked)."""
     control_workers: int = field(default_factory=default_control_workers)
     """Processes that run registrations, fallback plans and simulations."""
-    frontends: int = 0
-    """Front-end processes that hold the trainers' connections and write their answers (`frontend.py`); 0: the
-    core process holds them itself. Answers due together (a plan's, to every rank of its replicas) leave from
-    all front-ends at once instead of one after another from one event loop."""
     queue_size: int = 64
     """Searches that may wait for a worker; past it, requests get RESOURCE_EXHAUSTED."""
     budget_ms: float = 500.0
@@ -126,11 +122,6 @@ class ServerConfig:
         _check(0 <= self.metrics_port <= 65535, f"metrics port must be in 0..65535, got {self.metrics_port}")
         _check(self.search_workers >= 1, f"search workers must be at least 1, got {self.search_workers}")
         _check(self.control_workers >= 1, f"control workers must be at least 1, got {self.control_workers}")
-        _check(0 <= self.frontends <= 64, f"front-ends must be in 0..64, got {self.frontends}")
-        _check(
-            not (self.frontends and self.leader is not None),
-            "front-ends and a leader exclude each other: a follower only forwards",
-        )
         _check(self.queue_size >= 0, f"queue size must not be negative, got {self.queue_size}")
         _check(self.budget_ms > 0, f"budget must be positive, got {self.budget_ms} ms")
         _check(
@@ -223,13 +214,6 @@ OPTIONS: tuple[_Option, ...] = (
         "control_workers",
         int,
         "worker processes for registrations, fallbacks and simulations (default: 1 per 16 cores)",
-    ),
-    _Option(
-        "--frontends",
-        "PIPEWEAVER_FRONTENDS",
-        "frontends",
-        int,
-        "front-end processes sharing the gRPC port (default 0: the core serves it alone)",
     ),
     _Option("--queue-size", "PIPEWEAVER_QUEUE_SIZE", "queue_size", int, "searches that may wait (default 64)"),
     _Option("--budget-ms", "PIPEWEAVER_BUDGET_MS", "budget_ms", float, "default planning budget per batch"),

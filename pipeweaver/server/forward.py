@@ -49,18 +49,18 @@ def leader_channel(config: ServerConfig) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(config.leader, creds, options=options)
 
 
-def call_timeout(context: Context) -> float | None:
+def _timeout(context: Context) -> float | None:
     remaining = context.time_remaining()
     return remaining if remaining is not None and remaining < 24 * 3600 else None
 
 
-async def relay_status(context: Context, err: grpc.aio.AioRpcError, upstream: str = "the leader planner") -> None:
-    """End this call with the upstream planner's status, passing its rich details through."""
+async def _relay(context: Context, err: grpc.aio.AioRpcError) -> None:
+    """End this call with the leader's status, passing its rich details through."""
     metadata: Any = err.trailing_metadata() or ()
     details = tuple((k, v) for k, v in metadata if k == _DETAILS_KEY)
     message = err.details() or ""
     if err.code() is grpc.StatusCode.UNAVAILABLE and not details:
-        message = f"{upstream} is unavailable ({DOMAIN}): {message}"
+        message = f"the leader planner is unavailable ({DOMAIN}): {message}"
     await context.abort(err.code(), message, details)
 
 
@@ -74,9 +74,9 @@ class ForwardingService(planner_pb2_grpc.PlannerServiceServicer):
 
     async def _unary(self, method: Any, request: Any, context: Context) -> Any:
         try:
-            return await method(request, timeout=call_timeout(context))
+            return await method(request, timeout=_timeout(context))
         except grpc.aio.AioRpcError as err:
-            await relay_status(context, err)
+            await _relay(context, err)
 
     async def RegisterJob(self, request: Any, context: Context) -> Any:
         return await self._unary(self._stub.RegisterJob, request, context)
@@ -102,6 +102,6 @@ class ForwardingService(planner_pb2_grpc.PlannerServiceServicer):
             async for response in call:
                 yield response
         except grpc.aio.AioRpcError as err:
-            await relay_status(context, err)
+            await _relay(context, err)
         finally:
             call.cancel()

@@ -103,12 +103,11 @@ class SharedPlan:
     no parse and no serialization on the event loop, however many ranks, replicas and iterations it serves.
     """
 
-    __slots__ = ("_header", "_parsed", "_ranks", "encoded")
+    __slots__ = ("_header", "_parsed", "encoded")
 
     def __init__(self, encoded: work.EncodedPlan) -> None:
         self.encoded = encoded
         self._header = rawproto.field(1, encoded.header)
-        self._ranks: list[bytes | None] = [None] * len(encoded.ranks)
         self._parsed: pb.Plan | None = None
 
     @classmethod
@@ -128,20 +127,12 @@ class SharedPlan:
             raise KeyError(f"the plan has no rank {rank}")
         return actions[rank]
 
-    def answer_parts(self, rank: int) -> tuple[bytes, bytes]:
-        """The two parts every answer of this plan to `rank` starts with (the header, the rank's actions), the
-        same objects each time: the front-end relay sends each once per message, however many streams get it."""
+    def answer(self, rank: int, identity: bytes) -> bytes:
+        """This rank's serialized `StreamPlansResponse` / `GetPlanResponse`, with `identity` appended."""
         ranks = self.encoded.ranks
         if not 0 <= rank < len(ranks):
             raise KeyError(f"the plan has no rank {rank}")
-        part = self._ranks[rank]
-        if part is None:
-            part = self._ranks[rank] = rawproto.field(2, ranks[rank])
-        return self._header, part
-
-    def answer(self, rank: int, identity: bytes) -> bytes:
-        """This rank's serialized `StreamPlansResponse` / `GetPlanResponse`, with `identity` appended."""
-        return b"".join((*self.answer_parts(rank), identity))
+        return b"".join((self._header, rawproto.field(2, ranks[rank]), identity))
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,14 +174,6 @@ class Served:
 
     def response_bytes(self, rank: int) -> bytes:
         """This rank's serialized `StreamPlansResponse` / `GetPlanResponse` (the two share field numbers)."""
-        return self.shared.answer(rank, self.identity())
-
-    def response_parts(self, rank: int) -> tuple[bytes, bytes, bytes]:
-        """`response_bytes` before the join: the plan's two shared parts and this answer's identity."""
-        return (*self.shared.answer_parts(rank), self.identity())
-
-    def identity(self) -> bytes:
-        """The bytes that make the shared parts this iteration's, replica's and source's answer."""
         # The header's identity is written out in full, zeros included: it must override the shared header's.
         header = (
             rawproto.varint_field(2, self.iteration)
@@ -202,7 +185,7 @@ class Served:
             identity += rawproto.varint_field(3, 1)
         if self.search_ms:
             identity += rawproto.double_field(4, self.search_ms)
-        return identity
+        return self.shared.answer(rank, identity)
 
 
 class PlanEntry:

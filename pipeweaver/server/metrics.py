@@ -125,9 +125,6 @@ class Metrics:
         )
         self.queue_depth = Gauge("pipeweaver_queue_depth", "Tasks waiting for a worker", ["lane"], registry=r)
         self.workers_busy = Gauge("pipeweaver_workers_busy", "Workers running a task", ["lane"], registry=r)
-        self.frontend_restarts = Counter(
-            "pipeweaver_frontend_restarts", "Front-end processes replaced after one died", registry=r
-        )
         self.worker_restarts = Counter(
             "pipeweaver_worker_restarts", "Worker pools replaced after a worker died", ["lane"], registry=r
         )

@@ -126,8 +126,8 @@ class _QueueSink:
     def __init__(self, out: asyncio.Queue[bytes | RequestError | None]) -> None:
         self._out = out
 
-    def answer(self, parts: tuple[bytes, ...]) -> None:
-        self._out.put_nowait(b"".join(parts))
+    def answer(self, data: bytes) -> None:
+        self._out.put_nowait(data)
 
     def end(self) -> None:
         self._out.put_nowait(None)

@@ -1,9 +1,8 @@
 """One StreamPlans stream's state, apart from the transport that carries it.
 
 A session takes a stream's requests (serialized `StreamPlansRequest`s) one at a time and hands its answers, its
-error or its end to a `StreamSink`. The in-process handler (`service.PlannerService.StreamPlans`) and the
-front-end relay (`relay.py`, streams accepted by front-end processes) both drive sessions, so a stream behaves
-the same whichever process holds its connection.
+error or its end to a `StreamSink`; the gRPC handler (`service.PlannerService.StreamPlans`) only moves bytes
+between the call and the session.
 
 A request whose plan is there (a cache hit, a rank after the first) is answered as it is taken; the others wait
 on their entry's plan through a callback, so one search's answers go to every waiting stream at once, without a
@@ -32,9 +31,8 @@ log = logging.getLogger("pipeweaver.server")
 class StreamSink(Protocol):
     """Where a session's output goes. Each method is called on the event loop, never after `end` or `fail`."""
 
-    def answer(self, parts: tuple[bytes, ...]) -> None:
-        """One serialized `StreamPlansResponse`, in parts to be joined: the plan's shared ones (the same objects
-        for every answer of that plan and rank), then this answer's own."""
+    def answer(self, data: bytes) -> None:
+        """One serialized `StreamPlansResponse`."""
 
     def end(self) -> None:
         """The client is done writing and every request it sent is answered: the stream ends OK."""
@@ -69,7 +67,7 @@ class StreamSession:
             entry = self._planning.attach(job, batch, budget_ms=job.budget_ms, deadline=deadline)
             served = entry.served()
             if served is not None:
-                self._sink.answer(served.response_parts(rank))
+                self._sink.answer(served.response_bytes(rank))
             else:
                 self._wait_for(job, entry, rank, deadline)
         except RequestError as exc:
@@ -129,12 +127,12 @@ class StreamSession:
         self._waiting[key] = (job, entry, deadline, deliver)
         entry.final.add_done_callback(deliver)
 
-    def _answer(self, job: JobState, final: asyncio.Future[Served], rank: int) -> tuple[bytes, ...] | RequestError:
+    def _answer(self, job: JobState, final: asyncio.Future[Served], rank: int) -> bytes | RequestError:
         """A resolved entry's answer to `rank`, or the error that ends the stream."""
         error = None if final.cancelled() else final.exception()
         if error is None and not final.cancelled():
             try:
-                return final.result().response_parts(rank)
+                return final.result().response_bytes(rank)
             except Exception as exc:  # in a callback: nobody else would see it, and the stream would hang
                 log.exception("unexpected error answering a streamed batch")
                 return internal_error(exc)

@@ -56,7 +56,6 @@ class ServerProcess:
     metrics_port: int
     search_worker_pids: list[int]
     control_worker_pids: list[int]
-    frontend_pids: list[int] = field(default_factory=list)
     channels: list[grpc.Channel] = field(default_factory=list)
 
     @property
@@ -151,7 +150,6 @@ def start_server(
         metrics_port=info["metrics_port"],
         search_worker_pids=info["search_worker_pids"],
         control_worker_pids=info["control_worker_pids"],
-        frontend_pids=info.get("frontend_pids", []),
     )
 
 
