@@ -12,7 +12,9 @@ Here the event loop writes a task straight into an idle worker's pipe when it is
 with `loop.add_reader` on the workers' pipes, so nothing waits for a thread. The interface is the part of
 `ProcessPoolExecutor` that `pool.Lane` uses: `submit` returns a `concurrent.futures.Future` (completed on the
 loop's thread), a worker that dies breaks the pool (every task on it or waiting for it fails with
-`BrokenProcessPool`, as the executor does), and `shutdown`.
+`BrokenProcessPool`, as the executor does), and `shutdown`. Workers are daemonic, so a server that fails
+does not wait for them at exit, and a worker whose server went away reads end-of-file and exits; a task cannot
+start processes of its own (the server's searches run in one process).
 """
 
 from __future__ import annotations
