@@ -205,14 +205,15 @@ def run_pass(
     first_iteration: int = 0,
     processes: int = 4,
 ) -> tuple[list[Sample], float]:
-    """All 64 streams (4 ranks x 16 replicas) through one pass (`batches[replica][iteration]`, numbered from
-    `first_iteration`), in `processes` client processes (4: one per pipeline rank); returns the samples and the
-    client processes' CPU seconds."""
-    streams = [(rank, replica) for rank in range(4) for replica in range(16)]
+    """Every stream (4 ranks x a replica per `batches[replica][iteration]`) through one pass, iterations numbered
+    from `first_iteration`, in `processes` client processes (4: one per pipeline rank); returns the samples and
+    the client processes' CPU seconds."""
+    replicas = len(batches)
+    streams = [(rank, replica) for rank in range(4) for replica in range(replicas)]
     shares = (
         [streams[i::processes] for i in range(processes)]
         if processes != 4
-        else [streams[16 * r : 16 * (r + 1)] for r in range(4)]
+        else [streams[replicas * r : replicas * (r + 1)] for r in range(4)]
     )
     ctx = multiprocessing.get_context("spawn")
     init = (ctx.Barrier(processes), ctx.Value("d", 0.0))
@@ -301,6 +302,9 @@ def main() -> None:
         "--distinct-replicas", action="store_true", help="each replica its own batches (16 searches per iteration)"
     )
     parser.add_argument(
+        "--replicas", type=int, default=16, help="data-parallel replicas, 4 rank streams each (at most 16)"
+    )
+    parser.add_argument(
         "--client-processes",
         type=int,
         default=4,
@@ -310,17 +314,19 @@ def main() -> None:
     parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU", help="recorded in the report")
     parser.add_argument("--out", default="", help="also write the report here (JSON)")
     args = parser.parse_args()
+    if not 1 <= args.replicas <= 16:
+        parser.error(f"--replicas must be in 1..16 (the job's data parallelism), got {args.replicas}")
     from pipeweaver.datagen import dynamic_batch
     from pipeweaver.presets import workload
     from pipeweaver.wire import batch_to_proto
 
     w = workload("vlm-s")
-    replicas = 16 if args.distinct_replicas else 1
+    distinct = args.replicas if args.distinct_replicas else 1
     drawn = [
         [batch_to_proto(dynamic_batch(w, seed=r, iteration=i)).SerializeToString() for i in range(args.iterations)]
-        for r in range(replicas)
+        for r in range(distinct)
     ]
-    batches = [drawn[r % replicas] for r in range(16)]  # [replica][iteration]
+    batches = [drawn[r % distinct] for r in range(args.replicas)]  # [replica][iteration]
     proc, port = start_server(args.budget_ms, args.server_log)
     try:
         job_id = register(port)
@@ -389,7 +395,7 @@ def main() -> None:
     report = {
         "command": "python benchmarks/bench_service.py " + " ".join(sys.argv[1:]),
         "machine": args.machine,
-        "streams": 64,
+        "streams": 4 * args.replicas,
         "client_processes": args.client_processes,
         "distinct_replicas": args.distinct_replicas,
         "iterations": args.iterations,
