@@ -4,7 +4,9 @@
         [--shapes generator ...] [--answer-kb 90 20 ...]
 
 The clients are `bench_service.py`'s (64 streams: 16 replicas x 4 ranks in 4 processes, all ranks sending at the
-same instant each iteration); every answer is the same 90 KB message. The servers differ only in how a handler
+same instant each iteration; since 2026-11-28 each stream on its own connection, before that the 16 streams of a
+process shared one, as in `stream_shapes_h200host.json`); every answer is the same 90 KB message. The servers
+differ only in how a handler
 turns a request into an answer:
 
 - ``generator``: the answer is yielded as the request is read (the transport floor of `bench_service.py`);

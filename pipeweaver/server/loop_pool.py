@@ -4,9 +4,9 @@ Why not `concurrent.futures.ProcessPoolExecutor`: its tasks reach the workers th
 executor's manager thread and the call queue's feeder thread), and its results come back through the manager
 thread. Those threads need the GIL, and an event loop that is busy, as it is while it reads a burst of 64
 requests, releases the GIL only briefly at each of its `select` calls and takes it straight back, so the threads
-rarely win it: on the 2-core machine a no-op task submitted at the start of 64 x 0.3 ms of event-loop work
-reached its worker after 24 ms, the whole burst, whatever `sys.setswitchinterval` said (5 or 0.5 ms); with the
-loop idle, 0.3-0.5 ms. Every search started that late, and its plan went out that much later.
+rarely win it: a no-op task submitted at the start of 64 x 0.3 ms of event-loop work reached its worker after
+about 20 ms, the whole burst, with `sys.setswitchinterval` at 5 or 0.5 ms; with the loop idle, 0.2-0.3 ms
+(`benchmarks/bench_pool_latency.py`). Every search started that late, and its plan went out that much later.
 
 Here the event loop writes a task straight into an idle worker's pipe when it is submitted, and reads results
 with `loop.add_reader` on the workers' pipes, so nothing waits for a thread. The interface is the part of

@@ -245,7 +245,7 @@ class PlannerService:
     async def StreamPlans(self, request_iterator: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
         """Answers go out as their plans are fixed, in that order (`streams.StreamSession`)."""
         out: asyncio.Queue[bytes | RequestError | None] = asyncio.Queue()
-        session = self.open_session(_QueueSink(out))
+        session = self._open_session(_QueueSink(out))
 
         async def read() -> None:
             try:
@@ -271,9 +271,9 @@ class PlannerService:
                 yield item
         finally:
             reader.cancel()
-            self.close_session(session)
+            self._close_session(session)
 
-    def open_session(self, sink: StreamSink) -> StreamSession:
+    def _open_session(self, sink: StreamSink) -> StreamSession:
         """A new stream's session (drained at once if the server is draining)."""
         session = StreamSession(self, self._planning, sink, self._config.grace_s)
         self._sessions.add(session)
@@ -281,7 +281,7 @@ class PlannerService:
             session.drain()
         return session
 
-    def close_session(self, session: StreamSession) -> None:
+    def _close_session(self, session: StreamSession) -> None:
         self._sessions.discard(session)
         session.close()
 
