@@ -111,7 +111,12 @@ class LoopProcessPool:
         if self._shutdown:
             raise RuntimeError("cannot submit after shutdown")
         future: Future[Any] = Future()
-        self._queue.append((future, pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)))
+        try:
+            data = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # as the executor does: the task's future fails, the caller is not interrupted
+            future.set_exception(exc)
+            return future
+        self._queue.append((future, data))
         self._dispatch()
         return future
 
@@ -131,8 +136,9 @@ class LoopProcessPool:
     def _on_result(self, worker: _Worker) -> None:
         try:
             ok, value, remote_tb = pickle.loads(worker.conn.recv_bytes())
-        except (EOFError, OSError):
-            self._on_exit(worker)
+        except (EOFError, OSError):  # the worker is gone: its sentinel reports it, with its exit code
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(worker.conn.fileno())
             return
         future, worker.task = worker.task, None
         if self._shutdown:
@@ -150,6 +156,9 @@ class LoopProcessPool:
 
     def _on_exit(self, worker: _Worker) -> None:
         self._forget(worker)
+        # The sentinel turns readable when the worker's files close, a moment before the kernel can report its
+        # exit: wait that moment (only ever on a death) so that the error names the exit code.
+        worker.process.join(1.0)
         if not self._shutdown or worker.task is not None:
             self._break(f"worker {worker.process.pid} exited with {worker.process.exitcode}")
 

@@ -45,6 +45,8 @@ def test_results_errors_and_their_remote_tracebacks_come_back() -> None:
         assert "_fail" in str(info.value.__cause__)
         with pytest.raises(RuntimeError, match="cannot be pickled"):
             await asyncio.wrap_future(pool.submit(_unpicklable, 1))
+        with pytest.raises(TypeError, match="pickle"):  # an argument that cannot go to a worker fails its future
+            await asyncio.wrap_future(pool.submit(abs, threading.Lock()))
         assert await asyncio.wrap_future(pool.submit(abs, -5)) == 5  # the worker survived all of it
 
     _with_pool(1, body)
