@@ -210,11 +210,8 @@ def run_pass(
     the client processes' CPU seconds."""
     replicas = len(batches)
     streams = [(rank, replica) for rank in range(4) for replica in range(replicas)]
-    shares = (
-        [streams[i::processes] for i in range(processes)]
-        if processes != 4
-        else [streams[replicas * r : replicas * (r + 1)] for r in range(4)]
-    )
+    # Contiguous shares of the rank-major list: with 4 processes, each holds one rank's streams.
+    shares = [streams[len(streams) * i // processes : len(streams) * (i + 1) // processes] for i in range(processes)]
     ctx = multiprocessing.get_context("spawn")
     init = (ctx.Barrier(processes), ctx.Value("d", 0.0))
     with ctx.Pool(processes, initializer=_init_client, initargs=init) as pool:

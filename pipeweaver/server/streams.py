@@ -41,6 +41,10 @@ class StreamSink(Protocol):
         """The stream ends with this status (after the answers already handed over)."""
 
 
+_Waiter = tuple[JobState, PlanEntry, float | None, Callable[[asyncio.Future[Served]], None]]
+"""(job, entry, deadline, the entry's done callback)."""
+
+
 class StreamSession:
     """The requests of one stream, their waiting plans, and how the stream ends."""
 
@@ -49,8 +53,8 @@ class StreamSession:
         self._planning = planning
         self._sink = sink
         self._grace_s = grace_s
-        self._waiting: dict[int, tuple[JobState, PlanEntry, float | None, Callable[[asyncio.Future[Served]], None]]]
-        self._waiting = {}
+        self._waiting: dict[int, _Waiter] = {}
+        """Requests whose plan is not fixed yet, by key: their entry and the callback that answers them."""
         self._keys = itertools.count()
         self._done_writing = False
         self._draining = False
