@@ -14,6 +14,7 @@ plans with the cores' leftover time; its plan waits count in the planned run's t
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import math
 import multiprocessing as mp
@@ -414,12 +415,22 @@ def _draw(
 
 
 def _rank_entry(a: _RankArgs) -> None:
+    # A native abort (SIGABRT, SIGSEGV) prints every thread's Python stack before the process dies, so a failed
+    # rank says where it was.
+    faulthandler.enable(all_threads=True)
     try:
         _rank_main(a)
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)
+    # The rank's work is done and its results are written: skip the interpreter's teardown, where native threads
+    # (gloo's, gRPC's) are torn down in no fixed order. Once, in CI, a rank died with "terminate called without an
+    # active exception" (exit -6) and no Python error, most likely there; the driver counts any aborted rank as a
+    # failed demo. Were it elsewhere, faulthandler's dump now shows where.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---- the driver --------------------------------------------------------------------------------------------------
