@@ -49,6 +49,9 @@ from pipeweaver.client.data import SyntheticData
 from pipeweaver.client.executor import PipelineExecutor
 from pipeweaver.client.geometry import LossScale, geometry
 from pipeweaver.client.models import Stream
+from pipeweaver.errors import InvalidPlan
+from pipeweaver.plan.fuse import fuse_sends_with_next_receives
+from pipeweaver.plan.ir import Plan
 from pipeweaver.search.baselines import baseline_placement, build_baseline_plan
 from pipeweaver.spec.batch import BatchMetadata, Document, Microbatch
 from pipeweaver.spec.model import LayerKind, Modality, ModelSpec, ModuleSpec
@@ -232,6 +235,31 @@ def run_case(args: argparse.Namespace, schedule: str, device: torch.device, dtyp
         stats = ex.run_iteration(plan, batch)
         our_losses.append(stats.loss)
 
+    # The other ways of running our plan (--variants), each timed in the same blocks as ours and torch.
+    fused = fuse_sends_with_next_receives(plan)
+    variant_notes: dict[str, str] = {}
+
+    def variant(fused_plan: Plan, one_communicator: bool) -> Any:
+        def step() -> None:
+            ex.one_communicator_plans = one_communicator
+            try:
+                ex.run_iteration(fused_plan, batch)
+            finally:
+                ex.one_communicator_plans = True
+
+        return step
+
+    runners: dict[str, Any] = {"ours": ours_step, "torch": torch_step}
+    for name in [v for v in args.variants.split(",") if v]:
+        if name not in ("fused", "fused-pairs"):
+            raise SystemExit(f"--variants: unknown variant {name!r} (fused, fused-pairs)")
+        try:
+            ex.check(fused, batch)
+        except InvalidPlan as e:  # the same answer on every rank: the plan alone decides
+            variant_notes[name] = "refused: " + str(e).splitlines()[0]
+            continue
+        runners[name] = variant(fused, one_communicator=name == "fused")
+
     def timed(fn: Any) -> float:
         dist.barrier()
         if device.type == "cuda":
@@ -245,14 +273,14 @@ def run_case(args: argparse.Namespace, schedule: str, device: torch.device, dtyp
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
         return float(x)
 
-    runners = {"ours": ours_step, "torch": torch_step}
-    times: dict[str, list[float]] = {"ours": [], "torch": []}
-    for name in ("torch", "ours"):
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for name in runners:
         for _ in range(args.warmup):
             timed(runners[name])
     blocks = max(1, args.iters // args.block)
+    names = list(runners)
     for b in range(blocks):
-        order = ("ours", "torch") if b % 2 == 0 else ("torch", "ours")
+        order = names[b % len(names) :] + names[: b % len(names)]  # each side leads a block in turn
         for name in order:
             for _ in range(args.block):
                 times[name].append(timed(runners[name]))
@@ -271,6 +299,12 @@ def run_case(args: argparse.Namespace, schedule: str, device: torch.device, dtyp
     )  # fmt: skip
     dist.all_reduce(loss)
     ours, theirs = summary(times["ours"]), summary(times["torch"])
+    variants: dict[str, Any] = {name: {"note": note} for name, note in variant_notes.items()}
+    for name in runners:
+        if name in ("ours", "torch"):
+            continue
+        v = summary(times[name])
+        variants[name] = v | {"overhead_median_pct": 100.0 * (v["median_ms"] / theirs["median_ms"] - 1.0)}
     params_total = model.total_params()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -297,6 +331,7 @@ def run_case(args: argparse.Namespace, schedule: str, device: torch.device, dtyp
         "torch": theirs,
         "overhead_median_pct": 100.0 * (ours["median_ms"] / theirs["median_ms"] - 1.0),
         "overhead_mean_pct": 100.0 * (ours["mean_ms"] / theirs["mean_ms"] - 1.0),
+        "variants": variants,
         "plan_check_ms_median_max_rank": float(x[1]),
         "peak_mem_gib_max_rank": float(x[0]),
         "loss_ours": float(loss[0]),
@@ -330,6 +365,13 @@ def main() -> None:
         default="",
         help="comma-separated computes between a receive's post and its consumer to compare (default: the "
         "planner's RECEIVE_LOOKAHEAD); each case is measured once per value",
+    )
+    ap.add_argument(
+        "--variants",
+        default="",
+        help="also time our plan with each send batch fused into the next receive batch (pipeweaver.plan.fuse): "
+        "'fused' on one communicator per pipeline (the executor's choice for such plans), 'fused-pairs' on the "
+        "pair groups; comma separated",
     )
     ap.add_argument("--profile-dir", default="", help="also write one profiled iteration per side (Chrome traces)")
     ap.add_argument("--out", default="")
@@ -385,7 +427,8 @@ def main() -> None:
         result["cases"].append(case)
         gc.collect()  # the case's executor and stages went with its frame: free them before the next case
         if dist.get_rank() == 0:
-            brief = {k: v for k, v in case.items() if k not in ("ours", "torch", "chunk_layers", "model")}
+            brief = {k: v for k, v in case.items() if k not in ("ours", "torch", "chunk_layers", "model", "variants")}
+            brief |= {f"{k}_median_ms": v.get("median_ms", v.get("note")) for k, v in case["variants"].items()}
             brief["ours_median_ms"] = case["ours"]["median_ms"]
             brief["torch_median_ms"] = case["torch"]["median_ms"]
             brief["ours_mean_ms"] = case["ours"]["mean_ms"]

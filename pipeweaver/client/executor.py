@@ -95,6 +95,8 @@ class _CheckedPlan:
     digest: int | None = None
     warmed: bool = False
     """Its computes' new GEMM row counts were loaded ahead (`prepare`)."""
+    one_communicator: bool = False
+    """It runs on the pipeline's one communicator instead of the pair groups (see `one_communicator_plans`)."""
 
     def vote_digest(self) -> int:
         if self.digest is None:
@@ -144,6 +146,8 @@ class IterationStats:
     """Host time in the cyclic garbage collector during the iteration, hook included (`host_gc`)."""
     gc_passes: tuple[int, int, int] = (0, 0, 0)
     """The collector's passes per generation during the iteration (2: full passes)."""
+    one_communicator: bool = False
+    """The transfers went through the pipeline's one communicator, not the pair groups (`one_communicator_plans`)."""
 
 
 @dataclass(slots=True)
@@ -196,6 +200,8 @@ class _Iteration:
     sends_released: int = 0
     sends_in_flight: deque[int] = field(default_factory=deque)
     """Handles of posted send-only batches, oldest first, whose tensors are still held (see `_release_sent`)."""
+    one_communicator: bool = False
+    """Every transfer goes through the pipeline's communicator, not the pair groups."""
 
 
 def _unit(s: StageKey) -> Unit:
@@ -281,6 +287,10 @@ class PipelineExecutor:
         """Called once per iteration once the iteration's work is all queued on the device, before the host waits
         for it to finish: the host is idle there, so it is the place to check the plans of the next iterations
         (`PlanPrefetcher.prepare_arrived` with `prepare`). An exception in it is logged, never raised."""
+        self.one_communicator_plans = True
+        """Run a plan on the pipeline's one communicator, even when pair groups exist, if it has batches that both
+        send and receive (`pipeweaver.plan.fuse`) and the validator proves it on one communicator: each such batch
+        is then one NCCL group, one kernel for both directions (torch's `Schedule1F1B` runs this way)."""
         if pair_groups is None:
             pair_groups = dist.is_initialized() and dist.get_backend() == "nccl"
         if pair_groups and placement.pp > 1 and dist.is_initialized():
@@ -301,9 +311,9 @@ class PipelineExecutor:
                     if tuple(ranks) == mine:
                         self._pair_group[(a, b)] = group
 
-    def _group_for(self, direction: Direction, peer: int) -> dist.ProcessGroup | None:
+    def _group_for(self, it: _Iteration, direction: Direction, peer: int) -> dist.ProcessGroup | None:
         """The communicator of this op: its directed pair's own group, else the pipeline's."""
-        if not self._pair_group:
+        if not self._pair_group or it.one_communicator:
             return self.pp_group
         key = (self.rank, peer) if direction is Direction.SEND else (peer, self.rank)
         return self._pair_group[key]
@@ -391,11 +401,32 @@ class PipelineExecutor:
         if hit is not None and hit.plan is plan and (hit.batch is batch or hit.batch == batch):
             self._checked.move_to_end(key)
             return hit
-        entry = _CheckedPlan(plan=plan, batch=batch, graph=self._check(plan, batch))
+        graph = self._check(plan, batch)
+        entry = _CheckedPlan(
+            plan=plan, batch=batch, graph=graph, one_communicator=self._fits_one_communicator(plan, graph)
+        )
         self._checked[key] = entry
         while len(self._checked) > CHECKED_PLANS:
             self._checked.popitem(last=False)
         return entry
+
+    def _fits_one_communicator(self, plan: Plan, graph: StageGraph) -> bool:
+        """Whether `plan` should run on the pipeline's communicator (see `one_communicator_plans`). The same answer
+        on every rank: it depends on the plan alone."""
+        if not (self._pair_group and self.one_communicator_plans):
+            return False
+        fused = any(
+            isinstance(a, CommBatch) and len({op.direction for op in a.ops}) == 2
+            for rp in plan.ranks
+            for a in rp.actions
+        )
+        if not fused:
+            return False
+        try:
+            validate(plan, graph=graph, communicators="pipeline")
+        except InvalidPlan:
+            return False
+        return True
 
     def _check(self, plan: Plan, batch: BatchMetadata) -> StageGraph:
         graph = stage_graph(plan.header)
@@ -481,8 +512,9 @@ class PipelineExecutor:
     ) -> IterationStats:
         start = time.perf_counter()
         self._gc_clock.take()
-        graph = self.check(plan, batch)
-        it = self._iteration(plan, batch, graph)
+        entry = self._accepted(plan, batch)
+        it = self._iteration(plan, batch, entry.graph)
+        it.one_communicator = entry.one_communicator
         for p in self.parameters():
             p.grad = None
         warm_ms = 0.0
@@ -535,6 +567,7 @@ class PipelineExecutor:
             drain_ms=(t_end - t_drain) * 1e3,
             gc_ms=collector.ms,
             gc_passes=collector.collections,
+            one_communicator=it.one_communicator,
         )
 
     def _run_idle_hook(self) -> None:
@@ -672,7 +705,7 @@ class PipelineExecutor:
                 for t in self._outgoing(it, op):
                     keep.append(t)
                     if t.numel():  # both ends know the shape: empty tensors are not sent at all
-                        group = self._group_for(Direction.SEND, op.peer)
+                        group = self._group_for(it, Direction.SEND, op.peer)
                         ops.append(dist.P2POp(dist.isend, t, peer, group=group))
                         groups.append(group)
                         it.sent_bytes += t.numel() * t.element_size()
@@ -682,7 +715,7 @@ class PipelineExecutor:
                 ]
                 for t in bufs:
                     if t.numel():
-                        group = self._group_for(Direction.RECV, op.peer)
+                        group = self._group_for(it, Direction.RECV, op.peer)
                         ops.append(dist.P2POp(dist.irecv, t, peer, group=group))
                         groups.append(group)
                         it.received_bytes += t.numel() * t.element_size()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Literal, NoReturn
 
 from pipeweaver.errors import InvalidPlan
 from pipeweaver.plan.graph import StageGraph, stage_graph
@@ -59,12 +59,19 @@ def _where(r: int, h: int, i: int) -> str:
     return f"rank {r} comm#{h} (step {i})"
 
 
-def validate(plan: Plan, *, graph: StageGraph | None = None) -> None:
+Communicators = Literal["pairs", "pipeline"]
+"""How an executor maps transfers onto communicators (NCCL runs one communicator's groups in order):
+`pairs`, one per directed rank pair (`PipelineExecutor`'s default on NCCL), or `pipeline`, one for the whole
+pipeline (torch's schedules; `pair_groups=False`), where every batch of a rank waits for the one before it."""
+
+
+def validate(plan: Plan, *, graph: StageGraph | None = None, communicators: Communicators = "pairs") -> None:
     """Raise `InvalidPlan` unless every rank of `plan` can run its actions to the end with matched transfers.
 
-    `graph` must be `stage_graph(plan.header)`; pass it when you already have it.
+    `graph` must be `stage_graph(plan.header)`; pass it when you already have it. `communicators="pipeline"`
+    also proves the plan on one communicator per pipeline (`_StreamDryRun`), which fewer plans pass.
     """
-    _Checker(plan, graph or stage_graph(plan.header)).run()
+    _Checker(plan, graph or stage_graph(plan.header), communicators).run()
 
 
 def _ordinal(k: int) -> str:
@@ -80,9 +87,10 @@ def _tensors_text(tensors: Sequence[TensorSpec]) -> str:
 class _Checker:
     """One validation: builds O(actions) indexes once, raises on the first defect."""
 
-    def __init__(self, plan: Plan, graph: StageGraph) -> None:
+    def __init__(self, plan: Plan, graph: StageGraph, communicators: Communicators = "pairs") -> None:
         self.plan = plan
         self.g = graph
+        self.communicators = communicators
         self.computes: dict[StageKey, tuple[int, int, Compute]] = {}
         """stage -> (rank, step, action)."""
         self.sends: dict[Edge, _Posted] = {}
@@ -103,6 +111,8 @@ class _Checker:
         self._check_edges()
         self._check_pairs()
         _DryRun(self).run()
+        if self.communicators == "pipeline":
+            _StreamDryRun(self).run()
 
     def fail(self, defect: str, detail: str, marks: Sequence[Cell] = ()) -> NoReturn:
         h = self.plan.header
@@ -423,4 +433,86 @@ class _DryRun:
         return (
             f"{p.op.direction.value} {p.op.src}->{p.op.dst} needs rank {partner.rank}'s {what} "
             f"({partner.where}), but rank {partner.rank} is stuck at step {self.pos[partner.rank]}"
+        )
+
+
+class _StreamDryRun:
+    """The plan on one communicator per pipeline, as NCCL runs it: each rank's batches form one queue, a batch
+    starts only when the one before it has completed, and its transfers complete once the peer's batch holding
+    the matching op has started too. Computes and posts never block the rank; a wait blocks it until its batch
+    has completed. (`_DryRun` matches ops independently, as separate communicators per directed pair allow.)
+    """
+
+    def __init__(self, checker: _Checker) -> None:
+        self.c = checker
+        self.ranks = checker.plan.ranks
+        self.pos = [0] * len(self.ranks)
+        self.queues: list[deque[int]] = [deque() for _ in self.ranks]
+        """Posted, not yet completed batch handles per rank, oldest first."""
+        self.pending: dict[tuple[int, int], int] = {}
+        """(rank, handle) -> ops of the batch not yet completed."""
+        self.done_ops: set[tuple[int, int, int]] = set()
+        """(rank, handle, op index) of completed ops."""
+        self.partner: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+        for (r, h), ops in checker.batches.items():
+            for j, p in enumerate(ops):
+                other = (checker.recvs if p.is_send else checker.sends)[p.edge]
+                oh = other.handle
+                self.partner[(r, h, j)] = (other.rank, oh, checker.batches[(other.rank, oh)].index(other))
+
+    def head(self, r: int) -> int | None:
+        return self.queues[r][0] if self.queues[r] else None
+
+    def progress(self) -> bool:
+        """Complete what the started batches (queue heads) can; True if anything completed."""
+        moved = False
+        for r in range(len(self.ranks)):
+            h = self.head(r)
+            if h is None:
+                continue
+            for j in range(len(self.c.batches[(r, h)])):
+                if (r, h, j) in self.done_ops:
+                    continue
+                pr, ph, pj = self.partner[(r, h, j)]
+                if self.head(pr) == ph:
+                    for key in ((r, h, j), (pr, ph, pj)):
+                        self.done_ops.add(key)
+                        self.pending[key[:2]] -= 1
+                    moved = True
+        for r in range(len(self.ranks)):
+            while (h := self.head(r)) is not None and self.pending[(r, h)] == 0:
+                self.queues[r].popleft()
+                moved = True
+        return moved
+
+    def run(self) -> None:
+        while True:
+            for r, rp in enumerate(self.ranks):
+                while self.pos[r] < len(rp.actions):
+                    action = rp.actions[self.pos[r]]
+                    if isinstance(action, CommBatch):
+                        self.queues[r].append(action.handle)
+                        self.pending[(r, action.handle)] = len(action.ops)
+                    elif isinstance(action, Wait) and self.pending[(r, action.handle)] > 0:
+                        break
+                    self.pos[r] += 1
+            if not self.progress():
+                break
+        blocked = [r for r, rp in enumerate(self.ranks) if self.pos[r] < len(rp.actions)]
+        if not blocked:
+            return
+        lines = []
+        for r in blocked:
+            wait = self.ranks[r].actions[self.pos[r]]
+            assert isinstance(wait, Wait)
+            h = self.head(r)
+            lines.append(
+                f"  rank {r} blocks at step {self.pos[r]} on wait#{wait.handle}; its communicator is busy with "
+                f"comm#{h}, whose peers have not started the matching batches"
+            )
+        self.c.fail(
+            "deadlock on one communicator per pipeline",
+            f"ranks {', '.join(map(str, blocked))} wait on each other: each communicator runs its batches in order\n"
+            + "\n".join(lines),
+            [(r, self.pos[r]) for r in blocked],
         )

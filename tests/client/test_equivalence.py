@@ -30,8 +30,9 @@ from pipeweaver.client import PipelineExecutor, ReferenceModel, ReferenceResult
 from pipeweaver.datagen import sample_batch
 from pipeweaver.errors import InvalidPlan
 from pipeweaver.plan.assemble import assemble_plan
+from pipeweaver.plan.fuse import fuse_sends_with_next_receives
 from pipeweaver.plan.graph import stage_graph
-from pipeweaver.plan.ir import Compute, Pass, Plan, PlanHeader, PlanSource, Recompute, Wait
+from pipeweaver.plan.ir import CommBatch, Compute, Pass, Plan, PlanHeader, PlanSource, Recompute, Wait
 from pipeweaver.plan.layouts import RankOrder, modular_placement, split_sub_microbatches
 from pipeweaver.plan.shapes import TransferShapes
 from pipeweaver.spec import BatchMetadata, Microbatch, ModelSpec, Workload
@@ -191,6 +192,9 @@ def build_suite() -> Suite:
                 suite.skipped[f"{wname}/{name}"] = f"baseline unavailable: {e}"
                 continue
             suite.jobs.append(Job(f"{wname}/{name}", wl.model, p, batch))
+            if name == "1f1b":  # each send batch fused into the next receive: runs on one communicator
+                fused = fuse_sends_with_next_receives(p)
+                suite.jobs.append(Job(f"{wname}/1f1b-fused", wl.model, fused, batch))
         sub = with_recompute(
             topological_plan(wl.model, stripped, SUB_SIZES, split_backward=False, order=RankOrder.ROUND_ROBIN),
             mixed_recompute,
@@ -278,6 +282,7 @@ def _run_job(rank: int, job: Job, executors: dict[Any, PipelineExecutor]) -> dic
         "source": stats.source.value,
         "reason": stats.fallback_reason,
         "wall_ms": stats.wall_ms,
+        "one_communicator": stats.one_communicator,
     }
     if job.mode == "optimizer":
         out["params"] = {n: p.detach().clone() for n, p in ex.named_parameters()}
@@ -418,6 +423,17 @@ def test_own_plans_exercise_what_they_claim(results: Results) -> None:
         assert kinds == set(Recompute)
         split = results.job(f"{w}/split-backward-deferred-w")
         assert split.plan.header.split_backward
+        # The fused plan has batches that send and receive, and it ran on the pipeline's one communicator; the plain
+        # one ran on the pair groups.
+        fused = results.job(f"{w}/1f1b-fused")
+        assert any(
+            len({o.direction for o in a.ops}) == 2
+            for rp in fused.plan.ranks
+            for a in rp.actions
+            if isinstance(a, CommBatch)
+        )
+        assert all(r[f"{w}/1f1b-fused"]["one_communicator"] for r in results.per_rank)
+        assert not any(r[f"{w}/1f1b"]["one_communicator"] for r in results.per_rank)
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
