@@ -562,6 +562,32 @@ def exact_makespan_ms(
     strategies: Sequence[Problem] = (),
     cap_bytes: Sequence[float] | None = None,
 ) -> tuple[float, bool]:
+    """`exact_makespan`'s (best makespan found, proven optimal)."""
+    found = exact_makespan(
+        problem, time_limit_s=time_limit_s, workers=workers, scale=scale, strategies=strategies, cap_bytes=cap_bytes
+    )
+    return found.best_ms, found.proven
+
+
+@dataclass(frozen=True, slots=True)
+class ExactResult:
+    best_ms: float
+    """The makespan of the best schedule CP-SAT found (the optimum when `proven`)."""
+    lower_ms: float
+    """CP-SAT's proven bound on the optimum when it stopped (equal to `best_ms` when `proven`): no schedule of the
+    problem is shorter. A statement about this problem, like `lower_bound_ms`, often tighter on small instances."""
+    proven: bool
+
+
+def exact_makespan(
+    problem: Problem,
+    *,
+    time_limit_s: float = 30.0,
+    workers: int = 1,
+    scale: float = 1000.0,
+    strategies: Sequence[Problem] = (),
+    cap_bytes: Sequence[float] | None = None,
+) -> ExactResult:
     """Optimal makespan of the interleaving problem: ranks run one stage at a time.
 
     Without `strategies` and `cap_bytes` memory is not constrained and `problem`'s durations are used. With them,
@@ -569,7 +595,8 @@ def exact_makespan_ms(
     bytes held from each forward's start to the end of its freeing pass stay within `cap_bytes` (SEMU's memory
     model; the bytes are rounded down and the caps up, so the model is never stricter than the real one).
 
-    Durations are scaled to integers (`scale` units per ms). Returns (makespan_ms, proven_optimal).
+    Durations are scaled to integers (`scale` units per ms); the durations round to the nearest unit, so the
+    bounds hold to within half a unit per stage of a chain.
     """
     from ortools.sat.python import cp_model  # server-side dependency; imported here so clients never need it
 
@@ -647,4 +674,6 @@ def exact_makespan_ms(
     status = solver.solve(model)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise RuntimeError(f"CP-SAT found no schedule ({solver.status_name(status)})")
-    return solver.objective_value / scale, status == cp_model.OPTIMAL
+    proven = status == cp_model.OPTIMAL
+    best = solver.objective_value / scale
+    return ExactResult(best, best if proven else min(best, solver.best_objective_bound / scale), proven)

@@ -19,6 +19,7 @@ from pipeweaver.presets import workload
 from pipeweaver.search.bounds import (
     _heads_and_tails,
     _jackson_kernel,
+    exact_makespan,
     exact_makespan_ms,
     jackson_reference,
     lower_bound_ms,
@@ -101,6 +102,16 @@ def test_busiest_rank_bound_is_between_head_work_tail_and_the_optimum(seed: int,
     assert parts.rank_ms >= _head_work_tail_ms(problem) - 1e-9
     best, _ = exact_makespan_ms(problem, time_limit_s=10)  # proven or not: a makespan some schedule reaches
     assert parts.best_ms <= best + 1e-3 * problem.n
+
+
+def test_cp_sat_reports_its_own_bound_below_its_best_and_equal_when_proven() -> None:
+    for seed in range(2):
+        problem = _strategy_problems(seed, 3, 3, False)[0]
+        proven = exact_makespan(problem, time_limit_s=10)
+        assert proven.proven and proven.lower_ms == proven.best_ms
+        # Stopped early (proven or not): the optimum lies between CP-SAT's bound and its best schedule.
+        early = exact_makespan(problem, time_limit_s=1.0)
+        assert early.lower_ms <= proven.best_ms + 1e-9 <= early.best_ms + 1e-9
 
 
 def _strategy_problems(seed: int, pp: int, m: int, split: bool) -> list[Problem]:
