@@ -577,6 +577,11 @@ class ExactResult:
     """CP-SAT's proven bound on the optimum when it stopped (equal to `best_ms` when `proven`): no schedule of the
     problem is shorter. A statement about this problem, like `lower_bound_ms`, often tighter on small instances."""
     proven: bool
+    start_ms: tuple[float, ...] = ()
+    """Per stage, its start in the best schedule."""
+    strategy: tuple[int, ...] = ()
+    """Per stage pair (`_pairs` order: by pipeline, chunk, microbatch, sub-microbatch as the stages first name
+    them), the index into `strategies` it runs under; empty without memory."""
 
 
 def exact_makespan(
@@ -676,4 +681,11 @@ def exact_makespan(
         raise RuntimeError(f"CP-SAT found no schedule ({solver.status_name(status)})")
     proven = status == cp_model.OPTIMAL
     best = solver.objective_value / scale
-    return ExactResult(best, best if proven else min(best, solver.best_objective_bound / scale), proven)
+    picked = tuple(next(j for j, x in enumerate(row) if solver.boolean_value(x)) for row in pick) if memory else ()
+    return ExactResult(
+        best,
+        best if proven else min(best, solver.best_objective_bound / scale),
+        proven,
+        start_ms=tuple(solver.value(v) / scale for v in starts),
+        strategy=picked,
+    )

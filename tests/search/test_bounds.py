@@ -5,6 +5,7 @@ Python twin and to the subset bound it computes, and the memory-time argument bi
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from pipeweaver.presets import workload
 from pipeweaver.search.bounds import (
     _heads_and_tails,
     _jackson_kernel,
+    _pairs,
     exact_makespan,
     exact_makespan_ms,
     jackson_reference,
@@ -288,3 +290,21 @@ def test_memory_argument_binds_on_t2v_l_and_stays_below_every_schedule_that_fits
     fitting = {k: v.makespan_ms for k, v in planner.baseline_results(batch).items() if planner._fits(v)}
     assert fitting
     assert bound <= min(fitting.values())
+
+
+def test_cp_sat_returns_the_schedule_it_reports() -> None:
+    strategies = _uniform_pipeline(3, 6)
+    found = exact_makespan(strategies[0], time_limit_s=10, strategies=strategies, cap_bytes=[1.05] * 3)
+    p = strategies[0]
+    of_stage = _pairs(p).of_stage
+    dur = np.array([strategies[found.strategy[of_stage[i]]].duration_ms[i] for i in range(p.n)])
+    start = np.array(found.start_ms)
+    end = start + dur
+    assert float(end.max()) == pytest.approx(found.best_ms)
+    for i in range(p.n):  # dependencies, transfer delays included
+        for q in range(p.pred_ptr[i], p.pred_ptr[i + 1]):
+            assert start[i] >= end[p.pred_idx[q]] + p.pred_delay_ms[q] - 1e-9
+    for r in range(p.pp):  # one stage at a time per rank
+        mine = sorted(np.flatnonzero(p.rank == r), key=lambda i: start[i])
+        assert all(start[b] >= end[a] - 1e-9 for a, b in pairwise(mine))
+    assert 1 in found.strategy  # room for about one microbatch: some pairs must recompute
