@@ -16,6 +16,9 @@ the bound's? On instances small enough for CP-SAT to solve with memory (the work
 - ``planned_ms``: `Planner.plan` at 700 ms, SEMU's makespan (which also queues transfers on links, so it can only
   be above the same schedule's interleaved makespan).
 
+``recompute_per_rank``: per rank, how many stage pairs run under each strategy in CP-SAT's best schedule and in
+the planner's plan.
+
 Ratios: ``cp_lower_over_bound`` (the optimum is at least this far above our bound: how loose the bound is, proven),
 ``planned_over_cp_lower`` (the planner is at most this far above the optimum) and ``planned_over_cp_best``.
 
@@ -38,8 +41,8 @@ import numpy as np
 from pipeweaver.datagen import sample_batch
 from pipeweaver.plan.ir import PlanSource, Recompute
 from pipeweaver.presets import workload
-from pipeweaver.search.bounds import exact_makespan, lower_bound_parts
-from pipeweaver.search.planner import STRATEGIES, Planner
+from pipeweaver.search.bounds import _pairs, exact_makespan, lower_bound_parts
+from pipeweaver.search.planner import STRATEGIES, Planner, recompute_map
 
 
 def one(name: str, microbatches: int, seed: int, fraction: float, time_limit_s: float) -> dict[str, Any]:
@@ -64,6 +67,18 @@ def one(name: str, microbatches: int, seed: int, fraction: float, time_limit_s: 
     t = time.perf_counter()
     cp = exact_makespan(prep.problem, time_limit_s=time_limit_s, workers=2, strategies=uniform, cap_bytes=cap)
     solve_s = time.perf_counter() - t
+    p = prep.problem
+    pairs = _pairs(p)
+    planned_map = recompute_map(planned.plan)
+    counts: list[dict[str, dict[str, int]]] = []
+    for r in range(p.pp):
+        cp_count: dict[str, int] = {rc.value: 0 for rc in STRATEGIES}
+        plan_count: dict[str, int] = {rc.value: 0 for rc in STRATEGIES}
+        for k in np.flatnonzero(p.rank[pairs.forward] == r):
+            s = p.stages[pairs.forward[k]]
+            cp_count[STRATEGIES[cp.strategy[k]].value] += 1
+            plan_count[planned_map.get((s.pipeline, s.chunk, s.microbatch, s.sub), Recompute.NONE).value] += 1
+        counts.append({"cp_sat": cp_count, "planner": plan_count})
     return {
         "workload": name,
         "microbatches": microbatches,
@@ -87,6 +102,7 @@ def one(name: str, microbatches: int, seed: int, fraction: float, time_limit_s: 
         "cp_lower_over_bound": round(cp.lower_ms / parts.best_ms - 1.0, 4),
         "planned_over_cp_lower": round(planned.predicted_ms / cp.lower_ms - 1.0, 4),
         "planned_over_cp_best": round(planned.predicted_ms / cp.best_ms - 1.0, 4),
+        "recompute_per_rank": counts,
     }
 
 
