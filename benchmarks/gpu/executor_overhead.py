@@ -239,11 +239,13 @@ def run_case(args: argparse.Namespace, schedule: str, device: torch.device, dtyp
     fused = fuse_sends_with_next_receives(plan)
     variant_notes: dict[str, str] = {}
 
-    def variant(fused_plan: Plan, one_communicator: bool) -> Any:
+    ran_on_one: dict[str, bool] = {}
+
+    def variant(name: str, fused_plan: Plan, one_communicator: bool) -> Any:
         def step() -> None:
             ex.one_communicator_plans = one_communicator
             try:
-                ex.run_iteration(fused_plan, batch)
+                ran_on_one[name] = ex.run_iteration(fused_plan, batch).one_communicator
             finally:
                 ex.one_communicator_plans = True
 
@@ -258,7 +260,7 @@ def run_case(args: argparse.Namespace, schedule: str, device: torch.device, dtyp
         except InvalidPlan as e:  # the same answer on every rank: the plan alone decides
             variant_notes[name] = "refused: " + str(e).splitlines()[0]
             continue
-        runners[name] = variant(fused, one_communicator=name == "fused")
+        runners[name] = variant(name, fused, one_communicator=name == "fused")
 
     def timed(fn: Any) -> float:
         dist.barrier()
@@ -304,7 +306,10 @@ def run_case(args: argparse.Namespace, schedule: str, device: torch.device, dtyp
         if name in ("ours", "torch"):
             continue
         v = summary(times[name])
-        variants[name] = v | {"overhead_median_pct": 100.0 * (v["median_ms"] / theirs["median_ms"] - 1.0)}
+        variants[name] = v | {
+            "overhead_median_pct": 100.0 * (v["median_ms"] / theirs["median_ms"] - 1.0),
+            "one_communicator": ran_on_one.get(name),
+        }
     params_total = model.total_params()
     if device.type == "cuda":
         torch.cuda.empty_cache()

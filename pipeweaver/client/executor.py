@@ -95,8 +95,9 @@ class _CheckedPlan:
     digest: int | None = None
     warmed: bool = False
     """Its computes' new GEMM row counts were loaded ahead (`prepare`)."""
-    one_communicator: bool = False
-    """It runs on the pipeline's one communicator instead of the pair groups (see `one_communicator_plans`)."""
+    fits_one_communicator: bool = False
+    """The executor has pair groups and the plan, fused, is proven on the pipeline's one communicator too (see
+    `one_communicator_plans`, read when the plan runs)."""
 
     def vote_digest(self) -> int:
         if self.digest is None:
@@ -147,7 +148,8 @@ class IterationStats:
     gc_passes: tuple[int, int, int] = (0, 0, 0)
     """The collector's passes per generation during the iteration (2: full passes)."""
     one_communicator: bool = False
-    """The transfers went through the pipeline's one communicator, not the pair groups (`one_communicator_plans`)."""
+    """The plan's transfers bypassed this executor's pair groups for the pipeline's one communicator
+    (`one_communicator_plans`)."""
 
 
 @dataclass(slots=True)
@@ -403,7 +405,7 @@ class PipelineExecutor:
             return hit
         graph = self._check(plan, batch)
         entry = _CheckedPlan(
-            plan=plan, batch=batch, graph=graph, one_communicator=self._fits_one_communicator(plan, graph)
+            plan=plan, batch=batch, graph=graph, fits_one_communicator=self._fits_one_communicator(plan, graph)
         )
         self._checked[key] = entry
         while len(self._checked) > CHECKED_PLANS:
@@ -411,9 +413,9 @@ class PipelineExecutor:
         return entry
 
     def _fits_one_communicator(self, plan: Plan, graph: StageGraph) -> bool:
-        """Whether `plan` should run on the pipeline's communicator (see `one_communicator_plans`). The same answer
-        on every rank: it depends on the plan alone."""
-        if not (self._pair_group and self.one_communicator_plans):
+        """Whether `plan` may run on the pipeline's communicator (see `one_communicator_plans`). The same answer on
+        every rank: it depends on the plan alone."""
+        if not self._pair_group:
             return False
         fused = any(
             isinstance(a, CommBatch) and len({op.direction for op in a.ops}) == 2
@@ -514,7 +516,7 @@ class PipelineExecutor:
         self._gc_clock.take()
         entry = self._accepted(plan, batch)
         it = self._iteration(plan, batch, entry.graph)
-        it.one_communicator = entry.one_communicator
+        it.one_communicator = self.one_communicator_plans and entry.fits_one_communicator
         for p in self.parameters():
             p.grad = None
         warm_ms = 0.0

@@ -146,7 +146,8 @@ class Job:
     plan: Plan
     batch: BatchMetadata
     mode: str = "run"
-    """run | refuse (expects InvalidPlan before any communication) | fallback | optimizer (run, then SGD step)."""
+    """run | refuse (expects InvalidPlan before any communication) | fallback | optimizer (run, then SGD step) |
+    pairs (run with `one_communicator_plans` off)."""
     fallback: Plan | None = None
 
 
@@ -195,6 +196,7 @@ def build_suite() -> Suite:
             if name == "1f1b":  # each send batch fused into the next receive: runs on one communicator
                 fused = fuse_sends_with_next_receives(p)
                 suite.jobs.append(Job(f"{wname}/1f1b-fused", wl.model, fused, batch))
+                suite.jobs.append(Job(f"{wname}/1f1b-fused-pairs", wl.model, fused, batch, "pairs"))
         sub = with_recompute(
             topological_plan(wl.model, stripped, SUB_SIZES, split_backward=False, order=RankOrder.ROUND_ROBIN),
             mixed_recompute,
@@ -271,6 +273,12 @@ def _run_job(rank: int, job: Job, executors: dict[Any, PipelineExecutor]) -> dic
         fb = job.fallback
         plan = None if rank == FALLBACK_MISSING_RANK else job.plan
         stats = ex.run_with_fallback(plan, job.batch, lambda _: fb)
+    elif job.mode == "pairs":  # the same fused plan, kept on the pair groups
+        ex.one_communicator_plans = False
+        try:
+            stats = ex.run_iteration(job.plan, job.batch)
+        finally:
+            ex.one_communicator_plans = True
     elif job.mode == "optimizer":
         opt = torch.optim.SGD(list(ex.parameters()), lr=LR)
         stats = ex.run_iteration(job.plan, job.batch, optimizer=opt)
@@ -434,6 +442,7 @@ def test_own_plans_exercise_what_they_claim(results: Results) -> None:
         )
         assert all(r[f"{w}/1f1b-fused"]["one_communicator"] for r in results.per_rank)
         assert not any(r[f"{w}/1f1b"]["one_communicator"] for r in results.per_rank)
+        assert not any(r[f"{w}/1f1b-fused-pairs"]["one_communicator"] for r in results.per_rank)
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
