@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from pipeweaver.errors import SpecError
@@ -125,6 +126,12 @@ def plan_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--png", type=Path, help="write a timeline picture (PipeWeaver over interleaved 1F1B)")
     parser.add_argument("--trace", type=Path, help="write a Chrome/Perfetto trace of the plan")
     parser.add_argument("--out-plan", type=Path, help="write the plan as JSON")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="plan in a cold process (by default a heavy batch is planned first, as the service warms each job's "
+        "workers: a cold planner spends the budget loading kernels and costing new shapes)",
+    )
 
 
 def plan(args: argparse.Namespace) -> int:
@@ -141,6 +148,15 @@ def plan(args: argparse.Namespace) -> int:
     planner = Planner(
         w.model, w.parallel, w.hardware, config=SearchConfig(budget_ms=args.budget_ms, workers=args.workers)
     )
+    warm_ms = 0.0
+    if not args.cold:
+        from pipeweaver.datagen import representative_batch
+
+        heavy = representative_batch(w.model, w.parallel, w.hardware, seed=args.seed)
+        if heavy is not None:
+            t = time.perf_counter()
+            planner.plan(heavy, job_id=f"cli-{w.name}-warm-up")
+            warm_ms = (time.perf_counter() - t) * 1e3
     result = planner.plan(batch, job_id=f"cli-{w.name}")
     h = result.plan.header
     out = {
@@ -157,6 +173,7 @@ def plan(args: argparse.Namespace) -> int:
         "search_ms": round(result.search_ms, 1),
         "evaluations": result.evaluations,
         "workers": args.workers,
+        "warm_up_ms": round(warm_ms, 1),
         "cache_hit_rate": round(result.cache_hit_rate, 4),
         "sub_microbatch_size": planner.partition.sub_microbatch_size,
         "segments": planner.partition.segments,
@@ -196,7 +213,8 @@ def plan(args: argparse.Namespace) -> int:
     print(f"  B_i {planner.partition.sub_microbatch_size}  K_i {planner.partition.segments}")
     print(
         f"  PipeWeaver      {result.predicted_ms / 1e3:9.3f} s  (bubble {result.bubble_fraction:.1%}, "
-        f"search {result.search_ms:.0f} ms, {result.evaluations} rollouts)"
+        f"search {result.search_ms:.0f} ms, {result.evaluations} rollouts"
+        + (f"; warm-up {warm_ms / 1e3:.1f} s before it)" if warm_ms else ", cold)")
     )
     print(f"  lower bound     {result.lower_bound_ms / 1e3:9.3f} s")
     print(f"  started from    {result.start}")

@@ -88,3 +88,39 @@ def test_tables_print(args: list[str], capsys: pytest.CaptureFixture[str]) -> No
     assert "tiny-vlm" in out
     if args[0] == "workloads":
         assert all(name in out for name in presets.WORKLOADS)
+
+
+def test_plan_warms_up_like_the_service_unless_cold() -> None:
+    runs = {}
+    for extra in ((), ("--cold",)):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeweaver",
+                "plan",
+                "--workload",
+                "tiny-vlm",
+                "--budget-ms",
+                "200",
+                "--json",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        runs[extra] = json.loads(result.stdout)
+    warm, cold = runs[()], runs[("--cold",)]
+    assert warm["warm_up_ms"] > 0 and cold["warm_up_ms"] == 0
+    for out in (warm, cold):
+        assert out["predicted_ms"] >= out["lower_bound_ms"] > 0
+        assert out["gap_to_lower_bound"] == pytest.approx(out["predicted_ms"] / out["lower_bound_ms"] - 1, abs=1e-3)
+
+
+def test_plan_refuses_a_budget_that_is_not_positive() -> None:
+    result = pipeweaver("plan", "--workload", "tiny-vlm", "--budget-ms", "0")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == ["pipeweaver: error: --budget-ms must be positive, got 0.0"], result.stderr
