@@ -39,6 +39,7 @@ from pipeweaver.client.models import (
     reference_modules,
 )
 from pipeweaver.errors import InvalidPlan
+from pipeweaver.plan.fuse import has_fused_batches
 from pipeweaver.plan.graph import StageGraph, stage_graph
 from pipeweaver.plan.ir import (
     Chunk,
@@ -57,7 +58,7 @@ from pipeweaver.plan.ir import (
     Wait,
 )
 from pipeweaver.plan.shapes import TransferShapes
-from pipeweaver.plan.validator import validate
+from pipeweaver.plan.validator import runs_on_one_communicator, validate
 from pipeweaver.spec.batch import BatchMetadata, module_instances
 from pipeweaver.spec.model import ModelSpec
 
@@ -403,36 +404,23 @@ class PipelineExecutor:
         if hit is not None and hit.plan is plan and (hit.batch is batch or hit.batch == batch):
             self._checked.move_to_end(key)
             return hit
-        graph = self._check(plan, batch)
-        entry = _CheckedPlan(
-            plan=plan, batch=batch, graph=graph, fits_one_communicator=self._fits_one_communicator(plan, graph)
-        )
+        graph, fits_one = self._check(plan, batch)
+        entry = _CheckedPlan(plan=plan, batch=batch, graph=graph, fits_one_communicator=fits_one)
         self._checked[key] = entry
         while len(self._checked) > CHECKED_PLANS:
             self._checked.popitem(last=False)
         return entry
 
-    def _fits_one_communicator(self, plan: Plan, graph: StageGraph) -> bool:
-        """Whether `plan` may run on the pipeline's communicator (see `one_communicator_plans`). The same answer on
-        every rank: it depends on the plan alone."""
-        if not self._pair_group:
-            return False
-        fused = any(
-            isinstance(a, CommBatch) and len({op.direction for op in a.ops}) == 2
-            for rp in plan.ranks
-            for a in rp.actions
-        )
-        if not fused:
-            return False
-        try:
-            validate(plan, graph=graph, communicators="pipeline")
-        except InvalidPlan:
-            return False
-        return True
-
-    def _check(self, plan: Plan, batch: BatchMetadata) -> StageGraph:
+    def _check(self, plan: Plan, batch: BatchMetadata) -> tuple[StageGraph, bool]:
+        """The plan's stage graph, and whether it may run on the pipeline's one communicator (this executor has
+        pair groups and the plan, fused, is proven there too; see `one_communicator_plans`). The same answers on
+        every rank: they depend on the plan alone."""
         graph = stage_graph(plan.header)
-        validate(plan, graph=graph)
+        fits_one = False
+        if self._pair_group and has_fused_batches(plan):
+            fits_one = runs_on_one_communicator(plan, graph=graph)
+        else:
+            validate(plan, graph=graph)
         h = plan.header
         if h.placement != self.placement:
             raise InvalidPlan(
@@ -460,7 +448,7 @@ class PipelineExecutor:
                         )
                     for t in op.tensors:
                         wire_dtype(t.dtype)
-        return graph
+        return graph, fits_one
 
     def _check_coverage(self, plan: Plan, batch: BatchMetadata) -> None:
         """Every instance of every module of every microbatch is in exactly one sub-microbatch of its pipeline."""

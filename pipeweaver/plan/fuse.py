@@ -12,11 +12,22 @@ completion to a receive's, which can deadlock a plan whose ranks post in no comm
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 from pipeweaver.plan.ir import Action, CommBatch, Direction, Plan, RankPlan, Wait
 
 
-def _only(batch: Action, direction: Direction) -> bool:
-    return isinstance(batch, CommBatch) and all(op.direction is direction for op in batch.ops)
+def _only(action: Action, direction: Direction) -> TypeGuard[CommBatch]:
+    return isinstance(action, CommBatch) and all(op.direction is direction for op in action.ops)
+
+
+def is_fused(action: Action) -> bool:
+    """A batch that both sends and receives (what `fuse_sends_with_next_receives` makes)."""
+    return isinstance(action, CommBatch) and len({op.direction for op in action.ops}) == 2
+
+
+def has_fused_batches(plan: Plan) -> bool:
+    return any(is_fused(a) for rp in plan.ranks for a in rp.actions)
 
 
 def fuse_sends_with_next_receives(plan: Plan) -> Plan:
@@ -30,14 +41,8 @@ def fuse_sends_with_next_receives(plan: Plan) -> Plan:
         i = 0
         while i < len(actions):
             a = actions[i]
-            if (
-                i + 1 < len(actions)
-                and _only(a, Direction.SEND)
-                and _only(actions[i + 1], Direction.RECV)
-                and isinstance(a, CommBatch)
-            ):
-                b = actions[i + 1]
-                assert isinstance(b, CommBatch)
+            b = actions[i + 1] if i + 1 < len(actions) else None
+            if _only(a, Direction.SEND) and b is not None and _only(b, Direction.RECV):
                 out.append(CommBatch(b.handle, a.ops + b.ops))  # the receive's handle: its wait stays put
                 absorbed.add(a.handle)
                 if timing:

@@ -74,6 +74,18 @@ def validate(plan: Plan, *, graph: StageGraph | None = None, communicators: Comm
     _Checker(plan, graph or stage_graph(plan.header), communicators).run()
 
 
+def runs_on_one_communicator(plan: Plan, *, graph: StageGraph | None = None) -> bool:
+    """`validate(plan)` (raising as it does), then whether `communicators="pipeline"` would pass too: one pass over
+    the plan's indexes for both answers."""
+    checker = _Checker(plan, graph or stage_graph(plan.header))
+    checker.run()
+    try:
+        _StreamDryRun(checker).run()
+    except InvalidPlan:
+        return False
+    return True
+
+
 def _ordinal(k: int) -> str:
     n = k + 1
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")

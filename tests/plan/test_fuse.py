@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, deque
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -12,10 +13,10 @@ from hypothesis import strategies as st
 from pipeweaver import presets
 from pipeweaver.datagen import sample_batch
 from pipeweaver.errors import InvalidPlan
-from pipeweaver.plan.fuse import fuse_sends_with_next_receives
+from pipeweaver.plan.fuse import fuse_sends_with_next_receives, has_fused_batches, is_fused
 from pipeweaver.plan.graph import StageGraph
 from pipeweaver.plan.ir import CommBatch, Compute, Direction, Plan, Wait
-from pipeweaver.plan.validator import validate
+from pipeweaver.plan.validator import runs_on_one_communicator, validate
 from pipeweaver.search.baselines import build_baseline_plan
 from tests.plan.test_validator import Docs, Layout, build_plan, docs_strategy, layouts, local_orders, random_orders
 
@@ -24,12 +25,6 @@ def baseline(name: str, pp: int) -> Plan:
     w = presets.tiny_vlm(pp=pp)
     batch = sample_batch(w, seed=3, iteration=0)
     return build_baseline_plan(name, model=w.model, parallel=w.parallel, batch=batch, tensors_dtype="float32")
-
-
-def mixed_batches(plan: Plan) -> int:
-    return sum(
-        isinstance(a, CommBatch) and len({o.direction for o in a.ops}) == 2 for rp in plan.ranks for a in rp.actions
-    )
 
 
 @pytest.mark.parametrize("pp", [2, 4])
@@ -41,9 +36,18 @@ def test_1f1b_needs_fusion_to_run_on_one_communicator(pp: int) -> None:
     with pytest.raises(InvalidPlan, match=r"^deadlock on one communicator per pipeline"):
         validate(plain, communicators="pipeline")
     fused = fuse_sends_with_next_receives(plain)
-    assert mixed_batches(fused) > 0
+    assert has_fused_batches(fused) and not has_fused_batches(plain)
     validate(fused)
     validate(fused, communicators="pipeline")
+    assert runs_on_one_communicator(fused) and not runs_on_one_communicator(plain)
+
+
+def test_the_one_communicator_answer_still_refuses_an_invalid_plan() -> None:
+    plan = fuse_sends_with_next_receives(baseline("1f1b", 2))
+    rp = plan.ranks[1]
+    broken = replace(rp, actions=tuple(a for a in rp.actions if not isinstance(a, Wait))[:-1])
+    with pytest.raises(InvalidPlan):
+        runs_on_one_communicator(replace(plan, ranks=(plan.ranks[0], broken)))
 
 
 def test_fusion_can_break_a_plan_and_the_validator_says_so() -> None:
@@ -69,7 +73,7 @@ def test_fusion_keeps_every_compute_and_transfer_and_drops_only_the_absorbed_wai
         handles = [a.handle for a in after.actions if isinstance(a, CommBatch)]
         waits = [a.handle for a in after.actions if isinstance(a, Wait)]
         assert sorted(handles) == sorted(waits) and len(set(handles)) == len(handles)
-        merged = sum(isinstance(a, CommBatch) and len({o.direction for o in a.ops}) == 2 for a in after.actions)
+        merged = sum(is_fused(a) for a in after.actions)
         assert len(before.actions) - len(after.actions) == 2 * merged  # one batch and one wait fewer per fusion
         assert len(after.predicted_ms) in (0, len(after.actions))
 
