@@ -44,11 +44,32 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(budget_ms: float, log: str = "") -> tuple[subprocess.Popen[bytes], int]:
+def parse_cpus(text: str) -> set[int]:
+    """A CPU list as taskset and cpusets write it ("0-15", "0,2,16-31"); empty: no pinning."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def pin(cpus: set[int]) -> None:
+    """Pin this process (and what it starts later) to `cpus`; nothing when empty."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def start_server(
+    budget_ms: float, log: str = "", cpus: frozenset[int] = frozenset()
+) -> tuple[subprocess.Popen[bytes], int]:
     ready = Path(tempfile.mkdtemp()) / "ready.json"
     sink = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the server holds it until it exits
     env = dict(os.environ)
     env.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".cache" / "numba"))
+    # The sidecar's cores: a child inherits the affinity it starts with, and the server sizes its worker pools
+    # from it (pipeweaver.cores), as in a pod with a CPU limit. This process takes its own mask back below.
+    own = os.sched_getaffinity(0)
+    pin(set(cpus))
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -68,6 +89,7 @@ def start_server(budget_ms: float, log: str = "") -> tuple[subprocess.Popen[byte
         stdout=sink,
         stderr=sink,
     )
+    os.sched_setaffinity(0, own)
     deadline = time.time() + 240
     while not ready.exists():
         if proc.poll() is not None or time.time() > deadline:
@@ -107,9 +129,10 @@ _START: tuple[Any, Any] | None = None
 """(barrier, shared start time) of the client processes: every rank starts iteration 0 at the same instant."""
 
 
-def _init_client(barrier: Any, start: Any) -> None:
+def _init_client(barrier: Any, start: Any, cpus: frozenset[int] = frozenset()) -> None:
     global _START
     _START = (barrier, start)
+    pin(set(cpus))
 
 
 async def _stream(
@@ -204,6 +227,7 @@ def run_pass(
     iteration_ms: float,
     first_iteration: int = 0,
     processes: int = 4,
+    cpus: frozenset[int] = frozenset(),
 ) -> tuple[list[Sample], float]:
     """Every stream (4 ranks x a replica per `batches[replica][iteration]`) through one pass, iterations numbered
     from `first_iteration`, in `processes` client processes (4: one per pipeline rank); returns the samples and
@@ -213,7 +237,7 @@ def run_pass(
     # Contiguous shares of the rank-major list: with 4 processes, each holds one rank's streams.
     shares = [streams[len(streams) * i // processes : len(streams) * (i + 1) // processes] for i in range(processes)]
     ctx = multiprocessing.get_context("spawn")
-    init = (ctx.Barrier(processes), ctx.Value("d", 0.0))
+    init = (ctx.Barrier(processes), ctx.Value("d", 0.0), cpus)
     with ctx.Pool(processes, initializer=_init_client, initargs=init) as pool:
         parts = pool.map(
             _client, [(port, job_id, share, batches, iteration_ms, first_iteration) for share in shares], chunksize=1
@@ -239,8 +263,9 @@ def serve_stream_plans(handler_fn: Any, ports: Any) -> None:
     asyncio.run(main())
 
 
-def _echo_server(answer: bytes, ports: Any) -> None:
+def _echo_server(answer: bytes, ports: Any, cpus: frozenset[int] = frozenset()) -> None:
     """The transport floor: StreamPlans answered with `answer`, whatever the request."""
+    pin(set(cpus))
 
     async def stream_plans(requests: Any, context: Any) -> Any:
         async for _ in requests:
@@ -265,18 +290,23 @@ def one_answer(port: int, job_id: str, batch: bytes) -> bytes:
 
 
 def floor_pass(
-    answer: bytes, batches: list[list[bytes]], iteration_ms: float, processes: int = 4
+    answer: bytes,
+    batches: list[list[bytes]],
+    iteration_ms: float,
+    processes: int = 4,
+    server_cpus: frozenset[int] = frozenset(),
+    client_cpus: frozenset[int] = frozenset(),
 ) -> tuple[list[Sample], float, float]:
     """The clients of `run_pass` against `_echo_server`: (samples, server CPU seconds, client CPU seconds)."""
     ctx = multiprocessing.get_context("spawn")
     ports = ctx.Queue()
-    server = ctx.Process(target=_echo_server, args=(answer, ports), daemon=True)
+    server = ctx.Process(target=_echo_server, args=(answer, ports, server_cpus), daemon=True)
     server.start()
     try:
         port = ports.get(timeout=60)
         assert server.pid is not None
         cpu0 = cpu_seconds(server.pid)
-        samples, client_cpu = run_pass(port, "job-floor", batches, iteration_ms, processes=processes)
+        samples, client_cpu = run_pass(port, "job-floor", batches, iteration_ms, processes=processes, cpus=client_cpus)
         return samples, cpu_seconds(server.pid) - cpu0, client_cpu
     finally:
         server.kill()
@@ -308,6 +338,16 @@ def main() -> None:
         help="processes the 64 streams live in (4: one per pipeline rank; 64: one per stream, as trainers are)",
     )
     parser.add_argument("--server-log", default="", help="write the server's log here")
+    parser.add_argument(
+        "--server-cpus",
+        default="",
+        help="pin the server and its workers to these CPUs (taskset syntax, e.g. 0-15): a sidecar's cores",
+    )
+    parser.add_argument(
+        "--client-cpus",
+        default="",
+        help="pin the client processes to these CPUs (e.g. 16-63): trainers' cores, apart from the sidecar's",
+    )
     parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU", help="recorded in the report")
     parser.add_argument("--out", default="", help="also write the report here (JSON)")
     args = parser.parse_args()
@@ -324,18 +364,26 @@ def main() -> None:
         for r in range(distinct)
     ]
     batches = [drawn[r % distinct] for r in range(args.replicas)]  # [replica][iteration]
-    proc, port = start_server(args.budget_ms, args.server_log)
+    server_cpus, client_cpus = frozenset(parse_cpus(args.server_cpus)), frozenset(parse_cpus(args.client_cpus))
+    pin(set(client_cpus))  # this process registers the job and starts the clients
+    proc, port = start_server(args.budget_ms, args.server_log, server_cpus)
     try:
         job_id = register(port)
         cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
         planning, planning_client_cpu = run_pass(
-            port, job_id, batches, args.iteration_ms, processes=args.client_processes
+            port, job_id, batches, args.iteration_ms, processes=args.client_processes, cpus=client_cpus
         )
         cpu1, t1 = cpu_seconds(proc.pid), time.perf_counter()
         # Iterations numbered after the first pass's: plans for them come from the plan cache, not from the
         # entries the first pass left (those would answer with the first pass's search time, a negative overhead).
         cached, cached_client_cpu = run_pass(
-            port, job_id, batches, args.iteration_ms, args.iterations, processes=args.client_processes
+            port,
+            job_id,
+            batches,
+            args.iteration_ms,
+            args.iterations,
+            processes=args.client_processes,
+            cpus=client_cpus,
         )
         cpu2, t2 = cpu_seconds(proc.pid), time.perf_counter()
         answer = one_answer(port, job_id, batches[0][0])
@@ -345,7 +393,12 @@ def main() -> None:
     floor = None
     if args.floor_iterations > 0:
         floor = floor_pass(
-            answer, [b[: args.floor_iterations] for b in batches], args.iteration_ms, args.client_processes
+            answer,
+            [b[: args.floor_iterations] for b in batches],
+            args.iteration_ms,
+            args.client_processes,
+            server_cpus,
+            client_cpus,
         )
 
     def pct(values: list[float], q: float) -> float | None:
@@ -399,6 +452,8 @@ def main() -> None:
         "budget_ms": args.budget_ms,
         "iteration_ms": args.iteration_ms,
         "cpu_cores": os.cpu_count(),
+        "server_cpus": args.server_cpus or "all",
+        "client_cpus": args.client_cpus or "all",
         "date": time.strftime("%Y-%m-%d"),
         "planning_pass": {**summary(planning, cpu1 - cpu0, planning_client_cpu), "seconds": round(t1 - t0, 1)},
         "cached_pass": {**summary(cached, cpu2 - cpu1, cached_client_cpu), "seconds": round(t2 - t1, 1)},

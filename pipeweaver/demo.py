@@ -31,6 +31,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeweaver.cores import usable_cores
+
 if TYPE_CHECKING:
     from pipeweaver.client.profiler import LayerTiming
 
@@ -50,8 +52,8 @@ class DemoError(Exception):
 
 
 def default_ranks() -> int:
-    """Pipeline size: one rank per core, up to 4 (at least 2, so there is a pipeline)."""
-    return max(2, min(4, os.cpu_count() or 2))
+    """Pipeline size: one rank per usable core, up to 4 (at least 2, so there is a pipeline)."""
+    return max(2, min(4, usable_cores()))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics, start_http_server
 
+from pipeweaver.cores import affinity_cores, cgroup_cpu_limit, usable_cores
 from pipeweaver.server.config import ServerConfig
 from pipeweaver.server.forward import ForwardingService, leader_channel
 from pipeweaver.server.metrics import Metrics, MetricsInterceptor
@@ -121,7 +122,10 @@ class PlannerServer:
             "mutual TLS" if cfg.tls and cfg.tls.mutual else "TLS" if cfg.tls else "plaintext",
             cfg.metrics_address,
             self.metrics_port,
-            f"forwarding to the leader at {cfg.leader}" if cfg.follower else "warming up workers",
+            f"forwarding to the leader at {cfg.leader}"
+            if cfg.follower
+            else f"warming up {cfg.search_workers} search and {cfg.control_workers} control workers "
+            f"({usable_cores()} usable cores: affinity {affinity_cores()}, CPU limit {cgroup_cpu_limit() or 'none'})",
         )
         if self.pool is not None:
             try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeweaver.cores import usable_cores
 from pipeweaver.errors import PipeWeaverError
 from pipeweaver.search.baselines.registry import BASELINES
 from pipeweaver.spec.batch import BatchLimits
@@ -28,12 +29,13 @@ def default_control_workers() -> int:
     """One control worker per 16 cores (registrations, fallbacks, simulations), at least one. With distinct
     batches per data-parallel replica, an iteration that misses its deadlines needs one fallback per replica, and a
     single control worker builds them one after another (~150 ms each for vlm-s: docs/benchmarks.md)."""
-    return max(1, (os.cpu_count() or 2) // 16)
+    return max(1, usable_cores() // 16)
 
 
 def default_search_workers() -> int:
-    """One search worker per core, less the control workers' cores and, from 16 cores, one for the event loop."""
-    cores = os.cpu_count() or 2
+    """One search worker per usable core (the affinity mask capped by the pod's CPU limit: `pipeweaver.cores`), less
+    the control workers' cores and, from 16 cores, one for the event loop."""
+    cores = usable_cores()
     return max(1, cores - default_control_workers() - (1 if cores >= 16 else 0))
 
 
