@@ -244,7 +244,8 @@ def _rank_main(a: _RankArgs) -> None:
     ex = TimedExecutor(w.model, job.placement, rank, init_seed=cfg.seed, data_seed=cfg.seed)
     ex.warm_up()
     opt = torch.optim.SGD(list(ex.parameters()), lr=cfg.lr)
-    prefetcher = PlanPrefetcher(client, job, batches, rank=rank, grace_s=0.3)
+    # The report draws SEMU's timeline of a planned iteration beside the measured one: ask for the predicted times.
+    prefetcher = PlanPrefetcher(client, job, batches, rank=rank, grace_s=0.3, predicted_timings=True)
     prefetcher.attach(ex)  # plans that arrived are checked while the previous iteration finishes
     say(f"PipeWeaver run: {cfg.iterations} iterations on {pp} ranks (job {job.job_id})")
     planned: list[dict[str, Any]] = []

@@ -749,8 +749,17 @@ class PlanStream:
                 self._gen = None
             self._cond.notify_all()
 
-    def send(self, ranks: Sequence[int], batch: BatchMetadata, deadline_unix_s: float | None) -> None:
+    def send(
+        self,
+        ranks: Sequence[int],
+        batch: BatchMetadata,
+        deadline_unix_s: float | None,
+        *,
+        predicted_timings: bool = False,
+    ) -> None:
         """Ask for `ranks`' plans of `batch` (keyed by `batch.iteration`), needed by `deadline_unix_s` (wall clock).
+        `predicted_timings`: the plans carry each action's predicted start and end (`RankPlan.predicted_ms`,
+        SEMU's timeline), about a third of an answer's bytes; without, `predicted_ms` is empty.
 
         Raises `PlannerUnavailable` at once while the stream is backing off after a failure.
         """
@@ -772,7 +781,9 @@ class PlanStream:
                 self._replies.pop(key, None)
                 self._errors.pop(key, None)
                 gen.pending.add(key)
-                req = pb.StreamPlansRequest(job_id=self.job_id, rank=rank, batch=msg)
+                req = pb.StreamPlansRequest(
+                    job_id=self.job_id, rank=rank, batch=msg, predicted_timings=predicted_timings
+                )
                 if deadline is not None:
                     req.deadline.CopyFrom(deadline)
                 gen.requests.put(req)

@@ -127,12 +127,15 @@ class SharedPlan:
             raise KeyError(f"the plan has no rank {rank}")
         return actions[rank]
 
-    def answer(self, rank: int, identity: bytes) -> bytes:
-        """This rank's serialized `StreamPlansResponse` / `GetPlanResponse`, with `identity` appended."""
-        ranks = self.encoded.ranks
-        if not 0 <= rank < len(ranks):
+    def answer(self, rank: int, identity: bytes, *, timings: bool = True) -> bytes:
+        """This rank's serialized `StreamPlansResponse` / `GetPlanResponse`, with `identity` appended; `timings`:
+        its `RankPlan` carries the predicted action times."""
+        lean = self.encoded.lean
+        if not 0 <= rank < len(lean):
             raise KeyError(f"the plan has no rank {rank}")
-        return b"".join((self._header, rawproto.field(2, ranks[rank]), identity))
+        times = self.encoded.timings[rank] if timings else b""
+        head = rawproto.field_head(2, len(lean[rank]) + len(times))
+        return b"".join((self._header, head, lean[rank], times, identity))
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +175,9 @@ class Served:
         search_ms = self.search_ms if waited else 0.0
         return Served(self.shared, "cache", entry.iteration, entry.replica, self.raw_predicted_ms, search_ms)
 
-    def response_bytes(self, rank: int) -> bytes:
-        """This rank's serialized `StreamPlansResponse` / `GetPlanResponse` (the two share field numbers)."""
+    def response_bytes(self, rank: int, *, timings: bool = True) -> bytes:
+        """This rank's serialized `StreamPlansResponse` / `GetPlanResponse` (the two share field numbers);
+        `timings`: with the rank's predicted action times (GetPlan always; a stream when its request asks)."""
         # The header's identity is written out in full, zeros included: it must override the shared header's.
         header = (
             rawproto.varint_field(2, self.iteration)
@@ -185,7 +189,7 @@ class Served:
             identity += rawproto.varint_field(3, 1)
         if self.search_ms:
             identity += rawproto.double_field(4, self.search_ms)
-        return self.shared.answer(rank, identity)
+        return self.shared.answer(rank, identity, timings=timings)
 
 
 class PlanEntry:

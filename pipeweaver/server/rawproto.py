@@ -35,6 +35,8 @@ class StreamRequestHead(NamedTuple):  # a tuple: built for every request, in a q
     """The batch's `microbatches` records as sent: the batch without its identity (iteration, replica)."""
     deadline: tuple[int, int] | None
     """(seconds, nanos) of the deadline timestamp; None when unset."""
+    predicted_timings: bool
+    """The answer should carry the rank's predicted action times."""
 
 
 class _Unusual(Exception):
@@ -143,8 +145,8 @@ def _batch(data: bytes, start: int, end: int) -> tuple[int, int, int, int]:
 def stream_request(data: bytes) -> StreamRequestHead | None:
     """The fast path's view of a serialized `StreamPlansRequest`; None: parse it in full instead."""
     try:
-        # job_id = 1, rank = 2, batch = 3, deadline = 4
-        values, spans = _fields(data, 0, len(data), varints=(2,), spans=(1, 3, 4))
+        # job_id = 1, rank = 2, batch = 3, deadline = 4, predicted_timings = 5
+        values, spans = _fields(data, 0, len(data), varints=(2, 5), spans=(1, 3, 4))
         if 3 not in spans:  # no batch: the full path says so
             return None
         job_start, job_end = spans.get(1, (0, 0))
@@ -165,6 +167,7 @@ def stream_request(data: bytes) -> StreamRequestHead | None:
         batch=data[batch_start:batch_end],
         microbatches=data[mb_start:mb_end],
         deadline=deadline,
+        predicted_timings=values.get(5, 0) != 0,  # a bool is any non-zero varint, as protobuf reads it
     )
 
 
@@ -191,6 +194,11 @@ def varint_field(number: int, value: int) -> bytes:
 def field(number: int, payload: bytes) -> bytes:
     """A length-delimited field: an embedded message (already serialized), a string or bytes."""
     return _varint_bytes(number << 3 | 2) + _varint_bytes(len(payload)) + payload
+
+
+def field_head(number: int, length: int) -> bytes:
+    """The key and length of a length-delimited field whose `length` bytes of payload follow (written in parts)."""
+    return _varint_bytes(number << 3 | 2) + _varint_bytes(length)
 
 
 def double_field(number: int, value: float) -> bytes:

@@ -216,8 +216,9 @@ class PlannerService:
         return served.response_bytes(rank)
 
     # ---- StreamPlans ----
-    def stream_request(self, data: bytes) -> tuple[JobState, int, Batch, float | None]:
-        """Check one serialized `StreamPlansRequest`: its job, rank, batch and deadline. A batch whose microbatches
+    def stream_request(self, data: bytes) -> tuple[JobState, int, Batch, float | None, bool]:
+        """Check one serialized `StreamPlansRequest`: its job, rank, batch, deadline and whether the answer carries
+        the predicted action times. A batch whose microbatches
         the job has checked before (another rank's request, an equal replica's, an earlier iteration's) is not
         parsed, checked or digested again (`rawproto`, `JobState.known_contents`)."""
         _check_size(data, self._config.max_message_bytes, pb.StreamPlansRequest)
@@ -229,7 +230,8 @@ class PlannerService:
             digest = job.known_contents(head.microbatches)
             if digest is not None and head.iteration >= 0 and 0 <= head.replica < parallel.dp:
                 deadline = None if head.deadline is None else _deadline(*head.deadline)
-                return job, head.rank, Batch(head.iteration, head.replica, digest, head.batch), deadline
+                batch = Batch(head.iteration, head.replica, digest, head.batch)
+                return job, head.rank, batch, deadline, head.predicted_timings
         req = _parse(pb.StreamPlansRequest, data)
         job = self._planning.job(req.job_id)
         check_rank(req.rank, job.job.spec.parallel)
@@ -240,7 +242,7 @@ class PlannerService:
         batch = Batch.of(req.batch)
         if head is not None:  # remember the contents as they arrived, for the next rank, replica or iteration
             job.remember_contents(head.microbatches, batch.digest)
-        return job, req.rank, batch, deadline
+        return job, req.rank, batch, deadline, req.predicted_timings
 
     async def StreamPlans(self, request_iterator: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
         """Answers go out as their plans are fixed, in that order (`streams.StreamSession`)."""

@@ -67,13 +67,13 @@ class StreamSession:
         if self.finished or self._draining:  # draining: requests after the drain are not planned
             return
         try:
-            job, rank, batch, deadline = self._service.stream_request(data)
+            job, rank, batch, deadline, timings = self._service.stream_request(data)
             entry = self._planning.attach(job, batch, budget_ms=job.budget_ms, deadline=deadline)
             served = entry.served()
             if served is not None:
-                self._sink.answer(served.response_bytes(rank))
+                self._sink.answer(served.response_bytes(rank, timings=timings))
             else:
-                self._wait_for(job, entry, rank, deadline)
+                self._wait_for(job, entry, rank, deadline, timings)
         except RequestError as exc:
             self._finish(exc)
         except PoolClosed:
@@ -112,14 +112,14 @@ class StreamSession:
         self._waiting.clear()  # a `deliver` already scheduled finds nothing to do
 
     # ---- output ----
-    def _wait_for(self, job: JobState, entry: PlanEntry, rank: int, deadline: float | None) -> None:
+    def _wait_for(self, job: JobState, entry: PlanEntry, rank: int, deadline: float | None, timings: bool) -> None:
         key = next(self._keys)
 
         def deliver(final: asyncio.Future[Served]) -> None:
             if self._waiting.pop(key, None) is None:  # the stream ended while this callback was scheduled
                 return
             self._planning.unwatch(job, entry, deadline)
-            answer = self._answer(job, final, rank)
+            answer = self._answer(job, final, rank, timings)
             if isinstance(answer, RequestError):
                 self._finish(answer)
                 return
@@ -131,12 +131,12 @@ class StreamSession:
         self._waiting[key] = (job, entry, deadline, deliver)
         entry.final.add_done_callback(deliver)
 
-    def _answer(self, job: JobState, final: asyncio.Future[Served], rank: int) -> bytes | RequestError:
+    def _answer(self, job: JobState, final: asyncio.Future[Served], rank: int, timings: bool) -> bytes | RequestError:
         """A resolved entry's answer to `rank`, or the error that ends the stream."""
         error = None if final.cancelled() else final.exception()
         if error is None and not final.cancelled():
             try:
-                return final.result().response_bytes(rank)
+                return final.result().response_bytes(rank, timings=timings)
             except Exception as exc:  # in a callback: nobody else would see it, and the stream would hang
                 log.exception("unexpected error answering a streamed batch")
                 return internal_error(exc)

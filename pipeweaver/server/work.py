@@ -146,8 +146,12 @@ class EncodedPlan:
     plan on its way out (a vlm-s plan is ~350 KB: 2.7 ms to parse, 5.6 ms to re-serialize per rank)."""
 
     header: bytes
-    ranks: tuple[bytes, ...]
-    """Serialized `pb.RankPlan` of rank 0, 1, ..."""
+    lean: tuple[bytes, ...]
+    """Serialized `pb.RankPlan` of rank 0, 1, ... without the predicted action times (fields 3 and 4)."""
+    timings: tuple[bytes, ...]
+    """Each rank's predicted action times alone (a `pb.RankPlan` with only fields 3 and 4): appended to `lean`
+    they make the whole `RankPlan`, byte for byte (protobuf writes fields in number order). Streamed answers leave
+    them out unless a request asks (a third of a vlm-s rank's answer)."""
     actions: tuple[int, ...]
     """Actions per rank (what a timing report is checked against)."""
     predicted_ms: float
@@ -158,12 +162,28 @@ class EncodedPlan:
         ranks = sorted(plan.ranks, key=lambda rp: rp.rank)
         if [rp.rank for rp in ranks] != list(range(len(ranks))):
             raise ValueError(f"a plan's ranks are 0..{len(ranks) - 1}, got {[rp.rank for rp in ranks]}")
+        times = [
+            pb.RankPlan(predicted_start_ms=rp.predicted_start_ms, predicted_end_ms=rp.predicted_end_ms) for rp in ranks
+        ]
+        lean = []
+        for rp in ranks:
+            bare = pb.RankPlan()
+            bare.CopyFrom(rp)
+            bare.ClearField("predicted_start_ms")
+            bare.ClearField("predicted_end_ms")
+            lean.append(bare.SerializeToString())
         return cls(
             header=plan.header.SerializeToString(),
-            ranks=tuple(rp.SerializeToString() for rp in ranks),
+            lean=tuple(lean),
+            timings=tuple(t.SerializeToString() for t in times),
             actions=tuple(len(rp.actions) for rp in ranks),
             predicted_ms=float(plan.header.predicted_makespan_ms),
         )
+
+    @property
+    def ranks(self) -> tuple[bytes, ...]:
+        """Serialized `pb.RankPlan` of rank 0, 1, ..., predicted action times included."""
+        return tuple(a + t for a, t in zip(self.lean, self.timings, strict=True))
 
     def serialized(self) -> bytes:
         """The whole `pb.Plan` (header: field 1, ranks: field 2)."""

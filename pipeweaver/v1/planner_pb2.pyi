@@ -1377,8 +1377,14 @@ class StreamPlansRequest(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    PREDICTED_TIMINGS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     rank: _builtins.int
+    predicted_timings: _builtins.bool
+    """Also send the rank's predicted action times (RankPlan.predicted_start_ms / predicted_end_ms, SEMU's
+    timeline): about a third of an answer's bytes, which every rank would otherwise receive and parse each
+    iteration. Ask on the iterations you trace or plot; unset, they are left out. GetPlan always sends them.
+    """
     @_builtins.property
     def batch(self) -> Global___BatchMetadata:
         """The upcoming iteration's batch; batch.iteration keys the response."""
@@ -1394,10 +1400,11 @@ class StreamPlansRequest(_message.Message):
         rank: _builtins.int = ...,
         batch: Global___BatchMetadata | None = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        predicted_timings: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "deadline", b"deadline", "job_id", b"job_id", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "deadline", b"deadline", "job_id", b"job_id", "predicted_timings", b"predicted_timings", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

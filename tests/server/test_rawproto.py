@@ -22,7 +22,9 @@ def stream_requests(draw: Any) -> Any:
     batch = batch_to_proto(draw(batch_metadata()))
     batch.iteration = draw(INT64)
     batch.dp_replica = draw(INT32)
-    req = pb.StreamPlansRequest(job_id=draw(st.text(max_size=30)), rank=draw(INT32), batch=batch)
+    req = pb.StreamPlansRequest(
+        job_id=draw(st.text(max_size=30)), rank=draw(INT32), batch=batch, predicted_timings=draw(st.booleans())
+    )
     if draw(st.booleans()):
         req.deadline.seconds, req.deadline.nanos = draw(INT64.filter(lambda s: abs(s) < 1 << 60)), draw(INT32)
     return req
@@ -35,6 +37,7 @@ def _agrees(head: StreamRequestHead, req: Any) -> None:
     assert pb.BatchMetadata.FromString(head.microbatches).microbatches == req.batch.microbatches
     deadline = (req.deadline.seconds, req.deadline.nanos) if req.HasField("deadline") else None
     assert head.deadline == deadline
+    assert head.predicted_timings == req.predicted_timings
 
 
 @settings(max_examples=80, deadline=None)

@@ -221,6 +221,24 @@ def test_streams_answer_every_iteration_for_every_rank(planner: ServerProcess, j
         validate(plan_from_proto(whole_plan([r0, r1])))
 
 
+def test_streamed_answers_carry_predicted_times_only_when_asked(planner: ServerProcess, job_id: str) -> None:
+    """A streamed answer leaves the rank's predicted action times out (a third of its bytes) unless the request
+    asks; asked, they are GetPlan's, one per action; the actions are the same either way."""
+    stub = planner.stub()
+    b = batch(W, 230, seed=4)
+    plain = next(iter(stub.StreamPlans(iter(stream_requests(job_id, 1, [b])), timeout=60)))
+    timed = next(iter(stub.StreamPlans(iter(stream_requests(job_id, 1, [b], predicted_timings=True)), timeout=60)))
+    unary = stub.GetPlan(pb.GetPlanRequest(job_id=job_id, rank=1, batch=b), timeout=60)
+    assert plain.header.source == timed.header.source == pb.PLAN_SOURCE_SEARCH  # one entry: the same plan
+    assert list(plain.rank_plan.actions) == list(timed.rank_plan.actions) == list(unary.rank_plan.actions)
+    assert not plain.rank_plan.predicted_start_ms and not plain.rank_plan.predicted_end_ms
+    n = len(unary.rank_plan.actions)
+    assert len(unary.rank_plan.predicted_start_ms) == len(unary.rank_plan.predicted_end_ms) == n > 0
+    assert list(timed.rank_plan.predicted_start_ms) == list(unary.rank_plan.predicted_start_ms)
+    assert list(timed.rank_plan.predicted_end_ms) == list(unary.rank_plan.predicted_end_ms)
+    assert plain.ByteSize() < timed.ByteSize()
+
+
 # ---- deadlines ---------------------------------------------------------------------------------------------
 
 

@@ -42,6 +42,21 @@ def test_a_search_and_its_scaled_predictions(job: work.Job) -> None:
     assert set(plain.baseline_ms) == {"1f1b"}
 
 
+def test_an_encoded_rank_plan_is_its_lean_part_then_its_predicted_times(job: work.Job) -> None:
+    """The parts a streamed answer is built from: each rank's actions without predicted times, and the times
+    alone; together, byte for byte the rank's whole `RankPlan`."""
+    outcome = work.plan_batch(work.PlanTask(job, batch(W, 4).SerializeToString(), "search", 30.0))
+    assert isinstance(outcome, work.PlanOutcome)
+    whole = pb.Plan.FromString(outcome.plan.serialized())
+    encoded = work.EncodedPlan.of(whole)
+    for rp, lean, times, full in zip(whole.ranks, encoded.lean, encoded.timings, encoded.ranks, strict=True):
+        assert full == rp.SerializeToString() == lean + times
+        bare = pb.RankPlan.FromString(lean)
+        assert list(bare.actions) == list(rp.actions) and bare.rank == rp.rank
+        assert not bare.predicted_start_ms and not bare.predicted_end_ms
+        assert len(pb.RankPlan.FromString(times).predicted_end_ms) == len(rp.actions) > 0
+
+
 def test_the_fallback_is_built_on_the_registered_placement(job: work.Job) -> None:
     out = work.plan_batch(work.PlanTask(job, batch(W, 4).SerializeToString(), "fallback", 0.0))
     assert isinstance(out, work.PlanOutcome)
