@@ -129,9 +129,14 @@ _START: tuple[Any, Any] | None = None
 """(barrier, shared start time) of the client processes: every rank starts iteration 0 at the same instant."""
 
 
-def _init_client(barrier: Any, start: Any, cpus: frozenset[int] = frozenset()) -> None:
-    global _START
+_TIMINGS = False
+"""Requests ask for the predicted action times (`StreamPlansRequest.predicted_timings`)."""
+
+
+def _init_client(barrier: Any, start: Any, cpus: frozenset[int] = frozenset(), timings: bool = False) -> None:
+    global _START, _TIMINGS
     _START = (barrier, start)
+    _TIMINGS = timings
     pin(set(cpus))
 
 
@@ -164,7 +169,9 @@ async def _stream(
         batch.iteration = first_iteration + i  # a later pass: later iterations whose batches repeat (cache hits)
         deadline = Timestamp()
         deadline.FromNanoseconds(int((due + iteration_ms / 1e3) * 1e9))
-        request = pb.StreamPlansRequest(job_id=job_id, rank=rank, batch=batch, deadline=deadline).SerializeToString()
+        request = pb.StreamPlansRequest(
+            job_id=job_id, rank=rank, batch=batch, deadline=deadline, predicted_timings=_TIMINGS
+        ).SerializeToString()
         await asyncio.sleep(max(0.0, due - time.time()))
         sent = time.perf_counter()
         await call.write(request)
@@ -228,6 +235,7 @@ def run_pass(
     first_iteration: int = 0,
     processes: int = 4,
     cpus: frozenset[int] = frozenset(),
+    timings: bool = False,
 ) -> tuple[list[Sample], float]:
     """Every stream (4 ranks x a replica per `batches[replica][iteration]`) through one pass, iterations numbered
     from `first_iteration`, in `processes` client processes (4: one per pipeline rank); returns the samples and
@@ -237,7 +245,7 @@ def run_pass(
     # Contiguous shares of the rank-major list: with 4 processes, each holds one rank's streams.
     shares = [streams[len(streams) * i // processes : len(streams) * (i + 1) // processes] for i in range(processes)]
     ctx = multiprocessing.get_context("spawn")
-    init = (ctx.Barrier(processes), ctx.Value("d", 0.0), cpus)
+    init = (ctx.Barrier(processes), ctx.Value("d", 0.0), cpus, timings)
     with ctx.Pool(processes, initializer=_init_client, initargs=init) as pool:
         parts = pool.map(
             _client, [(port, job_id, share, batches, iteration_ms, first_iteration) for share in shares], chunksize=1
@@ -274,8 +282,9 @@ def _echo_server(answer: bytes, ports: Any, cpus: frozenset[int] = frozenset()) 
     serve_stream_plans(stream_plans, ports)
 
 
-def one_answer(port: int, job_id: str, batch: bytes) -> bytes:
-    """A real answer's bytes (a cache hit for rank 1 of replica 0)."""
+def one_answer(port: int, job_id: str, batch: bytes, timings: bool = True) -> bytes:
+    """A real answer's bytes (a cache hit for rank 1 of replica 0); without `timings`, as a stream that does not
+    ask for the predicted action times gets it."""
     import grpc
 
     from pipeweaver.v1 import planner_pb2 as pb
@@ -286,7 +295,13 @@ def one_answer(port: int, job_id: str, batch: bytes) -> bytes:
             request_serializer=pb.GetPlanRequest.SerializeToString,
             response_deserializer=None,
         )
-        return bytes(get_plan(pb.GetPlanRequest(job_id=job_id, rank=1, batch=pb.BatchMetadata.FromString(batch))))
+        answer = bytes(get_plan(pb.GetPlanRequest(job_id=job_id, rank=1, batch=pb.BatchMetadata.FromString(batch))))
+    if timings:
+        return answer
+    lean = pb.StreamPlansResponse.FromString(answer)
+    lean.rank_plan.ClearField("predicted_start_ms")
+    lean.rank_plan.ClearField("predicted_end_ms")
+    return lean.SerializeToString()
 
 
 def floor_pass(
@@ -339,6 +354,11 @@ def main() -> None:
     )
     parser.add_argument("--server-log", default="", help="write the server's log here")
     parser.add_argument(
+        "--predicted-timings",
+        action="store_true",
+        help="every request asks for the predicted action times (a third more bytes per answer)",
+    )
+    parser.add_argument(
         "--server-cpus",
         default="",
         help="pin the server and its workers to these CPUs (taskset syntax, e.g. 0-15): a sidecar's cores",
@@ -371,7 +391,13 @@ def main() -> None:
         job_id = register(port)
         cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
         planning, planning_client_cpu = run_pass(
-            port, job_id, batches, args.iteration_ms, processes=args.client_processes, cpus=client_cpus
+            port,
+            job_id,
+            batches,
+            args.iteration_ms,
+            processes=args.client_processes,
+            cpus=client_cpus,
+            timings=args.predicted_timings,
         )
         cpu1, t1 = cpu_seconds(proc.pid), time.perf_counter()
         # Iterations numbered after the first pass's: plans for them come from the plan cache, not from the
@@ -384,9 +410,10 @@ def main() -> None:
             args.iterations,
             processes=args.client_processes,
             cpus=client_cpus,
+            timings=args.predicted_timings,
         )
         cpu2, t2 = cpu_seconds(proc.pid), time.perf_counter()
-        answer = one_answer(port, job_id, batches[0][0])
+        answer = one_answer(port, job_id, batches[0][0], args.predicted_timings)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -454,6 +481,7 @@ def main() -> None:
         "cpu_cores": os.cpu_count(),
         "server_cpus": args.server_cpus or "all",
         "client_cpus": args.client_cpus or "all",
+        "predicted_timings": args.predicted_timings,
         "date": time.strftime("%Y-%m-%d"),
         "planning_pass": {**summary(planning, cpu1 - cpu0, planning_client_cpu), "seconds": round(t1 - t0, 1)},
         "cached_pass": {**summary(cached, cpu2 - cpu1, cached_client_cpu), "seconds": round(t2 - t1, 1)},
