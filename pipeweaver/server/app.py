@@ -25,7 +25,6 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics, start_http_server
 
 from pipeweaver.cores import affinity_cores, cgroup_cpu_limit, usable_cores
-from pipeweaver.server.allocator import keep_freed_memory
 from pipeweaver.server.config import ServerConfig
 from pipeweaver.server.forward import ForwardingService, leader_channel
 from pipeweaver.server.metrics import Metrics, MetricsInterceptor
@@ -83,8 +82,6 @@ class PlannerServer:
     # ---- startup ----
     async def start(self) -> None:
         cfg = self.config
-        if cfg.keep_freed_memory:
-            log.info("allocator: freed memory %s", "kept" if keep_freed_memory() else "left to the C library")
         if not cfg.follower:
             # Spawned before any gRPC object exists (spawn is safe anyway; fork would not be).
             self.pool = WorkerPool(

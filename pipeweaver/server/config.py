@@ -104,9 +104,6 @@ class ServerConfig:
     """None: plaintext (the sidecar default: loopback only)."""
     reflection: bool = True
     """Register gRPC server reflection (grpcurl and friends)."""
-    keep_freed_memory: bool = True
-    """Keep freed heap pages mapped in the main process (glibc's trim and mmap thresholds, `server.allocator`), so
-    that a burst of answers does not fault them in again each time."""
     stage_refit: bool = False
     """Also refit per-(module, pass) stage costs from ReportTimings' per-action times (`jobs.JobState.
     fold_stage_timings`). Off by default: replayed on the measured 4-GPU runs, factors learnt from one iteration
@@ -265,13 +262,6 @@ OPTIONS: tuple[_Option, ...] = (
         "FILE",
     ),
     _Option("--reflection", "PIPEWEAVER_REFLECTION", "reflection", _bool, "server reflection (default true)"),
-    _Option(
-        "--keep-freed-memory",
-        "PIPEWEAVER_KEEP_FREED_MEMORY",
-        "keep_freed_memory",
-        _bool,
-        "keep freed heap pages mapped between bursts of answers (glibc; default true)",
-    ),
     _Option(
         "--stage-refit",
         "PIPEWEAVER_STAGE_REFIT",
