@@ -482,6 +482,7 @@ def main() -> None:
         "server_cpus": args.server_cpus or "all",
         "client_cpus": args.client_cpus or "all",
         "predicted_timings": args.predicted_timings,
+        "server_environment": {k: v for k, v in os.environ.items() if k.startswith("PIPEWEAVER_")},
         "date": time.strftime("%Y-%m-%d"),
         "planning_pass": {**summary(planning, cpu1 - cpu0, planning_client_cpu), "seconds": round(t1 - t0, 1)},
         "cached_pass": {**summary(cached, cpu2 - cpu1, cached_client_cpu), "seconds": round(t2 - t1, 1)},
