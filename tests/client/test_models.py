@@ -8,7 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pipeweaver.client.geometry import rope_tables  # noqa: E402
+from pipeweaver.client import geometry  # noqa: E402
+from pipeweaver.client.geometry import RopeTable, rope_tables  # noqa: E402
 from pipeweaver.client.models import RMSNorm, apply_rope  # noqa: E402
 
 
@@ -28,6 +29,28 @@ def test_rope_rotates_each_pair_by_position_times_frequency() -> None:
             assert torch.allclose(got[t, :, i], a * math.cos(angle) - b * math.sin(angle), atol=1e-6)
             assert torch.allclose(got[t, :, i + half], b * math.cos(angle) + a * math.sin(angle), atol=1e-6)
     assert not cos.requires_grad and not sin.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_shared_rope_table_gives_the_computed_angles_bit_for_bit(dtype: torch.dtype) -> None:
+    """A geometry's rotary tables come from rows of one shared table (grown as longer documents come): exactly
+    what computing them at the positions gives, in the model's dtype; past the table's limit, computed."""
+    geometry._ROPE_TABLES.clear()
+    gen = torch.Generator().manual_seed(1)
+    for longest in (3, 200, 700, 300):  # grows at 700 (256 -> 1,024 rows), then serves the shorter ones
+        spans = [*torch.randint(1, longest + 1, (8,), generator=gen).tolist(), longest]
+        positions = torch.cat([torch.arange(n) for n in spans])
+        got = RopeTable.at(positions, max(spans), 64, dtype)
+        want = rope_tables(positions, 64, dtype)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        assert got[0].shape == (len(positions), 1, 64) and got[0].dtype == dtype
+    (table,) = geometry._ROPE_TABLES.values()
+    assert table[0].shape[0] == 1024
+    far = torch.tensor([0, 70_000])
+    assert all(
+        torch.equal(g, w) for g, w in zip(RopeTable.at(far, 70_001, 8, dtype), rope_tables(far, 8, dtype), strict=True)
+    )
+    assert len(geometry._ROPE_TABLES) == 1  # the long document did not build a 70,001-row table
 
 
 def test_rms_norm_divides_by_the_root_mean_square() -> None:
