@@ -31,6 +31,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -328,6 +329,41 @@ def floor_pass(
         server.join(10)
 
 
+def start_profiler(pid: int, out: str) -> subprocess.Popen[bytes]:
+    """py-spy sampling the server at 1 kHz until it exits (raw collapsed stacks in `out`). py-spy is a developer
+    tool, not a dependency: `pip install py-spy` (or the GPU image's wheel from benchmarks/gpu/fetch_wheels.sh)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise SystemExit("--profile-server needs py-spy on PATH (pip install py-spy)")
+    cmd = [spy, "record", "--pid", str(pid), "--rate", "1000", "--format", "raw", "--nonblocking", "--output", out]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def event_loop_profile(raw: str, top: int = 25) -> dict[str, Any]:
+    """Where the server's event loop spent its busy samples: per function (file:function), the share of busy
+    samples whose stack holds it. Idle samples (the loop waiting in its selector) are counted apart."""
+    busy = idle = 0
+    inclusive: dict[str, int] = {}
+    for line in Path(raw).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or "_run_once" not in stack:  # another thread, or the loop not running yet
+            continue
+        n = int(count)
+        if "select (selectors.py" in stack:
+            idle += n
+            continue
+        busy += n
+        names = {f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0] + ")" for f in stack.split(";") if " (" in f}
+        for name in names:
+            inclusive[name] = inclusive.get(name, 0) + n
+    ranked = sorted(inclusive.items(), key=lambda kv: -kv[1])
+    # The frames every busy sample holds (the server's entry points, the loop itself) say nothing: left out.
+    shares = {
+        name: round(n / busy, 4) for name, n in ranked if n < busy and "asyncio" not in name and "runpy" not in name
+    }
+    return {"busy_samples": busy, "idle_samples": idle, "inclusive_share": dict(list(shares.items())[:top])}
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (Linux /proc), without its children (the worker processes)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -353,6 +389,13 @@ def main() -> None:
         help="processes the 64 streams live in (4: one per pipeline rank; 64: one per stream, as trainers are)",
     )
     parser.add_argument("--server-log", default="", help="write the server's log here")
+    parser.add_argument(
+        "--profile-server",
+        default="",
+        metavar="RAW",
+        help="sample the server with py-spy into this file (collapsed stacks); the report ranks the event loop's "
+        "busy time by function",
+    )
     parser.add_argument(
         "--predicted-timings",
         action="store_true",
@@ -387,6 +430,7 @@ def main() -> None:
     server_cpus, client_cpus = frozenset(parse_cpus(args.server_cpus)), frozenset(parse_cpus(args.client_cpus))
     pin(set(client_cpus))  # this process registers the job and starts the clients
     proc, port = start_server(args.budget_ms, args.server_log, server_cpus)
+    profiler = start_profiler(proc.pid, args.profile_server) if args.profile_server else None
     try:
         job_id = register(port)
         cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
@@ -417,6 +461,8 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+        if profiler is not None:
+            profiler.wait(timeout=60)  # py-spy writes its output once the server has exited
     floor = None
     if args.floor_iterations > 0:
         floor = floor_pass(
@@ -499,6 +545,8 @@ def main() -> None:
                 if k not in ("sources", "overhead_ms", "overhead_ms_by_source")  # latency is all overhead here
             },
         }
+    if args.profile_server:
+        report["server_profile"] = {"raw": args.profile_server, **event_loop_profile(args.profile_server)}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
