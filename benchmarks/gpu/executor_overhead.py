@@ -142,19 +142,32 @@ def env_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def profile_one(out_dir: str, case: str, runners: dict[str, Any], timed: Any) -> None:
-    """One profiled iteration of each side, as gzipped Chrome traces per rank (where did the GPU idle?)."""
+def profile_one(out_dir: str, case: str, runners: dict[str, Any], timed: Any) -> dict[str, dict[str, list[int]]]:
+    """One profiled iteration of each side, as gzipped Chrome traces per rank (where did the GPU idle?); returns,
+    per side, every rank's count of host operators (`cpu_op` events, nested ones included) and of GPU kernels in
+    that iteration: on host-bound ranks each operator is a launch on the critical path."""
     from torch.profiler import ProfilerActivity, profile
 
     os.makedirs(out_dir, exist_ok=True)
+    mine: list[int] = []
     for name, fn in runners.items():
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             timed(fn)
         path = os.path.join(out_dir, f"{case}_{name}_r{dist.get_rank()}.json")
         prof.export_chrome_trace(path)
-        with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
-            dst.write(src.read())
+        with open(path, "rb") as src:
+            data = src.read()
+        events = [e for e in json.loads(data).get("traceEvents", []) if e.get("ph") == "X"]
+        mine += [sum(1 for e in events if e.get("cat") == c) for c in ("cpu_op", "kernel")]
+        with gzip.open(path + ".gz", "wb") as dst:
+            dst.write(data)
         os.remove(path)
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {
+        name: {"host_ops": [r[2 * i] for r in every], "kernels": [r[2 * i + 1] for r in every]}
+        for i, name in enumerate(runners)
+    }
 
 
 def run_case(args: argparse.Namespace, schedule: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -286,8 +299,9 @@ def run_case(args: argparse.Namespace, schedule: str, device: torch.device, dtyp
         for name in order:
             for _ in range(args.block):
                 times[name].append(timed(runners[name]))
+    profiled: dict[str, dict[str, list[int]]] = {}
     if args.profile_dir:
-        profile_one(args.profile_dir, f"{schedule}_{args.tokens}x{args.microbatches}", runners, timed)
+        profiled = profile_one(args.profile_dir, f"{schedule}_{args.tokens}x{args.microbatches}", runners, timed)
     for _ in range(5):  # CPU cost of the per-iteration plan check alone (part of ours' time above)
         t0 = time.perf_counter()
         ex.check(plan, batch)
@@ -341,6 +355,7 @@ def run_case(args: argparse.Namespace, schedule: str, device: torch.device, dtyp
         "peak_mem_gib_max_rank": float(x[0]),
         "loss_ours": float(loss[0]),
         "loss_torch": float(loss[1]),
+        "profiled_ops": profiled,
     }
 
 
