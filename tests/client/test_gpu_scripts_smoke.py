@@ -247,3 +247,30 @@ def test_offline_refit_reproduces_the_runs_calibrated_error_and_the_partition() 
     part = partition(run)
     assert part is not None
     assert part["segments"] == run["schedules"]["pipeweaver"]["service"]["segments"]
+
+
+def test_executor_overhead_runs_both_sides_on_gloo_and_counts_the_profiled_operators(tmp_path: Path) -> None:
+    """benchmarks/gpu/executor_overhead.py on 2 gloo processes (--tiny): both executors train the same batches to
+    the same loss, and --profile-dir records every rank's host operators per side."""
+    import json
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "overhead.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(root / "benchmarks" / "gpu" / "executor_overhead.py"), "--tiny", "--configs", "64:4", "--schedules",
+        "1f1b", "--iters", "2", "--warmup", "1", "--block", "1", "--profile-dir", str(tmp_path / "prof"),
+        "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["loss_ours"] == pytest.approx(case["loss_torch"], rel=1e-5)
+    ops = case["profiled_ops"]
+    assert set(ops) == {"ours", "torch"}
+    for side in ops.values():
+        assert len(side["host_ops"]) == 2 and all(n > 100 for n in side["host_ops"])
+    assert len(list((tmp_path / "prof").glob("*.json.gz"))) == 4
