@@ -208,14 +208,15 @@ OPTIONS: tuple[_Option, ...] = (
         "PIPEWEAVER_WORKERS",
         "search_workers",
         int,
-        "search worker processes (default: cores - control workers, less one from 16 cores)",
+        "search worker processes (default: usable cores - control workers, less one from 16 cores; usable: the "
+        "CPU affinity capped by the cgroup CPU limit)",
     ),
     _Option(
         "--control-workers",
         "PIPEWEAVER_CONTROL_WORKERS",
         "control_workers",
         int,
-        "worker processes for registrations, fallbacks and simulations (default: 1 per 16 cores)",
+        "worker processes for registrations, fallbacks and simulations (default: 1 per 16 usable cores)",
     ),
     _Option("--queue-size", "PIPEWEAVER_QUEUE_SIZE", "queue_size", int, "searches that may wait (default 64)"),
     _Option("--budget-ms", "PIPEWEAVER_BUDGET_MS", "budget_ms", float, "default planning budget per batch"),
