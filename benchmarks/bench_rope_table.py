@@ -1,5 +1,5 @@
 """Rotary tables for one microbatch: computed at its positions (`rope_tables`) against gathered from the shared
-table (`RopeTable.at`, what `TextGeometry.rope_tables` does): top-level operators issued and host time per call.
+table (`shared_rope_tables`, what `TextGeometry.rope_tables` does): top-level operators issued and host time per call.
 
     .venv/bin/python benchmarks/bench_rope_table.py [--head-dim 128] [--documents 300,500,224] [--calls 2000]
 
@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pipeweaver.client.geometry import RopeTable, rope_tables
+from pipeweaver.client.geometry import rope_tables, shared_rope_tables
 
 
 def top_level_ops(fn: Callable[[], object]) -> int:
@@ -48,7 +48,7 @@ def main() -> None:
         return rope_tables(positions, args.head_dim, torch.bfloat16)
 
     def gathered() -> object:
-        return RopeTable.at(positions, longest, args.head_dim, torch.bfloat16)
+        return shared_rope_tables(positions, longest, args.head_dim, torch.bfloat16)
 
     gathered()  # the table is built once per process
     report = {

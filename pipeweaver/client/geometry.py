@@ -71,33 +71,30 @@ def rope_tables(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> t
 
 
 ROPE_TABLE_MAX_POSITIONS = 1 << 16
-"""Longest document whose rotary angles come from the shared table (`RopeTable`); longer ones are computed."""
+"""Longest document whose rotary angles come from the shared table (`shared_rope_tables`); longer ones are
+computed."""
 
 _ROPE_TABLES: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-class RopeTable:
-    """`rope_tables` at positions 0..n-1, computed once per (head_dim, dtype, device) and grown by doubling; a
-    geometry's tables are two row gathers from it instead of ~15 small kernels per microbatch and iteration
-    (shapes change every iteration, so nothing else is reused; on host-bound ranks each launch counts). The rows
-    are bit for bit `rope_tables` of the same positions: the same float32 products and elementwise functions."""
-
-    @classmethod
-    def at(
-        cls, positions: torch.Tensor, longest: int, head_dim: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) at `positions`, all below `longest` (known on the host: reading them back would wait for
-        the device)."""
-        if longest > ROPE_TABLE_MAX_POSITIONS:
-            return rope_tables(positions, head_dim, dtype)
-        key = (head_dim, dtype, positions.device)
-        table = _ROPE_TABLES.get(key)
-        if table is None or table[0].shape[0] < longest:
-            size = 1 << max(longest - 1, 255).bit_length()  # at least 256 rows, then powers of two
-            every = torch.arange(size, device=positions.device)
-            table = _ROPE_TABLES[key] = rope_tables(every, head_dim, dtype)
-        cos, sin = table
-        return cos.index_select(0, positions), sin.index_select(0, positions)
+def shared_rope_tables(
+    positions: torch.Tensor, longest: int, head_dim: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_tables` at `positions`, all below `longest` (known on the host: reading them back would wait for the
+    device), as two row gathers from one table of positions 0..n-1 per (head_dim, dtype, device), computed once and
+    grown by doubling: instead of ~15 small kernels per microbatch and iteration (shapes change every iteration, so
+    nothing else is reused; on host-bound ranks each launch counts). The rows are bit for bit `rope_tables` of the
+    same positions: the same float32 products and elementwise functions."""
+    if longest > ROPE_TABLE_MAX_POSITIONS:
+        return rope_tables(positions, head_dim, dtype)
+    key = (head_dim, dtype, positions.device)
+    table = _ROPE_TABLES.get(key)
+    if table is None or table[0].shape[0] < longest:
+        size = 1 << max(longest - 1, 255).bit_length()  # at least 256 rows, then powers of two
+        every = torch.arange(size, device=positions.device)
+        table = _ROPE_TABLES[key] = rope_tables(every, head_dim, dtype)
+    cos, sin = table
+    return cos.index_select(0, positions), sin.index_select(0, positions)
 
 
 def _positions(lengths: list[int]) -> torch.Tensor:
@@ -262,7 +259,7 @@ class TextGeometry(Geometry):
         found = self._rope.get((head_dim, dtype))
         if found is None:
             longest = max(self.spans, default=0)
-            found = self._rope[(head_dim, dtype)] = RopeTable.at(self.positions, longest, head_dim, dtype)
+            found = self._rope[(head_dim, dtype)] = shared_rope_tables(self.positions, longest, head_dim, dtype)
         return found
 
     @cached_property

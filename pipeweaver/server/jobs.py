@@ -485,7 +485,7 @@ class JobState:
         while len(self._stage_folded) > 4 * self._plan_window * self.job.spec.parallel.pp:
             self._stage_folded.popitem(last=False)
         shared = served[0]
-        rank_plan = pb.RankPlan.FromString(shared.shared.encoded.ranks[rank])
+        rank_plan = pb.RankPlan.FromString(shared.shared.encoded.rank_plan(rank))
         if len(rank_plan.predicted_start_ms) != len(starts):
             return 0
         # The plan's times carry the makespan refit of the moment it was served; take it out.

@@ -193,7 +193,7 @@ def varint_field(number: int, value: int) -> bytes:
 
 def field(number: int, payload: bytes) -> bytes:
     """A length-delimited field: an embedded message (already serialized), a string or bytes."""
-    return _varint_bytes(number << 3 | 2) + _varint_bytes(len(payload)) + payload
+    return field_head(number, len(payload)) + payload
 
 
 def field_head(number: int, length: int) -> bytes:

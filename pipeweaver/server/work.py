@@ -180,14 +180,15 @@ class EncodedPlan:
             predicted_ms=float(plan.header.predicted_makespan_ms),
         )
 
-    @property
-    def ranks(self) -> tuple[bytes, ...]:
-        """Serialized `pb.RankPlan` of rank 0, 1, ..., predicted action times included."""
-        return tuple(a + t for a, t in zip(self.lean, self.timings, strict=True))
+    def rank_plan(self, rank: int) -> bytes:
+        """Serialized `pb.RankPlan` of `rank`, predicted action times included."""
+        return self.lean[rank] + self.timings[rank]
 
     def serialized(self) -> bytes:
         """The whole `pb.Plan` (header: field 1, ranks: field 2)."""
-        return rawproto.field(1, self.header) + b"".join(rawproto.field(2, r) for r in self.ranks)
+        return rawproto.field(1, self.header) + b"".join(
+            rawproto.field(2, self.rank_plan(r)) for r in range(len(self.lean))
+        )
 
 
 @dataclass(frozen=True, slots=True)

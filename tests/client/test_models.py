@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pipeweaver.client import geometry  # noqa: E402
-from pipeweaver.client.geometry import RopeTable, rope_tables  # noqa: E402
+from pipeweaver.client.geometry import rope_tables, shared_rope_tables  # noqa: E402
 from pipeweaver.client.models import RMSNorm, apply_rope  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def test_the_shared_rope_table_gives_the_computed_angles_bit_for_bit(dtype: torc
     for longest in (3, 200, 700, 300):  # grows at 700 (256 -> 1,024 rows), then serves the shorter ones
         spans = [*torch.randint(1, longest + 1, (8,), generator=gen).tolist(), longest]
         positions = torch.cat([torch.arange(n) for n in spans])
-        got = RopeTable.at(positions, max(spans), 64, dtype)
+        got = shared_rope_tables(positions, max(spans), 64, dtype)
         want = rope_tables(positions, 64, dtype)
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
         assert got[0].shape == (len(positions), 1, 64) and got[0].dtype == dtype
@@ -48,7 +48,8 @@ def test_the_shared_rope_table_gives_the_computed_angles_bit_for_bit(dtype: torc
     assert table[0].shape[0] == 1024
     far = torch.tensor([0, 70_000])
     assert all(
-        torch.equal(g, w) for g, w in zip(RopeTable.at(far, 70_001, 8, dtype), rope_tables(far, 8, dtype), strict=True)
+        torch.equal(g, w)
+        for g, w in zip(shared_rope_tables(far, 70_001, 8, dtype), rope_tables(far, 8, dtype), strict=True)
     )
     assert len(geometry._ROPE_TABLES) == 1  # the long document did not build a 70,001-row table
 
