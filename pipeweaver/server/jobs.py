@@ -19,7 +19,7 @@ import hashlib
 import math
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeweaver.server import rawproto, work
@@ -103,12 +103,17 @@ class SharedPlan:
     no parse and no serialization on the event loop, however many ranks, replicas and iterations it serves.
     """
 
-    __slots__ = ("_header", "_parsed", "encoded")
+    __slots__ = ("_header", "_parsed", "_rank_heads", "encoded")
 
     def __init__(self, encoded: work.EncodedPlan) -> None:
         self.encoded = encoded
         self._header = rawproto.field(1, encoded.header)
         self._parsed: pb.Plan | None = None
+        # Each rank's RankPlan field head, without and with the predicted times (written once, not per answer).
+        self._rank_heads = [
+            (rawproto.field_head(2, len(lean)), rawproto.field_head(2, len(lean) + len(times)))
+            for lean, times in zip(encoded.lean, encoded.timings, strict=True)
+        ]
 
     @classmethod
     def of(cls, plan: pb.Plan) -> SharedPlan:
@@ -133,9 +138,9 @@ class SharedPlan:
         lean = self.encoded.lean
         if not 0 <= rank < len(lean):
             raise KeyError(f"the plan has no rank {rank}")
-        times = self.encoded.timings[rank] if timings else b""
-        head = rawproto.field_head(2, len(lean[rank]) + len(times))
-        return b"".join((self._header, head, lean[rank], times, identity))
+        if timings:
+            return b"".join((self._header, self._rank_heads[rank][1], lean[rank], self.encoded.timings[rank], identity))
+        return b"".join((self._header, self._rank_heads[rank][0], lean[rank], identity))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +156,7 @@ class Served:
     """Predicted makespan before the online refit's scale (0: not predicted, as for fallback plans)."""
     search_ms: float = 0.0
     """Worker time spent searching this plan (0 for cache hits and fallbacks)."""
+    _identity: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def plan(self) -> Any:
@@ -178,18 +184,26 @@ class Served:
     def response_bytes(self, rank: int, *, timings: bool = True) -> bytes:
         """This rank's serialized `StreamPlansResponse` / `GetPlanResponse` (the two share field numbers);
         `timings`: with the rank's predicted action times (GetPlan always; a stream when its request asks)."""
-        # The header's identity is written out in full, zeros included: it must override the shared header's.
-        header = (
-            rawproto.varint_field(2, self.iteration)
-            + rawproto.varint_field(7, _SOURCES[self.source])
-            + rawproto.varint_field(8, self.replica)
-        )
-        identity = rawproto.field(1, header)
-        if self.fallback:
-            identity += rawproto.varint_field(3, 1)
-        if self.search_ms:
-            identity += rawproto.double_field(4, self.search_ms)
-        return self.shared.answer(rank, identity, timings=timings)
+        return self.shared.answer(rank, self.identity, timings=timings)
+
+    @property
+    def identity(self) -> bytes:
+        """The bytes that make the shared plan this entry's: appended to every rank's answer."""
+        identity: bytes | None = self._identity
+        if identity is None:  # built on first use, then shared by the pipeline's ranks
+            # The header's identity is written out in full, zeros included: it must override the shared header's.
+            header = (
+                rawproto.varint_field(2, self.iteration)
+                + rawproto.varint_field(7, _SOURCES[self.source])
+                + rawproto.varint_field(8, self.replica)
+            )
+            identity = rawproto.field(1, header)
+            if self.fallback:
+                identity += rawproto.varint_field(3, 1)
+            if self.search_ms:
+                identity += rawproto.double_field(4, self.search_ms)
+            object.__setattr__(self, "_identity", identity)  # frozen: a cache, not a change of value
+        return identity
 
 
 class PlanEntry:

@@ -218,20 +218,30 @@ class PlannerService:
     # ---- StreamPlans ----
     def stream_request(self, data: bytes) -> tuple[JobState, int, Batch, float | None, bool]:
         """Check one serialized `StreamPlansRequest`: its job, rank, batch, deadline and whether the answer carries
-        the predicted action times. A batch whose microbatches
-        the job has checked before (another rank's request, an equal replica's, an earlier iteration's) is not
-        parsed, checked or digested again (`rawproto`, `JobState.known_contents`)."""
+        the predicted action times. A batch byte-equal to another rank's copy of the same (replica, iteration),
+        or whose microbatches the job has checked before (an equal replica's, an earlier iteration's), is not
+        parsed, checked or digested again (`rawproto.batch_layouts`, `JobState.known_contents`)."""
         _check_size(data, self._config.max_message_bytes, pb.StreamPlansRequest)
         head = rawproto.stream_request(data)
+        walked = None  # the batch's records as found by reading them, remembered once the batch is checked
         if head is not None:
             job = self._planning.job(head.job_id)
             parallel = job.job.spec.parallel
             check_rank(head.rank, parallel)
-            digest = job.known_contents(head.microbatches)
-            if digest is not None and head.iteration >= 0 and 0 <= head.replica < parallel.dp:
-                deadline = None if head.deadline is None else _deadline(*head.deadline)
-                batch = Batch(head.iteration, head.replica, digest, head.batch)
-                return job, head.rank, batch, deadline, head.predicted_timings
+            for layout in rawproto.batch_layouts(head.batch):
+                if not layout.guessed:
+                    walked = layout
+                if layout.iteration < 0 or not 0 <= layout.replica < parallel.dp:
+                    continue  # the full path names the field
+                # Another rank's copy of this (replica, iteration), byte for byte: checked when it came.
+                entry = job.entry(layout.replica, layout.iteration)
+                digest = entry.digest if entry is not None and entry.batch == head.batch else None
+                if digest is None:
+                    digest = job.known_contents(head.batch[layout.start : layout.end])
+                if digest is not None:
+                    deadline = None if head.deadline is None else _deadline(*head.deadline)
+                    batch = Batch(layout.iteration, layout.replica, digest, head.batch)
+                    return job, head.rank, batch, deadline, head.predicted_timings
         req = _parse(pb.StreamPlansRequest, data)
         job = self._planning.job(req.job_id)
         check_rank(req.rank, job.job.spec.parallel)
@@ -240,8 +250,8 @@ class PlannerService:
         check_batch(req.batch, job.job.spec.parallel, self._config.limits)
         deadline = _deadline(req.deadline.seconds, req.deadline.nanos) if req.HasField("deadline") else None
         batch = Batch.of(req.batch)
-        if head is not None:  # remember the contents as they arrived, for the next rank, replica or iteration
-            job.remember_contents(head.microbatches, batch.digest)
+        if head is not None and walked is not None:  # the records as they arrived, for the next rank or replica
+            job.remember_contents(head.batch[walked.start : walked.end], batch.digest)
         return job, req.rank, batch, deadline, req.predicted_timings
 
     async def StreamPlans(self, request_iterator: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:

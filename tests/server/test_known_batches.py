@@ -14,7 +14,7 @@ import pytest
 
 from pipeweaver.server import rawproto, work
 from pipeweaver.server.config import ServerConfig
-from pipeweaver.server.jobs import JobState, batch_digest
+from pipeweaver.server.jobs import JobState, PlanEntry, batch_digest
 from pipeweaver.server.service import PlannerService
 from pipeweaver.server.validation import RequestError, unknown_job
 from pipeweaver.v1 import planner_pb2 as pb
@@ -142,6 +142,17 @@ def test_known_microbatches_are_not_parsed_or_digested_again() -> None:
         assert (rank, fast.iteration, fast.replica, fast.digest) == (0, 9, 1, b"d")
         assert fast.data == seen.SerializeToString() and deadline is not None
         assert 4 < deadline - time.monotonic() < 5.1
+        # Another rank's copy of a (replica, iteration) already attached, byte for byte: the entry's digest, with no
+        # lookup of its records (they are not among the known contents); other bytes for it are not taken for it.
+        copy = batch(W, 7, seed=47)
+        copy.iteration, copy.dp_replica = 11, 1
+        job.add_entry(PlanEntry(1, 11, b"entry", copy.SerializeToString()))
+        _, _, same, _, _ = service.stream_request(_request("job-k", 1, copy))
+        assert (same.iteration, same.replica, same.digest) == (11, 1, b"entry")
+        other = batch(W, 7, seed=48)
+        other.iteration, other.dp_replica = 11, 1
+        _, _, differs, _, _ = service.stream_request(_request("job-k", 1, other))
+        assert differs.digest == batch_digest(other) != b"entry"
         # ...and the request's own fields are still checked.
         for bad, field in ((_request("job-k", 2, seen), "rank"), (_request("job-x", 0, seen), "job_id")):
             with pytest.raises(RequestError) as info:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeweaver.server import rawproto
-from pipeweaver.server.rawproto import StreamRequestHead
+from pipeweaver.server.rawproto import BatchLayout, StreamRequestHead
 from pipeweaver.v1 import planner_pb2 as pb
 from pipeweaver.wire import batch_to_proto
 from tests.strategies import batch_metadata
@@ -30,11 +30,21 @@ def stream_requests(draw: Any) -> Any:
     return req
 
 
+def _walked(batch: bytes) -> BatchLayout | None:
+    """The layout found by reading every record (the last of `batch_layouts`, when there is one)."""
+    layouts = [layout for layout in rawproto.batch_layouts(batch) if not layout.guessed]
+    assert len(layouts) <= 1
+    return layouts[0] if layouts else None
+
+
 def _agrees(head: StreamRequestHead, req: Any) -> None:
     assert (head.job_id, head.rank) == (req.job_id, req.rank)
-    assert (head.iteration, head.replica) == (req.batch.iteration, req.batch.dp_replica)
     assert pb.BatchMetadata.FromString(head.batch) == req.batch
-    assert pb.BatchMetadata.FromString(head.microbatches).microbatches == req.batch.microbatches
+    walked = _walked(head.batch)
+    if walked is not None:
+        assert (walked.iteration, walked.replica) == (req.batch.iteration, req.batch.dp_replica)
+        records = head.batch[walked.start : walked.end]
+        assert pb.BatchMetadata.FromString(records).microbatches == req.batch.microbatches
     deadline = (req.deadline.seconds, req.deadline.nanos) if req.HasField("deadline") else None
     assert head.deadline == deadline
     assert head.predicted_timings == req.predicted_timings
@@ -46,7 +56,34 @@ def test_a_request_reads_as_protobuf_decodes_it(req: Any) -> None:
     head = rawproto.stream_request(req.SerializeToString())
     assert head is not None
     _agrees(head, req)
-    assert head.microbatches == b"".join(rawproto.field(2, mb.SerializeToString()) for mb in req.batch.microbatches)
+    walked = _walked(head.batch)
+    assert walked is not None
+    records = b"".join(rawproto.field(2, mb.SerializeToString()) for mb in req.batch.microbatches)
+    assert head.batch[walked.start : walked.end] == records
+    # Protobuf's own encoding is canonical: one of the layouts guessed from the ends is the walked one.
+    guessed = [layout for layout in rawproto.batch_layouts(head.batch) if layout.guessed]
+    assert walked._replace(guessed=True) in guessed
+
+
+@settings(max_examples=300, deadline=None)
+@given(batch_metadata(), st.binary(max_size=12), st.binary(max_size=12), st.data())
+def test_a_guess_whose_middle_is_a_checked_run_of_records_reads_as_protobuf_does(
+    meta: Any, prefix: bytes, suffix: bytes, data: Any
+) -> None:
+    """Around a run of records the service has checked, any bytes: whenever a guessed layout puts its middle on
+    that run, protobuf reads the batch with the guessed identity and those records."""
+    batch = batch_to_proto(meta)
+    records = b"".join(rawproto.field(2, mb.SerializeToString()) for mb in batch.microbatches)
+    if data.draw(st.booleans()):  # real identity fields, as a client writes them
+        prefix = rawproto.varint_field(1, data.draw(INT64)) if data.draw(st.booleans()) else b""
+        suffix = rawproto.varint_field(3, data.draw(INT32)) if data.draw(st.booleans()) else b""
+    raw = prefix + records + suffix
+    for layout in rawproto.batch_layouts(raw):
+        if not layout.guessed or raw[layout.start : layout.end] != records:
+            continue
+        parsed = pb.BatchMetadata.FromString(raw)  # must not raise: the guess vouches for every byte
+        assert (parsed.iteration, parsed.dp_replica) == (layout.iteration, layout.replica)
+        assert parsed.microbatches == batch.microbatches
 
 
 @settings(max_examples=200, deadline=None)
@@ -93,7 +130,9 @@ def test_odd_encodings_take_the_full_path() -> None:
         "a varint wider than 64 bits": job + rank[:1] + b"\xff" * 9 + b"\x7f",
     }
     for what, data in odd.items():
-        assert rawproto.stream_request(data) is None, what
+        head = rawproto.stream_request(data)
+        # An odd request is not read; an odd batch is, but has no walked layout (the full path parses it).
+        assert head is None or _walked(head.batch) is None, what
     # Reordered but unambiguous: still read, and as protobuf reads it.
     reordered = rawproto.field(3, rawproto.varint_field(3, 2) + b"".join(mb) + rawproto.varint_field(1, 7)) + job
     head = rawproto.stream_request(reordered + rank)
