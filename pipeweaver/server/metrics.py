@@ -148,6 +148,12 @@ class Metrics:
             self.workers_busy.labels(lane=lane)
             self.worker_restarts.labels(lane=lane)
 
+    def stream_messages(self, rpc_type: str, service: str, method: str) -> tuple[Any, Any]:
+        """The (received, sent) message counters of a streaming method whose handler counts its own messages: one
+        on gRPC's reader/writer API, which `MetricsInterceptor` wraps once per RPC, not per message."""
+        labels = {"grpc_type": rpc_type, "grpc_service": service, "grpc_method": method}
+        return self.msg_received.labels(**labels), self.msg_sent.labels(**labels)
+
 
 # ---- gRPC interceptor ----------------------------------------------------------------------------------------
 
@@ -275,6 +281,24 @@ class MetricsInterceptor(_Interceptor):
         return wrapped
 
     def _streaming(self, behaviour: _Behaviour, labels: dict[str, str], *, streaming_in: bool) -> _Behaviour:
+        if inspect.iscoroutinefunction(behaviour):
+            # A handler on gRPC's reader/writer API (context.read/write; StreamPlans, health Watch) counts its own
+            # messages (`Metrics.stream_messages`): wrapping it once per RPC, not once per message, keeps async
+            # generator layers off every message. Three of them (this wrapper's, the request counter's, a
+            # generator handler's) made a burst of 64 cached answers 1.5-2 ms later at the median, and 3-7 ms at
+            # p90-p99, than one handler alone (2-core machine, server and clients on a core each).
+            async def call(request: Any, context: Any) -> None:
+                self._m.rpc_started.labels(**labels).inc()
+                started, error = time.perf_counter(), None
+                try:
+                    await behaviour(request, context)
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    self._finish(labels, context, started, error)
+
+            return call
         sent = self._m.msg_sent.labels(**labels)
 
         async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
@@ -282,11 +306,7 @@ class MetricsInterceptor(_Interceptor):
             started, error = time.perf_counter(), None
             arg = self._counted(request, labels) if streaming_in else request
             try:
-                result = behaviour(arg, context)
-                if inspect.isawaitable(result):  # a handler that writes with context.write() (health Watch)
-                    await result
-                    return
-                async for response in cast(AsyncIterator[Any], result):
+                async for response in cast(AsyncIterator[Any], behaviour(arg, context)):
                     sent.inc()
                     yield response
             except BaseException as exc:

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -149,6 +148,7 @@ class PlannerService:
         self._planning = planning
         self._draining = False
         self._sessions: set[StreamSession] = set()
+        self._messages = planning.m.stream_messages("bidi_stream", SERVICE_NAME, "StreamPlans")
 
     def drain(self) -> None:
         """Stop taking requests on open streams; they end once their in-flight answers are sent."""
@@ -254,18 +254,26 @@ class PlannerService:
             job.remember_contents(head.batch[walked.start : walked.end], batch.digest)
         return job, req.rank, batch, deadline, req.predicted_timings
 
-    async def StreamPlans(self, request_iterator: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
-        """Answers go out as their plans are fixed, in that order (`streams.StreamSession`)."""
+    async def StreamPlans(self, request_iterator: object, context: Context) -> None:
+        """Answers go out as their plans are fixed, in that order (`streams.StreamSession`).
+
+        On gRPC's reader/writer API (`context.read`, `context.write`; gRPC still passes a request iterator, unused):
+        no async generator sits between a message and the transport, and the messages are counted here."""
         out: asyncio.Queue[bytes | RequestError | None] = asyncio.Queue()
         session = self._open_session(_QueueSink(out))
+        received, sent = self._messages
 
         async def read() -> None:
             try:
-                async for data in request_iterator:
+                while True:
+                    data = await context.read()
+                    if data is grpc.aio.EOF:  # type: ignore[attr-defined]  # missing from the stubs
+                        session.done_writing()
+                        return
+                    received.inc()
                     session.take(data)
                     if session.finished:
                         return
-                session.done_writing()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # reading the stream failed: end it
@@ -280,7 +288,8 @@ class PlannerService:
                     return
                 if isinstance(item, RequestError):
                     await abort(context, item)
-                yield item
+                await context.write(item)
+                sent.inc()
         finally:
             reader.cancel()
             self._close_session(session)

@@ -15,6 +15,7 @@ import pytest
 from pipeweaver.server import rawproto, work
 from pipeweaver.server.config import ServerConfig
 from pipeweaver.server.jobs import JobState, PlanEntry, batch_digest
+from pipeweaver.server.metrics import Metrics
 from pipeweaver.server.service import PlannerService
 from pipeweaver.server.validation import RequestError, unknown_job
 from pipeweaver.v1 import planner_pb2 as pb
@@ -114,6 +115,7 @@ class _Planning:
 
     def __init__(self, job: JobState) -> None:
         self._job = job
+        self.m = Metrics()
 
     def job(self, job_id: str) -> JobState:
         if job_id != self._job.job_id:
