@@ -283,6 +283,31 @@ def _echo_server(answer: bytes, ports: Any, cpus: frozenset[int] = frozenset()) 
     serve_stream_plans(stream_plans, ports)
 
 
+def _queued_echo_server(answer: bytes, ports: Any, cpus: frozenset[int] = frozenset()) -> None:
+    """The transport floor with the service's stream structure (`service.PlannerService.StreamPlans`): a reader
+    task takes each request and hands the answer over an asyncio.Queue to the handler, which writes it with
+    context.write; no other work."""
+    pin(set(cpus))
+    import grpc
+
+    async def stream_plans(requests: Any, context: Any) -> None:
+        out: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def read() -> None:
+            while (await context.read()) is not grpc.aio.EOF:
+                out.put_nowait(answer)
+            out.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await out.get()) is not None:
+                await context.write(item)
+        finally:
+            reader.cancel()
+
+    serve_stream_plans(stream_plans, ports)
+
+
 def one_answer(port: int, job_id: str, batch: bytes, timings: bool = True) -> bytes:
     """A real answer's bytes (a cache hit for rank 1 of replica 0); without `timings`, as a stream that does not
     ask for the predicted action times gets it."""
@@ -312,11 +337,14 @@ def floor_pass(
     processes: int = 4,
     server_cpus: frozenset[int] = frozenset(),
     client_cpus: frozenset[int] = frozenset(),
+    queued: bool = False,
 ) -> tuple[list[Sample], float, float]:
-    """The clients of `run_pass` against `_echo_server`: (samples, server CPU seconds, client CPU seconds)."""
+    """The clients of `run_pass` against `_echo_server` (`queued`: `_queued_echo_server`): (samples, server CPU
+    seconds, client CPU seconds)."""
     ctx = multiprocessing.get_context("spawn")
     ports = ctx.Queue()
-    server = ctx.Process(target=_echo_server, args=(answer, ports, server_cpus), daemon=True)
+    target = _queued_echo_server if queued else _echo_server
+    server = ctx.Process(target=target, args=(answer, ports, server_cpus), daemon=True)
     server.start()
     try:
         port = ports.get(timeout=60)
@@ -387,6 +415,11 @@ def main() -> None:
         type=int,
         default=4,
         help="processes the 64 streams live in (4: one per pipeline rank; 64: one per stream, as trainers are)",
+    )
+    parser.add_argument(
+        "--queued-floor",
+        action="store_true",
+        help="also measure the floor with the service's stream structure (reader task, queue, context.write)",
     )
     parser.add_argument("--server-log", default="", help="write the server's log here")
     parser.add_argument(
@@ -463,16 +496,18 @@ def main() -> None:
         proc.wait(timeout=60)
         if profiler is not None:
             profiler.wait(timeout=60)  # py-spy writes its output once the server has exited
-    floor = None
-    if args.floor_iterations > 0:
-        floor = floor_pass(
-            answer,
-            [b[: args.floor_iterations] for b in batches],
-            args.iteration_ms,
-            args.client_processes,
-            server_cpus,
-            client_cpus,
-        )
+    floors = {}
+    for name, queued in (("transport_floor", False), ("transport_floor_queued", True)):
+        if args.floor_iterations > 0 and (args.queued_floor or not queued):
+            floors[name] = floor_pass(
+                answer,
+                [b[: args.floor_iterations] for b in batches],
+                args.iteration_ms,
+                args.client_processes,
+                server_cpus,
+                client_cpus,
+                queued=queued,
+            )
 
     def pct(values: list[float], q: float) -> float | None:
         return round(float(np.percentile(values, q)), 2) if values else None
@@ -534,10 +569,14 @@ def main() -> None:
         "cached_pass": {**summary(cached, cpu2 - cpu1, cached_client_cpu), "seconds": round(t2 - t1, 1)},
         "answer_bytes": len(answer),
     }
-    if floor is not None:
-        samples, server_cpu, client_cpu = floor
-        report["transport_floor"] = {
-            "what": "the same clients and answers against a gRPC server that does no work",
+    what = {
+        "transport_floor": "the same clients and answers against a gRPC server that does no work",
+        "transport_floor_queued": "the floor with the service's stream structure: a reader task, a queue, "
+        "context.write",
+    }
+    for name, (samples, server_cpu, client_cpu) in floors.items():
+        report[name] = {
+            "what": what[name],
             "iterations": args.floor_iterations,
             **{
                 k: v
