@@ -3,6 +3,12 @@
     python benchmarks/gpu/semu_residuals.py \\
         benchmarks/results/e2e_compare_run{17,18_t2v,19_t2v,20_t2v,21}_h200x4.json \\
         [--out benchmarks/results/semu_residuals.json]
+    python benchmarks/gpu/semu_residuals.py \\
+        benchmarks/results/e2e_compare_run{17,18_t2v,19_t2v,20_t2v,21,22_t2v}_h200x4.json \\
+        --input-build-trace benchmarks/results/e2e_traces_run19_t2v/pipeweaver_it3.trace.json.gz \\
+        --input-build-trace benchmarks/results/e2e_traces_run22_t2v/pipeweaver_it3.trace.json.gz \\
+        --input-build-trace benchmarks/results/e2e_traces_run17/pipeweaver_it3.trace.json.gz \\
+        --out benchmarks/results/semu_host_term.json
 
 Our iterations are host-bound on the scaled models (the host waits < 1.3 ms for the device at an iteration's end),
 and SEMU has no per-action host cost beyond each operator's dispatch floor. If that missing cost were what SEMU
@@ -11,6 +17,15 @@ computes and transfers. Per run and schedule: the calibrated prediction the run 
 measured first-run and repeated times, their mean signed residual, and the actions per rank of the plan (our
 baselines' plans are a pure function of the microbatch count and the placement: rebuilt here; PipeWeaver's
 searched plans are not recorded, so their actions are not counted).
+
+``--input-build-trace`` (one traced iteration per workload, of a run among those given): fits SEMU's input-building
+host term (`CostModel.input_build_ms`, `calibration.fit_input_build_ms`) on that trace's forwards, then simulates
+every iteration of every schedule of the runs of that workload again, calibrated, without and with the term, and
+scores both against the measured first-run times; the trace's own run is marked as not held out. Our baselines'
+plans are rebuilt exactly. PipeWeaver's searched plans were not kept, so each of its iterations is planned again
+(`SearchConfig.max_evaluations`, deterministic, with the run's profile): `replan_mape_pct` says how far the
+re-planned plans' calibrated prediction is from the one the run recorded for the plan that ran, and
+`placement_matches_run` whether the re-planned partition is the run's.
 """
 
 from __future__ import annotations
@@ -25,11 +40,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_workload import SCALED_WORKLOADS
+from e2e_semu import fitted_factors
+from e2e_workload import PLANNING_HARDWARE, SCALED_WORKLOADS
+from trace_ratios import forward_timings
 
 from pipeweaver.datagen import dynamic_batch
-from pipeweaver.plan.ir import CommBatch, Compute, Pass
+from pipeweaver.plan.ir import CommBatch, Compute, Pass, Placement, Plan
 from pipeweaver.search.baselines import build_baseline_plan
+from pipeweaver.search.planner import Planner, SearchConfig
+from pipeweaver.simulator.calibration import fit_input_build_ms
+from pipeweaver.spec.batch import BatchMetadata
 
 BASELINES = ("1f1b", "interleaved-1f1b", "optimus-coarse")
 
@@ -74,16 +94,147 @@ def residuals(path: Path) -> dict[str, Any]:
     return out
 
 
+REPLAN_EVALUATIONS = 30
+"""Rollouts per re-planned PipeWeaver iteration: deterministic, and its plans' calibrated predictions stay
+within a few percent of the recorded ones (`replan_mape_pct`)."""
+
+
+class _Run:
+    """One e2e run's workload, calibrated planners (without and with an input-building term) and batches."""
+
+    def __init__(self, path: Path, input_build_ms: dict[str, float] | None = None) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text())
+        cfg = self.data["config"]
+        self.workload = str(cfg.get("workload", "vlm"))
+        self.wl = SCALED_WORKLOADS[self.workload](microbatches=cfg["microbatches"])
+        rows = [tuple(r) for r in self.data["profile"]["rows"]]
+        factors = fitted_factors(self.wl.model, rows, PLANNING_HARDWARE)  # type: ignore[arg-type]
+        config = SearchConfig(compare_baselines=(), max_evaluations=REPLAN_EVALUATIONS, budget_ms=1e9)
+        model, parallel = self.wl.model, self.wl.parallel
+        self.plain = Planner(model, parallel, PLANNING_HARDWARE, factors=factors, config=config)
+        self.built = Planner(
+            model, parallel, PLANNING_HARDWARE, factors=factors, config=config, input_build_ms=input_build_ms
+        )
+        self.warmup = int(cfg["warmup"])
+        self.seed = int(cfg["seed"])
+
+    def batch(self, k: int) -> BatchMetadata:
+        return replace(dynamic_batch(self.wl, seed=self.seed, iteration=k), iteration=self.warmup + k)
+
+    def plan(self, name: str, k: int) -> Plan:
+        """The plan schedule `name` ran on measured iteration k: rebuilt (baselines) or searched again."""
+        if name == "pipeweaver":
+            return self.plain.plan(self.batch(k)).plan
+        return build_baseline_plan(
+            name, model=self.wl.model, parallel=self.wl.parallel, batch=self.batch(k), tensors_dtype="bfloat16"
+        )
+
+    def placement(self, name: str) -> Placement:
+        return self.plan(name, 0).header.placement if name != "pipeweaver" else self.plain.partition.placement
+
+    def placement_matches_run(self) -> bool | None:
+        recorded = (self.data["schedules"].get("pipeweaver", {}).get("service") or {}).get("placement")
+        if recorded is None:
+            return None
+        ours = [
+            [c.pipeline, c.index, c.rank, [repr(r) for r in c.layers]] for c in self.plain.partition.placement.chunks
+        ]
+        return bool(ours == recorded)
+
+
+def _run_key(path: Path) -> str:
+    """`e2e_compare_run19_t2v_h200x4.json` and `e2e_traces_run19_t2v/...` -> `run19_t2v`."""
+    if path.name.startswith("e2e_compare_"):
+        return path.name.removeprefix("e2e_compare_").rsplit("_", 1)[0]
+    return path.parent.name.removeprefix("e2e_traces_")
+
+
+def input_build_fit(run_path: Path, trace: Path) -> dict[str, float]:
+    """The input-building term fitted on one traced iteration of `run_path` (its schedule's placement)."""
+    run = _Run(run_path)
+    schedule = trace.name.split("_it")[0]
+    return fit_input_build_ms(forward_timings(trace, run.placement(schedule)))
+
+
+def _pct(pairs: list[tuple[float, float]], signed: bool = False) -> float:
+    """MAPE (or mean signed (measured - predicted) / measured) in percent over (predicted, measured) pairs."""
+    return 100 * statistics.fmean(((m - p) if signed else abs(m - p)) / m for p, m in pairs)
+
+
+def rescore(path: Path, input_build_ms: dict[str, float]) -> dict[str, Any]:
+    """Per schedule run with our executor: calibrated SEMU's MAPE (and mean signed residual) against the measured
+    first-run times, without and with the term, every iteration simulated again."""
+    run = _Run(path, input_build_ms)
+    recorded = run.data["semu"]["schedules"]
+    out: dict[str, Any] = {}
+    for name, schedule in run.data["schedules"].items():
+        rows = schedule.get("rows") or []
+        if name.startswith("torch") or not rows:
+            continue
+        before: list[tuple[float, float]] = []
+        after: list[tuple[float, float]] = []
+        replan: list[tuple[float, float]] = []
+        record = recorded.get(name, {})
+        recorded_ms = dict(zip(record.get("iterations", []), record.get("calibrated_ms", []), strict=True))
+        for r in rows:
+            k, measured = int(r["i"]), float(r["ms"])
+            plan, batch = run.plan(name, k), run.batch(k)
+            recompute = plan.recompute_map()
+            plain = run.plain.simulate_plan(plan, batch, recompute).makespan_ms
+            before.append((plain, measured))
+            after.append((run.built.simulate_plan(plan, batch, recompute).makespan_ms, measured))
+            if name == "pipeweaver" and run.warmup + k in recorded_ms:
+                replan.append((plain, float(recorded_ms[run.warmup + k])))
+        entry: dict[str, Any] = {
+            "iterations": len(rows),
+            "mape_pct": {"calibrated": _pct(before), "calibrated + input build": _pct(after)},
+            "mean_signed_pct": {"calibrated": _pct(before, True), "calibrated + input build": _pct(after, True)},
+        }
+        if name == "pipeweaver":
+            entry["replan_mape_pct"] = _pct(replan) if replan else None
+            entry["placement_matches_run"] = run.placement_matches_run()
+        out[name] = entry
+    return out
+
+
+def input_build_scores(runs: list[Path], traces: list[Path]) -> dict[str, Any]:
+    by_key = {_run_key(p): p for p in runs}
+    out: dict[str, Any] = {"replan_evaluations": REPLAN_EVALUATIONS, "fits": []}
+    for trace in traces:
+        source = by_key.get(_run_key(trace))
+        if source is None:
+            raise ValueError(f"{trace} belongs to run '{_run_key(trace)}', which is not among the runs given")
+        workload = _Run(source).workload
+        build = input_build_fit(source, trace)
+        fit: dict[str, Any] = {"trace": str(trace), "workload": workload, "input_build_ms": build, "runs": {}}
+        for path in runs:
+            if json.loads(path.read_text())["config"].get("workload", "vlm") != workload:
+                continue
+            fit["runs"][path.name] = {"held_out": path != source, "schedules": rescore(path, build)}
+        out["fits"].append(fit)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--input-build-trace",
+        type=Path,
+        action="append",
+        default=[],
+        help="fit the input-building host term on this trace (one per workload) and score it on the runs",
+    )
     args = ap.parse_args()
     try:
-        result = {p.name: residuals(p) for p in args.runs}
+        result: dict[str, Any] = {p.name: residuals(p) for p in args.runs}
+        if args.input_build_trace:
+            result = {"residuals": result, "input_build": input_build_scores(args.runs, args.input_build_trace)}
     except (OSError, KeyError, ValueError) as e:
         sys.exit(f"semu_residuals: {type(e).__name__}: {e}")
-    for run_name, schedules in result.items():
+    for run_name, schedules in result.get("residuals", result).items():
         for name, e in schedules.items():
             acts = e.get("actions_per_rank")
             busiest = (
@@ -95,6 +246,21 @@ def main() -> None:
                 if "measured_" + what in e
             )
             print(f"{run_name:36s} {name:17s} predicted {e['predicted_ms']:7.0f}  measured {cells}  actions {busiest}")
+    for fit in result.get("input_build", {}).get("fits", []):
+        terms = ", ".join(f"{m} {ms:.2f} ms" for m, ms in fit["input_build_ms"].items())
+        print(f"input build fitted on {fit['trace']}: {terms} per sub-microbatch")
+        for run_name, r in fit["runs"].items():
+            for name, e in r["schedules"].items():
+                mape, signed = e["mape_pct"], e["mean_signed_pct"]
+                held = "held out" if r["held_out"] else "fit run "
+                replan = (
+                    f"  (re-planned: {e['replan_mape_pct']:.1f}% from recorded)" if e.get("replan_mape_pct") else ""
+                )
+                print(
+                    f"  {run_name:36s} {held} {name:17s} MAPE {mape['calibrated']:5.1f}% -> "
+                    f"{mape['calibrated + input build']:5.1f}%  signed {signed['calibrated']:+6.1f}% -> "
+                    f"{signed['calibrated + input build']:+6.1f}%{replan}"
+                )
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeweaver.plan.ir import Placement
+from pipeweaver.simulator.calibration import ForwardTiming
+
 StageKind = tuple[str, int, str]
 """(module or pipeline, chunk index, pass)."""
 
@@ -67,6 +70,32 @@ def kind_ratios(path: Path, which: str = "semu_calibrated") -> list[KindRatio]:
         m, p = ("measured", kind), (which, kind)
         if count.get(p):
             out.append(KindRatio(kind, count[m], total[m] / count[m], total[p] / count[p]))
+    return out
+
+
+def forward_timings(path: Path, placement: Placement, which: str = "semu_calibrated") -> list[ForwardTiming]:
+    """Every forward of the trace's measured timeline beside the `which` timeline's, for
+    `calibration.fit_input_build_ms`: chunks of one module only (a mixed chunk's time cannot be split between its
+    modules); `placement` is the traced plan's."""
+    events = _load(path)
+    timeline = {e["pid"]: e["args"]["name"].rsplit(" rank", 1)[0] for e in events if e.get("name") == "process_name"}
+    chunks = {(c.pipeline, c.index): c for c in placement.chunks}
+    got: dict[tuple[str, int, int, int], dict[str, float]] = defaultdict(dict)
+    for e in events:
+        a = e.get("args") or {}
+        if e.get("ph") != "X" or e.get("tid") != 0 or a.get("pass") != "F":
+            continue
+        unit = (str(a["pipeline"]), int(a["chunk"]), int(a["microbatch"]), int(a["sub_microbatch"]))
+        got[unit][timeline[e["pid"]]] = float(e["dur"]) / 1e3
+    out = []
+    for (pipeline, chunk, _, _), times in sorted(got.items()):
+        c = chunks.get((pipeline, chunk))
+        if c is None:
+            raise ValueError(f"{path}: chunk {chunk} of pipeline '{pipeline}' is not in the placement given")
+        if len({r.module for r in c.layers}) != 1 or "measured" not in times or which not in times:
+            continue
+        first = c.layers[0]
+        out.append(ForwardTiming(first.module, first.start == 0, times["measured"], times[which]))
     return out
 
 

@@ -190,12 +190,21 @@ class Planner:
         sizes: Mapping[str, int] | None = None,
         segments: Mapping[str, int] | None = None,
         stage_scales: Mapping[tuple[str, str], float] | None = None,
+        input_build_ms: Mapping[str, float] | None = None,
     ) -> None:
         parallel.check_model(model)
         self.model, self.parallel, self.hardware = model, parallel, hardware
         self.config = config or SearchConfig()
         self.cache = StageCostCache()
-        self.cost = CostModel(model, parallel, hardware, factors, cache=self.cache, stage_scales=stage_scales)
+        self.cost = CostModel(
+            model,
+            parallel,
+            hardware,
+            factors,
+            cache=self.cache,
+            stage_scales=stage_scales,
+            input_build_ms=input_build_ms,
+        )
         self.partition: JobPartition = partition_job(self.cost, sizes=sizes, segments=segments)
         self.link = LinkModel.from_specs(hardware, parallel)
         self.dtype = tensors_dtype_for(hardware)

@@ -6,11 +6,13 @@ an accelerator and a sub-microbatch into stage latencies and memory; `engine` re
 """
 
 from pipeweaver.simulator.calibration import (
+    ForwardTiming,
     LayerDims,
     LayerProfile,
     Profile,
     TransferProfile,
     fit_factors,
+    fit_input_build_ms,
     fit_layer_factors,
     fit_transfer_factors,
     hardware_for_card,
@@ -48,6 +50,7 @@ __all__ = [
     "ClassFactors",
     "CostModel",
     "EfficiencyFactors",
+    "ForwardTiming",
     "HeaderCosts",
     "LayerDims",
     "LayerProfile",
@@ -59,6 +62,7 @@ __all__ = [
     "TransferProfile",
     "check_fits",
     "fit_factors",
+    "fit_input_build_ms",
     "fit_layer_factors",
     "fit_transfer_factors",
     "hardware_for_card",

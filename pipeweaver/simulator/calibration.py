@@ -14,6 +14,8 @@ light ridge toward the prior factors (collinear columns, e.g. a ViT whose images
 keep prior proportions) and non-negativity. The host time (CPU dispatch, which bounds small eager-mode blocks)
 is chosen on a grid of fractions of the fastest row, the device part fitted on what remains of the others; the
 candidate with the least relative error wins. Transfers fit overhead + a_net * bytes / bandwidth per class.
+The host time of building a sub-microbatch's inputs (`CostModel.input_build_ms`) is fitted from a traced
+iteration's forward times instead (`fit_input_build_ms`): no layer profile runs the executor's input building.
 """
 
 from __future__ import annotations
@@ -493,6 +495,40 @@ def fit_transfer_factors(
             host_s=prior.host_s,
         )
     return factors.with_entries(updates)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardTiming:
+    """One forward compute of a traced iteration: the executor's measured time (CUDA events around the action, as
+    `--report-timings` sends the service) beside SEMU's calibrated prediction of the same stage."""
+
+    module: str
+    starts_module: bool
+    """Whether the chunk holds the module's first layer, where the executor builds the sub-microbatch's inputs."""
+    measured_ms: float
+    predicted_ms: float
+
+
+def fit_input_build_ms(forwards: Iterable[ForwardTiming]) -> dict[str, float]:
+    """Per module, the host ms of building a sub-microbatch's inputs (`CostModel.input_build_ms`).
+
+    The forwards of the module's other chunks give its device-time scale s = sum of measured / sum of predicted
+    (what the service's stage scales learn); the input building is what the forwards that start the module take
+    beyond s times their prediction, averaged (never below 0). A module without both kinds of forwards in the
+    trace gets no entry: nothing separates its input building from its compute."""
+    starts: dict[str, list[ForwardTiming]] = defaultdict(list)
+    others: dict[str, list[ForwardTiming]] = defaultdict(list)
+    for f in forwards:
+        (starts if f.starts_module else others)[f.module].append(f)
+    out: dict[str, float] = {}
+    for module, first in starts.items():
+        rest = others.get(module)
+        predicted = sum(f.predicted_ms for f in rest) if rest else 0.0
+        if not rest or predicted <= 0.0:
+            continue
+        scale = sum(f.measured_ms for f in rest) / predicted
+        out[module] = max(0.0, sum(f.measured_ms - scale * f.predicted_ms for f in first) / len(first))
+    return out
 
 
 def fit_factors(

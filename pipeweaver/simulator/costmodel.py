@@ -10,7 +10,8 @@ also cannot run faster than the host dispatches its kernels (`ClassFactors.host_
 Factors can differ per layer kind and per direction (forward or backward kernels): calibration fits them from
 measured layer times (`calibration.fit_factors`). A stage is a chunk running one pass on one sub-microbatch; its
 time is the sum over its layer ranges of (layers x one block) plus the module's pre/post parts where the chunk
-holds the first/last layer.
+holds the first/last layer. The forward of a chunk that starts a module also pays the host's time to build the
+sub-microbatch's inputs there (`CostModel.input_build_ms`), which host-bound ranks cannot overlap with kernels.
 """
 
 from __future__ import annotations
@@ -271,6 +272,7 @@ class CostModel:
         factors: EfficiencyFactors | None = None,
         cache: StageCostCache | None = None,
         stage_scales: Mapping[tuple[str, str], float] | None = None,
+        input_build_ms: Mapping[str, float] | None = None,
     ) -> None:
         self.model = model
         self.parallel = parallel
@@ -295,6 +297,17 @@ class CostModel:
         """(module, pass) -> factor on that module's share of a stage's time: what a job's measured stage times
         taught the service (`server.jobs.JobState.fold_stage_timings`); pass ``F`` or ``B`` (I and W use B's)."""
         self._stage_table: dict[Any, Any] | None = None
+        self.input_build_ms: dict[str, float] = {}
+        """module -> host ms that the forward of the chunk holding the module's first layer adds per sub-microbatch:
+        the executor builds the sub-microbatch's inputs and geometry there (token ids, latents, positions) before it
+        launches the chunk's kernels, and an iteration that is host-bound cannot hide that behind the device.
+        Measured on the GPU runs, not modelled from operators (`calibration.fit_input_build_ms`); not scaled by
+        `stage_scales`, which are device-time factors. Empty (the default) adds nothing."""
+        for module, ms in (input_build_ms or {}).items():
+            if module not in self._modules or not 0.0 <= ms < math.inf:
+                raise ValueError(f"input_build_ms[{module!r}] = {ms}: needs a module of the model and a finite ms >= 0")
+            if ms > 0.0:
+                self.input_build_ms[module] = float(ms)
         self.set_stage_scales(stage_scales or {})
 
     def set_stage_scales(self, stage_scales: Mapping[tuple[str, str], float]) -> None:
@@ -307,8 +320,9 @@ class CostModel:
             if scale != 1.0:
                 scales[(module, pass_)] = float(scale)
         if self.cache is not None:
-            old = (*self._context, self.model, tuple(sorted(self.stage_scales.items())))
-            new = (*self._context, self.model, tuple(sorted(scales.items())))
+            build = tuple(sorted(self.input_build_ms.items()))
+            old = (*self._context, self.model, tuple(sorted(self.stage_scales.items())), build)
+            new = (*self._context, self.model, tuple(sorted(scales.items())), build)
             if self._stage_table is not None and old != new:
                 self.cache.drop(old)  # an online refit moves on; its earlier factors' stage costs are dead weight
             self._stage_table = self.cache.table(new)
@@ -439,6 +453,7 @@ class CostModel:
     ) -> float:
         total = 0.0
         scales = self.stage_scales
+        build = self.input_build_ms
         for (name, n, pre, post), sig in zip(structure, sigs, strict=True):
             if not sig or self._skip(name, pass_):
                 continue
@@ -452,6 +467,8 @@ class CostModel:
                 part += self._cached_part_ms(name, "post", sig, pass_)
             if scales:
                 part *= self._scale(name, pass_)
+            if pre and build and pass_ is Pass.F:
+                part += build.get(name, 0.0)
             total += part
         return total
 

@@ -17,11 +17,13 @@ import pytest
 
 from pipeweaver.plan.ir import Pass
 from pipeweaver.simulator.calibration import (
+    ForwardTiming,
     LayerDims,
     LayerProfile,
     Profile,
     TransferProfile,
     fit_factors,
+    fit_input_build_ms,
     fit_transfer_factors,
     hardware_for_card,
     holdout_split,
@@ -228,3 +230,15 @@ def test_profile_script_smoke_on_cpu(tmp_path: Path) -> None:
     assert all(r.measured_ms > 0 for r in profile.rows)
     factors = fit_factors(profile.rows, CPU)
     assert profile_mape(profile.rows, CPU, factors) < profile_mape(profile.rows, CPU, EfficiencyFactors.uncalibrated())
+
+
+def test_input_build_fit_recovers_the_host_time_beyond_the_module_scale() -> None:
+    """A trace whose DiT forwards run at 0.8x SEMU's time, the first chunk's plus 3 ms of input building: the fit
+    finds the 3 ms (not the raw 3 ms + 0.2 x predicted excess), never a negative time, and nothing for a module
+    whose trace has no forward of another chunk to scale by."""
+    forwards = [ForwardTiming("dit", False, 0.8 * p, p) for p in (2.0, 2.5, 3.0, 4.0)]
+    forwards += [ForwardTiming("dit", True, 0.8 * p + 3.0, p) for p in (2.2, 2.9)]
+    forwards += [ForwardTiming("text", False, 1.0, 1.0), ForwardTiming("text", True, 0.5, 1.0)]
+    forwards += [ForwardTiming("vit", True, 9.0, 1.0)]
+    fit = fit_input_build_ms(forwards)
+    assert fit == {"dit": pytest.approx(3.0), "text": 0.0}

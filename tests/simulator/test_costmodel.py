@@ -347,6 +347,60 @@ def test_stage_scales_scale_one_module_and_pass_and_nothing_else() -> None:
             CostModel(w.model, w.parallel, w.hardware, stage_scales=bad)
 
 
+def test_input_build_adds_host_ms_to_the_forward_that_starts_a_module_only() -> None:
+    """The executor builds a sub-microbatch's inputs in the forward of the chunk holding a module's first layer:
+    that forward, and no other stage, pays the module's input-building ms, once per stage and unscaled."""
+    w = presets.workload("vlm-s")
+    plain = CostModel(w.model, w.parallel, w.hardware, cache=StageCostCache())
+    build = {"llm": 3.0, "vit": 5.0}
+    built = CostModel(w.model, w.parallel, w.hardware, cache=plain.cache, input_build_ms=build)
+    vit = tuple(Instance(tokens=2704, attention_spans=(2704,), output_tokens=169) for _ in range(4))
+    llm = (Instance(tokens=3000, attention_spans=(1000, 2000)),)
+    by_module = {"vit": vit, "llm": llm}
+    mixed = Chunk("model", 5, 1, (LayerRange("vit", 60, 63), LayerRange("llm", 0, 2)))  # starts the LLM only
+    vit_first = Chunk("vit", 0, 0, (LayerRange("vit", 0, 3),))
+    llm_inner = Chunk("llm", 1, 1, (LayerRange("llm", 2, 5),))
+    for chunk, extra in ((mixed, 3.0), (vit_first, 5.0), (llm_inner, 0.0)):
+        for p in (Pass.F, Pass.B, Pass.I, Pass.W):
+            want = plain.stage_time_ms(chunk, by_module, p) + (extra if p is Pass.F else 0.0)
+            assert built.stage_time_ms(chunk, by_module, p) == pytest.approx(want, rel=1e-12), (chunk, p)
+    # A sub-microbatch without the module's instances builds nothing for it.
+    assert built.stage_time_ms(mixed, {"vit": vit}, Pass.F) == plain.stage_time_ms(mixed, {"vit": vit}, Pass.F)
+    # Host time, not device time: stage scales leave it as it is.
+    both = CostModel(w.model, w.parallel, w.hardware, stage_scales={("llm", "F"): 2.0}, input_build_ms=build)
+    scaled = CostModel(w.model, w.parallel, w.hardware, stage_scales={("llm", "F"): 2.0})
+    assert both.stage_time_ms(mixed, by_module, Pass.F) == pytest.approx(
+        scaled.stage_time_ms(mixed, by_module, Pass.F) + 3.0, rel=1e-12
+    )
+    # The default adds nothing, and a zero term is the default.
+    assert CostModel(w.model, w.parallel, w.hardware, input_build_ms={"llm": 0.0}).input_build_ms == {}
+    for bad in ({"vision": 1.0}, {"llm": -1.0}, {"llm": math.inf}):
+        with pytest.raises(ValueError, match="input_build_ms"):
+            CostModel(w.model, w.parallel, w.hardware, input_build_ms=bad)
+
+
+def test_input_build_reaches_every_sub_microbatch_of_a_header() -> None:
+    w = presets.workload("vlm-s")
+    batch = vlm_batch()
+    placement = modular_placement(w.model, 4, {"vit": 1, "llm": 1})
+    header = PlanHeader(
+        job_id="j",
+        iteration=0,
+        placement=placement,
+        sub_microbatches=split_sub_microbatches(w.model, placement, batch, {"vit": 2, "llm": 1}),
+        num_microbatches=len(batch.microbatches),
+        schedule="test",
+    )
+    plain = CostModel(w.model, w.parallel, w.hardware).header_costs(header, batch).duration_ms
+    built = CostModel(w.model, w.parallel, w.hardware, input_build_ms={"vit": 1.5}).header_costs(header, batch)
+    firsts = 0
+    for stage, ms in built.duration_ms.items():
+        starts_vit = stage.pipeline == "vit" and stage.chunk == 0 and stage.pass_ is Pass.F
+        firsts += starts_vit
+        assert ms == pytest.approx(plain[stage] + (1.5 if starts_vit else 0.0), rel=1e-12), stage
+    assert firsts == sum(1 for s in header.sub_microbatches if s.pipeline == "vit")
+
+
 def test_header_costs_cover_every_stage() -> None:
     w = presets.workload("vlm-s")
     model = w.model
