@@ -48,7 +48,7 @@ from pipeweaver.datagen import dynamic_batch
 from pipeweaver.plan.ir import CommBatch, Compute, Pass, Placement, Plan
 from pipeweaver.search.baselines import build_baseline_plan
 from pipeweaver.search.planner import Planner, SearchConfig
-from pipeweaver.simulator.calibration import fit_input_build_ms
+from pipeweaver.simulator.calibration import fit_input_build_ms, mape
 from pipeweaver.spec.batch import BatchMetadata
 
 BASELINES = ("1f1b", "interleaved-1f1b", "optimus-coarse")
@@ -150,16 +150,14 @@ def _run_key(path: Path) -> str:
     return path.parent.name.removeprefix("e2e_traces_")
 
 
-def input_build_fit(run_path: Path, trace: Path) -> dict[str, float]:
-    """The input-building term fitted on one traced iteration of `run_path` (its schedule's placement)."""
-    run = _Run(run_path)
-    schedule = trace.name.split("_it")[0]
-    return fit_input_build_ms(forward_timings(trace, run.placement(schedule)))
+def _mape_pct(pairs: list[tuple[float, float]]) -> float:
+    """MAPE in percent over (predicted, measured) pairs."""
+    return 100 * mape([p for p, _ in pairs], [m for _, m in pairs])
 
 
-def _pct(pairs: list[tuple[float, float]], signed: bool = False) -> float:
-    """MAPE (or mean signed (measured - predicted) / measured) in percent over (predicted, measured) pairs."""
-    return 100 * statistics.fmean(((m - p) if signed else abs(m - p)) / m for p, m in pairs)
+def _signed_pct(pairs: list[tuple[float, float]]) -> float:
+    """Mean signed (measured - predicted) / measured in percent: positive when SEMU under-predicts."""
+    return 100 * statistics.fmean((m - p) / m for p, m in pairs)
 
 
 def rescore(path: Path, input_build_ms: dict[str, float]) -> dict[str, Any]:
@@ -188,11 +186,11 @@ def rescore(path: Path, input_build_ms: dict[str, float]) -> dict[str, Any]:
                 replan.append((plain, float(recorded_ms[run.warmup + k])))
         entry: dict[str, Any] = {
             "iterations": len(rows),
-            "mape_pct": {"calibrated": _pct(before), "calibrated + input build": _pct(after)},
-            "mean_signed_pct": {"calibrated": _pct(before, True), "calibrated + input build": _pct(after, True)},
+            "mape_pct": {"calibrated": _mape_pct(before), "calibrated + input build": _mape_pct(after)},
+            "mean_signed_pct": {"calibrated": _signed_pct(before), "calibrated + input build": _signed_pct(after)},
         }
         if name == "pipeweaver":
-            entry["replan_mape_pct"] = _pct(replan) if replan else None
+            entry["replan_mape_pct"] = _mape_pct(replan) if replan else None
             entry["placement_matches_run"] = run.placement_matches_run()
         out[name] = entry
     return out
@@ -205,8 +203,10 @@ def input_build_scores(runs: list[Path], traces: list[Path]) -> dict[str, Any]:
         source = by_key.get(_run_key(trace))
         if source is None:
             raise ValueError(f"{trace} belongs to run '{_run_key(trace)}', which is not among the runs given")
-        workload = _Run(source).workload
-        build = input_build_fit(source, trace)
+        source_run = _Run(source)
+        workload = source_run.workload
+        # Fitted on the forwards of the traced schedule's placement (the trace is `<schedule>_it<k>...`).
+        build = fit_input_build_ms(forward_timings(trace, source_run.placement(trace.name.split("_it")[0])))
         fit: dict[str, Any] = {"trace": str(trace), "workload": workload, "input_build_ms": build, "runs": {}}
         for path in runs:
             if json.loads(path.read_text())["config"].get("workload", "vlm") != workload:

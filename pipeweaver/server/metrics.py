@@ -285,18 +285,7 @@ class MetricsInterceptor(_Interceptor):
             # A handler on gRPC's reader/writer API (context.read/write; StreamPlans, health Watch) counts its own
             # messages (`Metrics.stream_messages`): wrapping it once per RPC, not once per message, keeps async
             # generator layers (this wrapper's, the request counter's) off every message of a burst.
-            async def call(request: Any, context: Any) -> None:
-                self._m.rpc_started.labels(**labels).inc()
-                started, error = time.perf_counter(), None
-                try:
-                    await behaviour(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    self._finish(labels, context, started, error)
-
-            return call
+            return self._unary(behaviour, labels)  # a coroutine, timed and counted as a unary call is
         sent = self._m.msg_sent.labels(**labels)
 
         async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
