@@ -40,6 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import delivery_breakdown
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,12 +62,14 @@ def pin(cpus: set[int]) -> None:
 
 
 def start_server(
-    budget_ms: float, log: str = "", cpus: frozenset[int] = frozenset()
+    budget_ms: float, log: str = "", cpus: frozenset[int] = frozenset(), trace: str = ""
 ) -> tuple[subprocess.Popen[bytes], int]:
     ready = Path(tempfile.mkdtemp()) / "ready.json"
     sink = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the server holds it until it exits
     env = dict(os.environ)
     env.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".cache" / "numba"))
+    if trace:
+        env["PIPEWEAVER_DELIVERY_TRACE"] = trace
     # The sidecar's cores: a child inherits the affinity it starts with, and the server sizes its worker pools
     # from it (pipeweaver.cores), as in a pod with a CPU limit. This process takes its own mask back below.
     own = os.sched_getaffinity(0)
@@ -123,8 +126,9 @@ def register(port: int) -> str:
         return str(resp.job_id)
 
 
-Sample = tuple[float, float, bool, str, float, int]
-"""(latency ms, search ms, on time, source, parse ms, iteration)."""
+Sample = tuple[float, float, bool, str, float, int, int, int, int, float, float]
+"""(latency ms, search ms, on time, source, parse ms, iteration of the pass, rank, replica, iteration as sent,
+sent and received on `time.perf_counter`, which is CLOCK_MONOTONIC on Linux as the server's delivery trace is)."""
 
 _START: tuple[Any, Any] | None = None
 """(barrier, shared start time) of the client processes: every rank starts iteration 0 at the same instant."""
@@ -177,14 +181,29 @@ async def _stream(
         sent = time.perf_counter()
         await call.write(request)
         data = await call.read()
-        latency = (time.perf_counter() - sent) * 1e3
+        received = time.perf_counter()
+        latency = (received - sent) * 1e3
         # Parsed mid-iteration, so that parsing this answer does not delay the other answers of this process.
         await asyncio.sleep(max(0.0, due + iteration_ms / 2e3 - time.time()))
         t0 = time.perf_counter()
         resp = pb.StreamPlansResponse.FromString(data)
         parse_ms = (time.perf_counter() - t0) * 1e3
         source = "fallback" if resp.fallback else "search" if resp.header.source == pb.PLAN_SOURCE_SEARCH else "cache"
-        out.append((latency, float(resp.search_ms), latency <= iteration_ms, source, parse_ms, i))
+        out.append(
+            (
+                latency,
+                float(resp.search_ms),
+                latency <= iteration_ms,
+                source,
+                parse_ms,
+                i,
+                rank,
+                replica,
+                batch.iteration,
+                sent,
+                received,
+            )
+        )
     await call.done_writing()
     return out
 
@@ -423,6 +442,13 @@ def main() -> None:
     )
     parser.add_argument("--server-log", default="", help="write the server's log here")
     parser.add_argument(
+        "--delivery-trace",
+        default="",
+        metavar="FILE",
+        help="the server records each answer's way through it (pipeweaver serve --delivery-trace) into FILE; the "
+        "report splits the overhead into steps (benchmarks/delivery_breakdown.py)",
+    )
+    parser.add_argument(
         "--profile-server",
         default="",
         metavar="RAW",
@@ -462,7 +488,7 @@ def main() -> None:
     batches = [drawn[r % distinct] for r in range(args.replicas)]  # [replica][iteration]
     server_cpus, client_cpus = frozenset(parse_cpus(args.server_cpus)), frozenset(parse_cpus(args.client_cpus))
     pin(set(client_cpus))  # this process registers the job and starts the clients
-    proc, port = start_server(args.budget_ms, args.server_log, server_cpus)
+    proc, port = start_server(args.budget_ms, args.server_log, server_cpus, args.delivery_trace)
     profiler = start_profiler(proc.pid, args.profile_server) if args.profile_server else None
     try:
         job_id = register(port)
@@ -584,6 +610,10 @@ def main() -> None:
                 if k not in ("sources", "overhead_ms", "overhead_ms_by_source")  # latency is all overhead here
             },
         }
+    if args.delivery_trace:
+        trace = delivery_breakdown.load_trace(Path(args.delivery_trace))
+        report["planning_pass"]["delivery_steps"] = delivery_breakdown.summarize(planning, trace)
+        report["cached_pass"]["delivery_steps"] = delivery_breakdown.summarize(cached, trace)
     if args.profile_server:
         report["server_profile"] = {"raw": args.profile_server, **event_loop_profile(args.profile_server)}
     if args.out:

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics, start_http_server
 
 from pipeweaver.cores import affinity_cores, cgroup_cpu_limit, usable_cores
+from pipeweaver.server import delivery_trace
 from pipeweaver.server.config import ServerConfig
 from pipeweaver.server.forward import ForwardingService, leader_channel
 from pipeweaver.server.metrics import Metrics, MetricsInterceptor
@@ -140,6 +141,8 @@ class PlannerServer:
         gc.collect()
         gc.freeze()
         self._serving = True
+        if cfg.delivery_trace is not None:
+            delivery_trace.start()
         await self._health.set(SERVICE_NAME, SERVING)
         self._write_ready_file()
         log.info("serving %s", SERVICE_NAME)
@@ -223,6 +226,9 @@ class PlannerServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        if self.config.delivery_trace is not None and delivery_trace.events is not None:
+            written = delivery_trace.stop(self.config.delivery_trace)
+            log.info("delivery trace: %d events in %s", written, self.config.delivery_trace)
         if self.config.ready_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 Path(self.config.ready_file).unlink()

@@ -117,6 +117,8 @@ class ServerConfig:
     the client identity when `tls` is set, for a leader that requires mutual TLS)."""
     ready_file: Path | None = None
     """Written (JSON: pid, ports, worker pids) once the service is SERVING; removed on exit."""
+    delivery_trace: Path | None = None
+    """Record each streamed answer's way through the service and write it here on stop (`delivery_trace`)."""
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -281,6 +283,14 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--leader-ca", "PIPEWEAVER_LEADER_CA", "leader_ca_file", Path, "PEM CA of the leader (TLS)", "FILE"),
     _Option(
         "--ready-file", "PIPEWEAVER_READY_FILE", "ready_file", Path, "write ports and pids here once SERVING", "FILE"
+    ),
+    _Option(
+        "--delivery-trace",
+        "PIPEWEAVER_DELIVERY_TRACE",
+        "delivery_trace",
+        Path,
+        "record per-answer timestamps of streamed plans; written here on stop (latency studies)",
+        "FILE",
     ),
     _Option("--log-level", "PIPEWEAVER_LOG_LEVEL", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
 )

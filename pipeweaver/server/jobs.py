@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeweaver.server import rawproto, work
+from pipeweaver.server import delivery_trace, rawproto, work
 from pipeweaver.v1 import planner_pb2 as pb
 
 REFIT_ALPHA = 0.3
@@ -228,6 +229,8 @@ class PlanEntry:
         """Fix the plan for every rank; False when it was already fixed (first resolution wins)."""
         if self.final.done():
             return False
+        if delivery_trace.events is not None:
+            delivery_trace.events.append(("resolve", self.replica, self.iteration, time.perf_counter(), served.source))
         self.final.set_result(served)
         self.disarm()
         return True

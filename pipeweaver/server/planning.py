@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from pipeweaver.search.baselines.registry import BASELINES
-from pipeweaver.server import work
+from pipeweaver.server import delivery_trace, work
 from pipeweaver.server.config import ServerConfig
 from pipeweaver.server.jobs import (
     Batch,
@@ -308,6 +308,8 @@ class Planning:
             # every clipped search: the extra build costs CPU that a mildly clipped search usually did not need.
             self._prebuild_fallback(job, entry, task.deadline)
         # Submitted now: the worker starts while the rest of a burst of requests is being read.
+        if delivery_trace.events is not None:
+            delivery_trace.events.append(("submit", entry.replica, entry.iteration, time.perf_counter()))
         outcome = self.pool.search.submit(work.plan_batch, task)
         outcome.add_done_callback(mark_retrieved)
         entry.search = asyncio.create_task(self._search(job, entry, outcome))
@@ -363,6 +365,10 @@ class Planning:
         if isinstance(outcome, work.Expired):  # it waited for a worker past the point a search could fit
             self._start_fallback(job, entry, "deadline")
             return
+        if delivery_trace.events is not None:
+            delivery_trace.events.append(
+                ("searched", entry.replica, entry.iteration, time.perf_counter(), outcome.worker_ms)
+            )
         shared = SharedPlan(outcome.plan)
         job.record_overhead(outcome.worker_ms - outcome.setup_ms, outcome.budget_ms, first_search=outcome.first_search)
         job.remember(entry.digest, shared, outcome.raw_predicted_ms)

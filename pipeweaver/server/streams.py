@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from pipeweaver.server import delivery_trace
 from pipeweaver.server.jobs import JobClosed, JobState, PlanEntry, Served
 from pipeweaver.server.planning import Planning, shutting_down
 from pipeweaver.server.pool import PoolClosed
@@ -41,6 +43,9 @@ class StreamSink(Protocol):
         """The stream ends with this status (after the answers already handed over)."""
 
 
+_sessions = itertools.count()
+"""Session numbers, as the delivery trace names streams."""
+
 _Waiter = tuple[JobState, PlanEntry, float | None, Callable[[asyncio.Future[Served]], None]]
 """(job, entry, deadline, the entry's done callback)."""
 
@@ -58,6 +63,8 @@ class StreamSession:
         self._keys = itertools.count()
         self._done_writing = False
         self._draining = False
+        self.number = next(_sessions)
+        """This stream's number in the delivery trace."""
         self.finished = False
         """The sink got `end` or `fail`: the session takes nothing more."""
 
@@ -66,14 +73,24 @@ class StreamSession:
         """One request, as the bytes that arrived. A bad one ends the stream with its error."""
         if self.finished or self._draining:  # draining: requests after the drain are not planned
             return
+        trace = delivery_trace.events
+        t_start = time.perf_counter() if trace is not None else 0.0
         try:
             job, rank, batch, deadline, timings = self._service.stream_request(data)
             entry = self._planning.attach(job, batch, budget_ms=job.budget_ms, deadline=deadline)
             served = entry.served()
             if served is not None:
-                self._sink.answer(served.response_bytes(rank, timings=timings))
+                answer = served.response_bytes(rank, timings=timings)
+                if trace is not None:
+                    t = time.perf_counter()
+                    trace.append(("take", self.number, batch.replica, batch.iteration, rank, t_start, t, True))
+                    trace.append(("answer", self.number, batch.replica, batch.iteration, rank, t))
+                self._sink.answer(answer)
             else:
                 self._wait_for(job, entry, rank, deadline, timings)
+                if trace is not None:
+                    t = time.perf_counter()
+                    trace.append(("take", self.number, batch.replica, batch.iteration, rank, t_start, t, False))
         except RequestError as exc:
             self._finish(exc)
         except PoolClosed:
@@ -123,6 +140,10 @@ class StreamSession:
             if isinstance(answer, RequestError):
                 self._finish(answer)
                 return
+            if delivery_trace.events is not None:
+                delivery_trace.events.append(
+                    ("answer", self.number, entry.replica, entry.iteration, rank, time.perf_counter())
+                )
             self._sink.answer(answer)
             if not self._waiting and (self._done_writing or self._draining):
                 self._finish(shutting_down() if self._draining else None)

@@ -1,0 +1,137 @@
+"""Where a streamed plan's delivery latency goes: the clients' send and receive times joined with the server's
+delivery trace (`pipeweaver serve --delivery-trace`, `pipeweaver.server.delivery_trace`), step by step.
+
+Both sides stamp with `time.perf_counter`, CLOCK_MONOTONIC on Linux, so on one host the timestamps of the client
+processes and the server compare directly. Each answer's overhead (its latency less the worker time its answer
+reports, as `bench_service.py` counts it) splits into:
+
+- ``to_take``: client write -> the server starts taking the request (transport, and the event loop busy with the
+  requests read before it);
+- ``take``: checking the request and finding its entry (answered here when its plan is there);
+- ``to_resolve``: a waiting request -> its entry's plan fixed, less the worker time its answer reports (the
+  search's hand-over both ways for the request that started it; for a replica sharing another's search, also the
+  hop that passes its plan on);
+- ``to_answer``: plan fixed (or the take, for a request answered at once) -> its answer built and handed to the
+  stream;
+- ``to_write``: answer handed over -> its `context.write` begins (the hop to the task that writes, and the writes
+  before it on the same stream);
+- ``write``: `context.write` itself;
+- ``to_client``: the write returned -> the client has the answer's bytes.
+
+For each iteration with a search, also ``search_ipc``: submit -> outcome back on the loop, less the worker's own
+time (pickling, pipes, the loop's hops), and ``searched_to_resolve`` (the plan's bookkeeping before it resolves).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STEPS = ("to_take", "take", "to_resolve", "to_answer", "to_write", "write", "to_client")
+
+
+def load_trace(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def answer_steps(samples: list[tuple[Any, ...]], trace: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Per client sample (`bench_service.Sample`) found in the trace: its overhead split into `STEPS` (ms), with
+    ``overhead`` (their sum) and ``source``. Samples the trace lacks (a stream the trace did not see) are left out."""
+    takes: dict[tuple[int, int, int], dict[str, Any]] = {}
+    answers: dict[tuple[int, int, int], tuple[int, int, float]] = {}
+    per_session: dict[int, int] = defaultdict(int)
+    writes: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    resolved: dict[tuple[int, int], float] = {}
+    for e in trace:
+        kind = e["event"]
+        if kind == "take":
+            takes[(e["replica"], e["iteration"], e["rank"])] = e
+        elif kind == "answer":
+            k = (e["replica"], e["iteration"], e["rank"])
+            answers[k] = (e["session"], per_session[e["session"]], e["t"])
+            per_session[e["session"]] += 1
+        elif kind == "write":
+            writes[e["session"]].append((e["t_start"], e["t_end"]))
+        elif kind == "resolve":
+            resolved[(e["replica"], e["iteration"])] = e["t"]
+    out = []
+    for sample in samples:
+        latency, search_ms, _, source, _, _, rank, replica, iteration, sent, received = sample
+        key = (replica, iteration, rank)
+        take, answer = takes.get(key), answers.get(key)
+        if take is None or answer is None:
+            continue
+        session, index, t_answer = answer
+        if index >= len(writes[session]):
+            continue
+        w_start, w_end = writes[session][index]
+        if take["answered"]:
+            t_ready = take["t_end"]
+            to_resolve = 0.0
+        else:
+            t_ready = resolved.get((replica, iteration), t_answer)
+            to_resolve = t_ready - take["t_end"] - search_ms / 1e3
+        steps = {
+            "to_take": take["t_start"] - sent,
+            "take": take["t_end"] - take["t_start"],
+            "to_resolve": to_resolve,
+            "to_answer": t_answer - t_ready,
+            "to_write": w_start - t_answer,
+            "write": w_end - w_start,
+            "to_client": received - w_end,
+        }
+        out.append({**{k: v * 1e3 for k, v in steps.items()}, "overhead": latency - search_ms, "source": source})
+    return out
+
+
+def search_steps(trace: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Per search: ``search_ipc`` and ``searched_to_resolve`` (ms), with the worker's own ``worker_ms``."""
+    submitted = {(e["replica"], e["iteration"]): e["t"] for e in trace if e["event"] == "submit"}
+    resolved = {(e["replica"], e["iteration"]): e["t"] for e in trace if e["event"] == "resolve"}
+    out = []
+    for e in trace:
+        if e["event"] != "searched":
+            continue
+        key = (e["replica"], e["iteration"])
+        if key not in submitted:
+            continue
+        row = {"worker_ms": e["worker_ms"], "search_ipc": (e["t"] - submitted[key]) * 1e3 - e["worker_ms"]}
+        if key in resolved:
+            row["searched_to_resolve"] = (resolved[key] - e["t"]) * 1e3
+        out.append(row)
+    return out
+
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    a = np.asarray(values)
+    return {
+        "p50": round(float(np.percentile(a, 50)), 3),
+        "p99": round(float(np.percentile(a, 99)), 3),
+        "mean": round(float(a.mean()), 3),
+    }
+
+
+def summarize(samples: list[tuple[Any, ...]], trace: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each step's p50 / p99 / mean over the answers, and its mean over the slowest 1% of answers by overhead
+    (what the p99 is made of)."""
+    rows = answer_steps(samples, trace)
+    if not rows:
+        return {"answers": 0}
+    tail = sorted(rows, key=lambda r: r["overhead"])[-max(1, len(rows) // 100) :]
+    return {
+        "answers": len(rows),
+        "of_samples": len(samples),
+        "overhead_ms": _stats([r["overhead"] for r in rows]),
+        "steps_ms": {s: _stats([r[s] for r in rows]) for s in STEPS},
+        "slowest_1pct_mean_ms": {s: round(float(np.mean([r[s] for r in tail])), 3) for s in STEPS},
+        "searches": {
+            k: _stats([r[k] for r in search_steps(trace) if k in r])
+            for k in ("worker_ms", "search_ipc", "searched_to_resolve")
+        },
+    }

@@ -1,0 +1,58 @@
+"""`serve --delivery-trace`: every streamed answer's way through the service, joinable with the client's clock."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tests.server.harness import batch, register_request, running_server, stream_requests, tiny_workload
+
+W = tiny_workload(pp=2)
+ITERATIONS = (0, 1)
+
+
+def test_the_trace_follows_each_answer_from_its_take_to_its_write(tmp_path: Path) -> None:
+    trace_file = tmp_path / "trace.jsonl"
+    t_before = time.perf_counter()
+    with running_server(tmp_path, "--budget-ms", "40", "--delivery-trace", str(trace_file)) as server:
+        job_id = server.stub().RegisterJob(register_request(W), timeout=120).job_id
+        batches = [batch(W, it, seed=3) for it in ITERATIONS]
+
+        def run(rank: int) -> list[int]:
+            requests = iter(stream_requests(job_id, rank, batches))
+            return [r.header.iteration for r in server.stub().StreamPlans(requests, timeout=120)]
+
+        with ThreadPoolExecutor(2) as pool:
+            assert [sorted(its) for its in pool.map(run, range(2))] == [list(ITERATIONS)] * 2
+        assert server.stop() == 0
+    t_after = time.perf_counter()
+
+    events = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    by_kind: dict[str, list[dict]] = {}
+    for e in events:
+        by_kind.setdefault(e["event"], []).append(e)
+    answers = {(e["replica"], e["iteration"], e["rank"]): e for e in by_kind["answer"]}
+    takes = {(e["replica"], e["iteration"], e["rank"]): e for e in by_kind["take"]}
+    assert set(answers) == set(takes) == {(0, it, r) for it in ITERATIONS for r in range(2)}
+    # Each iteration searched once (both ranks asked) and resolved once.
+    assert sorted(e["iteration"] for e in by_kind["submit"]) == list(ITERATIONS)
+    assert sorted(e["iteration"] for e in by_kind["searched"]) == list(ITERATIONS)
+    resolved = {e["iteration"]: e for e in by_kind["resolve"]}
+    assert sorted(resolved) == list(ITERATIONS) and all(e["source"] == "search" for e in resolved.values())
+    # The k-th answer of a stream is its k-th write, after its take and, when it waited, its entry's resolution;
+    # every stamp lies within the test's own perf_counter window (one clock across processes).
+    writes: dict[int, list[dict]] = {}
+    for e in by_kind["write"]:
+        writes.setdefault(e["session"], []).append(e)
+    per_session: dict[int, int] = {}
+    for e in by_kind["answer"]:
+        k = per_session.get(e["session"], 0)
+        per_session[e["session"]] = k + 1
+        write = writes[e["session"]][k]
+        take = takes[(e["replica"], e["iteration"], e["rank"])]
+        assert t_before < take["t_start"] <= take["t_end"] <= e["t"] <= write["t_start"] <= write["t_end"] < t_after
+        if not take["answered"]:
+            assert take["t_end"] <= resolved[e["iteration"]]["t"] <= e["t"]
+    assert sum(per_session.values()) == len(by_kind["write"]) == 4
