@@ -222,7 +222,9 @@ class PlanEntry:
         self.deadlines: list[float] = []
         """The waiting requests' deadlines (monotonic clock): the earliest decides when the fallback starts."""
         self.fallback_timer: asyncio.TimerHandle | None = None
-        self.search: asyncio.Task[None] | None = None
+        self.search: asyncio.Future[None] | None = None
+        """The search that resolves this entry: a task waiting for a worker, or the following of another
+        replica's search of the same batch (`Planning._follow`)."""
         self.fallback: asyncio.Task[None] | None = None
 
     def resolve(self, served: Served) -> bool:

@@ -46,7 +46,9 @@ class RemoteTraceback(Exception):
         return f'\n"""\n{self.args[0]}"""'
 
 
-def _worker_main(conn: Connection, initializer: Callable[[], None] | None) -> None:
+def _worker_main(
+    conn: Connection, initializer: Callable[[], None] | None, after_reply: Callable[[], None] | None
+) -> None:
     if initializer is not None:
         initializer()
     while True:
@@ -67,6 +69,9 @@ def _worker_main(conn: Connection, initializer: Callable[[], None] | None) -> No
             error = RuntimeError(f"the task's {'result' if outcome[0] else 'exception'} cannot be pickled: {exc!r}")
             payload = pickle.dumps((False, error, outcome[2]), protocol=pickle.HIGHEST_PROTOCOL)
         conn.send_bytes(payload)
+        del outcome, payload
+        if after_reply is not None:
+            after_reply()
 
 
 class _Worker:
@@ -79,9 +84,16 @@ class _Worker:
 
 
 class LoopProcessPool:
-    """`workers` spawned processes; create, submit to and shut down on the event loop's thread."""
+    """`workers` spawned processes; create, submit to and shut down on the event loop's thread. Each worker calls
+    `initializer` once, and `after_reply` after each task's result is on its way back: work a task leaves for
+    later, such as freeing its large structures (`work.release_held`), is then off the waiting caller's path."""
 
-    def __init__(self, workers: int, initializer: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        initializer: Callable[[], None] | None = None,
+        after_reply: Callable[[], None] | None = None,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         ctx = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC
         self._workers: list[_Worker] = []
@@ -91,7 +103,7 @@ class LoopProcessPool:
         self._shutdown = False
         for _ in range(workers):
             parent, child = ctx.Pipe(duplex=True)
-            process = ctx.Process(target=_worker_main, args=(child, initializer), daemon=True)
+            process = ctx.Process(target=_worker_main, args=(child, initializer, after_reply), daemon=True)
             process.start()
             child.close()
             worker = _Worker(parent, process)

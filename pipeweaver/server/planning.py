@@ -40,6 +40,7 @@ from pipeweaver.server.validation import (
     check_job_spec,
     check_timings,
     from_rejected,
+    internal_error,
     invalid,
     unknown_job,
 )
@@ -280,7 +281,7 @@ class Planning:
                 # The same batch is being searched for another replica or iteration (data-parallel replicas
                 # often see equal shapes): share that search rather than queue a second one behind it.
                 self.m.plan_cache.labels(result="in_flight").inc()
-                entry.search = asyncio.create_task(self._follow(job, entry, leader, budget_ms, deadline))
+                entry.search = self._follow(job, entry, leader, budget_ms, deadline)
                 return
             self.m.plan_cache.labels(result="miss").inc()
         task = work.PlanTask(
@@ -315,23 +316,41 @@ class Planning:
         entry.search = asyncio.create_task(self._search(job, entry, outcome))
         entry.search.add_done_callback(lambda _: outcome.cancel())  # the search is over, or abandoned
 
-    async def _follow(
+    def _follow(
         self, job: JobState, entry: PlanEntry, leader: PlanEntry, budget_ms: float, deadline: float | None
-    ) -> None:
+    ) -> asyncio.Future[None]:
         """Serve `entry` the plan `leader`'s search finds; if it finds none (fallback, failure, abandoned), plan
-        `entry` on its own with whatever time its deadline leaves."""
-        try:
-            served: Served | None = await asyncio.shield(leader.final)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            served = None
-        if served is not None and not served.fallback:
-            if entry.resolve(served.reissued(entry, waited=True)):
-                self.m.plans.labels(source="cache").inc()
-            return
-        if not entry.final.done():
-            self._start(job, entry, budget_ms, deadline)
+        `entry` on its own with whatever time its deadline leaves. Returns the following as a future: done once
+        the leader resolved, and cancelling it stops following.
+
+        A callback on the leader's plan, not a task: the replicas that share a search (15 of 16 in a data-parallel
+        job whose replicas see equal shapes) resolve in the same event-loop pass as the leader, so their answers
+        go out with the leader's; a task each resolved them a pass later, after a wake-up per replica."""
+        following: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def resolved(final: asyncio.Future[Served]) -> None:
+            if following.done():  # stopped following (the entry was abandoned or fell back)
+                return
+            following.set_result(None)
+            served = None if final.cancelled() or final.exception() is not None else final.result()
+            try:
+                if served is not None and not served.fallback:
+                    if entry.resolve(served.reissued(entry, waited=True)):
+                        self.m.plans.labels(source="cache").inc()
+                elif not entry.final.done():
+                    self._start(job, entry, budget_ms, deadline)
+            except Exception as exc:  # in a callback: nobody else would see it, and the entry would never resolve
+                log.exception("unexpected error following another replica's search")
+                entry.fail(internal_error(exc))
+                job.drop(entry)
+
+        def stopped(f: asyncio.Future[None]) -> None:
+            if f.cancelled():
+                leader.final.remove_done_callback(resolved)
+
+        leader.final.add_done_callback(resolved)
+        following.add_done_callback(stopped)
+        return following
 
     async def _search(self, job: JobState, entry: PlanEntry, running: asyncio.Future[Any]) -> None:
         try:

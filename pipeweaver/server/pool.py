@@ -238,7 +238,7 @@ class Lane:
 
     # ---- executors ----
     def _new_executor(self) -> LoopProcessPool:
-        return LoopProcessPool(self.workers, initializer=work.init_worker)
+        return LoopProcessPool(self.workers, initializer=work.init_worker, after_reply=work.release_held)
 
     def _submit_warm_up(self, executor: LoopProcessPool) -> Future[list[work.WarmReport]]:
         futures = [executor.submit(work.warm_up, WARM_HOLD_S) for _ in range(self.workers)]

@@ -24,9 +24,26 @@ def _unpicklable(_: int) -> Any:
     return threading.Lock()
 
 
-def _with_pool(workers: int, body: Callable[[LoopProcessPool], Awaitable[None]]) -> None:
+_MARK_ENV = "PIPEWEAVER_TEST_AFTER_REPLY_MARK"
+
+
+def _mark_later() -> None:
+    """An `after_reply` hook: takes a while, then leaves a mark."""
+    time.sleep(1.0)
+    with open(os.environ[_MARK_ENV], "a") as mark:
+        mark.write("x")
+
+
+def _marks(_: int) -> int:
+    path = os.environ[_MARK_ENV]
+    return len(open(path).read()) if os.path.exists(path) else 0
+
+
+def _with_pool(
+    workers: int, body: Callable[[LoopProcessPool], Awaitable[None]], after_reply: Callable[[], None] | None = None
+) -> None:
     async def main() -> None:
-        pool = LoopProcessPool(workers)
+        pool = LoopProcessPool(workers, after_reply=after_reply)
         try:
             await body(pool)
         finally:
@@ -50,6 +67,20 @@ def test_results_errors_and_their_remote_tracebacks_come_back() -> None:
         assert await asyncio.wrap_future(pool.submit(abs, -5)) == 5  # the worker survived all of it
 
     _with_pool(1, body)
+
+
+def test_after_reply_runs_once_the_result_is_sent_and_before_the_next_task(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(_MARK_ENV, str(tmp_path / "mark"))  # the spawned worker inherits it
+
+    async def body(pool: LoopProcessPool) -> None:
+        # The first result comes back while the hook still sleeps; the next task runs after it.
+        assert await asyncio.wrap_future(pool.submit(_marks, 0)) == 0
+        assert _marks(0) == 0
+        assert await asyncio.wrap_future(pool.submit(_marks, 0)) == 1
+
+    _with_pool(1, body, after_reply=_mark_later)
 
 
 def test_no_helper_thread_carries_tasks_or_results() -> None:
