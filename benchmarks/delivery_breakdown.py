@@ -19,7 +19,9 @@ reports, as `bench_service.py` counts it) splits into:
 - ``to_client``: the write returned -> the client has the answer's bytes.
 
 For each iteration with a search, also ``search_ipc``: submit -> outcome back on the loop, less the worker's own
-time (pickling, pipes, the loop's hops), and ``searched_to_resolve`` (the plan's bookkeeping before it resolves).
+time (pickling, pipes, the loop's hops), split into ``to_worker`` (submit -> the task begins in the worker) and
+``from_worker`` (the task ends -> its outcome is back on the loop), and ``searched_to_resolve`` (the plan's
+bookkeeping before it resolves).
 """
 
 from __future__ import annotations
@@ -99,7 +101,12 @@ def search_steps(trace: list[dict[str, Any]]) -> list[dict[str, float]]:
         key = (e["replica"], e["iteration"])
         if key not in submitted:
             continue
-        row = {"worker_ms": e["worker_ms"], "search_ipc": (e["t"] - submitted[key]) * 1e3 - e["worker_ms"]}
+        row = {
+            "worker_ms": e["worker_ms"],
+            "search_ipc": (e["t"] - submitted[key]) * 1e3 - e["worker_ms"],
+            "to_worker": (e["worker_start"] - submitted[key]) * 1e3,
+            "from_worker": (e["t"] - e["worker_end"]) * 1e3,
+        }
         if key in resolved:
             row["searched_to_resolve"] = (resolved[key] - e["t"]) * 1e3
         out.append(row)
@@ -132,6 +139,6 @@ def summarize(samples: list[tuple[Any, ...]], trace: list[dict[str, Any]]) -> di
         "slowest_1pct_mean_ms": {s: round(float(np.mean([r[s] for r in tail])), 3) for s in STEPS},
         "searches": {
             k: _stats([r[k] for r in search_steps(trace) if k in r])
-            for k in ("worker_ms", "search_ipc", "searched_to_resolve")
+            for k in ("worker_ms", "search_ipc", "to_worker", "from_worker", "searched_to_resolve")
         },
     }

@@ -35,7 +35,7 @@ def stop(path: Path) -> int:
         "answer": ("session", "replica", "iteration", "rank", "t"),
         "write": ("session", "t_start", "t_end"),
         "submit": ("replica", "iteration", "t"),
-        "searched": ("replica", "iteration", "t", "worker_ms"),
+        "searched": ("replica", "iteration", "t", "worker_ms", "worker_start", "worker_end"),
         "resolve": ("replica", "iteration", "t", "source"),
     }
     with open(path, "w") as out:

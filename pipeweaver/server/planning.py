@@ -386,7 +386,14 @@ class Planning:
             return
         if delivery_trace.events is not None:
             delivery_trace.events.append(
-                ("searched", entry.replica, entry.iteration, time.perf_counter(), outcome.worker_ms)
+                (
+                    "searched",
+                    entry.replica,
+                    entry.iteration,
+                    time.perf_counter(),
+                    outcome.worker_ms,
+                    *outcome.worker_span,
+                )
             )
         shared = SharedPlan(outcome.plan)
         job.record_overhead(outcome.worker_ms - outcome.setup_ms, outcome.budget_ms, first_search=outcome.first_search)

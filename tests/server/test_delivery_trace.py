@@ -7,6 +7,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from tests.server.harness import batch, register_request, running_server, stream_requests, tiny_workload
 
 W = tiny_workload(pp=2)
@@ -39,6 +41,11 @@ def test_the_trace_follows_each_answer_from_its_take_to_its_write(tmp_path: Path
     # Each iteration searched once (both ranks asked) and resolved once.
     assert sorted(e["iteration"] for e in by_kind["submit"]) == list(ITERATIONS)
     assert sorted(e["iteration"] for e in by_kind["searched"]) == list(ITERATIONS)
+    # The worker stamps on the same clock: its task lies between the submission and the outcome's return.
+    submitted = {e["iteration"]: e["t"] for e in by_kind["submit"]}
+    for e in by_kind["searched"]:
+        assert submitted[e["iteration"]] <= e["worker_start"] <= e["worker_end"] <= e["t"]
+        assert e["worker_ms"] == pytest.approx((e["worker_end"] - e["worker_start"]) * 1e3)
     resolved = {e["iteration"]: e for e in by_kind["resolve"]}
     assert sorted(resolved) == list(ITERATIONS) and all(e["source"] == "search" for e in resolved.values())
     # The k-th answer of a stream is its k-th write, after its take and, when it waited, its entry's resolution;
