@@ -78,6 +78,8 @@ class PlannerServer:
         self._serving = False
         self._stopping = False
         self._readiness: asyncio.Task[None] | None = None
+        self._ready_reported: bool | None = None
+        """The readiness PlannerService's health last reported (None: not yet)."""
         self._planning: Planning | None = None
 
     # ---- startup ----
@@ -144,6 +146,7 @@ class PlannerServer:
         if cfg.delivery_trace is not None:
             delivery_trace.start()
         await self._health.set(SERVICE_NAME, SERVING)
+        self._ready_reported = True
         self._write_ready_file()
         log.info("serving %s", SERVICE_NAME)
 
@@ -196,8 +199,12 @@ class PlannerServer:
     def _lane_changed(self, lane: Lane) -> None:
         self.metrics.queue_depth.labels(lane=lane.name).set(lane.waiting)
         self.metrics.workers_busy.labels(lane=lane.name).set(lane.running)
+        if not self._serving or self._stopping or self.pool is None:
+            return
+        # A task only when readiness changed (a pool broke, its replacement warmed): this runs at every search's
+        # submission and end, and a task each time cost the event loop in the middle of a burst of requests.
         idle = self._readiness is None or self._readiness.done()
-        if self._serving and not self._stopping and self.pool is not None and idle:
+        if idle and self.pool.ready != self._ready_reported:
             self._readiness = asyncio.get_running_loop().create_task(self._sync_readiness())
 
     def _lane_restarted(self, lane: Lane) -> None:
@@ -206,8 +213,11 @@ class PlannerServer:
             self._planning.rewarm(lane.name)
 
     async def _sync_readiness(self) -> None:
-        if self.pool is not None and not self._stopping:
-            await self._health.set(SERVICE_NAME, SERVING if self.pool.ready else NOT_SERVING)
+        # Until what is reported is true: readiness may change again while the health service is told.
+        while self.pool is not None and not self._stopping and self.pool.ready != self._ready_reported:
+            ready = self.pool.ready
+            await self._health.set(SERVICE_NAME, SERVING if ready else NOT_SERVING)
+            self._ready_reported = ready
 
     # ---- shutdown ----
     async def stop(self, grace_s: float | None = None) -> None:

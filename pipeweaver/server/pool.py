@@ -139,13 +139,13 @@ class Lane:
         if self._closing or self._running >= self.workers or self._waiters:
             return asyncio.ensure_future(self.run(fn, arg))
         self._running += 1
-        self._changed()
         try:
             cfut, generation = self._submit(fn, arg)
-        except (WorkerCrashed, PoolClosed) as exc:
+        except (WorkerCrashed, PoolClosed) as exc:  # `_submit` released the slot (and reported it)
             failed: asyncio.Future[R] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
             return failed
+        self._changed()  # after the task is on its way: the worker starts while the gauges are set
         result = asyncio.ensure_future(self._result(cfut, generation))
         # Cancelled before its first step, the coroutine never runs to cancel the task it submitted.
         result.add_done_callback(lambda f: cfut.cancel() if f.cancelled() else None)
