@@ -614,6 +614,7 @@ def main() -> None:
         trace = delivery_breakdown.load_trace(Path(args.delivery_trace))
         report["planning_pass"]["delivery_steps"] = delivery_breakdown.summarize(planning, trace)
         report["cached_pass"]["delivery_steps"] = delivery_breakdown.summarize(cached, trace)
+        report["planning_pass"]["delivery_bursts"] = delivery_breakdown.burst_summary(trace)
     if args.profile_server:
         report["server_profile"] = {"raw": args.profile_server, **event_loop_profile(args.profile_server)}
     if args.out:

@@ -26,6 +26,8 @@ bookkeeping before it resolves).
 
 from __future__ import annotations
 
+import argparse
+import gzip
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -37,7 +39,9 @@ STEPS = ("to_take", "take", "to_resolve", "to_answer", "to_write", "write", "to_
 
 
 def load_trace(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """A delivery trace as the server wrote it (JSON lines), or gzipped (``.gz``)."""
+    raw = gzip.decompress(Path(path).read_bytes()) if str(path).endswith(".gz") else Path(path).read_bytes()
+    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
 
 
 def answer_steps(samples: list[tuple[Any, ...]], trace: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -113,6 +117,60 @@ def search_steps(trace: list[dict[str, Any]]) -> list[dict[str, float]]:
     return out
 
 
+def bursts(trace: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Per iteration whose plan was searched, on the server's clock alone (ms): ``first_take_to_submit`` (the
+    iteration's first request taken -> its search submitted: checking a batch seen for the first time),
+    ``resolves_spread`` (the first entry resolved -> the last, the replicas that shared the search), and from the
+    first resolution to the ``last_answer`` handed over, the ``last_write_start`` and the ``last_write_end``."""
+    by_iteration: dict[int, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    writes: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    written: dict[tuple[int, int, int], dict[str, Any]] = {}
+    per_session: dict[int, int] = defaultdict(int)
+    for e in trace:
+        if e["event"] == "write":
+            writes[e["session"]].append(e)
+    for e in trace:
+        if "iteration" in e:
+            by_iteration[e["iteration"]][e["event"]].append(e)
+        if e["event"] == "answer":
+            k = per_session[e["session"]]
+            per_session[e["session"]] += 1
+            if k < len(writes[e["session"]]):
+                written[(e["replica"], e["iteration"], e["rank"])] = writes[e["session"]][k]
+    out = []
+    for _, events in sorted(by_iteration.items()):
+        if not events["submit"] or not events["resolve"] or not events["answer"]:
+            continue
+        first_take = min(e["t_start"] for e in events["take"])
+        # Each replica's first resolution: an entry made again after the window dropped the first (a later GetPlan
+        # for the same iteration) resolves again, long after the burst.
+        first: dict[int, float] = {}
+        for e in events["resolve"]:
+            first[e["replica"]] = min(e["t"], first.get(e["replica"], e["t"]))
+        resolved = sorted(first.values())
+        done = [
+            written[k] for k in ((e["replica"], e["iteration"], e["rank"]) for e in events["answer"]) if k in written
+        ]
+        t0 = resolved[0]
+        out.append(
+            {
+                "first_take_to_submit": (min(e["t"] for e in events["submit"]) - first_take) * 1e3,
+                "resolves_spread": (resolved[-1] - t0) * 1e3,
+                "last_answer": (max(e["t"] for e in events["answer"]) - t0) * 1e3,
+                "last_write_start": (max(w["t_start"] for w in done) - t0) * 1e3 if done else float("nan"),
+                "last_write_end": (max(w["t_end"] for w in done) - t0) * 1e3 if done else float("nan"),
+            }
+        )
+    return out
+
+
+def burst_summary(trace: list[dict[str, Any]]) -> dict[str, Any]:
+    """`bursts`, as p50 / p99 / mean over the searched iterations."""
+    rows = bursts(trace)
+    keys = ("first_take_to_submit", "resolves_spread", "last_answer", "last_write_start", "last_write_end")
+    return {"iterations": len(rows), **{k: _stats([r[k] for r in rows]) for k in keys}}
+
+
 def _stats(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
@@ -142,3 +200,26 @@ def summarize(samples: list[tuple[Any, ...]], trace: list[dict[str, Any]]) -> di
             for k in ("worker_ms", "search_ipc", "to_worker", "from_worker", "searched_to_resolve")
         },
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A delivery trace's searched bursts and searches, server side.")
+    parser.add_argument(
+        "trace", type=Path, help="the trace (JSON lines, or .gz) of `pipeweaver serve --delivery-trace`"
+    )
+    args = parser.parse_args()
+    trace = load_trace(args.trace)
+    searches = search_steps(trace)
+    report = {
+        "trace": str(args.trace),
+        "bursts_ms": burst_summary(trace),
+        "searches_ms": {
+            k: _stats([r[k] for r in searches if k in r])
+            for k in ("worker_ms", "search_ipc", "to_worker", "from_worker", "searched_to_resolve")
+        },
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
