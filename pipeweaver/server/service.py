@@ -130,9 +130,9 @@ class _StreamSink:
     after the first) is written by the reader right away; one that a callback produced (a plan arriving) wakes the
     handler through `out`, which also carries the end (None) or the error, after the answers."""
 
-    def __init__(self, number: int = -1) -> None:
-        self.number = number
-        """The session's number in the delivery trace."""
+    def __init__(self) -> None:
+        self.number = -1
+        """The session's number in the delivery trace (set once the session exists)."""
         self.out: asyncio.Queue[bytes | RequestError | None] = asyncio.Queue()
         self.pending: deque[bytes] = deque()
         self.writing = asyncio.Lock()
