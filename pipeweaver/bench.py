@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,12 @@ def bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-ms", type=float, default=1000.0, help="search budget per batch (default 1000)")
     parser.add_argument("--dynamic", action="store_true", help="use the dynamic trace instead of i.i.d. batches")
     parser.add_argument("--ablation", action="store_true", help="also run each search level (paper Table 5)")
+    parser.add_argument(
+        "--offload", action="store_true", help="let stage pairs offload activations to host memory (experimental)"
+    )
+    parser.add_argument(
+        "--host-link-gbps", type=float, help="per-GPU host link, GB/s per direction (default: the hardware's, 26)"
+    )
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
     parser.add_argument("--out", type=Path, help="directory for bench.json and the plots")
 
@@ -59,8 +66,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.budget_ms <= 0:
         raise SpecError(f"--budget-ms must be positive, got {args.budget_ms}")
     w = workload_named(args.workload)
+    if getattr(args, "host_link_gbps", None) is not None:
+        if not args.host_link_gbps > 0:
+            raise SpecError(f"--host-link-gbps must be positive, got {args.host_link_gbps}")
+        w = replace(w, hardware=replace(w.hardware, host_link_bandwidth=args.host_link_gbps * 1e9))
+    offload = bool(getattr(args, "offload", False))
     planner = Planner(
-        w.model, w.parallel, w.hardware, config=SearchConfig(budget_ms=args.budget_ms, workers=args.workers)
+        w.model,
+        w.parallel,
+        w.hardware,
+        config=SearchConfig(budget_ms=args.budget_ms, workers=args.workers, offload=offload),
     )
     times: dict[str, list[float]] = {}
     bubbles: dict[str, list[float]] = {}
@@ -99,7 +114,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     base_config = planner.config
                     for level in SearchLevel:
                         planner.config = SearchConfig(
-                            budget_ms=args.budget_ms, level=level, compare_baselines=(), workers=args.workers
+                            budget_ms=args.budget_ms,
+                            level=level,
+                            compare_baselines=(),
+                            workers=args.workers,
+                            offload=offload,
                         )
                         ablation.setdefault(level.name.lower(), []).append(planner.plan(batch).predicted_ms)
                     planner.config = base_config
@@ -119,6 +138,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "workload": w.name,
         "hardware": w.hardware.name,
         "batches": args.batches,
+        "offload": offload,
+        "host_link_gbps": round(w.hardware.host_link_bandwidth / 1e9, 3),
         "systems": systems,
         "does_not_fit": {
             name: {

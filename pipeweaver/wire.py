@@ -28,6 +28,7 @@ from pipeweaver.plan.ir import (
     Plan,
     PlanHeader,
     PlanSource,
+    Prefetch,
     RankPlan,
     Recompute,
     StageKey,
@@ -317,6 +318,8 @@ def hardware_to_proto(h: HardwareSpec) -> pb.HardwareSpec:
         gpus_per_node=h.gpus_per_node,
         p2p_latency_s=h.p2p_latency_s,
         dtype_bytes=h.dtype_bytes,
+        host_link_bandwidth=h.host_link_bandwidth,
+        host_memory_bytes=h.host_memory_bytes,
     )
 
 
@@ -329,7 +332,9 @@ def hardware_from_proto(msg: pb.HardwareSpec, *, path: str = "hardware") -> Hard
             memory_bytes=msg.memory_bytes,
             nvlink_bandwidth=msg.nvlink_bandwidth,
             internode_bandwidth=msg.internode_bandwidth,
-            **_present(msg, "gpus_per_node", "p2p_latency_s", "dtype_bytes"),
+            **_present(
+                msg, "gpus_per_node", "p2p_latency_s", "dtype_bytes", "host_link_bandwidth", "host_memory_bytes"
+            ),
         )
 
 
@@ -425,7 +430,9 @@ def action_to_proto(action: Action) -> pb.Action:
         case Compute():
             return pb.Action(
                 compute=pb.Compute(
-                    stage=stage_key_to_proto(action.stage), recompute=_RECOMPUTE.encode(action.recompute)
+                    stage=stage_key_to_proto(action.stage),
+                    recompute=_RECOMPUTE.encode(action.recompute),
+                    offload=action.offload,
                 )
             )
         case CommBatch():
@@ -434,6 +441,8 @@ def action_to_proto(action: Action) -> pb.Action:
             )
         case Wait():
             return pb.Action(wait=pb.Wait(handle=action.handle))
+        case Prefetch():
+            return pb.Action(prefetch=pb.Prefetch(stage=stage_key_to_proto(action.stage)))
         case _:
             assert_never(action)
 
@@ -446,6 +455,7 @@ def action_from_proto(msg: pb.Action, *, path: str = "action") -> Action:
             return Compute(
                 stage_key_from_proto(msg.compute.stage, path=f"{where}.stage"),
                 _RECOMPUTE.decode(msg.compute.recompute, f"{where}.recompute", Recompute.NONE),
+                msg.compute.offload,
             )
         case "comm_batch":
             ops = msg.comm_batch.ops
@@ -455,8 +465,11 @@ def action_from_proto(msg: pb.Action, *, path: str = "action") -> Action:
             )
         case "wait":
             return Wait(msg.wait.handle)
+        case "prefetch":
+            _need(msg.prefetch, "stage", f"{path}.prefetch")
+            return Prefetch(stage_key_from_proto(msg.prefetch.stage, path=f"{path}.prefetch.stage"))
         case None:
-            raise SpecError(f"{path}: empty; set one of compute, comm_batch, wait")
+            raise SpecError(f"{path}: empty; set one of compute, comm_batch, wait, prefetch")
 
 
 # ---- plan IR: header ---------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pipeweaver.plan.ir import (
     Plan,
     PlanHeader,
     PlanSource,
+    Prefetch,
     RankPlan,
     Recompute,
     StageKey,
@@ -204,6 +205,8 @@ def hardware_specs(draw: st.DrawFn) -> HardwareSpec:
         gpus_per_node=draw(st.integers(1, 1024)),
         p2p_latency_s=draw(st.floats(min_value=0.0, max_value=1.0)),
         dtype_bytes=draw(st.sampled_from([2, 4])),
+        host_link_bandwidth=draw(positive_floats),
+        host_memory_bytes=draw(positive_floats),
     )
 
 
@@ -285,7 +288,8 @@ def stage_keys(draw: st.DrawFn, placement: Placement, *, num_microbatches: int, 
 def rank_plans(
     draw: st.DrawFn, placement: Placement, rank: int, *, num_microbatches: int, split_backward: bool
 ) -> RankPlan:
-    """Random computes, comm batches and waits; every wait names a batch posted earlier on this rank."""
+    """Random computes (some offloading), prefetches, comm batches and waits; every wait names a batch posted
+    earlier on this rank."""
     stages = stage_keys(placement, num_microbatches=num_microbatches, split_backward=split_backward)
     peers = st.integers(0, placement.pp - 1)
     transfers = st.builds(
@@ -306,9 +310,11 @@ def rank_plans(
     actions: list[Action] = []
     posted: list[int] = []
     for _ in range(draw(st.integers(0, 12))):
-        kind = draw(st.sampled_from(["compute", "comm", "wait"] if posted else ["compute", "comm"]))
+        kind = draw(st.sampled_from(["compute", "comm", "prefetch", "wait"] if posted else ["compute", "comm"]))
         if kind == "compute":
-            actions.append(Compute(draw(stages), draw(st.sampled_from(Recompute))))
+            actions.append(Compute(draw(stages), draw(st.sampled_from(Recompute)), draw(st.booleans())))
+        elif kind == "prefetch":
+            actions.append(Prefetch(draw(stages)))
         elif kind == "comm":
             posted.append(len(posted))
             actions.append(CommBatch(posted[-1], tuple(draw(st.lists(transfers, min_size=1, max_size=3)))))

@@ -38,6 +38,7 @@ from pipeweaver.client.models import (
     part_key,
     reference_modules,
 )
+from pipeweaver.client.offload import HostStore
 from pipeweaver.errors import InvalidPlan
 from pipeweaver.plan.fuse import has_fused_batches
 from pipeweaver.plan.graph import StageGraph, stage_graph
@@ -51,6 +52,7 @@ from pipeweaver.plan.ir import (
     Placement,
     Plan,
     PlanSource,
+    Prefetch,
     Recompute,
     StageKey,
     SubMicrobatch,
@@ -151,6 +153,8 @@ class IterationStats:
     one_communicator: bool = False
     """The plan's transfers bypassed this executor's pair groups for the pipeline's one communicator
     (`one_communicator_plans`)."""
+    offloaded_bytes: int = 0
+    """Saved activation bytes this rank's offloading forwards copied to host memory (`Compute.offload`)."""
 
 
 @dataclass(slots=True)
@@ -175,6 +179,8 @@ class _Unit:
     loss: Tensor | None
     pending: tuple[list[Tensor], list[Tensor]] | None = None
     """(outputs, their gradients) kept by I for W."""
+    host: HostStore | None = None
+    """Its saved tensors in host memory, when its forward offloaded them."""
 
 
 @dataclass(slots=True)
@@ -205,6 +211,7 @@ class _Iteration:
     """Handles of posted send-only batches, oldest first, whose tensors are still held (see `_release_sent`)."""
     one_communicator: bool = False
     """Every transfer goes through the pipeline's communicator, not the pair groups."""
+    offloaded_bytes: int = 0
 
 
 def _unit(s: StageKey) -> Unit:
@@ -276,6 +283,8 @@ class PipelineExecutor:
         self.iterations_run = 0
         self._gc_clock = CollectorClock()
         self.dtype = dtype
+        self._offload_streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None
+        """(device-to-host, host-to-device) side streams of activation offloading, made on first use."""
         self.modules = dict(modules) if modules is not None else reference_modules(model)
         self.parts: dict[str, nn.Module] = {}
         self.chunks: dict[ChunkId, list[_Part]] = {}
@@ -521,6 +530,8 @@ class PipelineExecutor:
                 self._post(it, action)
             elif isinstance(action, Wait):
                 self._wait(it, action.handle)
+            elif isinstance(action, Prefetch):
+                self._prefetch(it, action.stage)
         it.units.clear()
         loss_sum = torch.stack(it.losses).double().sum() if it.losses else None
         self._all_reduce_gradients()
@@ -558,6 +569,7 @@ class PipelineExecutor:
             gc_ms=collector.ms,
             gc_passes=collector.collections,
             one_communicator=it.one_communicator,
+            offloaded_bytes=it.offloaded_bytes,
         )
 
     def _run_idle_hook(self) -> None:
@@ -768,7 +780,7 @@ class PipelineExecutor:
             self._release_sent(it)
         s = action.stage
         if s.pass_ is Pass.F:
-            self._forward(it, s, action.recompute)
+            self._forward(it, s, action.recompute, action.offload)
         elif s.pass_ is Pass.W:
             self._weight_backward(it, s)
         else:
@@ -790,7 +802,19 @@ class PipelineExecutor:
             )
         return it.geometries[key]
 
-    def _forward(self, it: _Iteration, s: StageKey, recompute: Recompute) -> None:
+    def _host_store(self, chunk: list[_Part]) -> HostStore:
+        if self.device.type == "cuda" and self._offload_streams is None:
+            streams = [torch.cuda.Stream(self.device) for _ in range(2)]  # type: ignore[no-untyped-call]
+            self._offload_streams = (streams[0], streams[1])
+        out, back = self._offload_streams if self._offload_streams is not None else (None, None)
+        return HostStore(self.device, self._chunk_params(chunk), offload_stream=out, prefetch_stream=back)
+
+    def _prefetch(self, it: _Iteration, stage: StageKey) -> None:
+        unit = it.units.get(_unit(stage))
+        if unit is not None and unit.host is not None:
+            unit.host.prefetch()
+
+    def _forward(self, it: _Iteration, s: StageKey, recompute: Recompute, offload: bool = False) -> None:
         g = it.graph
         chunk = self.chunks[(s.pipeline, s.chunk)]
         sub = it.subs[(s.pipeline, s.microbatch, s.sub)]
@@ -816,8 +840,13 @@ class PipelineExecutor:
             out = tuple(t for ts in per_consumer for t in ts)
             return (*out, loss) if loss is not None else out
 
+        host = self._host_store(chunk) if offload else None
         if recompute is Recompute.FULL:
             result: tuple[Tensor, ...] = checkpoint(run, *flat_in, use_reentrant=False)
+        elif host is not None:
+            with host.saving():
+                result = run(*flat_in)
+            it.offloaded_bytes += host.bytes
         else:
             result = run(*flat_in)
         sizes = layout[0]
@@ -830,7 +859,7 @@ class PipelineExecutor:
             self._deliver(it, s, c, tuple(t.detach() for t in outputs[c]))
         if loss is not None:
             it.losses.append(loss.detach())
-        it.units[_unit(s)] = _Unit(recompute=recompute, inputs=inputs, outputs=outputs, loss=loss)
+        it.units[_unit(s)] = _Unit(recompute=recompute, inputs=inputs, outputs=outputs, loss=loss, host=host)
 
     def _pipeline_upstream(self, pipeline: str, module: str) -> list[str]:
         """Upstream modules of `module` inside `pipeline`, in the order their outputs travel (plan.shapes)."""

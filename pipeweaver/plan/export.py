@@ -28,6 +28,7 @@ from pipeweaver.plan.ir import (
     Plan,
     PlanHeader,
     PlanSource,
+    Prefetch,
     RankPlan,
     Recompute,
     StageKey,
@@ -53,7 +54,12 @@ def _tensor_to(t: TensorSpec) -> Json:
 
 def _action_to(a: Action) -> Json:
     if isinstance(a, Compute):
-        return {"op": "compute", "stage": str(a.stage), "recompute": a.recompute.value}
+        out: Json = {"op": "compute", "stage": str(a.stage), "recompute": a.recompute.value}
+        if a.offload:
+            out["offload"] = True
+        return out
+    if isinstance(a, Prefetch):
+        return {"op": "prefetch", "stage": str(a.stage)}
     if isinstance(a, CommBatch):
         return {
             "op": "comm",
@@ -148,7 +154,9 @@ def _tensor_from(d: Mapping[str, Any]) -> TensorSpec:
 def _action_from(d: Mapping[str, Any]) -> Action:
     op = d["op"]
     if op == "compute":
-        return Compute(StageKey.parse(d["stage"]), Recompute(d["recompute"]))
+        return Compute(StageKey.parse(d["stage"]), Recompute(d["recompute"]), bool(d.get("offload", False)))
+    if op == "prefetch":
+        return Prefetch(StageKey.parse(d["stage"]))
     if op == "comm":
         return CommBatch(
             handle=int(d["handle"]),
@@ -165,7 +173,7 @@ def _action_from(d: Mapping[str, Any]) -> Action:
         )
     if op == "wait":
         return Wait(int(d["handle"]))
-    raise ValueError(f"unknown action op {op!r} (expected 'compute', 'comm' or 'wait')")
+    raise ValueError(f"unknown action op {op!r} (expected 'compute', 'comm', 'wait' or 'prefetch')")
 
 
 def _header_from(d: Mapping[str, Any]) -> PlanHeader:
@@ -340,8 +348,11 @@ def _event(rank: int, step: int, action: Action, window: tuple[float, float], co
                 "sub_microbatch": s.sub,
                 "pass": s.pass_.value,
                 "recompute": action.recompute.value,
+                "offload": action.offload,
             },
         )
+    elif isinstance(action, Prefetch):
+        event.update(cat="prefetch", tid=_COMM_TID, cname=_COMM_COLOUR, args={"step": step, "for": str(action.stage)})
     elif isinstance(action, CommBatch):
         event.update(
             cat="comm",

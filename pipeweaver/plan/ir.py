@@ -52,6 +52,7 @@ class PlanSource(StrEnum):
 
 _STAGE_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\.(\d+)([FBIW])(\d+)\.(\d+)")
 _RECOMPUTE_SUFFIX = {Recompute.NONE: "", Recompute.SELECTIVE: "!s", Recompute.FULL: "!f"}
+_OFFLOAD_SUFFIX = "!o"
 
 
 class StageKey(NamedTuple):
@@ -92,9 +93,25 @@ class Compute:
 
     stage: StageKey
     recompute: Recompute = Recompute.NONE
+    offload: bool = False
+    """A forward only: copy what it keeps for its backward (under `recompute`: NONE or SELECTIVE) to host memory
+    as it is saved, on a side stream, freeing the device copy once the copy ends; a `Prefetch` action brings it
+    back before the pair's first backward pass. Text suffix ``!o``."""
 
     def __str__(self) -> str:
-        return f"{self.stage}{_RECOMPUTE_SUFFIX[self.recompute]}"
+        return f"{self.stage}{_RECOMPUTE_SUFFIX[self.recompute]}{_OFFLOAD_SUFFIX if self.offload else ''}"
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetch:
+    """Start copying the offloaded activations of `stage`'s pair back to the device (on a side stream; returns
+    at once). `stage` is the pair's first backward pass (B, or I when the backward is split), which waits for the
+    copy; the plan puts this action early enough that the copy is usually done by then."""
+
+    stage: StageKey
+
+    def __str__(self) -> str:
+        return f"prefetch:{self.stage}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +165,7 @@ class Wait:
         return f"wait#{self.handle}"
 
 
-Action: TypeAlias = Compute | CommBatch | Wait
+Action: TypeAlias = Compute | CommBatch | Wait | Prefetch
 
 
 # ---- header --------------------------------------------------------------------------------------------------
@@ -305,6 +322,15 @@ class Plan:
                     s = a.stage
                     out[(s.pipeline, s.chunk, s.microbatch, s.sub)] = a.recompute
         return out
+
+    def offloaded(self) -> set[tuple[str, int, int, int]]:
+        """The stage pairs (pipeline, chunk, microbatch, sub) whose forward offloads its activations."""
+        return {
+            (a.stage.pipeline, a.stage.chunk, a.stage.microbatch, a.stage.sub)
+            for rp in self.ranks
+            for a in rp.actions
+            if isinstance(a, Compute) and a.offload
+        }
 
     def text(self) -> str:
         """Readable dump: one line per rank with every action's text form."""

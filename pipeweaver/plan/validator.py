@@ -16,7 +16,19 @@ from typing import Literal, NoReturn
 from pipeweaver.errors import InvalidPlan
 from pipeweaver.plan.graph import StageGraph, stage_graph
 from pipeweaver.plan.grid import render_grid
-from pipeweaver.plan.ir import CommBatch, Compute, Direction, Pass, Plan, StageKey, TensorSpec, Transfer, Wait
+from pipeweaver.plan.ir import (
+    CommBatch,
+    Compute,
+    Direction,
+    Pass,
+    Plan,
+    Prefetch,
+    Recompute,
+    StageKey,
+    TensorSpec,
+    Transfer,
+    Wait,
+)
 
 Edge = tuple[StageKey, StageKey]
 """A data edge: (producer, consumer)."""
@@ -119,6 +131,7 @@ class _Checker:
         self._check_computes()
         self._check_missing()
         self._check_recompute()
+        self._check_offload()
         self._check_comms()
         self._check_edges()
         self._check_pairs()
@@ -209,6 +222,61 @@ class _Checker:
                     "forward's memory strategy",
                     [(r, i), (fr, fi)],
                 )
+
+    def _check_offload(self) -> None:
+        """An offloading forward keeps NONE or SELECTIVE activations of a pair that has a backward; its rank
+        prefetches them once, after the forward and before the pair's first backward pass (B, or I)."""
+        g = self.g
+        wanted: dict[StageKey, tuple[int, int]] = {}
+        """First backward pass of each offloaded pair -> (rank, step) of its forward."""
+        for s, (r, i, action) in self.computes.items():
+            if not action.offload:
+                continue
+            if s.pass_ is not Pass.F:
+                self.fail(
+                    "offload on a backward", f"rank {r} marks {s} (step {i}) offload; only a forward can", [(r, i)]
+                )
+            if action.recompute is Recompute.FULL:
+                self.fail(
+                    "offload with full recompute",
+                    f"rank {r} offloads {s} (step {i}) under full recompute; offload keeps the activations of "
+                    "recompute 'none' or 'selective'",
+                    [(r, i)],
+                )
+            first = next((s.with_pass(p) for p in (Pass.B, Pass.I) if s.with_pass(p) in g.rank), None)
+            if first is None:
+                self.fail(
+                    "offload without backward", f"rank {r} offloads {s} (step {i}), which has no backward", [(r, i)]
+                )
+            wanted[first] = (r, i)
+        for r, rp in enumerate(self.plan.ranks):
+            for i, prefetch in enumerate(rp.actions):
+                if not isinstance(prefetch, Prefetch):
+                    continue
+                b = prefetch.stage
+                if b not in wanted:
+                    self.fail(
+                        "prefetch without offload",
+                        f"rank {r} prefetches for {b} at step {i}, which is not the first backward pass of an "
+                        "offloaded stage pair",
+                        [(r, i)],
+                    )
+                fr, fi = wanted.pop(b)
+                _, bi, _ = self.computes[b]
+                if fr != r or not fi < i < bi:
+                    self.fail(
+                        "prefetch out of place",
+                        f"rank {r} prefetches for {b} at step {i}; it must come on rank {fr} after the forward "
+                        f"(step {fi}) and before {b} (step {bi})",
+                        [(r, i), (fr, fi), (fr, bi)],
+                    )
+        for b, (r, i) in wanted.items():
+            step = self.computes[b][1]
+            self.fail(
+                "missing prefetch",
+                f"rank {r} offloads {b.with_pass(Pass.F)} (step {i}) but never prefetches for {b} (step {step})",
+                [(r, i), (r, step)],
+            )
 
     # ---- (c) transfers, batches and waits -----------------------------------------------------------------
 
@@ -373,6 +441,8 @@ class _DryRun:
                         if not queued[p.op.peer]:
                             queued[p.op.peer] = True
                             ready.append(p.op.peer)
+                elif isinstance(action, Prefetch):
+                    pass  # a copy on the side: never blocks
                 else:
                     ops = self.c.batches[(r, action.handle)]
                     if not all(self.matched(p) for p in ops):

@@ -83,6 +83,9 @@ I64 = npt.NDArray[np.int64]
 _BISECTIONS = 40
 """Bisection steps on lam per rank (each halves the interval, to 1e-12 here; g is concave piecewise linear)."""
 
+LINK_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+"""Weights mu on the host-link resource tried when some strategy offloads (each gives a valid bound)."""
+
 
 # ---- graph kernels ---------------------------------------------------------------------------------------------
 
@@ -462,8 +465,16 @@ def _memory_rank_bounds(
     own = fr == f
     dur = np.stack([v.duration_ms for v in strategies], axis=1)
     area = np.empty((n_pairs, len(strategies)))
+    link = np.zeros((n_pairs, len(strategies)))
     for j, v in enumerate(strategies):
         life = np.where(own, v.duration_ms[f], gap - dmin[f] + v.duration_ms[f] + v.duration_ms[fr])
+        if v.offload_ms is not None:
+            # An offloaded pair holds its bytes from its forward's start until the copy to the host ends, and again
+            # from its prefetch's start (at least a copy before its backward) to its freeing pass's end.
+            copy = v.offload_ms[f]
+            offloaded = (copy > 0) & ~own
+            life = np.where(offloaded, np.minimum(life, v.duration_ms[f] + 2.0 * copy + v.duration_ms[fr]), life)
+            link[:, j] = np.where(offloaded, copy, 0.0)
         area[:, j] = v.alloc_bytes[f] * life
     pp, rank = problem.pp, problem.rank
     pair_rank = rank[f]
@@ -473,9 +484,20 @@ def _memory_rank_bounds(
     has_stages = np.bincount(rank, minlength=pp) > 0
     rows = np.arange(n_pairs)
 
+    # Offloading: each direction of a rank's host link carries one copy at a time, so its copies' time is at most
+    # T too (`link`, a third resource). The bound then also takes max over mu of the same LP with weight mu on it.
+    mus = LINK_WEIGHTS if link.any() else (0.0,)
+
     def solve(s1: tuple[F64, F64], s2: tuple[F64, F64]) -> tuple[F64, I64]:
-        """max over lam of g_r(lam) per rank for the windows S1 (stages) and S2 (pairs), and the minimising
-        strategies at the last lam."""
+        best, pick = solve_mu(s1, s2, 0.0)
+        for mu in mus[1:]:
+            value, _ = solve_mu(s1, s2, mu)
+            best = np.maximum(best, value)
+        return best, pick
+
+    def solve_mu(s1: tuple[F64, F64], s2: tuple[F64, F64], mu: float) -> tuple[F64, I64]:
+        """max over lam of g_r(lam) per rank for the windows S1 (stages) and S2 (pairs), with weight mu on the
+        host link, and the minimising strategies at the last lam."""
         in1 = (head >= s1[0][rank]) & (tail >= s1[1][rank])
         lat = np.stack(
             [np.bincount(pairs.of_stage, weights=dur[:, j] * in1, minlength=n_pairs) for j in range(dur.shape[1])],
@@ -488,10 +510,11 @@ def _memory_rank_bounds(
         def g(lam: F64) -> tuple[F64, F64, F64, I64]:
             """g_r(lam) per rank, busy(s*) and area(s*) of the minimising strategies s*, and s*."""
             w = lam[pair_rank][:, None]
-            pick = np.argmin(w * lat + (1.0 - w) * held_k, axis=1)
+            pick = np.argmin((1.0 - mu) * (w * lat + (1.0 - w) * held_k) + mu * link, axis=1)
             busy = busy0 + np.bincount(pair_rank, weights=lat[rows, pick], minlength=pp)
             held = area0 + np.bincount(pair_rank, weights=held_k[rows, pick], minlength=pp)
-            return lam * busy + (1.0 - lam) * held, busy, held, pick
+            used = np.bincount(pair_rank, weights=link[rows, pick], minlength=pp)
+            return (1.0 - mu) * (lam * busy + (1.0 - lam) * held) + mu * used, busy, held, pick
 
         lo, hi = np.zeros(pp), np.ones(pp)
         best, _, _, pick = g(hi)  # lam = 1: argument 2 on S1 with each pair at its fastest strategy

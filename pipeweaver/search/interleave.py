@@ -17,6 +17,8 @@ from pipeweaver.search.problem import F64, I64, Policy, Problem
 _EARLIEST = int(Policy.EARLIEST)
 _ACTIVE = ACTIVE
 _WINDOW = ACTIVE_WINDOW
+_NONE_F = np.zeros(0)
+_NONE_I = np.zeros(0, dtype=np.int64)
 
 
 @numba.njit(cache=True)
@@ -29,6 +31,52 @@ def _gated(gate: int, forward: int, source: int, over: bool, holding: bool) -> b
     if holding:
         return False
     return gate == 1 or source == 1
+
+
+@numba.njit(cache=True)
+def _over(
+    r: int, i: int, t: float, mem: F64, alloc: F64, cap: F64, pend_t: F64, pend_b: F64, pend_head: I64, pend_tail: I64
+) -> bool:
+    """Whether stage i starting at t pushes rank r over its cap, counting the offload copies done by then."""
+    m = mem[r] + alloc[i]
+    for q in range(pend_head[r], pend_tail[r]):
+        if pend_t[r, q] > t:
+            break
+        m -= pend_b[r, q]
+    return bool(m > cap[r])
+
+
+@numba.njit(cache=True)
+def _avail(
+    j: int,
+    r: int,
+    ready_at: F64,
+    is_forward: I64,
+    alloc: F64,
+    mem: F64,
+    cap: F64,
+    pend_t: F64,
+    pend_b: F64,
+    pend_head: I64,
+    pend_tail: I64,
+    reload_of: I64,
+    offload_ms: F64,
+    h2d_free: F64,
+    d2h_end: F64,
+) -> float:
+    """When ready stage j may start on rank r with offloading: a reloading backward once its prefetch is done; a
+    forward that does not fit now, once enough of the rank's offload copies have ended for it to fit."""
+    t = float(ready_at[j])
+    if reload_of[j] >= 0:
+        return float(max(t, max(h2d_free[r], d2h_end[reload_of[j]]) + offload_ms[j]))
+    if is_forward[j] == 1:
+        m = mem[r] + alloc[j]
+        if m > cap[r]:
+            for q in range(pend_head[r], pend_tail[r]):
+                m -= pend_b[r, q]
+                if m <= cap[r]:
+                    return float(max(t, pend_t[r, q]))
+    return t
 
 
 @numba.njit(cache=True)
@@ -51,6 +99,10 @@ def _pick(
     unit: I64,
     ready_at: F64,
     priority: F64,
+    pend_t: F64,
+    pend_b: F64,
+    pend_head: I64,
+    pend_tail: I64,
 ) -> tuple[int, float, float]:
     """Rank r's best stage under memory gate `gate`, its start time and the rank's key among ranks, or
     (-1, inf, inf): the reference's `pick`."""
@@ -61,7 +113,8 @@ def _pick(
     first = math.inf
     for k in range(nready[r]):
         i = ready[r, k]
-        if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
+        over = _over(r, i, max(tl, ready_at[i]), mem, alloc, cap, pend_t, pend_b, pend_head, pend_tail)
+        if _gated(gate, is_forward[i], source[i], over, holds[r, unit[i]] > 0):
             continue
         if is_forward[i] == 1:
             if ready_at[i] < tf:
@@ -86,7 +139,13 @@ def _pick(
         best_b = -1
         for k in range(nready[r]):
             i = ready[r, k]
-            if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
+            if _gated(
+                gate,
+                is_forward[i],
+                source[i],
+                _over(r, i, max(tl, ready_at[i]), mem, alloc, cap, pend_t, pend_b, pend_head, pend_tail),
+                holds[r, unit[i]] > 0,
+            ):
                 continue
             at = max(tl, ready_at[i])
             if not (at < limit or at == first):
@@ -111,14 +170,26 @@ def _pick(
             i = ready[r, k]
             if is_forward[i] != want or ready_at[i] > tl:
                 continue
-            if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
+            if _gated(
+                gate,
+                is_forward[i],
+                source[i],
+                _over(r, i, max(tl, ready_at[i]), mem, alloc, cap, pend_t, pend_b, pend_head, pend_tail),
+                holds[r, unit[i]] > 0,
+            ):
                 continue
             if best < 0 or priority[i] > priority[best]:
                 best = i
         return best, tl, tl
     for k in range(nready[r]):
         i = ready[r, k]
-        if _gated(gate, is_forward[i], source[i], mem[r] + alloc[i] > cap[r], holds[r, unit[i]] > 0):
+        if _gated(
+            gate,
+            is_forward[i],
+            source[i],
+            _over(r, i, max(tl, ready_at[i]), mem, alloc, cap, pend_t, pend_b, pend_head, pend_tail),
+            holds[r, unit[i]] > 0,
+        ):
             continue
         if best < 0:
             best = i
@@ -162,6 +233,9 @@ def _kernel(
     priority: F64,
     unit: I64,
     policy: int,
+    offload_bytes: F64,
+    offload_ms: F64,
+    reload_of: I64,
 ) -> tuple[I64, F64, F64]:
     n = rank.shape[0]
     remaining = np.empty(n, dtype=np.int64)
@@ -195,6 +269,19 @@ def _kernel(
     earliest = (policy & ~_ACTIVE) == _EARLIEST
     active = (policy & _ACTIVE) != 0
     first_gate = 0 if earliest else 1
+    # Host copies: offloaded forwards free their bytes when their copy ends (a FIFO per rank, in time order, since
+    # the copies of a rank serialize); a reloading backward starts once its prefetch, after the offload and the
+    # rank's earlier prefetches, is done (`avail`: the time a stage may start, ready_at plus that wait).
+    offloads = offload_ms.shape[0] > 0
+    m = n if offloads else 0
+    pend_t = np.zeros((pp, m))
+    pend_b = np.zeros((pp, m))
+    pend_head = np.zeros(pp, dtype=np.int64)
+    pend_tail = np.zeros(pp, dtype=np.int64)
+    d2h_free = np.zeros(pp)
+    h2d_free = np.zeros(pp)
+    d2h_end = np.zeros(m)
+    avail = ready_at if not offloads else np.zeros(n)
     # A rank's pick depends only on its own state: cache it per gate until that state changes (a stage of the rank
     # runs, or one becomes ready on it), as the reference does.
     pick_i = np.full((4, pp), -1, dtype=np.int64)
@@ -207,6 +294,7 @@ def _kernel(
         chosen_t = math.inf
         chosen_key = math.inf
         chosen_r = -1
+        waited = False
         for gate in range(first_gate, 4):
             for r in range(pp):
                 if stale[gate, r]:
@@ -227,8 +315,12 @@ def _kernel(
                         cap,
                         holds,
                         unit,
-                        ready_at,
+                        avail,
                         priority,
+                        pend_t,
+                        pend_b,
+                        pend_head,
+                        pend_tail,
                     )
                     pick_i[gate, r] = best
                     pick_t[gate, r] = t
@@ -242,6 +334,45 @@ def _kernel(
                     chosen_r = r
             if chosen >= 0:
                 break
+            if offloads and gate == first_gate:
+                # Nothing fits now: before loosening the gate, the rank with gated work whose next offload copy
+                # ends first waits for it (its bytes are freed then), and every rank tries again.
+                w = -1
+                for q in range(pp):
+                    pending = nready[q] > 0 and pend_head[q] < pend_tail[q]
+                    if pending and (w < 0 or pend_t[q, pend_head[q]] < pend_t[w, pend_head[w]]):
+                        w = q
+                if w >= 0:
+                    waited = True
+                    tw = pend_t[w, pend_head[w]]
+                    if tw > t_last[w]:
+                        t_last[w] = tw
+                    while pend_head[w] < pend_tail[w] and pend_t[w, pend_head[w]] <= t_last[w]:
+                        mem[w] -= pend_b[w, pend_head[w]]
+                        pend_head[w] += 1
+                    for k in range(nready[w]):
+                        j = ready[w, k]
+                        avail[j] = _avail(
+                            j,
+                            w,
+                            ready_at,
+                            is_forward,
+                            alloc,
+                            mem,
+                            cap,
+                            pend_t,
+                            pend_b,
+                            pend_head,
+                            pend_tail,
+                            reload_of,
+                            offload_ms,
+                            h2d_free,
+                            d2h_end,
+                        )
+                    stale[:, w] = True
+                    break
+        if waited:
+            continue
         if chosen < 0:
             return position, start, end  # cycle: caller sees unscheduled stages
         r = chosen_r
@@ -259,6 +390,37 @@ def _kernel(
         last_fwd[r] = is_forward[i]
         mem[r] += alloc[i] - free[i]
         holds[r, unit[i]] += alloc[i] - free[i]
+        if offloads:
+            if reload_of[i] >= 0:
+                h2d_free[r] = start[i]
+            elif is_forward[i] == 1 and offload_bytes[i] > 0.0:
+                d2h_end[i] = max(end[i], d2h_free[r]) + offload_ms[i]
+                d2h_free[r] = d2h_end[i]
+                pend_t[r, pend_tail[r]] = d2h_end[i]
+                pend_b[r, pend_tail[r]] = offload_bytes[i]
+                pend_tail[r] += 1
+            while pend_head[r] < pend_tail[r] and pend_t[r, pend_head[r]] <= t_last[r]:
+                mem[r] -= pend_b[r, pend_head[r]]
+                pend_head[r] += 1
+            for k in range(nready[r]):
+                j = ready[r, k]
+                avail[j] = _avail(
+                    j,
+                    r,
+                    ready_at,
+                    is_forward,
+                    alloc,
+                    mem,
+                    cap,
+                    pend_t,
+                    pend_b,
+                    pend_head,
+                    pend_tail,
+                    reload_of,
+                    offload_ms,
+                    h2d_free,
+                    d2h_end,
+                )
         position[i] = count[r]
         count[r] += 1
         done += 1
@@ -275,6 +437,28 @@ def _kernel(
                         t = v
                 ready_at[j] = t
                 rj = rank[j]
+                if offloads:
+                    if reload_of[j] >= 0:
+                        # Its prefetch may be issued from now on (SEMU issues it one or more computes before the
+                        # backward): the memory gate counts its bytes from here.
+                        mem[rj] += offload_bytes[j]
+                    avail[j] = _avail(
+                        j,
+                        rj,
+                        ready_at,
+                        is_forward,
+                        alloc,
+                        mem,
+                        cap,
+                        pend_t,
+                        pend_b,
+                        pend_head,
+                        pend_tail,
+                        reload_of,
+                        offload_ms,
+                        h2d_free,
+                        d2h_end,
+                    )
                 ready[rj, nready[rj]] = j
                 nready[rj] += 1
                 stale[:, rj] = True
@@ -299,6 +483,9 @@ def interleave(problem: Problem, priority: F64) -> tuple[I64, F64, F64, float]:
         np.ascontiguousarray(priority, dtype=np.float64),
         problem.unit,
         int(problem.policy),
+        problem.offload_bytes if problem.offload_bytes is not None else _NONE_F,
+        problem.offload_ms if problem.offload_ms is not None else _NONE_F,
+        problem.reload_of if problem.reload_of is not None else _NONE_I,
     )
     if problem.n and np.any(position < 0):
         raise RuntimeError("interleaver stuck: the stage graph has a cycle")

@@ -20,6 +20,7 @@ from pipeweaver.plan.assemble import assemble_plan
 from pipeweaver.plan.graph import StageGraph, stage_graph
 from pipeweaver.plan.ir import Compute, Pass, Plan, PlanHeader, PlanSource, Recompute, StageKey
 from pipeweaver.plan.layouts import split_sub_microbatches
+from pipeweaver.plan.offload import place_prefetches
 from pipeweaver.plan.shapes import TransferShapes
 from pipeweaver.plan.validator import validate
 from pipeweaver.search import bounds
@@ -32,7 +33,17 @@ from pipeweaver.search.mcts import MCTSConfig, SegmentOrderSearch, priorities_fr
 from pipeweaver.search.memory_opt import greedy_choice_arrays, optimise_rank_arrays, warm_memory_kernels
 from pipeweaver.search.parallel import SearchPool
 from pipeweaver.search.partition import JobPartition, partition_job
-from pipeweaver.search.problem import F64, I64, Policy, Problem, build_problem, overflow, stage_priorities
+from pipeweaver.search.problem import (
+    F64,
+    I64,
+    Policy,
+    Problem,
+    build_problem,
+    overflow,
+    reload_stages,
+    stage_priorities,
+    with_offload,
+)
 from pipeweaver.simulator.costmodel import CostModel, EfficiencyFactors, HeaderCosts
 from pipeweaver.simulator.engine import LinkModel, SimResult, StageCosts, simulate, transfer_bytes
 from pipeweaver.simulator.reuse import StageCostCache
@@ -47,6 +58,24 @@ RecomputeMap = dict[tuple[str, int, int, int], Recompute]
 STRATEGIES = (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)
 """Strategy codes of the planner's per-pair arrays: index into this tuple (0 keeps everything, 2 the leanest)."""
 _FULL = 2
+OFFLOAD_STRATEGIES = (Recompute.NONE, Recompute.SELECTIVE)
+"""With `SearchConfig.offload`, codes 3 and 4: what these recompute levels keep, copied to host memory after the
+forward and prefetched back before the backward (the pair's time is that level's compute; the copies run on the
+rank's host link beside it)."""
+
+
+OFFLOAD_MIN_GAP = 1.0
+"""The uniform offload starting points offload a pair when its dependency chain from forward to backward is at
+least this many times its two copies."""
+
+
+def code_recompute(code: int) -> Recompute:
+    """The recompute level of a strategy code (offload codes keep their level's activations)."""
+    return STRATEGIES[code] if code < len(STRATEGIES) else OFFLOAD_STRATEGIES[code - len(STRATEGIES)]
+
+
+def code_label(code: int) -> str:
+    return STRATEGIES[code].value if code < len(STRATEGIES) else f"offload+{code_recompute(code).value}"
 
 
 class SearchLevel(IntEnum):
@@ -86,6 +115,8 @@ class SearchConfig:
     compare_baselines: tuple[str, ...] = tuple(BASELINES)
     """Baselines simulated on the same batch for comparison (empty: none)."""
     validate_plans: bool = True
+    offload: bool = False
+    """Also let stage pairs offload their activations to host memory (codes `OFFLOAD_STRATEGIES`; experimental)."""
     memory_gap: float = 0.01
     """Per-rank memory programs stop once their choice is proven within this fraction of the optimum (the paper
     accepts 5%; 1% costs the same here, about a millisecond per rank, and gave better plans on t2v-s)."""
@@ -147,9 +178,17 @@ class _Pairs:
     """(pair, strategy): activation bytes the pair holds under each strategy."""
     by_rank: list[I64]
     """Pair indexes on each rank."""
+    copy_ms: F64 | None = None
+    """(pair, strategy): host copy time of each direction under an offload strategy (0 otherwise); None without
+    offloading."""
+    reload_of: I64 | None = None
+    """`problem.reload_stages` of the batch's problem (offloading only)."""
+    chain_gap_ms: F64 | None = None
+    """Per pair, the longest dependency path from its forward's end to its first backward pass's start (no
+    recompute): how long its activations must wait at least, i.e. what offloading could free (offloading only)."""
 
     def recompute_map(self, codes: I64) -> RecomputeMap:
-        return {k: STRATEGIES[int(c)] for k, c in zip(self.keys, codes, strict=True)}
+        return {k: code_recompute(int(c)) for k, c in zip(self.keys, codes, strict=True)}
 
 
 @dataclass(slots=True)
@@ -358,6 +397,8 @@ class Planner:
         key_index = {k: j for j, k in enumerate(keys)}
         of_stage = np.array([key_index.get(_pair(s), -1) for s in stages], dtype=np.int64)
         duration = np.array([[c.duration_ms[s] for s in stages] for c in per], dtype=np.float64).reshape(3, -1)
+        levels = [STRATEGIES.index(rc) for rc in OFFLOAD_STRATEGIES] if self.config.offload else []
+        duration = np.concatenate((duration, duration[levels]), axis=0)
         ptr = [0]
         idx: list[int] = []
         forward: list[int] = []
@@ -375,8 +416,18 @@ class Planner:
         stage_idx = np.array(idx, dtype=np.int64)
         fwd = np.array(forward, dtype=np.int64)
         # Each pair's time under each strategy: the sum of its stages' durations (reduceat needs >= 1 pair).
-        latency = np.add.reduceat(duration[:, stage_idx], stage_ptr[:-1], axis=1).T.copy() if keys else np.zeros((0, 3))
+        width = duration.shape[0]
+        latency = (
+            np.add.reduceat(duration[:, stage_idx], stage_ptr[:-1], axis=1).T.copy() if keys else np.zeros((0, width))
+        )
         memory = np.array([[c.activation_bytes[k] for c in per] for k in keys], dtype=np.float64).reshape(-1, 3)
+        memory = np.concatenate((memory, memory[:, levels]), axis=1)
+        copy_ms: F64 | None = None
+        if levels:
+            copy_ms = np.zeros_like(memory)
+            host = self.link.host_copy_ms
+            for c in range(len(STRATEGIES), width):
+                copy_ms[:, c] = [host(b) for b in memory[:, c]]
         rank = prep.problem.rank[fwd]
         prep.pairs = _Pairs(
             keys=keys,
@@ -389,7 +440,23 @@ class Planner:
             latency=latency,
             memory=memory,
             by_rank=[np.flatnonzero(rank == r) for r in range(prep.problem.pp)],
+            copy_ms=copy_ms,
+            reload_of=reload_stages(prep.problem) if levels else None,
+            chain_gap_ms=self._chain_gaps(prep.problem, fwd, stage_ptr, stage_idx, duration[0]) if levels else None,
         )
+
+    @staticmethod
+    def _chain_gaps(problem: Problem, fwd: I64, stage_ptr: I64, stage_idx: I64, duration: F64) -> F64:
+        if not len(fwd):
+            return np.zeros(0)
+        has_back = np.diff(stage_ptr) > 1
+        first_back = np.where(has_back, stage_idx[np.minimum(stage_ptr[:-1] + 1, len(stage_idx) - 1)], fwd)
+        order = bounds._order(problem)
+        path = bounds._pair_paths_kernel(
+            order, duration, problem.pred_ptr, problem.pred_idx, problem.pred_delay_ms, fwd, first_back
+        )
+        gap: F64 = np.where(has_back & np.isfinite(path), path - duration[fwd], 0.0)
+        return gap
 
     def _problem_for(self, prep: _Prepared, codes: I64, *, like: Problem | None = None) -> Problem:
         """The problem with each stage pair's costs under its strategy (`codes` index `STRATEGIES`); the memory
@@ -410,7 +477,12 @@ class Planner:
         # A stage allocates (F) or frees (its last backward pass) the pair's bytes: only those entries change.
         alloc = np.where(changed & (p.alloc_bytes > 0), act, p.alloc_bytes)
         free = np.where(changed & (p.free_bytes > 0), act, p.free_bytes)
-        return replace(p, duration_ms=duration, alloc_bytes=alloc, free_bytes=free)
+        out = replace(p, duration_ms=duration, alloc_bytes=alloc, free_bytes=free)
+        if pairs.copy_ms is None:
+            return out
+        offloads = has_pair & (code >= len(STRATEGIES)) & (p.is_forward == 1)
+        copy = pairs.copy_ms[safe, code] if len(codes) else np.zeros(p.n)
+        return with_offload(out, np.where(offloads, act, 0.0), np.where(offloads, copy, 0.0), pairs.reload_of)
 
     def _stage_costs_for(self, prep: _Prepared, codes: I64) -> StageCosts:
         """`stage_costs(prep.header, batch, recompute)` from the pair arrays (the same numbers, no dict walk)."""
@@ -441,7 +513,11 @@ class Planner:
         pairs = prep.pairs
         assert pairs is not None
         factors = MEMORY_CAP_FACTORS if exact else ()
-        choices = [np.zeros(len(pairs.keys), dtype=np.int64) for _ in range(len(factors) + 1)]
+        # With offloading, the programs are also solved on the recompute strategies alone (the choices without
+        # offloading stay among the candidates: the proxy below can mislead).
+        widths = (len(STRATEGIES), pairs.latency.shape[1]) if pairs.copy_ms is not None else (len(STRATEGIES),)
+        per_width = len(factors) + 1
+        choices = [np.zeros(len(pairs.keys), dtype=np.int64) for _ in range(per_width * len(widths))]
         solve_ms: list[float] = []
         if not pairs.keys:
             return choices[:1], solve_ms
@@ -453,22 +529,37 @@ class Planner:
             if not len(sel):
                 continue
             lat, mem = pairs.latency[sel], pairs.memory[sel]
-            count = np.full(len(sel), len(STRATEGIES), dtype=np.int64)
-            for codes, factor in zip(choices, factors, strict=False):
-                result = optimise_rank_arrays(
-                    lat,
-                    mem,
-                    count,
-                    first[sel],
-                    last[sel],
-                    caps[r] * factor,
-                    time_limit_s=time_limit_s,
-                    relative_gap=self.config.memory_gap,
-                )
-                codes[sel] = result.choice
-                if result.solved:
-                    solve_ms.append(result.solve_ms)
-            choices[-1][sel] = greedy_choice_arrays(lat, mem, count, first[sel], last[sel], caps[r])
+            if pairs.copy_ms is not None:
+                # An offloaded pair holds its bytes only around its forward and its backward (and while the copies
+                # run): the program, which charges a pair's bytes over its whole life, sees them scaled by that
+                # share of the life. A proxy, as the program's timeline is; the re-timed score decides.
+                # Where the copies do not fit between the forward and the backward on this timeline, the backward
+                # waits for them: that much latency more.
+                life = np.maximum(last[sel] - first[sel], 1e-9)
+                copies = 2.0 * pairs.copy_ms[sel]
+                held = (lat + copies) / life[:, None]
+                offload = pairs.copy_ms[sel] > 0
+                mem = np.where(offload, mem * np.minimum(held, 1.0), mem)
+                lat = np.where(offload, lat + np.maximum(0.0, copies - (life[:, None] - lat)), lat)
+            for w, width in enumerate(widths):
+                mine = choices[w * per_width : (w + 1) * per_width]
+                lat_w, mem_w = np.ascontiguousarray(lat[:, :width]), np.ascontiguousarray(mem[:, :width])
+                count = np.full(len(sel), width, dtype=np.int64)
+                for codes, factor in zip(mine, factors, strict=False):
+                    result = optimise_rank_arrays(
+                        lat_w,
+                        mem_w,
+                        count,
+                        first[sel],
+                        last[sel],
+                        caps[r] * factor,
+                        time_limit_s=time_limit_s,
+                        relative_gap=self.config.memory_gap,
+                    )
+                    codes[sel] = result.choice
+                    if result.solved:
+                        solve_ms.append(result.solve_ms)
+                mine[-1][sel] = greedy_choice_arrays(lat_w, mem_w, count, first[sel], last[sel], caps[r])
         return choices, solve_ms
 
     def _refit_memory(
@@ -532,7 +623,7 @@ class Planner:
         pairs = prep.pairs
         assert pairs is not None
         n = len(pairs.keys)
-        uniform = [self._problem_for(prep, np.full(n, code, dtype=np.int64)) for code in range(len(STRATEGIES))]
+        uniform = [self._problem_for(prep, np.full(n, code, dtype=np.int64)) for code in range(pairs.latency.shape[1])]
         found: list[_Candidate] = []
         solve_ms: list[float] = []
 
@@ -552,9 +643,16 @@ class Planner:
             mine: list[_Candidate] = []
             for code, plain in enumerate(uniform):
                 codes = np.full(n, code, dtype=np.int64)
+                if code >= len(STRATEGIES) and pairs.chain_gap_ms is not None and pairs.copy_ms is not None:
+                    # Offload only the pairs whose dependency chain leaves room for both copies; the others keep
+                    # the same recompute level in place (a pair right before its own backward would only wait).
+                    level = STRATEGIES.index(code_recompute(code))
+                    room = pairs.chain_gap_ms >= OFFLOAD_MIN_GAP * 2.0 * pairs.copy_ms[:, code]
+                    codes = np.where(room, code, level).astype(np.int64)
+                    plain = self._problem_for(prep, codes)
                 for factor in BASE_CAP_FACTORS:
                     problem = replace(plain, mem_cap_bytes=budget * factor, policy=policy)
-                    label = f"{STRATEGIES[code].value}, {policy_name(policy)}, gate {factor:.0%}"
+                    label = f"{code_label(code)}, {policy_name(policy)}, gate {factor:.0%}"
                     mine.append(add(codes, problem, label))
             if not memory or not n:
                 continue
@@ -793,9 +891,21 @@ class Planner:
         has_pair = pairs.of_stage >= 0
         safe = np.where(has_pair, pairs.of_stage, 0)
         code = np.where(has_pair, codes[safe], 0).tolist() if len(codes) else [0] * len(stages)
-        orders = [[Compute(stages[i], STRATEGIES[code[i]]) for i in seq] for seq in seqs]
+        first = len(STRATEGIES)
+        orders = [
+            [
+                Compute(stages[i], code_recompute(code[i]), offload=code[i] >= first and stages[i].pass_ is Pass.F)
+                for i in seq
+            ]
+            for seq in seqs
+        ]
         plan = assemble_plan(prep.header, orders, prep.shapes.tensors, graph=prep.graph)
-        return plan, simulate(plan, self._stage_costs_for(prep, codes), link=self.link)
+        costs = self._stage_costs_for(prep, codes)
+        if pairs.copy_ms is not None and len(codes) and bool(np.any(codes >= first)):
+            copy = pairs.copy_ms[np.arange(len(codes)), codes]
+            copy_ms = {stages[f]: float(c) for f, c in zip(pairs.forward.tolist(), copy.tolist(), strict=True) if c > 0}
+            plan = place_prefetches(plan, costs.compute_ms, copy_ms)
+        return plan, simulate(plan, costs, link=self.link)
 
     def _fit_memory(
         self,
@@ -863,6 +973,10 @@ class Planner:
         return np.full(n, _FULL, dtype=np.int64), None
 
     def _fits(self, sim: SimResult) -> bool:
+        """Device memory on every rank, and the pinned host memory offloaded activations take (per GPU)."""
+        host = sim.host_peak_bytes
+        if host is not None and bool(np.any(host > self.hardware.host_memory_bytes)):
+            return False
         return bool(np.all(sim.peak_memory_bytes <= self.hardware.memory_bytes))
 
     def baseline_makespans(self, batch: BatchMetadata, names: Sequence[str] | None = None) -> dict[str, float]:

@@ -8,7 +8,7 @@ segment group each stage belongs to (MCTS orders groups; stages of one group sha
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 import numpy as np
@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from pipeweaver.plan.graph import StageGraph
 from pipeweaver.plan.ir import Pass, StageKey
+from pipeweaver.plan.offload import PREFETCH_LEAD
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -82,6 +83,14 @@ class Problem:
     budget: device capacity minus static memory)."""
     policy: int = Policy.ALTERNATE
     """The interleaver's `Policy` for this problem."""
+    offload_bytes: F64 | None = None
+    """Activation offloading (None: no stage pair offloads). Per stage: for a forward, the bytes its copy to host
+    memory frees when it ends (the copy starts at the forward's end, after the rank's earlier copies); for the
+    first backward pass of an offloaded pair, the bytes its prefetch brings back."""
+    offload_ms: F64 | None = None
+    """Per stage, the copy time of those bytes (each direction of a rank's host link carries one copy at a time)."""
+    reload_of: I64 | None = None
+    """Per stage, for the first backward pass of an offloaded pair, its forward's index (-1 otherwise)."""
 
     @property
     def n(self) -> int:
@@ -185,12 +194,14 @@ def _units(stages: tuple[StageKey, ...]) -> I64:
 
 
 def peak_memory(problem: Problem, start: F64, end: F64) -> F64:
-    """Per-rank peak of live activation bytes of a timed schedule (allocated at F start, freed at backward end)."""
+    """Per-rank peak of live activation bytes of a timed schedule (allocated at F start, freed at backward end;
+    offloaded bytes freed when their copy ends and back a copy before the backward, as the interleaver has them)."""
     peaks = np.zeros(problem.pp)
+    host = host_events(problem, start, end)
     for r in range(problem.pp):
         idx = np.flatnonzero(problem.rank == r)
-        times = np.concatenate((start[idx], end[idx]))
-        deltas = np.concatenate((problem.alloc_bytes[idx], -problem.free_bytes[idx]))
+        times = np.concatenate((start[idx], end[idx], host[0][r]))
+        deltas = np.concatenate((problem.alloc_bytes[idx], -problem.free_bytes[idx], host[1][r]))
         # At equal times frees come first (a backward ending as a forward starts).
         order = np.lexsort((deltas, times))
         live = np.cumsum(deltas[order])
@@ -203,3 +214,71 @@ def overflow(problem: Problem, start: F64, end: F64) -> float:
     peaks = peak_memory(problem, start, end)
     caps = np.maximum(problem.mem_cap_bytes, 1.0)
     return float(max(0.0, np.max((peaks - problem.mem_cap_bytes) / caps))) if problem.pp else 0.0
+
+
+def reload_stages(problem: Problem) -> I64:
+    """Per stage, for the first backward pass of each stage pair (B, or I when the backward is split), the index
+    of the pair's forward; -1 for every other stage. What `with_offload` needs."""
+    forward: dict[tuple[str, int, int, int], int] = {}
+    for i, s in enumerate(problem.stages):
+        if s.pass_ is Pass.F:
+            forward[(s.pipeline, s.chunk, s.microbatch, s.sub)] = i
+    out = np.full(problem.n, -1, dtype=np.int64)
+    for i, s in enumerate(problem.stages):
+        if s.pass_ is Pass.B or s.pass_ is Pass.I:
+            out[i] = forward.get((s.pipeline, s.chunk, s.microbatch, s.sub), -1)
+    return out
+
+
+def with_offload(problem: Problem, forward_bytes: F64, copy_ms: F64, reload_of: I64 | None = None) -> Problem:
+    """`problem` with activation offloading: `forward_bytes[i]` and `copy_ms[i]` per stage, nonzero on the
+    forwards that offload (other entries are ignored). `reload_of` from `reload_stages` (computed if missing).
+    A problem without any offloading forward gets no offload arrays (the interleaver's plain path)."""
+    fwd = problem.is_forward.astype(bool) & (forward_bytes > 0)
+    if not fwd.any():
+        return replace(problem, offload_bytes=None, offload_ms=None, reload_of=None)
+    back = reload_stages(problem) if reload_of is None else reload_of
+    source = np.where(back >= 0, back, 0)
+    reloads = (back >= 0) & fwd[source]
+    off_b = np.where(fwd, forward_bytes, 0.0)
+    off_ms = np.where(fwd, copy_ms, 0.0)
+    off_b = np.where(reloads, off_b[source], off_b)
+    off_ms = np.where(reloads, off_ms[source], off_ms)
+    return replace(
+        problem,
+        offload_bytes=off_b.astype(np.float64),
+        offload_ms=off_ms.astype(np.float64),
+        reload_of=np.where(reloads, back, -1).astype(np.int64),
+    )
+
+
+def host_events(problem: Problem, start: F64, end: F64) -> tuple[list[F64], list[F64]]:
+    """Per rank, (times, byte changes) of a timed schedule's offload copies: each offloading forward's bytes leave
+    when its copy ends (copies of a rank in the order the forwards end, one at a time, each from its forward's end),
+    and come back when the prefetch of its first backward pass starts, a copy before that pass."""
+    empty = np.zeros(0)
+    if problem.offload_ms is None or problem.offload_bytes is None or problem.reload_of is None:
+        return [empty] * problem.pp, [empty] * problem.pp
+    times: list[F64] = []
+    deltas: list[F64] = []
+    offloading = (problem.is_forward == 1) & (problem.offload_bytes > 0)
+    for r in range(problem.pp):
+        fwd = np.flatnonzero(offloading & (problem.rank == r))
+        fwd = fwd[np.argsort(end[fwd], kind="stable")]
+        done = np.zeros(len(fwd))
+        free = 0.0
+        for k, i in enumerate(fwd):
+            free = max(float(end[i]), free) + float(problem.offload_ms[i])
+            done[k] = free
+        back = np.flatnonzero((problem.reload_of >= 0) & (problem.rank == r))
+        # As the plans place prefetches (`plan.offload.place_prefetches`): at the start of the stage running
+        # PREFETCH_LEAD copies before the backward (when the rank is busy then).
+        mine = np.flatnonzero(problem.rank == r)
+        mine = mine[np.argsort(start[mine], kind="stable")]
+        issue = start[back] - PREFETCH_LEAD * problem.offload_ms[back]
+        at = np.searchsorted(start[mine], issue, "right") - 1
+        covering = (at >= 0) & (end[mine[np.maximum(at, 0)]] > issue)
+        issue = np.where(covering, start[mine[np.maximum(at, 0)]], issue)
+        times.append(np.concatenate((done, issue)))
+        deltas.append(np.concatenate((-problem.offload_bytes[fwd], problem.offload_bytes[back])))
+    return times, deltas

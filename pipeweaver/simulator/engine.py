@@ -7,6 +7,12 @@ Memory: a forward allocates its activations when it starts; the pass that ends t
 when backward is split; I when there is no W) frees them when it ends. A `CommBatch` allocates its receive buffers
 when posted, as the executor does (`_inputs_in_activations` says until when they count). The loop itself lives in
 `sim_kernel`.
+
+Activation offloading (`Compute.offload`): each rank has a host link with one FIFO per direction. An offloading
+forward's copy to the host starts when the forward ends and the device-to-host direction is free, and its bytes
+are freed when the copy ends; the pair's `Prefetch` issues the copy back (after the copy out and the rank's earlier
+copies back) and allocates the bytes again then; the first backward pass waits for that copy (exposed time). The
+copies run beside the compute stream: they take no compute time.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pipeweaver.plan.ir import (
     Pass,
     Plan,
     PlanHeader,
+    Prefetch,
     StageKey,
     TensorSpec,
 )
@@ -36,10 +43,12 @@ from pipeweaver.simulator.sim_kernel import (
     COMPUTE,
     DEADLOCK,
     POST,
+    PREFETCH,
     WAIT,
     FlatPlan,
     FlatResult,
     FloatArray,
+    merge_host_events,
     run_numba,
     run_reference,
 )
@@ -117,8 +126,15 @@ class LinkModel:
     1/tp of the sequence to its peer GPU (Megatron-LM's pipeline schedules divide the sequence length of the
     tensors they send by tp when sequence parallelism is on), so each GPU receives, holds and carries
     `device_bytes` of a transfer's bytes, over its own link."""
+    host_bandwidth_bytes_per_s: float = math.inf
+    """Each GPU's link to host memory (PCIe), bytes/s per direction: what activation offloading copies over
+    (`HardwareSpec.host_link_bandwidth`)."""
+    host_latency_ms: float = 0.0
+    """Fixed cost of one host copy."""
 
     def __post_init__(self) -> None:
+        if not (self.host_bandwidth_bytes_per_s > 0 and self.host_latency_ms >= 0):
+            raise ValueError("host_bandwidth_bytes_per_s must be positive and host_latency_ms not negative")
         if self.shards < 1:
             raise ValueError(f"shards must be >= 1, got {self.shards}")
         pp = len(self.bandwidth_bytes_per_s)
@@ -141,6 +157,12 @@ class LinkModel:
         """Time to move one GPU's share, `num_bytes` (`device_bytes`), from pipeline rank src to dst."""
         return self.latency_ms + num_bytes / self.bandwidth_bytes_per_s[src][dst] * 1e3
 
+    def host_copy_ms(self, num_bytes: float) -> float:
+        """Time to copy `num_bytes` of one GPU's activations to host memory, or back (0 for nothing)."""
+        if num_bytes <= 0:
+            return 0.0
+        return self.host_latency_ms + num_bytes / self.host_bandwidth_bytes_per_s * 1e3
+
     @staticmethod
     def zero(pp: int) -> LinkModel:
         """Free communication: every transfer takes no time (for tests and compute-only what-ifs)."""
@@ -161,7 +183,17 @@ class LinkModel:
         base = dp_replica * pp * tp
         gpu = [base + r * tp for r in range(pp)]
         table = tuple(tuple(hardware.link_bandwidth(gpu[a], gpu[b]) for b in range(pp)) for a in range(pp))
-        return LinkModel(latency_ms=hardware.p2p_latency_s * 1e3, bandwidth_bytes_per_s=table, shards=tp)
+        return LinkModel(
+            latency_ms=hardware.p2p_latency_s * 1e3,
+            bandwidth_bytes_per_s=table,
+            shards=tp,
+            host_bandwidth_bytes_per_s=hardware.host_link_bandwidth,
+            host_latency_ms=HOST_COPY_LATENCY_MS,
+        )
+
+
+HOST_COPY_LATENCY_MS = 0.01
+"""Fixed cost of one offload or prefetch copy (a cudaMemcpyAsync to pinned memory and its event: ~10 us)."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -182,6 +214,11 @@ class SimResult:
     """Per rank, times at which its memory changes (the first is 0, at static memory)."""
     memory_bytes: tuple[FloatArray, ...]
     """Per rank, memory in use from the matching `memory_time_ms` on."""
+    host_peak_bytes: FloatArray | None = None
+    """Per rank (one GPU), the most offloaded activation bytes held in host memory at once, each from its forward's
+    end to its backward's start; None when nothing offloads."""
+    host_copy_ms: FloatArray | None = None
+    """Per rank, the time its device-to-host direction spends copying (the other direction carries as much)."""
 
     @property
     def pp(self) -> int:
@@ -258,6 +295,14 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
     frees = {p.name: _freeing_pass(header, p.name) for p in header.placement.pipelines}
     inputs_in_activations = _inputs_in_activations(header, frees)
     compute_ms, act_bytes = costs.compute_ms, costs.act_bytes
+    # Host copies (only when some forward offloads): per action, copy time, reloaded forward, prefetched
+    # backward, bytes. An offloading forward copies all its activation bytes.
+    offloads = any(isinstance(a, Compute) and a.offload for rp in plan.ranks for a in rp.actions)
+    offload_ms: list[float] = []
+    reload_ms: list[float] = []
+    reload_of: list[int] = []
+    prefetch_of: list[int] = []
+    host_bytes: list[float] = []
     forward, send = Pass.F, Direction.SEND  # an enum member is a slow attribute lookup (~0.1 us) in this loop
 
     rank_offsets = [0]
@@ -280,6 +325,8 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
         # Per (pipeline, chunk, microbatch, sub) of this rank: [receive bytes its forward's activations take over at
         # its start, bytes its freeing pass releases at its end] (keyed by plain tuples: cheaper to hash than stages).
         held: dict[tuple[str, int, int, int], list[float]] = {}
+        offloaded: dict[tuple[str, int, int, int], int] = {}  # pair -> its offloading forward's action index
+        prefetches: dict[StageKey, int] = {}  # backward stage -> its PREFETCH action's index
         for action in rp.actions:
             index = len(kind)
             lo = hi = 0
@@ -311,6 +358,29 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
                         entry = held.pop(unit, None)
                         if entry is not None:
                             free_b = entry[1]
+                if offloads:
+                    copy_ms, reload = -1.0, 0.0
+                    of = -1
+                    moved = 0.0
+                    unit = (stage.pipeline, stage.chunk, stage.microbatch, stage.sub)
+                    if is_forward:
+                        if action.offload:
+                            moved = act_bytes.get(stage, 0.0)
+                            copy_ms = link.host_copy_ms(moved)
+                            offloaded[unit] = index
+                    else:
+                        of = offloaded.pop(unit, -1)  # the first backward pass of the pair reloads
+                        if of >= 0:
+                            moved = host_bytes[of]
+                            reload = offload_ms[of]
+                            pre = prefetches.pop(stage, -1)
+                            if pre >= 0:
+                                prefetch_of[pre] = index
+                    offload_ms.append(copy_ms)
+                    reload_ms.append(reload)
+                    reload_of.append(of)
+                    prefetch_of.append(-1)
+                    host_bytes.append(moved)
                 kind.append(COMPUTE)
             elif isinstance(action, CommBatch):
                 if action.handle in batches:
@@ -342,12 +412,21 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
                 hi = len(op_action)
                 batches[action.handle] = (lo, hi)
                 kind.append(POST)
+            elif isinstance(action, Prefetch):
+                prefetches[action.stage] = index  # resolved when the backward comes; an unmatched one does nothing
+                kind.append(PREFETCH)
             else:
                 if action.handle not in batches:
                     message = f"rank {r} waits for batch #{action.handle} before posting it"
                     raise InvalidPlan(_render(plan, r, action, message))
                 lo, hi = batches[action.handle]
                 kind.append(WAIT)
+            if offloads and not isinstance(action, Compute):
+                offload_ms.append(-1.0)
+                reload_ms.append(0.0)
+                reload_of.append(-1)
+                prefetch_of.append(-1)
+                host_bytes.append(0.0)
             duration.append(ms)
             alloc.append(alloc_b)
             free.append(free_b)
@@ -394,6 +473,15 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
             prev = tr
     static = list(costs.static_bytes) if costs.static_bytes else [0.0] * pp
     i64, f64 = np.int64, np.float64
+    host: dict[str, np.ndarray] = {}
+    if offloads:
+        host = {
+            "offload_ms": np.array(offload_ms, f64),
+            "reload_ms": np.array(reload_ms, f64),
+            "reload_of": np.array(reload_of, i64),
+            "prefetch_of": np.array(prefetch_of, i64),
+            "host_bytes": np.array(host_bytes, f64),
+        }
     return FlatPlan(
         rank_offsets=np.array(rank_offsets, i64),
         kind=np.array(kind, i64),
@@ -408,6 +496,7 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
         transfer_prev=np.array(transfer_prev, i64),
         static_bytes=np.array(static, f64),
         op_action=np.array(op_action, i64),
+        **host,
     )
 
 
@@ -421,7 +510,7 @@ def run_flat(flat: FlatPlan, *, use_numba: bool = True) -> FlatResult:
 def simulate(plan: Plan, costs: StageCosts, *, link: LinkModel, use_numba: bool = True) -> SimResult:
     """Simulate `plan`; raises `InvalidPlan` when it deadlocks or its transfers do not pair up."""
     flat = flatten(plan, costs, link)
-    out = run_flat(flat, use_numba=use_numba)
+    out = merge_host_events(flat, run_flat(flat, use_numba=use_numba))
     if out.status == DEADLOCK:
         raise InvalidPlan(_render_deadlock(plan, flat, out))
     return to_result(flat, out)
@@ -444,7 +533,25 @@ def to_result(flat: FlatPlan, out: FlatResult) -> SimResult:
         peak_memory_bytes=out.peak_bytes,
         memory_time_ms=tuple(out.event_time_ms[lo : lo + n] for lo, n in spans),
         memory_bytes=tuple(out.event_bytes[lo : lo + n] for lo, n in spans),
+        **_host_usage(flat, out),
     )
+
+
+def _host_usage(flat: FlatPlan, out: FlatResult) -> dict[str, FloatArray]:
+    if flat.offload_ms is None or flat.reload_of is None or flat.host_bytes is None:
+        return {}
+    rank_of = np.repeat(np.arange(flat.pp), np.diff(flat.rank_offsets))
+    back = np.flatnonzero(flat.reload_of >= 0)
+    fwd = flat.reload_of[back]
+    peak = np.zeros(flat.pp)
+    busy = np.bincount(rank_of, weights=np.maximum(flat.offload_ms, 0.0), minlength=flat.pp).astype(np.float64)
+    for r in range(flat.pp):
+        mine = rank_of[back] == r
+        t = np.concatenate((out.end_ms[fwd[mine]], out.start_ms[back[mine]]))
+        d = np.concatenate((flat.host_bytes[fwd[mine]], -flat.host_bytes[back[mine]]))
+        order = np.lexsort((d, t))
+        peak[r] = float(np.cumsum(d[order]).max(initial=0.0))
+    return {"host_peak_bytes": peak, "host_copy_ms": busy}
 
 
 # ---- error rendering ---------------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ POST = 1
 buffers)."""
 WAIT = 2
 """Action kind: block until every op of a posted batch has completed."""
+PREFETCH = 3
+"""Action kind: start copying an offloaded pair's activations back from host memory (takes no time on the rank;
+the copy queues on the rank's host-to-device direction)."""
 
 OK = 0
 DEADLOCK = 1
@@ -59,6 +62,25 @@ class FlatPlan:
     """Per rank, memory held for the whole step."""
     op_action: IntArray
     """Per op, the POST action that posts it (for error messages only; the kernels do not read it)."""
+    offload_ms: FloatArray | None = None
+    """Per action, the device-to-host copy time of an offloading forward's activations (-1: none). The copy starts
+    when the forward ends and its rank's D2H direction is free (FIFO); the bytes are freed when it ends. None: no
+    action offloads (every offload array below is None too)."""
+    reload_ms: FloatArray | None = None
+    """Per action, the host-to-device copy time of a reloading backward (the first backward pass of an offloaded
+    pair; 0: none)."""
+    reload_of: IntArray | None = None
+    """Per action, the offloading forward whose activations a reloading backward brings back (-1: none)."""
+    prefetch_of: IntArray | None = None
+    """Per PREFETCH action, the reloading backward it prefetches for (-1 otherwise). A reloading backward without
+    one issues its own copy when it is reached, and waits for all of it."""
+    host_bytes: FloatArray | None = None
+    """Per action, the bytes an offloading forward frees when its copy ends, or a reloading backward allocates
+    when its prefetch is issued (memory events of the copies; see `merge_host_events`)."""
+
+    @property
+    def offloads(self) -> bool:
+        return self.offload_ms is not None
 
     @property
     def pp(self) -> int:
@@ -90,6 +112,10 @@ class FlatResult:
     event_count: IntArray
     pc: IntArray
     """Per rank, the first action not executed (rank_offsets[r+1] when the rank finished)."""
+    d2h_end_ms: FloatArray | None = None
+    """Per action, when an offloading forward's device-to-host copy ended (its bytes are freed then)."""
+    reload_issue_ms: FloatArray | None = None
+    """Per action, when a reloading backward's prefetch was issued (its bytes are allocated then)."""
 
 
 _Outputs = tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, IntArray, IntArray, IntArray]
@@ -129,6 +155,26 @@ def _record(r: int, delta: float, t: float, mem: Any) -> None:  # pragma: no cov
     event_count[r] += 1
 
 
+def _issue(
+    b: int,
+    r: int,
+    t: float,
+    issued: Any,
+    h2d_free: Any,
+    h2d_end: Any,
+    d2h_end: Any,
+    reload_of: Any,
+    reload_ms: Any,
+    reload_issue: Any,
+) -> None:  # pragma: no cover - numba
+    """Issue backward b's copy back at t: it starts once its offload copy and rank r's earlier copies back end."""
+    issued[b] = True
+    begin = max(t, h2d_free[r], d2h_end[reload_of[b]])
+    h2d_end[b] = begin + reload_ms[b]
+    h2d_free[r] = h2d_end[b]
+    reload_issue[b] = t
+
+
 def _kernel(
     rank_offsets: Any,
     kind: Any,
@@ -151,6 +197,12 @@ def _kernel(
     event_bytes: Any,
     event_count: Any,
     pc: Any,
+    offload_ms: Any,
+    reload_ms: Any,
+    reload_of: Any,
+    prefetch_of: Any,
+    d2h_end: Any,
+    reload_issue: Any,
 ) -> int:
     """Round-robin dry run; fills the output arrays in place and returns OK or DEADLOCK.
 
@@ -174,6 +226,12 @@ def _kernel(
         event_bytes[event_offsets[r]] = static_bytes[r]
         event_count[r] = 1
     mem = (memory, peak_bytes, event_offsets, event_count, event_time_ms, event_bytes)
+    # Host link per rank, one FIFO per direction: when each is next free; per reloading action, its copy's end.
+    d2h_free = np.zeros(pp, np.float64)
+    h2d_free = np.zeros(pp, np.float64)
+    h2d_end = np.zeros(kind.shape[0], np.float64)
+    issued = np.zeros(kind.shape[0], np.bool_)  # per reloading backward: its copy back has been issued
+    offloads = offload_ms.shape[0] > 0
     while True:
         progress = False
         finished = True
@@ -184,6 +242,11 @@ def _kernel(
             while i < hi:
                 k = kind[i]
                 if k == 0:  # COMPUTE
+                    if offloads and reload_of[i] >= 0:
+                        if not issued[i]:  # no prefetch: the copy starts now
+                            _issue(i, r, t, issued, h2d_free, h2d_end, d2h_end, reload_of, reload_ms, reload_issue)
+                        if h2d_end[i] > t:
+                            t = h2d_end[i]  # the backward waits for its copy
                     start_ms[i] = t
                     if alloc_bytes[i] != 0.0:
                         _record(r, alloc_bytes[i], t, mem)
@@ -192,6 +255,10 @@ def _kernel(
                     end_ms[i] = t
                     if free_bytes[i] != 0.0:  # memory only falls: the peak check inside is a no-op
                         _record(r, -free_bytes[i], t, mem)
+                    if offloads and offload_ms[i] >= 0.0:
+                        begin = max(t, d2h_free[r])
+                        d2h_end[i] = begin + offload_ms[i]
+                        d2h_free[r] = d2h_end[i]
                 elif k == 1:  # POST
                     if alloc_bytes[i] != 0.0:
                         _record(r, alloc_bytes[i], t, mem)
@@ -206,6 +273,12 @@ def _kernel(
                             if prev >= 0 and transfer_end[prev] > begin:
                                 begin = transfer_end[prev]
                             transfer_end[tr] = begin + transfer_ms[tr]
+                    start_ms[i] = t
+                    end_ms[i] = t
+                elif k == 3:  # PREFETCH
+                    b = prefetch_of[i]
+                    if b >= 0 and not issued[b]:
+                        _issue(b, r, t, issued, h2d_free, h2d_end, d2h_end, reload_of, reload_ms, reload_issue)
                     start_ms[i] = t
                     end_ms[i] = t
                 else:  # WAIT
@@ -239,7 +312,8 @@ _numba_kernel: Any
 try:
     import numba
 
-    _record = numba.njit(cache=True)(_record)  # before the kernel: it calls the compiled helper by this name
+    _record = numba.njit(cache=True)(_record)  # before the kernel: it calls the compiled helpers by these names
+    _issue = numba.njit(cache=True)(_issue)
     _numba_kernel = numba.njit(cache=True)(_kernel)  # one signature: int64 and float64 arrays only
 except ModuleNotFoundError:  # the trainer side installs no numba; it never simulates
     _numba_kernel = None
@@ -250,6 +324,10 @@ def run_numba(flat: FlatPlan) -> FlatResult:
     if _numba_kernel is None:
         raise ModuleNotFoundError("numba is missing: pip install 'pipeweaver[server]', or use_numba=False")
     start, end, busy, peak, ev_t, ev_b, ev_off, ev_n, pc = _outputs(flat)
+    n = flat.num_actions
+    d2h_end = np.zeros(n if flat.offloads else 0, np.float64)
+    reload_issue = np.zeros(n if flat.offloads else 0, np.float64)
+    f0, i0 = np.zeros(0, np.float64), np.zeros(0, np.int64)
     status = _numba_kernel(
         flat.rank_offsets,
         flat.kind,
@@ -272,8 +350,16 @@ def run_numba(flat: FlatPlan) -> FlatResult:
         ev_b,
         ev_n,
         pc,
+        flat.offload_ms if flat.offload_ms is not None else f0,
+        flat.reload_ms if flat.reload_ms is not None else f0,
+        flat.reload_of if flat.reload_of is not None else i0,
+        flat.prefetch_of if flat.prefetch_of is not None else i0,
+        d2h_end,
+        reload_issue,
     )
-    return FlatResult(int(status), start, end, busy, peak, ev_t, ev_b, ev_off, ev_n, pc)
+    if not flat.offloads:
+        return FlatResult(int(status), start, end, busy, peak, ev_t, ev_b, ev_off, ev_n, pc)
+    return FlatResult(int(status), start, end, busy, peak, ev_t, ev_b, ev_off, ev_n, pc, d2h_end, reload_issue)
 
 
 # ---- pure-Python twin --------------------------------------------------------------------------------------
@@ -314,6 +400,22 @@ def run_reference(flat: FlatPlan) -> FlatResult:
             transfer_end[t] = begin + transfer_ms[t]
         return transfer_end[chain[0]] if chain else transfer_end[tr]
 
+    offloads = flat.offloads
+    offload_ms = flat.offload_ms.tolist() if flat.offload_ms is not None else []
+    reload_ms = flat.reload_ms.tolist() if flat.reload_ms is not None else []
+    reload_of = flat.reload_of.tolist() if flat.reload_of is not None else []
+    prefetch_of = flat.prefetch_of.tolist() if flat.prefetch_of is not None else []
+    d2h_free = [0.0] * pp  # each rank's host link, one FIFO per direction
+    h2d_free = [0.0] * pp
+    d2h_end = [0.0] * len(kind)
+    h2d_end: dict[int, float] = {}  # per reloading backward whose copy back was issued, when that copy ends
+    reload_issue = [0.0] * len(kind)
+
+    def issue(b: int, r: int, t: float) -> None:
+        h2d_end[b] = max(t, h2d_free[r], d2h_end[reload_of[b]]) + reload_ms[b]
+        h2d_free[r] = h2d_end[b]
+        reload_issue[b] = t
+
     start = [0.0] * len(kind)
     end = [0.0] * len(kind)
     clock = [0.0] * pp
@@ -327,6 +429,10 @@ def run_reference(flat: FlatPlan) -> FlatResult:
         """Execute action i of rank r if it can run now; False when it must wait for a peer."""
         t = clock[r]
         if kind[i] == COMPUTE:
+            if offloads and reload_of[i] >= 0:
+                if i not in h2d_end:
+                    issue(i, r, t)
+                t = max(t, h2d_end[i])
             if alloc[i] != 0.0:
                 memory[r] += alloc[i]
                 peak[r] = max(peak[r], memory[r])
@@ -337,6 +443,14 @@ def run_reference(flat: FlatPlan) -> FlatResult:
             if free[i] != 0.0:
                 memory[r] -= free[i]
                 events[r].append((end[i], memory[r]))
+            if offloads and offload_ms[i] >= 0.0:
+                d2h_end[i] = max(end[i], d2h_free[r]) + offload_ms[i]
+                d2h_free[r] = d2h_end[i]
+        elif kind[i] == PREFETCH:
+            b = prefetch_of[i]
+            if b >= 0 and b not in h2d_end:
+                issue(b, r, t)
+            start[i] = end[i] = t
         elif kind[i] == POST:
             if alloc[i] != 0.0:
                 memory[r] += alloc[i]
@@ -382,4 +496,60 @@ def run_reference(flat: FlatPlan) -> FlatResult:
         event_offsets=ev_off,
         event_count=np.array([len(e) for e in events], np.int64),
         pc=np.array(pc, np.int64),
+        d2h_end_ms=np.array(d2h_end, np.float64) if offloads else None,
+        reload_issue_ms=np.array(reload_issue, np.float64) if offloads else None,
+    )
+
+
+# ---- host-copy memory events -------------------------------------------------------------------------------
+
+
+def merge_host_events(flat: FlatPlan, out: FlatResult) -> FlatResult:
+    """`out` with the memory events of host copies merged into each rank's timeline, in time order.
+
+    The kernels record a rank's memory in the order its actions run, which is time order; an offloaded forward's
+    bytes are freed later, when its device-to-host copy ends, and a reloading backward's bytes come back when its
+    prefetch is issued, before it starts. Those events land here, as changes on top of the action timeline (a
+    stable sort by time, so equal times keep the actions' events first); the peak is the largest merged level.
+    """
+    if not flat.offloads or out.d2h_end_ms is None or out.reload_issue_ms is None:
+        return out
+    assert flat.offload_ms is not None and flat.reload_of is not None and flat.host_bytes is not None
+    host = flat.host_bytes
+    offloading = np.flatnonzero(flat.offload_ms >= 0.0)
+    reloading = np.flatnonzero(flat.reload_of >= 0)
+    rank_of = np.repeat(np.arange(flat.pp), np.diff(flat.rank_offsets))
+    times: list[FloatArray] = []
+    levels: list[FloatArray] = []
+    peak = np.zeros(flat.pp, np.float64)
+    for r in range(flat.pp):
+        lo, n = int(out.event_offsets[r]), int(out.event_count[r])
+        t0, b0 = out.event_time_ms[lo : lo + n], out.event_bytes[lo : lo + n]
+        delta0 = np.diff(b0, prepend=0.0)
+        frees = offloading[rank_of[offloading] == r]
+        frees = frees[out.pc[r] > frees]  # only copies that ran (a deadlocked run stops early)
+        loads = reloading[rank_of[reloading] == r]
+        loads = loads[out.pc[r] > loads]
+        t = np.concatenate((t0, out.d2h_end_ms[frees], out.reload_issue_ms[loads]))
+        d = np.concatenate((delta0, -host[frees], host[loads]))
+        order = np.argsort(t, kind="stable")
+        level = np.cumsum(d[order])
+        times.append(t[order])
+        levels.append(level)
+        peak[r] = float(level.max()) if level.size else 0.0
+    counts = np.array([len(t) for t in times], np.int64)
+    offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    return FlatResult(
+        status=out.status,
+        start_ms=out.start_ms,
+        end_ms=out.end_ms,
+        busy_ms=out.busy_ms,
+        peak_bytes=peak,
+        event_time_ms=np.concatenate(times) if times else np.zeros(0),
+        event_bytes=np.concatenate(levels) if levels else np.zeros(0),
+        event_offsets=offsets,
+        event_count=counts,
+        pc=out.pc,
+        d2h_end_ms=out.d2h_end_ms,
+        reload_issue_ms=out.reload_issue_ms,
     )

@@ -30,9 +30,26 @@ class HardwareSpec:
     """Fixed cost of one point-to-point transfer (launch + synchronisation)."""
     dtype_bytes: int = 2
     """Bytes per activation element of the training dtype (bf16: 2; cpu/gloo float32: 4)."""
+    host_link_bandwidth: float = 26 * GB
+    """Per-GPU, per-direction bandwidth between device and pinned host memory, bytes/s, with every GPU of the node
+    copying at once: what activation offloading gets. A PCIe Gen5 x16 link moves ~50-55 GB/s per direction for
+    one GPU alone, but HGX H100/H800 boards put two GPUs (and their NICs) behind one Gen5 x16 switch uplink to the
+    CPU, and pipeline ranks offload at the same time, so the default is half of that: 26 GB/s. Eight GPUs moving
+    26 GB/s each way also take ~420 GB/s of a two-socket host's DRAM bandwidth, about all of it."""
+    host_memory_bytes: float = 200 * GB
+    """Pinned host memory one GPU may fill with offloaded activations: a DGX/HGX H100 or H800 node has 2 TB of
+    host memory for 8 GPUs (256 GB each), less the OS, data loading and the runtime's own buffers."""
 
     def __post_init__(self) -> None:
-        for name in ("peak_flops", "hbm_bandwidth", "memory_bytes", "nvlink_bandwidth", "internode_bandwidth"):
+        for name in (
+            "peak_flops",
+            "hbm_bandwidth",
+            "memory_bytes",
+            "nvlink_bandwidth",
+            "internode_bandwidth",
+            "host_link_bandwidth",
+            "host_memory_bytes",
+        ):
             value = getattr(self, name)
             require(value > 0, f"hardware '{self.name}': {name} must be positive, got {value}")
         require(self.gpus_per_node >= 1, f"hardware '{self.name}': gpus_per_node must be at least 1")

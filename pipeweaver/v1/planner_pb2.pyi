@@ -500,6 +500,8 @@ class HardwareSpec(_message.Message):
     GPUS_PER_NODE_FIELD_NUMBER: _builtins.int
     P2P_LATENCY_S_FIELD_NUMBER: _builtins.int
     DTYPE_BYTES_FIELD_NUMBER: _builtins.int
+    HOST_LINK_BANDWIDTH_FIELD_NUMBER: _builtins.int
+    HOST_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     peak_flops: _builtins.float
     """Dense bf16 FLOP/s."""
@@ -511,6 +513,11 @@ class HardwareSpec(_message.Message):
     """Defaults: 8 GPUs per node, 10 us per point-to-point transfer, 2-byte (bf16) activations."""
     p2p_latency_s: _builtins.float
     dtype_bytes: _builtins.int
+    host_link_bandwidth: _builtins.float
+    """Per-GPU, per-direction device <-> pinned host memory bandwidth with every GPU of the node copying (bytes/s),
+    and the pinned host memory one GPU may fill with offloaded activations (bytes). Defaults: 26 GB/s, 200 GB.
+    """
+    host_memory_bytes: _builtins.float
     def __init__(
         self,
         *,
@@ -523,21 +530,31 @@ class HardwareSpec(_message.Message):
         gpus_per_node: _builtins.int | None = ...,
         p2p_latency_s: _builtins.float | None = ...,
         dtype_bytes: _builtins.int | None = ...,
+        host_link_bandwidth: _builtins.float | None = ...,
+        host_memory_bytes: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_dtype_bytes", b"_dtype_bytes", "_gpus_per_node", b"_gpus_per_node", "_p2p_latency_s", b"_p2p_latency_s", "dtype_bytes", b"dtype_bytes", "gpus_per_node", b"gpus_per_node", "p2p_latency_s", b"p2p_latency_s"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dtype_bytes", b"_dtype_bytes", "_gpus_per_node", b"_gpus_per_node", "_host_link_bandwidth", b"_host_link_bandwidth", "_host_memory_bytes", b"_host_memory_bytes", "_p2p_latency_s", b"_p2p_latency_s", "dtype_bytes", b"dtype_bytes", "gpus_per_node", b"gpus_per_node", "host_link_bandwidth", b"host_link_bandwidth", "host_memory_bytes", b"host_memory_bytes", "p2p_latency_s", b"p2p_latency_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dtype_bytes", b"_dtype_bytes", "_gpus_per_node", b"_gpus_per_node", "_p2p_latency_s", b"_p2p_latency_s", "dtype_bytes", b"dtype_bytes", "gpus_per_node", b"gpus_per_node", "hbm_bandwidth", b"hbm_bandwidth", "internode_bandwidth", b"internode_bandwidth", "memory_bytes", b"memory_bytes", "name", b"name", "nvlink_bandwidth", b"nvlink_bandwidth", "p2p_latency_s", b"p2p_latency_s", "peak_flops", b"peak_flops"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dtype_bytes", b"_dtype_bytes", "_gpus_per_node", b"_gpus_per_node", "_host_link_bandwidth", b"_host_link_bandwidth", "_host_memory_bytes", b"_host_memory_bytes", "_p2p_latency_s", b"_p2p_latency_s", "dtype_bytes", b"dtype_bytes", "gpus_per_node", b"gpus_per_node", "hbm_bandwidth", b"hbm_bandwidth", "host_link_bandwidth", b"host_link_bandwidth", "host_memory_bytes", b"host_memory_bytes", "internode_bandwidth", b"internode_bandwidth", "memory_bytes", b"memory_bytes", "name", b"name", "nvlink_bandwidth", b"nvlink_bandwidth", "p2p_latency_s", b"p2p_latency_s", "peak_flops", b"peak_flops"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dtype_bytes: _TypeAlias = _typing.Literal["dtype_bytes"]  # noqa: Y015
     _WhichOneofArgType__dtype_bytes: _TypeAlias = _typing.Literal["_dtype_bytes", b"_dtype_bytes"]  # noqa: Y015
     _WhichOneofReturnType__gpus_per_node: _TypeAlias = _typing.Literal["gpus_per_node"]  # noqa: Y015
     _WhichOneofArgType__gpus_per_node: _TypeAlias = _typing.Literal["_gpus_per_node", b"_gpus_per_node"]  # noqa: Y015
+    _WhichOneofReturnType__host_link_bandwidth: _TypeAlias = _typing.Literal["host_link_bandwidth"]  # noqa: Y015
+    _WhichOneofArgType__host_link_bandwidth: _TypeAlias = _typing.Literal["_host_link_bandwidth", b"_host_link_bandwidth"]  # noqa: Y015
+    _WhichOneofReturnType__host_memory_bytes: _TypeAlias = _typing.Literal["host_memory_bytes"]  # noqa: Y015
+    _WhichOneofArgType__host_memory_bytes: _TypeAlias = _typing.Literal["_host_memory_bytes", b"_host_memory_bytes"]  # noqa: Y015
     _WhichOneofReturnType__p2p_latency_s: _TypeAlias = _typing.Literal["p2p_latency_s"]  # noqa: Y015
     _WhichOneofArgType__p2p_latency_s: _TypeAlias = _typing.Literal["_p2p_latency_s", b"_p2p_latency_s"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dtype_bytes) -> _WhichOneofReturnType__dtype_bytes | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__gpus_per_node) -> _WhichOneofReturnType__gpus_per_node | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__host_link_bandwidth) -> _WhichOneofReturnType__host_link_bandwidth | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__host_memory_bytes) -> _WhichOneofReturnType__host_memory_bytes | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__p2p_latency_s) -> _WhichOneofReturnType__p2p_latency_s | None: ...
 
@@ -693,7 +710,12 @@ class Compute(_message.Message):
 
     STAGE_FIELD_NUMBER: _builtins.int
     RECOMPUTE_FIELD_NUMBER: _builtins.int
+    OFFLOAD_FIELD_NUMBER: _builtins.int
     recompute: Global___Recompute.ValueType
+    offload: _builtins.bool
+    """A forward only: copy what it keeps for its backward to host memory (on a side stream) and free the device
+    copy; a Prefetch brings it back before the pair's first backward pass. Unset means false.
+    """
     @_builtins.property
     def stage(self) -> Global___StageKey: ...
     def __init__(
@@ -701,14 +723,39 @@ class Compute(_message.Message):
         *,
         stage: Global___StageKey | None = ...,
         recompute: Global___Recompute.ValueType = ...,
+        offload: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["stage", b"stage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["recompute", b"recompute", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offload", b"offload", "recompute", b"recompute", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Compute: _TypeAlias = Compute  # noqa: Y015
+
+@_typing.final
+class Prefetch(_message.Message):
+    """Start copying the offloaded activations of `stage`'s pair back to the device; `stage` is the pair's first
+    backward pass, which waits for the copy.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def stage(self) -> Global___StageKey: ...
+    def __init__(
+        self,
+        *,
+        stage: Global___StageKey | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stage", b"stage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Prefetch: _TypeAlias = Prefetch  # noqa: Y015
 
 @_typing.final
 class TensorSpec(_message.Message):
@@ -829,24 +876,28 @@ class Action(_message.Message):
     COMPUTE_FIELD_NUMBER: _builtins.int
     COMM_BATCH_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
+    PREFETCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def compute(self) -> Global___Compute: ...
     @_builtins.property
     def comm_batch(self) -> Global___CommBatch: ...
     @_builtins.property
     def wait(self) -> Global___Wait: ...
+    @_builtins.property
+    def prefetch(self) -> Global___Prefetch: ...
     def __init__(
         self,
         *,
         compute: Global___Compute | None = ...,
         comm_batch: Global___CommBatch | None = ...,
         wait: Global___Wait | None = ...,
+        prefetch: Global___Prefetch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "comm_batch", b"comm_batch", "compute", b"compute", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "comm_batch", b"comm_batch", "compute", b"compute", "prefetch", b"prefetch", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "comm_batch", b"comm_batch", "compute", b"compute", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "comm_batch", b"comm_batch", "compute", b"compute", "prefetch", b"prefetch", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["compute", "comm_batch", "wait"]  # noqa: Y015
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["compute", "comm_batch", "wait", "prefetch"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 

@@ -32,7 +32,7 @@ from pipeweaver.errors import InvalidPlan
 from pipeweaver.plan.assemble import assemble_plan
 from pipeweaver.plan.fuse import fuse_sends_with_next_receives, has_fused_batches
 from pipeweaver.plan.graph import stage_graph
-from pipeweaver.plan.ir import Compute, Pass, Plan, PlanHeader, PlanSource, Recompute, Wait
+from pipeweaver.plan.ir import Compute, Pass, Plan, PlanHeader, PlanSource, Prefetch, Recompute, Wait
 from pipeweaver.plan.layouts import RankOrder, modular_placement, split_sub_microbatches
 from pipeweaver.plan.shapes import TransferShapes
 from pipeweaver.spec import BatchMetadata, Microbatch, ModelSpec, Workload
@@ -56,7 +56,13 @@ WORKLOADS: dict[str, Callable[[], Workload]] = {
     "tiny-t2v": _tiny(presets.tiny_t2v),
 }
 BASELINE_NAMES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv", "optimus-coarse", "nnscaler-static")
-OWN_PLANS = ("modular-sub-recompute", "split-backward-deferred-w", "searched-recompute")
+OWN_PLANS = (
+    "modular-sub-recompute",
+    "split-backward-deferred-w",
+    "searched-recompute",
+    "modular-sub-offload",
+    "split-backward-offload",
+)
 SUB_SIZES = {"vit": 3, "dit": 1}
 """Sub-microbatch sizes that split most microbatches (images per ViT sub, clips per DiT sub)."""
 COARSE_SIZES = {"vit": 8, "dit": 2}
@@ -80,6 +86,31 @@ def with_recompute(plan: Plan, rule: Callable[[int, int], Recompute]) -> Plan:
 
 def mixed_recompute(mb: int, sub: int) -> Recompute:
     return (Recompute.FULL, Recompute.SELECTIVE, Recompute.NONE)[(mb + sub) % 3]
+
+
+def with_offload(plan: Plan) -> Plan:
+    """The same plan with two of every three units offloading their forward's activations (one under NONE, one
+    under SELECTIVE recompute; the third recomputes fully), prefetched a copy's worth of computes ahead (unit
+    costs: a copy takes as long as one compute in odd microbatches, no time in even ones, whose prefetches come
+    right before their backward)."""
+    from pipeweaver.plan.offload import place_prefetches
+
+    def strategy(mb: int, sub: int) -> tuple[Recompute, bool]:
+        return ((Recompute.NONE, True), (Recompute.SELECTIVE, True), (Recompute.FULL, False))[(mb + 2 * sub) % 3]
+
+    ranks = []
+    for rp in plan.ranks:
+        actions = []
+        for a in rp.actions:
+            if isinstance(a, Compute):
+                rc, off = strategy(a.stage.microbatch, a.stage.sub)
+                a = replace(a, recompute=rc, offload=off and a.stage.pass_ is Pass.F)
+            actions.append(a)
+        ranks.append(replace(rp, actions=tuple(actions), predicted_ms=()))
+    plan = replace(plan, ranks=tuple(ranks))
+    stages = [a.stage for rp in plan.ranks for a in rp.actions if isinstance(a, Compute)]
+    copies = {s: float(s.microbatch % 2) for s in stages if s.pass_ is Pass.F}  # 0: right before the backward
+    return place_prefetches(plan, dict.fromkeys(stages, 1.0), copies)
 
 
 def topological_plan(
@@ -208,6 +239,14 @@ def build_suite() -> Suite:
             lambda mb, s: (Recompute.FULL, Recompute.NONE, Recompute.SELECTIVE)[(mb + 2 * s) % 3],
         )
         suite.jobs.append(Job(f"{wname}/split-backward-deferred-w", wl.model, split, plain))
+        offload = with_offload(
+            topological_plan(wl.model, stripped, SUB_SIZES, split_backward=False, order=RankOrder.ROUND_ROBIN)
+        )
+        suite.jobs.append(Job(f"{wname}/modular-sub-offload", wl.model, offload, stripped))
+        split_offload = with_offload(
+            topological_plan(wl.model, plain, COARSE_SIZES, split_backward=True, order=RankOrder.V_SHAPE)
+        )
+        suite.jobs.append(Job(f"{wname}/split-backward-offload", wl.model, split_offload, plain))
         try:
             searched = with_recompute(searched_plan(wl, stripped), mixed_recompute)
         except Exception as e:  # the search is another engineer's moving target: report, do not hide
@@ -291,6 +330,7 @@ def _run_job(rank: int, job: Job, executors: dict[Any, PipelineExecutor]) -> dic
         "reason": stats.fallback_reason,
         "wall_ms": stats.wall_ms,
         "one_communicator": stats.one_communicator,
+        "offloaded_bytes": stats.offloaded_bytes,
     }
     if job.mode == "optimizer":
         out["params"] = {n: p.detach().clone() for n, p in ex.named_parameters()}
@@ -431,6 +471,17 @@ def test_own_plans_exercise_what_they_claim(results: Results) -> None:
         assert kinds == set(Recompute)
         split = results.job(f"{w}/split-backward-deferred-w")
         assert split.plan.header.split_backward
+        # The offloading plans offloaded (bytes went to the host copies on some rank) and prefetch some backwards
+        # early, others right before they run; their gradients equal the reference's (above).
+        for case in ("modular-sub-offload", "split-backward-offload"):
+            job = results.job(f"{w}/{case}")
+            assert job.plan.offloaded()
+            assert sum(r[f"{w}/{case}"]["offloaded_bytes"] for r in results.per_rank) > 0
+            leads = []
+            for rp in job.plan.ranks:
+                steps = {a.stage: i for i, a in enumerate(rp.actions) if isinstance(a, Compute)}
+                leads += [steps[a.stage] - i for i, a in enumerate(rp.actions) if isinstance(a, Prefetch)]
+            assert leads and min(leads) == 1 and max(leads) > 1
         # The fused plan has batches that send and receive, and it ran on the pipeline's one communicator; the plain
         # one ran on the pair groups.
         fused = results.job(f"{w}/1f1b-fused")

@@ -193,3 +193,43 @@ def test_public_surface() -> None:
     ]
     for name in client.__all__:  # the gRPC side loads lazily; every name must still resolve
         assert getattr(client, name) is not None, name
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(WORKLOADS))
+@pytest.mark.parametrize("split", [False, True])
+def test_offloading_plan_gives_the_gradients_of_the_same_plan_without(device: str, name: str, split: bool) -> None:
+    """The local plan with every NONE and SELECTIVE unit offloading its forward (prefetched a compute or more
+    ahead, or right before the backward): the same loss and gradients as the plan without offloading, on this
+    machine's CPU and, where there is one, a CUDA device (side streams, pinned host memory)."""
+    from pipeweaver.plan.offload import place_prefetches
+
+    wl = small(name)
+    batch = sample_batch(wl, seed=5)
+    plain = local_plan(wl.model, batch, mixed=False, split=split)
+    ranks = []
+    for rp in plain.ranks:
+        actions = tuple(
+            replace(a, offload=a.stage.pass_ is Pass.F and a.recompute is not Recompute.FULL)
+            if isinstance(a, Compute)
+            else a
+            for a in rp.actions
+        )
+        ranks.append(replace(rp, actions=actions))
+    stages = [a.stage for a in plain.ranks[0].actions if isinstance(a, Compute)]
+    copies = {s: float(s.microbatch) for s in stages if s.pass_ is Pass.F}  # microbatch 0: right before
+    offloaded = place_prefetches(replace(plain, ranks=tuple(ranks)), dict.fromkeys(stages, 1.0), copies)
+    assert offloaded.offloaded()
+    results = []
+    for plan in (plain, offloaded):
+        ex = PipelineExecutor(wl.model, plan.header.placement, 0, device=torch.device(device))
+        stats = ex.run_iteration(plan, batch)
+        results.append((stats, ex.gradients()))
+    (base, want), (stats, got) = results
+    assert stats.offloaded_bytes > 0 and base.offloaded_bytes == 0
+    assert stats.loss == pytest.approx(base.loss, rel=1e-6)
+    for k, w in want.items():
+        torch.testing.assert_close(got[k], w, rtol=1e-6, atol=1e-6 * float(w.abs().max()), msg=k)

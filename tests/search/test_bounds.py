@@ -28,7 +28,7 @@ from pipeweaver.search.bounds import (
     lower_bound_parts,
 )
 from pipeweaver.search.planner import Planner, SearchConfig
-from pipeweaver.search.problem import Problem, build_problem
+from pipeweaver.search.problem import Problem, build_problem, with_offload
 from pipeweaver.spec import BatchMetadata
 from pipeweaver.spec.workload import Workload
 from tests.search.pipelines import small_batch, uniform_pipeline_header
@@ -308,3 +308,46 @@ def test_cp_sat_returns_the_schedule_it_reports() -> None:
         mine = sorted(np.flatnonzero(p.rank == r), key=lambda i: start[i])
         assert all(start[b] >= end[a] - 1e-9 for a, b in pairwise(mine))
     assert 1 in found.strategy  # room for about one microbatch: some pairs must recompute
+
+
+# ---- activation offloading ---------------------------------------------------------------------------------------
+
+
+def _offloading(problem: Problem, copy_ms: float) -> Problem:
+    """`problem` with every pair offloading its bytes, each copy taking `copy_ms`."""
+    forwards = problem.is_forward == 1
+    return with_offload(problem, np.where(forwards, problem.alloc_bytes, 0.0), np.full(problem.n, copy_ms))
+
+
+def test_offloading_lowers_the_memory_argument_and_the_host_link_bounds_it() -> None:
+    """The pipeline of `test_memory_argument_binds_when_one_microbatch_fits...` (memory argument 25.81 ms on rank
+    0) with an offload strategy: copies of 0.1 ms leave each pair 2 x 0.1 ms of holding beyond its own F and B, so
+    memory no longer binds and the bound falls to the busiest rank's 24 ms. With 3 ms copies, offloading all six of
+    rank 0's pairs would keep its host link busy 18 ms per direction and hold each pair 9 ms: the bound stays above
+    24 ms, and never above the bound without offloading (a strategy more can only lower the minimum)."""
+    pp, m = 3, 6
+    strategies = _uniform_pipeline(pp, m)
+    cap = [1.05] * pp
+    without = lower_bound_parts(strategies[0], strategies, cap)
+    quick = lower_bound_parts(strategies[0], [*strategies, _offloading(strategies[0], 0.1)], cap)
+    assert quick.best_ms == pytest.approx(24.0)
+    slow = lower_bound_parts(strategies[0], [*strategies, _offloading(strategies[0], 3.0)], cap)
+    assert 24.0 + 0.1 < slow.best_ms <= without.best_ms + 1e-9
+    # The host link alone: offloading keeps rank 0's pairs for F + 2 copies + B = 9 ms, no less than without;
+    # recompute is then the only way to save memory-time, and the bound is the one without offloading.
+    same = lower_bound_parts(strategies[0], [*strategies, _offloading(strategies[0], 100.0)], cap)
+    assert same.best_ms == pytest.approx(without.best_ms)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), split=st.booleans(), copy=st.sampled_from([0.05, 0.5, 3.0]))
+def test_offload_strategies_never_raise_the_bound(seed: int, split: bool, copy: float) -> None:
+    strategies = _strategy_problems(seed, 2, 3, split)
+    none = strategies[0]
+    total = np.array([none.alloc_bytes[none.rank == r].sum() for r in range(2)])
+    cap = np.maximum(total * 0.3, 2.0)
+    without = lower_bound_parts(none, strategies, cap)
+    offloads = [_offloading(strategies[0], copy), _offloading(strategies[1], copy)]
+    with_them = lower_bound_parts(none, [*strategies, *offloads], cap)
+    assert with_them.best_ms <= without.best_ms + 1e-9
+    assert with_them.best_ms >= max(with_them.rank_ms, with_them.chain_ms) - 1e-9

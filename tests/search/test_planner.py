@@ -288,3 +288,65 @@ def test_iterated_refits_add_starting_points_at_least_as_good() -> None:
     starts = {c.label: c.problem.policy for c in once}
     for c in rounds:
         assert c.problem.policy == starts[c.label.split(" / refit ")[0]]
+
+
+def test_offloading_plans_are_valid_fit_and_replay_in_semu() -> None:
+    """tiny-t2v on a device with 6 MB above its static memory (recompute binds): with offloading on, the plan
+    offloads some pairs, prefetches each once, fits device and host memory, stays above its bound, and SEMU
+    replaying the plan alone (offloads and prefetches read from its actions) gives the predicted makespan."""
+    from dataclasses import replace
+
+    from pipeweaver.plan.ir import Prefetch
+    from pipeweaver.search.planner import recompute_map
+
+    base = workload("tiny-t2v")
+    probe = Planner(base.model, base.parallel, base.hardware, config=SearchConfig(compare_baselines=()))
+    memory = max(probe.partition.static_memory_bytes) + 6e6
+    w = replace(base, hardware=replace(base.hardware, memory_bytes=memory))
+    config = SearchConfig(budget_ms=150, max_evaluations=20, compare_baselines=(), offload=True)
+    planner = Planner(w.model, w.parallel, w.hardware, config=config)
+    offloaded = 0
+    for seed in (1, 2):
+        batch = sample_batch(w, seed=seed)
+        result = planner.plan(batch)
+        validate(result.plan)
+        pairs = result.plan.offloaded()
+        offloaded += len(pairs)
+        prefetched = [a.stage for rp in result.plan.ranks for a in rp.actions if isinstance(a, Prefetch)]
+        assert len(prefetched) == len(set(prefetched)) == len(pairs)
+        assert max(result.peak_memory_bytes) <= w.hardware.memory_bytes
+        sim = result.simulation
+        assert sim is not None
+        assert sim.host_peak_bytes is None or max(sim.host_peak_bytes) <= w.hardware.host_memory_bytes
+        assert result.lower_bound_ms <= result.predicted_ms + 1e-6
+        replay = planner.simulate_plan(result.plan, batch, recompute_map(result.plan))
+        assert replay.makespan_ms == pytest.approx(result.predicted_ms)
+        assert np.allclose(replay.peak_memory_bytes, result.peak_memory_bytes)
+    assert offloaded > 0
+
+
+def test_offload_codes_in_the_pair_arrays() -> None:
+    """Codes 3 and 4 keep the costs of none and selective recompute and mark the pairs' forwards as offloading,
+    with their copy time, and their first backward passes as reloading them."""
+    from pipeweaver.search.planner import STRATEGIES
+
+    w = workload("t2v-s")
+    planner = Planner(w.model, w.parallel, w.hardware, config=SearchConfig(compare_baselines=(), offload=True))
+    batch = sample_batch(w, seed=2)
+    header = planner.header_for(batch, job_id="", source=PlanSource.SEARCH, schedule="t")
+    prep = planner._prepare(batch, header, Recompute.NONE)
+    pairs = planner._pairs(prep, batch)
+    assert pairs.latency.shape[1] == len(STRATEGIES) + 2 and pairs.copy_ms is not None
+    assert np.array_equal(pairs.latency[:, 3], pairs.latency[:, 0])
+    assert np.array_equal(pairs.memory[:, 4], pairs.memory[:, 1])
+    codes = np.random.default_rng(0).integers(0, 5, len(pairs.keys))
+    problem = planner._problem_for(prep, codes)
+    assert problem.offload_bytes is not None and problem.offload_ms is not None and problem.reload_of is not None
+    for j, f in enumerate(pairs.forward.tolist()):
+        offloads = codes[j] >= len(STRATEGIES)
+        assert (problem.offload_bytes[f] > 0) == offloads
+        if offloads:
+            assert problem.offload_bytes[f] == pairs.memory[j, codes[j]]
+            assert problem.offload_ms[f] == pytest.approx(planner.link.host_copy_ms(pairs.memory[j, codes[j]]))
+            back = np.flatnonzero(problem.reload_of == f)
+            assert len(back) == 1 and problem.stages[back[0]].pass_.is_backward
