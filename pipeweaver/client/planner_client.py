@@ -107,6 +107,7 @@ class JobRegistration:
     hardware: HardwareSpec
     profile: tuple[LayerTiming, ...] = ()
     planning_budget_ms: float | None = None
+    activation_offloading: bool = False
 
     @property
     def pp(self) -> int:
@@ -489,11 +490,13 @@ class PlannerClient:
         profile: Sequence[LayerTiming] | None = None,
         *,
         planning_budget_ms: float | None = None,
+        activation_offloading: bool = False,
         timeout_s: float | None = None,
     ) -> JobRegistration:
         """Register a job (idempotent: the same spec gets the same id and placement from every rank and after a
         planner restart). `profile`: measured layer times (`profiler.profile_layers`) to calibrate SEMU;
-        every rank must send the same rows, or they register different jobs."""
+        every rank must send the same rows, or they register different jobs. `activation_offloading`: the plans
+        may copy activations to pinned host memory and back (the executor applies them: `client.offload`)."""
         rows = tuple(profile or ())
         request = pb.RegisterJobRequest(
             model=model_to_proto(model),
@@ -504,6 +507,8 @@ class PlannerClient:
             request.calibration.CopyFrom(pb.CalibrationProfile(timings=[_timing_to_proto(t) for t in rows]))
         if planning_budget_ms is not None:
             request.planning_budget_ms = planning_budget_ms
+        if activation_offloading:
+            request.activation_offloading = True
         resp = self._call("RegisterJob", request, timeout_s)
         return JobRegistration(
             job_id=resp.job_id,
@@ -516,6 +521,7 @@ class PlannerClient:
             hardware=hardware,
             profile=rows,
             planning_budget_ms=planning_budget_ms,
+            activation_offloading=activation_offloading,
         )
 
     def reregister(self, job: JobRegistration, *, timeout_s: float | None = None) -> JobRegistration:
@@ -526,6 +532,7 @@ class PlannerClient:
             job.hardware,
             job.profile,
             planning_budget_ms=job.planning_budget_ms,
+            activation_offloading=job.activation_offloading,
             timeout_s=timeout_s,
         )
 

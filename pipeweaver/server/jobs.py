@@ -53,7 +53,7 @@ class JobClosed(Exception):
 
 def job_id_for(spec: work.JobSpec, budget_ms: float) -> str:
     """A stable id from what the job is: identical registrations (every rank's, a restart's) get the same id."""
-    identity = repr((spec.model, spec.parallel, spec.hardware, spec.calibration, float(budget_ms)))
+    identity = repr((spec.model, spec.parallel, spec.hardware, spec.calibration, float(budget_ms), spec.offload))
     return "job-" + hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 

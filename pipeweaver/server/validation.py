@@ -273,6 +273,7 @@ def check_register(
         hardware=hardware,
         calibration=calibration,
         compare_baselines=compare_baselines,
+        offload=req.activation_offloading,
     )
     return JobRequest(spec=spec, budget_ms=budget)
 

@@ -66,6 +66,8 @@ class JobSpec:
     hardware: HardwareSpec
     calibration: tuple[LayerTiming, ...] = ()
     compare_baselines: tuple[str, ...] = ()
+    offload: bool = False
+    """The plans may offload activations to host memory (`SearchConfig.offload`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,7 +513,7 @@ def _build_planner(job: Job, stage_scales: StageScales = ()) -> Planner:
         spec.parallel,
         spec.hardware,
         factors=_factors(job),
-        config=SearchConfig(compare_baselines=spec.compare_baselines),
+        config=SearchConfig(compare_baselines=spec.compare_baselines, offload=spec.offload),
         sizes=part.sub_microbatch_size if part is not None else None,
         segments=part.segments if part is not None else None,
         stage_scales={(module, pass_): scale for module, pass_, scale in stage_scales},

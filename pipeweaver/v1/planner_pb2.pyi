@@ -1327,8 +1327,13 @@ class RegisterJobRequest(_message.Message):
     HARDWARE_FIELD_NUMBER: _builtins.int
     CALIBRATION_FIELD_NUMBER: _builtins.int
     PLANNING_BUDGET_MS_FIELD_NUMBER: _builtins.int
+    ACTIVATION_OFFLOADING_FIELD_NUMBER: _builtins.int
     planning_budget_ms: _builtins.float
     """Wall-clock budget for planning one batch; unset: the server's default."""
+    activation_offloading: _builtins.bool
+    """Let the plans offload stage pairs' activations to pinned host memory (Compute.offload, Prefetch) where that
+    is faster than recomputing them, within the hardware's host link and host memory. Unset: false.
+    """
     @_builtins.property
     def model(self) -> Global___ModelSpec: ...
     @_builtins.property
@@ -1347,13 +1352,19 @@ class RegisterJobRequest(_message.Message):
         hardware: Global___HardwareSpec | None = ...,
         calibration: Global___CalibrationProfile | None = ...,
         planning_budget_ms: _builtins.float | None = ...,
+        activation_offloading: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_planning_budget_ms", b"_planning_budget_ms", "calibration", b"calibration", "hardware", b"hardware", "model", b"model", "parallel", b"parallel", "planning_budget_ms", b"planning_budget_ms"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_activation_offloading", b"_activation_offloading", "_planning_budget_ms", b"_planning_budget_ms", "activation_offloading", b"activation_offloading", "calibration", b"calibration", "hardware", b"hardware", "model", b"model", "parallel", b"parallel", "planning_budget_ms", b"planning_budget_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_planning_budget_ms", b"_planning_budget_ms", "calibration", b"calibration", "hardware", b"hardware", "model", b"model", "parallel", b"parallel", "planning_budget_ms", b"planning_budget_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_offloading", b"_activation_offloading", "_planning_budget_ms", b"_planning_budget_ms", "activation_offloading", b"activation_offloading", "calibration", b"calibration", "hardware", b"hardware", "model", b"model", "parallel", b"parallel", "planning_budget_ms", b"planning_budget_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__activation_offloading: _TypeAlias = _typing.Literal["activation_offloading"]  # noqa: Y015
+    _WhichOneofArgType__activation_offloading: _TypeAlias = _typing.Literal["_activation_offloading", b"_activation_offloading"]  # noqa: Y015
     _WhichOneofReturnType__planning_budget_ms: _TypeAlias = _typing.Literal["planning_budget_ms"]  # noqa: Y015
     _WhichOneofArgType__planning_budget_ms: _TypeAlias = _typing.Literal["_planning_budget_ms", b"_planning_budget_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__activation_offloading) -> _WhichOneofReturnType__activation_offloading | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__planning_budget_ms) -> _WhichOneofReturnType__planning_budget_ms | None: ...
 
 Global___RegisterJobRequest: _TypeAlias = RegisterJobRequest  # noqa: Y015

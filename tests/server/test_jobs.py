@@ -30,6 +30,7 @@ def test_job_ids_are_stable_and_follow_the_spec() -> None:
     assert job_id_for(SPEC, 50.0) != job_id_for(replace(SPEC, parallel=replace(W.parallel, microbatches=9)), 50.0)
     calibrated = replace(SPEC, calibration=(work.LayerTiming("vit", 16, work.Pass.F, 1.0),))
     assert job_id_for(SPEC, 50.0) != job_id_for(calibrated, 50.0)
+    assert job_id_for(SPEC, 50.0) != job_id_for(replace(SPEC, offload=True), 50.0)
     # The baselines compared against are a server setting, not part of what the job is.
     assert job_id_for(SPEC, 50.0) == job_id_for(replace(SPEC, compare_baselines=("zb-h1",)), 50.0)
 

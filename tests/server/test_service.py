@@ -100,6 +100,38 @@ def test_register_job_is_idempotent_and_returns_the_partition(planner: ServerPro
     assert other.job_id != job_id  # a different spec (budget) is a different job
 
 
+def test_a_job_registered_with_activation_offloading_gets_offloading_plans(planner: ServerProcess) -> None:
+    """tiny-t2v on a device 6 MB above its static memory, so that memory binds: registered with
+    activation_offloading, its plans offload some stage pairs and prefetch each once, and pass the validator; the
+    same spec without the option is another job."""
+    from dataclasses import replace
+
+    from pipeweaver.plan.ir import Compute, Prefetch
+    from pipeweaver.presets import workload
+
+    base = workload("tiny-t2v")
+    stub = planner.stub()
+    static = max(stub.RegisterJob(register_request(base), timeout=120).static_memory_bytes)
+    w = replace(base, hardware=replace(base.hardware, memory_bytes=static + 6e6))
+    plain = stub.RegisterJob(register_request(w, planning_budget_ms=150.0), timeout=120).job_id
+    job = stub.RegisterJob(register_request(w, planning_budget_ms=150.0, activation_offloading=True), timeout=120)
+    assert job.job_id != plain
+    offloaded = 0
+    for seed in (1, 2):
+        responses = [
+            stub.GetPlan(pb.GetPlanRequest(job_id=job.job_id, rank=r, batch=batch(w, seed, seed=seed)), timeout=60)
+            for r in range(w.parallel.pp)
+        ]
+        assert not any(r.fallback for r in responses)
+        plan = plan_from_proto(whole_plan(responses))
+        validate(plan)
+        actions = [a for rp in plan.ranks for a in rp.actions]
+        prefetched = [a.stage for a in actions if isinstance(a, Prefetch)]
+        assert len(prefetched) == len(set(prefetched)) == len(plan.offloaded())
+        offloaded += sum(1 for a in actions if isinstance(a, Compute) and a.offload)
+    assert offloaded > 0
+
+
 def test_registration_with_a_calibration_profile(planner: ServerProcess, job_id: str) -> None:
     request = register_request(W)
     for module, tokens in (("vit", 16), ("vit", 64), ("llm", 64), ("llm", 256)):
