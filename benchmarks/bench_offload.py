@@ -4,12 +4,12 @@
         [--host-memory-gb 200] [--out FILE]
 
 Per i.i.d. batch (seed 0, iterations 0..N-1: the batches of `pipeweaver bench --batches N`) of the workload, with
-the H800 model and a 700 ms budget, `Planner.plan` is run under each configuration: ``base`` (no offloading) and
-``G`` (offloading on, a host link of G GB/s per GPU and direction). Each row has the predicted makespan, the lower
-bound (with offload strategies in its memory argument when offloading is on), the peak device memory, the pinned
-host memory the plan needs per GPU (``host_peak_gb``; the planner refuses plans above ``--host-memory-gb``), the
-time the busiest rank's host link spends copying each way (``d2h_s``), the stage pairs offloaded, and the
-starting point the search refined. Baselines are not simulated (`pipeweaver bench --offload` does that).
+the H800 model and a 700 ms budget (`--budget-ms`), `Planner.plan` is run under each configuration: ``base`` (no
+offloading) and ``G`` (offloading on, a host link of G GB/s per GPU and direction). Each row has the predicted
+makespan, the lower bound (with offload strategies in its memory argument when offloading is on), the peak device
+memory, the pinned host memory the plan needs per GPU (``host_peak_gb``; the planner refuses plans above ``--host-
+memory-gb``), the time the busiest rank's host link spends copying each way (``d2h_s``), the stage pairs offloaded,
+and the starting point the search refined. Baselines are not simulated (`pipeweaver bench --offload` does that).
 """
 
 from __future__ import annotations
@@ -30,16 +30,19 @@ from pipeweaver.search.planner import Planner, SearchConfig
 from pipeweaver.spec.hardware import GB
 
 
-def run(name: str, batches: int, configs: list[str], host_memory_gb: float) -> dict[str, Any]:
+def run(name: str, batches: int, configs: list[str], host_memory_gb: float, budget_ms: float = 700) -> dict[str, Any]:
     w = workload(name)
-    report: dict[str, Any] = {"workload": name, "batches": batches, "budget_ms": 700, "runs": {}}
+    report: dict[str, Any] = {"workload": name, "batches": batches, "budget_ms": budget_ms, "runs": {}}
     for config in configs:
         offload = config != "base"
         hardware = replace(w.hardware, host_memory_bytes=host_memory_gb * GB)
         if offload:
             hardware = replace(hardware, host_link_bandwidth=float(config) * GB)
         planner = Planner(
-            w.model, w.parallel, hardware, config=SearchConfig(budget_ms=700, compare_baselines=(), offload=offload)
+            w.model,
+            w.parallel,
+            hardware,
+            config=SearchConfig(budget_ms=budget_ms, compare_baselines=(), offload=offload),
         )
         rows = []
         for i in range(batches):
@@ -82,9 +85,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--configs", default="base,26,50", help="comma list: base and host link GB/s values")
     parser.add_argument("--host-memory-gb", type=float, default=200.0, help="pinned host memory per GPU")
+    parser.add_argument("--budget-ms", type=float, default=700.0, help="the search budget per batch")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    report = run(args.workload, args.batches, args.configs.split(","), args.host_memory_gb)
+    report = run(args.workload, args.batches, args.configs.split(","), args.host_memory_gb, args.budget_ms)
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

@@ -350,3 +350,22 @@ def test_offload_codes_in_the_pair_arrays() -> None:
             assert problem.offload_ms[f] == pytest.approx(planner.link.host_copy_ms(pairs.memory[j, codes[j]]))
             back = np.flatnonzero(problem.reload_of == f)
             assert len(back) == 1 and problem.stages[back[0]].pass_.is_backward
+
+
+def test_starting_points_owing_nothing_to_offloading_are_kept_apart() -> None:
+    """`_pick_base` checks the starting points the search has without offloading on their own (the best of them is
+    always simulated): a start counts as offloading when a pair is on an offload code or when it was refitted from
+    an offloading timeline, even if the refit put no pair on an offload code."""
+    from pipeweaver.search.planner import STRATEGIES, _by_offloading, _Candidate
+
+    def start(label: str, *codes: int) -> _Candidate:
+        return _Candidate(0.0, np.array(codes, dtype=np.int64), None, label)  # type: ignore[arg-type]
+
+    plain = [start("none, earliest, gate 100%", 0, 0), start("refit of full, earliest: mix 0", 2, 1)]
+    offloading = [
+        start("offload+none, earliest, gate 100%", len(STRATEGIES), 0),
+        start("refit of offload+selective, earliest: mix 1", 1, 1),  # no pair offloads, but it owes its timeline
+        start("selective, relaxed gate 200%: mix 3", 1, len(STRATEGIES) + 1),
+    ]
+    mixed = [offloading[0], plain[0], offloading[1], plain[1], offloading[2]]
+    assert _by_offloading(mixed) == (plain, offloading)
