@@ -80,6 +80,53 @@ def _avail(
 
 
 @numba.njit(cache=True)
+def _settle_copies(
+    r: int,
+    t_last: F64,
+    ready: I64,
+    nready: I64,
+    avail: F64,
+    ready_at: F64,
+    is_forward: I64,
+    alloc: F64,
+    mem: F64,
+    cap: F64,
+    pend_t: F64,
+    pend_b: F64,
+    pend_head: I64,
+    pend_tail: I64,
+    reload_of: I64,
+    offload_ms: F64,
+    h2d_free: F64,
+    d2h_end: F64,
+) -> None:
+    """Rank r's clock moved: free the bytes of its offload copies that have ended by then, and recompute when each
+    of its ready stages may start (`_avail`)."""
+    while pend_head[r] < pend_tail[r] and pend_t[r, pend_head[r]] <= t_last[r]:
+        mem[r] -= pend_b[r, pend_head[r]]
+        pend_head[r] += 1
+    for k in range(nready[r]):
+        j = ready[r, k]
+        avail[j] = _avail(
+            j,
+            r,
+            ready_at,
+            is_forward,
+            alloc,
+            mem,
+            cap,
+            pend_t,
+            pend_b,
+            pend_head,
+            pend_tail,
+            reload_of,
+            offload_ms,
+            h2d_free,
+            d2h_end,
+        )
+
+
+@numba.njit(cache=True)
 def _pick(
     r: int,
     gate: int,
@@ -347,28 +394,26 @@ def _kernel(
                     tw = pend_t[w, pend_head[w]]
                     if tw > t_last[w]:
                         t_last[w] = tw
-                    while pend_head[w] < pend_tail[w] and pend_t[w, pend_head[w]] <= t_last[w]:
-                        mem[w] -= pend_b[w, pend_head[w]]
-                        pend_head[w] += 1
-                    for k in range(nready[w]):
-                        j = ready[w, k]
-                        avail[j] = _avail(
-                            j,
-                            w,
-                            ready_at,
-                            is_forward,
-                            alloc,
-                            mem,
-                            cap,
-                            pend_t,
-                            pend_b,
-                            pend_head,
-                            pend_tail,
-                            reload_of,
-                            offload_ms,
-                            h2d_free,
-                            d2h_end,
-                        )
+                    _settle_copies(
+                        w,
+                        t_last,
+                        ready,
+                        nready,
+                        avail,
+                        ready_at,
+                        is_forward,
+                        alloc,
+                        mem,
+                        cap,
+                        pend_t,
+                        pend_b,
+                        pend_head,
+                        pend_tail,
+                        reload_of,
+                        offload_ms,
+                        h2d_free,
+                        d2h_end,
+                    )
                     stale[:, w] = True
                     break
         if waited:
@@ -399,28 +444,26 @@ def _kernel(
                 pend_t[r, pend_tail[r]] = d2h_end[i]
                 pend_b[r, pend_tail[r]] = offload_bytes[i]
                 pend_tail[r] += 1
-            while pend_head[r] < pend_tail[r] and pend_t[r, pend_head[r]] <= t_last[r]:
-                mem[r] -= pend_b[r, pend_head[r]]
-                pend_head[r] += 1
-            for k in range(nready[r]):
-                j = ready[r, k]
-                avail[j] = _avail(
-                    j,
-                    r,
-                    ready_at,
-                    is_forward,
-                    alloc,
-                    mem,
-                    cap,
-                    pend_t,
-                    pend_b,
-                    pend_head,
-                    pend_tail,
-                    reload_of,
-                    offload_ms,
-                    h2d_free,
-                    d2h_end,
-                )
+            _settle_copies(
+                r,
+                t_last,
+                ready,
+                nready,
+                avail,
+                ready_at,
+                is_forward,
+                alloc,
+                mem,
+                cap,
+                pend_t,
+                pend_b,
+                pend_head,
+                pend_tail,
+                reload_of,
+                offload_ms,
+                h2d_free,
+                d2h_end,
+            )
         position[i] = count[r]
         count[r] += 1
         done += 1
