@@ -7,7 +7,9 @@ static schedules, on the same batches of the dynamic trace, in one run.
 
 Workload (`--workload`, `e2e_workload.py`): `vlm`, the scaled VLM (ViT 0.3B + LM 1.1B, pp 4, 16 microbatches of
 up to 4096 tokens), or `t2v`, the scaled T2V model (LM text encoder 0.4B + DiT 1.4B, pp 4, 16 microbatches of up to
-16 s of 256 x 256 video, 512 DiT tokens a second); `--tiny`: same structure, toy sizes, gloo, float32. Batches:
+16 s of 256 x 256 video, 512 DiT tokens a second); `vlm-large` / `t2v-large`, the same with the issue's ~1B + ~3B
+modules, planned on an H200 with a 100 GB cap (`e2e_workload.PLANNING_H200`; `e2e_size_check.py` checks them on
+CPU); `--tiny`: same structure, toy sizes, gloo, float32. Batches:
 `--iterations` of the dynamic trace (seed
 `--seed`), preceded by `--warmup` untimed batches taken from later in the trace (other contents, so no plan-cache
 hits). Every schedule runs exactly these batches, in this order.
@@ -101,7 +103,7 @@ import e2e_torch_vlm
 from e2e_service import Sidecar, counter_delta, profile_calibration, scrape_metrics, stamped_client
 from e2e_torch_t2v import T2VShape
 from e2e_torch_vlm import TORCH_SCHEDULES, VLMShape
-from e2e_workload import PLANNING_HARDWARE, SCALED_WORKLOADS
+from e2e_workload import SCALED_WORKLOADS
 from executor_overhead import env_info
 
 from pipeweaver.client.cuda_env import prepare_cuda_for_dynamic_pipelines
@@ -115,6 +117,7 @@ from pipeweaver.search.baselines import baseline_placement, build_baseline_plan
 from pipeweaver.spec.batch import BatchMetadata
 from pipeweaver.spec.hardware import CPU
 from pipeweaver.spec.model import Modality
+from pipeweaver.spec.workload import DatasetKind
 
 OURS = ("1f1b", "interleaved-1f1b", "optimus-coarse")
 ALL_SCHEDULES = ("pipeweaver", "torch-interleaved-1f1b", "interleaved-1f1b", "torch-1f1b", "optimus-coarse", "1f1b")
@@ -1554,12 +1557,12 @@ def setup(args: argparse.Namespace, t_start: float) -> Run:
     warm = [replace(b, iteration=w) for w, b in enumerate(warm)]
     measured = [replace(b, iteration=args.warmup + k) for k, b in enumerate(measured)]
     batches = warm + measured
-    shape = VLMShape.of(wl.model, batches) if args.workload == "vlm" else T2VShape.of(wl.model, batches)
+    shape = VLMShape.of(wl.model, batches) if wl.dataset is DatasetKind.VLM_MIX else T2VShape.of(wl.model, batches)
     out = Path(args.out)
     traces = Path(args.traces_dir) if args.traces_dir else out.with_name(out.stem + "_traces")
     run = Run(
         args=args, device=device, dtype=torch.float32 if args.dtype == "float32" else torch.bfloat16,
-        wire=args.dtype, rank=rank, world=world, cpu=cpu, wl=wl, hardware=CPU if args.tiny else PLANNING_HARDWARE,
+        wire=args.dtype, rank=rank, world=world, cpu=cpu, wl=wl, hardware=CPU if args.tiny else wl.hardware,
         batches=batches, warmup=args.warmup, shape=shape, out=out, traces=traces, t_start=t_start, result={},
     )  # fmt: skip
     run.result = {

@@ -29,7 +29,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _bare_client  # noqa: F401  (before pipeweaver.client: no grpc on the GPU image)
-from e2e_workload import scaled_vlm
+from e2e_workload import SCALED_WORKLOADS
 from executor_overhead import env_info
 
 from pipeweaver.client.executor import PipelineExecutor
@@ -74,7 +74,8 @@ def main() -> None:
 
     with gzip.open(args.plans, "rt") as f:
         data = json.load(f)
-    wl = scaled_vlm(microbatches=int(data["microbatches"]), tiny=bool(data["tiny"]))
+    build = SCALED_WORKLOADS[str(data.get("workload_key", "vlm"))]  # files from before --workload: the VLM
+    wl = build(microbatches=int(data["microbatches"]), tiny=bool(data["tiny"]))
     entries = data["iterations"][: args.iterations or None]
 
     cuda = torch.cuda.is_available()

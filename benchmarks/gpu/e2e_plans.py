@@ -4,7 +4,8 @@ predictions, for N iterations of the dynamic trace. The GPU image has no ortools
     .venv/bin/python benchmarks/gpu/e2e_plans.py --out benchmarks/gpu/data/e2e_plans.json.gz
     .venv/bin/python benchmarks/gpu/e2e_plans.py --tiny --iterations 4 --out /tmp/e2e_tiny.json.gz
 
-SEMU uses the H100 preset with efficiency factors fitted (`calibration.fit_factors`) on
+`--workload`: a key of `e2e_workload.SCALED_WORKLOADS` (default `vlm`). SEMU uses the workload's planning hardware
+with efficiency factors fitted (`calibration.fit_factors`) on
 benchmarks/results/layer_profile_h100.json (profile_layers.py on an H100, torch 2.11). The prediction stored for a
 baseline is SEMU's simulation of exactly the plan the executor runs (no recompute); for PipeWeaver it is the
 planner's `predicted_ms` of the compiled plan (its own recompute choices).
@@ -24,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_workload import BASELINES, scaled_vlm
+from e2e_workload import BASELINES, SCALED_WORKLOADS
 
 from pipeweaver.datagen import describe, dynamic_batch
 from pipeweaver.plan.export import plan_to_dict
@@ -55,11 +56,12 @@ def main() -> None:
     ap.add_argument("--budget-ms", type=float, default=1000.0)
     ap.add_argument("--profile", default=str(ROOT / "benchmarks/results/layer_profile_h100.json"))
     ap.add_argument("--microbatches", type=int, default=16)
+    ap.add_argument("--workload", default="vlm", choices=sorted(SCALED_WORKLOADS), help="e2e_workload.py's model")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    wl = scaled_vlm(microbatches=args.microbatches, tiny=args.tiny)
+    wl = SCALED_WORKLOADS[args.workload](microbatches=args.microbatches, tiny=args.tiny)
     if args.tiny:
         hardware, factors, calibration = CPU, None, "uncalibrated (cpu preset)"
     else:
@@ -73,6 +75,7 @@ def main() -> None:
     out: dict[str, Any] = {
         "format": "pipeweaver.e2e_plans/1",
         "workload": wl.name,
+        "workload_key": args.workload,
         "tiny": args.tiny,
         "microbatches": args.microbatches,
         "seed": args.seed,

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from e2e_semu import fitted_factors
-from e2e_workload import PLANNING_HARDWARE, SCALED_WORKLOADS
+from e2e_workload import SCALED_WORKLOADS
 
 LAG = 2
 ALPHA = 0.3
@@ -97,9 +97,9 @@ def partition(run: dict[str, Any]) -> dict[str, Any] | None:
     if not rows:
         return None
     wl = SCALED_WORKLOADS[cfg.get("workload", "vlm")](microbatches=cfg["microbatches"])
-    factors = fitted_factors(wl.model, [tuple(r) for r in rows], PLANNING_HARDWARE)  # type: ignore[arg-type]
+    factors = fitted_factors(wl.model, [tuple(r) for r in rows], wl.hardware)  # type: ignore[arg-type]
     config = SearchConfig(compare_baselines=())
-    part = Planner(wl.model, wl.parallel, PLANNING_HARDWARE, factors=factors, config=config).partition
+    part = Planner(wl.model, wl.parallel, wl.hardware, factors=factors, config=config).partition
     fastest = min(part.module_time_ms.values())
     return {
         "time_ratio": {m: round(t / fastest, 3) for m, t in part.module_time_ms.items()},

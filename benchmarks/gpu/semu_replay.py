@@ -34,7 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from e2e_semu import fitted_factors
-from e2e_workload import PLANNING_HARDWARE, SCALED_WORKLOADS
+from e2e_workload import SCALED_WORKLOADS
 from trace_ratios import kind_ratios
 
 from pipeweaver.datagen import dynamic_batch
@@ -70,7 +70,7 @@ def replay(run_path: Path, scales_trace: Path, level_trace: Path) -> dict[str, A
     cfg = run["config"]
     wl = SCALED_WORKLOADS[cfg.get("workload", "vlm")](microbatches=cfg["microbatches"])
     rows = [tuple(r) for r in run["profile"]["rows"]]
-    factors = fitted_factors(wl.model, rows, PLANNING_HARDWARE)  # type: ignore[arg-type]
+    factors = fitted_factors(wl.model, rows, wl.hardware)  # type: ignore[arg-type]
     batches = [
         replace(dynamic_batch(wl, seed=cfg["seed"], iteration=k), iteration=cfg["warmup"] + k)
         for k in range(cfg["iterations"])
@@ -85,8 +85,8 @@ def replay(run_path: Path, scales_trace: Path, level_trace: Path) -> dict[str, A
     if not scales:
         raise ValueError(f"{scales_trace} has no pipeline named after a module of {sorted(modules)}")
     config = SearchConfig(compare_baselines=())
-    plain = Planner(wl.model, wl.parallel, PLANNING_HARDWARE, factors=factors, config=config)
-    scaled = Planner(wl.model, wl.parallel, PLANNING_HARDWARE, factors=factors, config=config, stage_scales=scales)
+    plain = Planner(wl.model, wl.parallel, wl.hardware, factors=factors, config=config)
+    scaled = Planner(wl.model, wl.parallel, wl.hardware, factors=factors, config=config, stage_scales=scales)
 
     def predict(planner: Planner, name: str, k: int) -> float:
         plan = build_baseline_plan(

@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from e2e_semu import fitted_factors
-from e2e_workload import PLANNING_HARDWARE, SCALED_WORKLOADS
+from e2e_workload import SCALED_WORKLOADS
 from trace_ratios import forward_timings
 
 from pipeweaver.datagen import dynamic_batch
@@ -109,12 +109,12 @@ class _Run:
         self.workload = str(cfg.get("workload", "vlm"))
         self.wl = SCALED_WORKLOADS[self.workload](microbatches=cfg["microbatches"])
         rows = [tuple(r) for r in self.data["profile"]["rows"]]
-        factors = fitted_factors(self.wl.model, rows, PLANNING_HARDWARE)  # type: ignore[arg-type]
+        factors = fitted_factors(self.wl.model, rows, self.wl.hardware)  # type: ignore[arg-type]
         config = SearchConfig(compare_baselines=(), max_evaluations=REPLAN_EVALUATIONS, budget_ms=1e9)
         model, parallel = self.wl.model, self.wl.parallel
-        self.plain = Planner(model, parallel, PLANNING_HARDWARE, factors=factors, config=config)
+        self.plain = Planner(model, parallel, self.wl.hardware, factors=factors, config=config)
         self.built = Planner(
-            model, parallel, PLANNING_HARDWARE, factors=factors, config=config, input_build_ms=input_build_ms
+            model, parallel, self.wl.hardware, factors=factors, config=config, input_build_ms=input_build_ms
         )
         self.warmup = int(cfg["warmup"])
         self.seed = int(cfg["seed"])

@@ -274,3 +274,48 @@ def test_executor_overhead_runs_both_sides_on_gloo_and_counts_the_profiled_opera
     for side in ops.values():
         assert len(side["host_ops"]) == 2 and all(n > 100 for n in side["host_ops"])
     assert len(list((tmp_path / "prof").glob("*.json.gz"))) == 4
+
+
+@pytest.mark.parametrize("key", ["vlm-large", "t2v-large"])
+def test_large_sizes_build_partition_and_fit_the_h200(key: str) -> None:
+    """The opt-in large e2e sizes (issue 10): ~1B + ~3B modules, a partition with every module on every rank,
+    static memory that leaves room for activations under the planning cap, and a plan filling that cap that
+    still fits an H200 by e2e_size_check.py's device estimate. The default sizes are untouched."""
+    from e2e_size_check import (
+        ACTIVATION_RATIO,
+        DEVICE_BYTES_PER_PARAM,
+        DEVICE_OVERHEAD_BYTES,
+        USABLE_H200_BYTES,
+        padded_batch,
+    )
+    from e2e_workload import PLANNING_H200, PLANNING_HARDWARE, SCALED_WORKLOADS
+
+    from pipeweaver.search.planner import Planner, SearchConfig
+    from pipeweaver.simulator.memory import static_memory
+
+    wl = SCALED_WORKLOADS[key](microbatches=16)
+    default = SCALED_WORKLOADS[key.removesuffix("-large")](microbatches=16)
+    assert default.hardware is PLANNING_HARDWARE and default.name == key.replace("-large", "-scaled")
+    assert wl.hardware is PLANNING_H200 and wl.name == key.replace("-large", "-scaled-large")
+    assert wl.parallel == default.parallel and wl.dataset is default.dataset
+    small, big = (m.layers * m.block_params() + m.pre_params() + m.post_params() for m in wl.model.modules)
+    assert 0.9e9 < small < 1.3e9 and 2.8e9 < big < 3.3e9
+    part = Planner(wl.model, wl.parallel, wl.hardware, config=SearchConfig(compare_baselines=())).partition
+    assert {c.rank for c in part.placement.chunks} == set(range(wl.parallel.pp))
+    for m in wl.model.modules:  # every module cut into pp * K_i chunks, each on one rank
+        chunks = [c for c in part.placement.chunks if c.pipeline == m.name]
+        assert len(chunks) == wl.parallel.pp * part.segments[m.name]
+    static = static_memory(wl.model, wl.parallel, part.placement)
+    assert max(s.total_bytes for s in static) < 0.25 * wl.hardware.memory_bytes  # room for activations
+    for s in static:
+        at_cap = (
+            DEVICE_BYTES_PER_PARAM * s.params
+            + ACTIVATION_RATIO * (wl.hardware.memory_bytes - s.total_bytes)
+            + DEVICE_OVERHEAD_BYTES
+        )
+        assert at_cap < USABLE_H200_BYTES
+    # torch's padded shapes exist for the run's batches, and the padded batch is what the shape says
+    batches = [dynamic_batch(wl, seed=0, iteration=k) for k in range(4)]
+    shape = (VLMShape if key.startswith("vlm") else T2VShape).of(wl.model, batches)
+    padded = padded_batch(wl, shape, batches[0])
+    assert len(padded.microbatches) == 16 and len(set(padded.microbatches)) == 1
