@@ -88,8 +88,11 @@ class Batch:
     """The serialized `pb.BatchMetadata` (what the workers decode)."""
 
     @classmethod
-    def of(cls, batch: pb.BatchMetadata) -> Batch:
-        return cls(batch.iteration, batch.dp_replica, batch_digest(batch), batch.SerializeToString())
+    def of(cls, batch: pb.BatchMetadata, data: bytes | None = None) -> Batch:
+        """`data`: `batch` as it was serialized, if at hand (else serialized here)."""
+        return cls(
+            batch.iteration, batch.dp_replica, batch_digest(batch), batch.SerializeToString() if data is None else data
+        )
 
 
 _SOURCES = {"search": pb.PLAN_SOURCE_SEARCH, "cache": pb.PLAN_SOURCE_CACHE, "fallback": pb.PLAN_SOURCE_FALLBACK}

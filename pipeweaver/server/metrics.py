@@ -80,6 +80,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.early_searches = Counter(
+            "pipeweaver_early_searches",
+            "Searches submitted as soon as a new batch's identity was read, before its checks and digest, by what "
+            "became of them (used; cancelled: the checks failed, or the digest found a cached or in-flight plan)",
+            ["result"],
+            registry=r,
+        )
         self.deduplicated = Counter(
             "pipeweaver_plan_requests_deduplicated",
             "Rank requests answered with the plan another rank's request for the same iteration started",
@@ -143,6 +150,8 @@ class Metrics:
             self.fallbacks.labels(reason=reason)
         for result in ("hit", "miss", "in_flight"):
             self.plan_cache.labels(result=result)
+        for result in ("used", "cancelled"):
+            self.early_searches.labels(result=result)
         for lane in LANES:
             self.queue_depth.labels(lane=lane)
             self.workers_busy.labels(lane=lane)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -72,6 +73,14 @@ def queue_full(exc: QueueFull) -> RequestError:
         reason="QUEUE_FULL",
         retry_after_s=0.5,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class EarlySearch:
+    """A search submitted before its request was checked (`Planning.start_early`)."""
+
+    task: work.PlanTask
+    outcome: asyncio.Future[Any]
 
 
 class Abandoned(Exception):
@@ -204,15 +213,27 @@ class Planning:
         entry = self.attach(job, batch, budget_ms=budget_ms, deadline=deadline)
         return await self.wait(job, entry, deadline)
 
-    def attach(self, job: JobState, batch: Batch, *, budget_ms: float, deadline: float | None) -> PlanEntry:
+    def attach(
+        self,
+        job: JobState,
+        batch: Batch,
+        *,
+        budget_ms: float,
+        deadline: float | None,
+        early: EarlySearch | None = None,
+    ) -> PlanEntry:
         """The entry of the batch's (replica, iteration), started if it is the first request for it. Its plan is
-        `entry.served()` when already there (a cache hit, a rank after the first), else `await wait(...)`."""
+        `entry.served()` when already there (a cache hit, a rank after the first), else `await wait(...)`.
+        `early`: the search `start_early` submitted for this batch; used if the entry needs a search, else
+        cancelled."""
         entry = job.entry(batch.replica, batch.iteration)
         if entry is None:
             entry = PlanEntry(batch.replica, batch.iteration, batch.digest, batch.data)
             job.add_entry(entry)
-            self._start(job, entry, budget_ms, deadline)
+            self._start(job, entry, budget_ms, deadline, early)
             return entry
+        if early is not None:
+            self.cancel_early(early)
         if entry.digest != batch.digest:
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -268,25 +289,34 @@ class Planning:
                 left_s, self._start_fallback, job, entry, "deadline"
             )
 
-    def _start(self, job: JobState, entry: PlanEntry, budget_ms: float, deadline: float | None) -> None:
-        if job.caching:
-            hit = job.cached(entry.digest)
-            if hit is not None:
-                self.m.plan_cache.labels(result="hit").inc()
-                entry.resolve(Served(hit.shared, "cache", entry.iteration, entry.replica, hit.raw_predicted_ms))
-                self.m.plans.labels(source="cache").inc()
-                return
-            leader = job.searching(entry.digest)
-            if leader is not None:
-                # The same batch is being searched for another replica or iteration (data-parallel replicas
-                # often see equal shapes): share that search rather than queue a second one behind it.
-                self.m.plan_cache.labels(result="in_flight").inc()
-                entry.search = self._follow(job, entry, leader, budget_ms, deadline)
-                return
-            self.m.plan_cache.labels(result="miss").inc()
-        task = work.PlanTask(
+    def start_early(
+        self, job: JobState, replica: int, iteration: int, batch: bytes, *, budget_ms: float, deadline: float | None
+    ) -> EarlySearch | None:
+        """Submit the search of a batch whose contents the job has not seen, as soon as its identity is read:
+        before the request's checks and digest, which cost the first request of an iteration 0.4-1.5 ms of the
+        event loop while every rank's answer waited for the search to start (`benchmarks/delivery_breakdown.py`:
+        first take -> submit). `attach` then uses it, or cancels it when the digest finds a cached or in-flight
+        plan after all (bytes not seen before rarely hold contents seen before); the caller cancels it if the
+        checks fail. None when the search would not start as requested (a clipped budget): `attach` decides."""
+        task = self._search_task(job, batch, budget_ms, deadline)
+        if task.search_budget_ms() < PREBUILD_BELOW * budget_ms:
+            return None
+        if delivery_trace.events is not None:
+            delivery_trace.events.append(("submit", replica, iteration, time.perf_counter()))
+        outcome = self.pool.search.submit(work.plan_batch, task)
+        outcome.add_done_callback(mark_retrieved)
+        return EarlySearch(task, outcome)
+
+    def cancel_early(self, early: EarlySearch) -> None:
+        """An early search nobody needs: dropped from the queue, or left to end at its budget if already running
+        (its result is dropped)."""
+        early.outcome.cancel()
+        self.m.early_searches.labels(result="cancelled").inc()
+
+    def _search_task(self, job: JobState, batch: bytes, budget_ms: float, deadline: float | None) -> work.PlanTask:
+        return work.PlanTask(
             job.job,
-            entry.batch,
+            batch,
             "search",
             budget_ms,
             limits=self.config.limits,
@@ -295,6 +325,41 @@ class Planning:
             deadline=deadline,
             reserve_ms=job.overhead_ms + job.fallback_ms + SLACK_MS,
         )
+
+    def _start(
+        self,
+        job: JobState,
+        entry: PlanEntry,
+        budget_ms: float,
+        deadline: float | None,
+        early: EarlySearch | None = None,
+    ) -> None:
+        if job.caching:
+            hit = job.cached(entry.digest)
+            if hit is not None:
+                if early is not None:
+                    self.cancel_early(early)
+                self.m.plan_cache.labels(result="hit").inc()
+                entry.resolve(Served(hit.shared, "cache", entry.iteration, entry.replica, hit.raw_predicted_ms))
+                self.m.plans.labels(source="cache").inc()
+                return
+            leader = job.searching(entry.digest)
+            if leader is not None:
+                if early is not None:
+                    self.cancel_early(early)
+                # The same batch is being searched for another replica or iteration (data-parallel replicas
+                # often see equal shapes): share that search rather than queue a second one behind it.
+                self.m.plan_cache.labels(result="in_flight").inc()
+                entry.search = self._follow(job, entry, leader, budget_ms, deadline)
+                return
+            self.m.plan_cache.labels(result="miss").inc()
+        if early is not None:
+            if job.caching:
+                job.start_searching(entry)
+            self.m.early_searches.labels(result="used").inc()
+            self._await_search(job, entry, early.outcome)
+            return
+        task = self._search_task(job, entry.batch, budget_ms, deadline)
         if task.search_budget_ms() < work.MIN_SEARCH_BUDGET_MS:
             if task.deadline is not None and task.deadline - time.monotonic() > work.MIN_SEARCH_BUDGET_MS / 1e3:
                 job.note_reserve_fallback()  # time was there, the reserve took it
@@ -313,6 +378,9 @@ class Planning:
             delivery_trace.events.append(("submit", entry.replica, entry.iteration, time.perf_counter()))
         outcome = self.pool.search.submit(work.plan_batch, task)
         outcome.add_done_callback(mark_retrieved)
+        self._await_search(job, entry, outcome)
+
+    def _await_search(self, job: JobState, entry: PlanEntry, outcome: asyncio.Future[Any]) -> None:
         entry.search = asyncio.create_task(self._search(job, entry, outcome))
         entry.search.add_done_callback(lambda _: outcome.cancel())  # the search is over, or abandoned
 

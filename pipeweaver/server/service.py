@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from pipeweaver.server import delivery_trace, rawproto
 from pipeweaver.server.config import ServerConfig
 from pipeweaver.server.jobs import Batch, JobState, Served
-from pipeweaver.server.planning import Planning, shutting_down
+from pipeweaver.server.planning import EarlySearch, Planning, shutting_down
 from pipeweaver.server.pool import PoolClosed
 from pipeweaver.server.streams import StreamSession, StreamSink
 from pipeweaver.server.validation import (
@@ -122,6 +122,19 @@ def add_planner_service(servicer: Any, server: Any) -> None:
 
 _WAKE = b""
 """Put on a stream's queue when answers wait to be written by the handler (a serialized answer is never empty)."""
+
+
+class StreamRequest(NamedTuple):
+    """A checked `StreamPlansRequest` (`PlannerService.stream_request`)."""
+
+    job: JobState
+    rank: int
+    batch: Batch
+    deadline: float | None
+    """On the `time.monotonic` clock."""
+    predicted_timings: bool
+    early: EarlySearch | None = None
+    """The batch's search, submitted before the checks (`Planning.start_early`)."""
 
 
 class _StreamSink:
@@ -244,11 +257,15 @@ class PlannerService:
         return served.response_bytes(rank)
 
     # ---- StreamPlans ----
-    def stream_request(self, data: bytes) -> tuple[JobState, int, Batch, float | None, bool]:
+    def stream_request(self, data: bytes, *, start_early: bool = False) -> StreamRequest:
         """Check one serialized `StreamPlansRequest`: its job, rank, batch, deadline and whether the answer carries
         the predicted action times. A batch byte-equal to another rank's copy of the same (replica, iteration),
         or whose microbatches the job has checked before (an equal replica's, an earlier iteration's), is not
-        parsed, checked or digested again (`rawproto.batch_layouts`, `JobState.known_contents`)."""
+        parsed, checked or digested again (`rawproto.batch_layouts`, `JobState.known_contents`).
+
+        `start_early`: a batch the job has not seen, for a (replica, iteration) nobody asked for yet, has its
+        search submitted as soon as its identity is read, before the checks (`Planning.start_early`); it is
+        cancelled here if they fail, and handed on as `early` otherwise (for `Planning.attach`)."""
         _check_size(data, self._config.max_message_bytes, pb.StreamPlansRequest)
         head = rawproto.stream_request(data)
         walked = None  # the batch's records as found by reading them, remembered once the batch is checked
@@ -269,18 +286,38 @@ class PlannerService:
                 if digest is not None:
                     deadline = None if head.deadline is None else _deadline(*head.deadline)
                     batch = Batch(layout.iteration, layout.replica, digest, head.batch)
-                    return job, head.rank, batch, deadline, head.predicted_timings
-        req = _parse(pb.StreamPlansRequest, data)
-        job = self._planning.job(req.job_id)
-        check_rank(req.rank, job.job.spec.parallel)
-        if not req.HasField("batch"):
-            raise invalid([Violation("batch", "missing")])
-        check_batch(req.batch, job.job.spec.parallel, self._config.limits)
-        deadline = _deadline(req.deadline.seconds, req.deadline.nanos) if req.HasField("deadline") else None
-        batch = Batch.of(req.batch)
+                    return StreamRequest(job, head.rank, batch, deadline, head.predicted_timings)
+        early = None
+        if (
+            start_early
+            and head is not None
+            and walked is not None
+            and walked.iteration >= 0
+            and 0 <= walked.replica < job.job.spec.parallel.dp
+            and job.entry(walked.replica, walked.iteration) is None
+        ):
+            deadline = None if head.deadline is None else _deadline(*head.deadline)
+            early = self._planning.start_early(
+                job, walked.replica, walked.iteration, head.batch, budget_ms=job.budget_ms, deadline=deadline
+            )
+        try:
+            req = _parse(pb.StreamPlansRequest, data)
+            job = self._planning.job(req.job_id)
+            check_rank(req.rank, job.job.spec.parallel)
+            if not req.HasField("batch"):
+                raise invalid([Violation("batch", "missing")])
+            check_batch(req.batch, job.job.spec.parallel, self._config.limits)
+            deadline = _deadline(req.deadline.seconds, req.deadline.nanos) if req.HasField("deadline") else None
+            # The bytes as sent, when the fast reader found them (what the workers decode, and what the pipeline's
+            # other ranks send): serializing the parsed batch again costs as much as parsing it.
+            batch = Batch.of(req.batch, data=head.batch if head is not None else None)
+        except BaseException:
+            if early is not None:
+                self._planning.cancel_early(early)
+            raise
         if head is not None and walked is not None:  # the records as they arrived, for the next rank or replica
             job.remember_contents(head.batch[walked.start : walked.end], batch.digest)
-        return job, req.rank, batch, deadline, req.predicted_timings
+        return StreamRequest(job, req.rank, batch, deadline, req.predicted_timings, early)
 
     async def StreamPlans(self, request_iterator: object, context: Context) -> None:
         """Answers go out as their plans are fixed, in that order (`streams.StreamSession`).

@@ -76,8 +76,8 @@ class StreamSession:
         trace = delivery_trace.events
         t_start = time.perf_counter() if trace is not None else 0.0
         try:
-            job, rank, batch, deadline, timings = self._service.stream_request(data)
-            entry = self._planning.attach(job, batch, budget_ms=job.budget_ms, deadline=deadline)
+            job, rank, batch, deadline, timings, early = self._service.stream_request(data, start_early=True)
+            entry = self._planning.attach(job, batch, budget_ms=job.budget_ms, deadline=deadline, early=early)
             served = entry.served()
             if served is not None:
                 answer = served.response_bytes(rank, timings=timings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import signal
 import time
 from collections import OrderedDict
@@ -28,6 +29,8 @@ from pipeweaver.v1 import planner_pb2 as pb
 from pipeweaver.wire import batch_from_proto, placement_to_proto, plan_to_proto
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pipeweaver.search.planner import Planner
     from pipeweaver.simulator.costmodel import EfficiencyFactors
 
@@ -82,10 +85,41 @@ class Partition:
 
 @dataclass(frozen=True, slots=True)
 class Job:
+    """A registered job as every task carries it to a worker.
+
+    Pickled once per `Job` object, and unpickled once per worker: every search task carries its job, and pickling
+    the specs' dataclasses cost 70-110 us of the event loop per submitted search (in the first request of an
+    iteration, before its search could start), unpickling as much again in the worker before the search began."""
+
     job_id: str
     spec: JobSpec
     partition: Partition | None = None
     """None only for the registration task itself."""
+    _pickled: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __reduce__(self) -> tuple[Callable[[bytes], Job], tuple[bytes]]:
+        pickled = self._pickled
+        if pickled is None:
+            pickled = pickle.dumps((self.job_id, self.spec, self.partition), protocol=pickle.HIGHEST_PROTOCOL)
+            object.__setattr__(self, "_pickled", pickled)  # frozen: a cache, not a change of value
+        return _job_from_pickle, (pickled,)
+
+
+_unpickled_jobs: OrderedDict[bytes, Job] = OrderedDict()
+"""A worker's jobs by their pickled bytes (the same job arrives with every task): the most recent few."""
+
+
+def _job_from_pickle(pickled: bytes) -> Job:
+    job = _unpickled_jobs.get(pickled)
+    if job is None:
+        job = Job(*pickle.loads(pickled))
+        object.__setattr__(job, "_pickled", pickled)
+        _unpickled_jobs[pickled] = job
+        while len(_unpickled_jobs) > PLANNERS_PER_WORKER:
+            _unpickled_jobs.popitem(last=False)
+    else:
+        _unpickled_jobs.move_to_end(pickled)
+    return job
 
 
 @dataclass(frozen=True, slots=True)

@@ -130,7 +130,7 @@ def test_known_microbatches_are_not_parsed_or_digested_again() -> None:
         job = JobState(work.Job("job-k", spec), None, budget_ms=50.0, plan_window=4, plan_cache_size=4)
         service = PlannerService(ServerConfig(), _Planning(job))  # type: ignore[arg-type]
         first = batch(W, 5, seed=45)
-        _, rank, checked, deadline, timings = service.stream_request(_request("job-k", 1, first))
+        _, rank, checked, deadline, timings, _ = service.stream_request(_request("job-k", 1, first))
         assert not timings
         assert (rank, checked.iteration, checked.replica, deadline) == (1, 5, 0, None)
         assert checked.digest == batch_digest(first) and checked.data == first.SerializeToString()
@@ -140,7 +140,7 @@ def test_known_microbatches_are_not_parsed_or_digested_again() -> None:
         job.remember_contents(b"".join(rawproto.field(2, mb.SerializeToString()) for mb in seen.microbatches), b"d")
         seen.iteration, seen.dp_replica = 9, 1
         soon = {"seconds": int(time.time()) + 5, "nanos": 0}
-        _, rank, fast, deadline, _ = service.stream_request(_request("job-k", 0, seen, deadline=soon))
+        _, rank, fast, deadline, _, _ = service.stream_request(_request("job-k", 0, seen, deadline=soon))
         assert (rank, fast.iteration, fast.replica, fast.digest) == (0, 9, 1, b"d")
         assert fast.data == seen.SerializeToString() and deadline is not None
         assert 4 < deadline - time.monotonic() < 5.1
@@ -149,11 +149,11 @@ def test_known_microbatches_are_not_parsed_or_digested_again() -> None:
         copy = batch(W, 7, seed=47)
         copy.iteration, copy.dp_replica = 11, 1
         job.add_entry(PlanEntry(1, 11, b"entry", copy.SerializeToString()))
-        _, _, same, _, _ = service.stream_request(_request("job-k", 1, copy))
+        _, _, same, _, _, _ = service.stream_request(_request("job-k", 1, copy))
         assert (same.iteration, same.replica, same.digest) == (11, 1, b"entry")
         other = batch(W, 7, seed=48)
         other.iteration, other.dp_replica = 11, 1
-        _, _, differs, _, _ = service.stream_request(_request("job-k", 1, other))
+        _, _, differs, _, _, _ = service.stream_request(_request("job-k", 1, other))
         assert differs.digest == batch_digest(other) != b"entry"
         # ...and the request's own fields are still checked.
         for bad, field in ((_request("job-k", 2, seen), "rank"), (_request("job-x", 0, seen), "job_id")):

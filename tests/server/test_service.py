@@ -21,6 +21,7 @@ from pipeweaver.wire import plan_from_proto
 from tests.server.harness import (
     SERVICE,
     ServerProcess,
+    bad_request,
     batch,
     register_request,
     start_server,
@@ -222,6 +223,53 @@ def test_an_equal_batch_in_flight_shares_the_running_search(planner: ServerProce
     assert (a.header.iteration, b.header.iteration) == (140, 141)
     assert a.rank_plan == b.rank_plan and not a.fallback and not b.fallback
     assert planner.sample("pipeweaver_plan_cache_lookups_total", result="in_flight") - shared_before <= 1
+
+
+def test_a_new_streamed_batch_is_searched_from_before_its_checks(planner: ServerProcess, job_id: str) -> None:
+    """The first request of an iteration with new contents submits its search as soon as its identity is read
+    (`Planning.start_early`); the checks and the digest follow while the worker starts."""
+    stub = planner.stub()
+    used_before = planner.sample("pipeweaver_early_searches_total", result="used")
+    searches_before = planner.sample("pipeweaver_plans_total", source="search")
+    (answer,) = stub.StreamPlans(iter(stream_requests(job_id, 0, [batch(W, 150, seed=61)])), timeout=60)
+    assert answer.header.source == pb.PLAN_SOURCE_SEARCH and not answer.fallback
+    assert answer.header.iteration == 150 and answer.rank_plan.rank == 0
+    assert planner.sample("pipeweaver_early_searches_total", result="used") - used_before == 1
+    assert planner.sample("pipeweaver_plans_total", source="search") - searches_before == 1
+
+
+def test_an_early_search_is_cancelled_when_its_plan_was_cached_after_all(planner: ServerProcess, job_id: str) -> None:
+    """Contents planned before but not yet seen as these bytes on a stream (here: through GetPlan): the early
+    search is cancelled once the digest finds the cached plan, and the answer is the cache's."""
+    stub = planner.stub()
+    first = batch(W, 152, seed=62)
+    assert stub.GetPlan(pb.GetPlanRequest(job_id=job_id, rank=0, batch=first), timeout=60).header.source == (
+        pb.PLAN_SOURCE_SEARCH
+    )
+    again = pb.BatchMetadata()
+    again.CopyFrom(first)
+    again.iteration = 153
+    cancelled_before = planner.sample("pipeweaver_early_searches_total", result="cancelled")
+    searches_before = planner.sample("pipeweaver_plans_total", source="search")
+    (answer,) = stub.StreamPlans(iter(stream_requests(job_id, 1, [again])), timeout=60)
+    assert answer.header.source == pb.PLAN_SOURCE_CACHE and answer.header.iteration == 153
+    assert planner.sample("pipeweaver_early_searches_total", result="cancelled") - cancelled_before == 1
+    assert planner.sample("pipeweaver_plans_total", source="search") == searches_before
+
+
+def test_an_early_search_is_cancelled_when_its_request_fails_the_checks(planner: ServerProcess, job_id: str) -> None:
+    stub = planner.stub()
+    bad = batch(W, 154, seed=63)
+    del bad.microbatches[1].documents[:]
+    cancelled_before = planner.sample("pipeweaver_early_searches_total", result="cancelled")
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.StreamPlans(iter(stream_requests(job_id, 0, [bad])), timeout=60))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in bad_request(info.value)] == ["batch.microbatches[1].documents"]
+    assert planner.sample("pipeweaver_early_searches_total", result="cancelled") - cancelled_before == 1
+    # The iteration was not taken by the failed request: a good batch for it is planned as usual.
+    (answer,) = stub.StreamPlans(iter(stream_requests(job_id, 0, [batch(W, 154, seed=64)])), timeout=60)
+    assert answer.header.iteration == 154 and not answer.fallback
 
 
 def test_ranks_that_disagree_on_an_iterations_batch_are_refused(planner: ServerProcess, job_id: str) -> None:
