@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics, start_http_server
 
 from pipeweaver.cores import affinity_cores, cgroup_cpu_limit, usable_cores
-from pipeweaver.server import delivery_trace
+from pipeweaver.server import delivery_trace, heap
 from pipeweaver.server.config import ServerConfig
 from pipeweaver.server.forward import ForwardingService, leader_channel
 from pipeweaver.server.metrics import Metrics, MetricsInterceptor
@@ -283,4 +283,5 @@ def run(config: ServerConfig) -> int:
     disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series: noise here
     # Numba threads per worker: one (workers are the parallelism); inherited by the spawned workers.
     os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    heap.keep_heap_pages()  # each search result arrives in a fresh ~330 KB buffer
     return asyncio.run(serve(config))
