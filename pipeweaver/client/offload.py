@@ -8,16 +8,17 @@ so the two directions overlap) and records an event; the backward's unpack makes
 and copies back by itself if no prefetch came. On a CPU device the "host copy" is a plain copy into fresh CPU
 tensors: the same code path, no streams.
 
-A storage is copied once, however many of its views autograd saves: a decoder block saved 2.28 GB for the 1.61 GB
-its forward held (the same tensor saved by two operations, views of one buffer; `benchmarks/gpu/offload_bandwidth.py`
-on an H200), and the copies, not the compute, bound an offloaded chunk. A storage is known by its address only while
-the store holds it: until its copy is done (then it is forgotten, so an address the allocator hands out again is
-not mistaken for it), which adds nothing to the device's peak since the allocator keeps the memory that long anyway.
+A storage is copied once, however many of its views autograd saves: a block of transformer layers saved 2.28 GB
+for the 1.61 GB its forward held (the same tensor saved by several operations, views of one buffer;
+`benchmarks/gpu/offload_bandwidth.py` on an H200), and the copies, not the compute, bound an offloaded chunk. A
+storage is known by its address only while the store holds it: until the forward ends (then every address is
+forgotten, so one the allocator hands out again is never mistaken for it). Holding them that long keeps a chunk's
+saved activations on the device for its forward, as SEMU counts them (the offload copy starts as they are saved,
+and the device copies are released when it is done).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -64,10 +65,9 @@ class HostStore:
         self._in = prefetch_stream
         self._host: list[Tensor] = []
         self._views: list[_View] = []
-        self._copying: dict[int, tuple[int, torch.UntypedStorage]] = {}
-        """Storages being copied, by address: their copy's index, and the storage held so the address stays theirs."""
-        self._in_flight: deque[tuple[torch.cuda.Event | None, int]] = deque()
-        """(copy done, address) in the order the copies were queued."""
+        self._copied: dict[int, tuple[int, torch.UntypedStorage]] = {}
+        """The forward's offloaded storages by address: their copy's index, and the storage, held so that the address
+        stays theirs (until `saving()` ends)."""
         self._back: list[Tensor] | None = None
         self._ready: torch.cuda.Event | None = None
         self.bytes = 0
@@ -80,23 +80,21 @@ class HostStore:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 yield
         finally:
-            if not self._cuda:  # copies on the CPU are done as they are made: nothing to wait for
-                self._forget(len(self._in_flight))
+            # Released: each device copy lives on until its offload is done (`record_stream`), no longer.
+            self._copied.clear()
 
     def _pack(self, t: Tensor) -> int | _Kept:
         storage = t.untyped_storage()
         address = storage.data_ptr()
         if t.device.type != self.device.type or address in self._keep:
             return (t,)
-        self._retire()
-        known = self._copying.get(address)
+        known = self._copied.get(address)
         if known is not None and known[1].nbytes() == storage.nbytes():
             view = _View(known[0], t.dtype, int(t.storage_offset()), tuple(t.size()), tuple(t.stride()))
         elif t.layout == torch.strided and t.numel() * t.element_size() >= WHOLE_STORAGE_AT_LEAST * storage.nbytes():
             whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
             view = _View(self._copy(whole), t.dtype, int(t.storage_offset()), tuple(t.size()), tuple(t.stride()))
-            self._copying[address] = (view.copy, storage)
-            self._in_flight.append((self._copy_done(), address))
+            self._copied[address] = (view.copy, storage)
         else:
             view = _View(self._copy(t), None, 0, (), ())
         self._views.append(view)
@@ -116,28 +114,6 @@ class HostStore:
         self._host.append(host)
         self.bytes += t.numel() * t.element_size()
         return len(self._host) - 1
-
-    def _copy_done(self) -> torch.cuda.Event | None:
-        if not self._cuda:
-            return None
-        assert self._out is not None
-        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        done.record(self._out)
-        return done
-
-    def _retire(self) -> None:
-        """Forget the storages whose copies are done (in order; the first one not done stops the scan)."""
-        done = 0
-        for event, _ in self._in_flight:
-            if event is None or not event.query():  # type: ignore[no-untyped-call]
-                break
-            done += 1
-        self._forget(done)
-
-    def _forget(self, count: int) -> None:
-        for _ in range(count):
-            _, address = self._in_flight.popleft()
-            self._copying.pop(address, None)
 
     def prefetch(self) -> None:
         """Start copying every offloaded tensor back to the device (once; later calls do nothing)."""
@@ -176,7 +152,6 @@ class HostStore:
         """Drop the host copies and the device copies (after the pair's last backward pass)."""
         self._host.clear()
         self._views.clear()
-        self._copying.clear()
-        self._in_flight.clear()
+        self._copied.clear()
         self._back = None
         self._ready = None

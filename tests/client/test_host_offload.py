@@ -105,13 +105,13 @@ def test_a_small_view_of_a_large_storage_is_copied_alone() -> None:
     assert torch.equal(store._unpack(handle), big[:2])
 
 
-def test_an_address_is_forgotten_once_its_copy_is_done() -> None:
-    """After the copy, the allocator may give the address to another tensor: it must be copied as itself."""
+def test_addresses_are_forgotten_when_the_forward_ends() -> None:
+    """After the forward, the allocator may give an address to another tensor: it must be copied as itself."""
     store = HostStore(torch.device("cpu"))
     with store.saving():
-        first = torch.ones(64)
-        h1 = store._pack(first)
-    assert not store._copying  # CPU copies are done when made: forgotten as the block ends
+        h1 = store._pack(torch.ones(64))
+        assert store._copied  # held while the forward runs: the address cannot be handed out again meanwhile
+    assert not store._copied
     with store.saving():
         h2 = store._pack(torch.full((64,), 2.0))
     assert torch.equal(store._unpack(h1), torch.ones(64)) and torch.equal(store._unpack(h2), torch.full((64,), 2.0))
