@@ -6,7 +6,8 @@ service does, with the setting applied in the worker and on the loop); the worke
 (`work.plan_batch`), then hands the same `PlanOutcome` back `--repeats` times. Timed per hand-back: from the task's
 end in the worker (its own stamp, `time.perf_counter`, one clock for the host's processes) to its future done on
 the loop: pickling, the pipe, the wake-up, reading, unpickling. Also, per setting, the searches' evaluations in a
-fixed budget (`--search-budget-ms`, `--searches` batches): what the setting does to the search itself.
+fixed budget (`--search-budget-ms`, `--searches` batches) and the worker's peak resident memory after them: what
+the setting does to the search itself and what it costs.
 
     .venv/bin/python benchmarks/bench_result_transfer.py [--rounds 4] [--repeats 60] [--out FILE]
 """
@@ -61,7 +62,10 @@ def _task(kind: str, seed: int, budget_ms: float) -> tuple[float, Any]:
         outcome = work.plan_batch(work.PlanTask(job, data, "search", budget_ms))
         assert isinstance(outcome, work.PlanOutcome)
         if kind == "search":
-            return time.perf_counter(), (outcome.evaluations, outcome.search_ms)
+            import resource
+
+            peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+            return time.perf_counter(), (outcome.evaluations, outcome.search_ms, peak_kib)
         _outcome = outcome
     return time.perf_counter(), _outcome
 
@@ -91,11 +95,11 @@ async def _child(kept: bool, repeats: int, searches: int, budget_ms: float) -> d
             hand_ms.append((t_done - t_end) * 1e3)
             await asyncio.sleep(0.005)
         size = len(outcome.plan.header) + sum(map(len, outcome.plan.lean)) + sum(map(len, outcome.plan.timings))
-        evaluations = []
+        evaluations, peak_kib = [], 0
         for seed in range(1, searches + 1):
-            _, (count, _search_ms), _ = await run("search", seed)
+            _, (count, _search_ms, peak_kib), _ = await run("search", seed)
             evaluations.append(count)
-        return {"hand_back_ms": hand_ms, "result_bytes": size, "evaluations": evaluations}
+        return {"hand_back_ms": hand_ms, "result_bytes": size, "evaluations": evaluations, "worker_peak_kib": peak_kib}
     finally:
         pool.shutdown()
         await pool.join(10.0)
@@ -130,6 +134,7 @@ def main() -> None:
             "hand_back_ms": {q: round(float(np.percentile(hand, p)), 3) for q, p in (("p50", 50), ("p90", 90))},
             "evaluations_mean": round(float(np.mean(evals)), 1) if evals else None,
             "result_bytes": runs[setting][0]["result_bytes"],
+            "worker_peak_rss_mib": round(max(run["worker_peak_kib"] for run in runs[setting]) / 1024, 1),
         }
 
     report = {
