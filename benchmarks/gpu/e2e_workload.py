@@ -14,9 +14,11 @@ cross-attention to the captions, adaLN); 256 x 256 px video, VAE 8 x 8 x 8, 2 x 
 latent frame, 512 per second, up to 16 s (8,192 DiT tokens) per microbatch; pp 4, 16 microbatches. The same
 dynamic trace in seconds of video (its last 6 iterations of 20 carry captions only: the DiT has no tokens).
 
-`size="large"` (`--workload vlm-large` / `t2v-large`), opt-in: the sizes issue 10 names, so that each action's
-device time exceeds the executor's host time per action (the default sizes are host-bound on H200s, docs/gpu.md
-sections 7-8). Same structure, batches and trace; wider and deeper modules, planned on `PLANNING_H200`:
+`size="large"` (`--workload vlm-large` / `t2v-large`), opt-in: the sizes issue 10 names. Each action's device
+time grows against the per-iteration host work that does not scale with it (the idle hook's plan check and kernel
+loads, the first chunks' input building). (Sections 7-8 of docs/gpu.md read the default sizes as host-bound; the
+traces say the device rarely waits for its host, section 13.) Same structure, batches and trace; wider and deeper
+modules, planned on `PLANNING_H200`:
 - VLM: ViT 1.1B (32 x 1664, ffn 6656, 16 heads of 104 as ViT-bigG; merger to 3072) + LM 3.0B (Llama-3.2-3B-like:
   28 x 3072, ffn 8192, GQA 24/8; vocab 32000). Wider rather than deeper than the default ViT: a layer's device
   time grows with width, its host time does not (32 x 1664: 1.5x the default layer's predicted time, 40 x 1408
