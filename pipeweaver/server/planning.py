@@ -79,7 +79,6 @@ def queue_full(exc: QueueFull) -> RequestError:
 class EarlySearch:
     """A search submitted before its request was checked (`Planning.start_early`)."""
 
-    task: work.PlanTask
     outcome: asyncio.Future[Any]
 
 
@@ -305,7 +304,7 @@ class Planning:
             delivery_trace.events.append(("submit", replica, iteration, time.perf_counter()))
         outcome = self.pool.search.submit(work.plan_batch, task)
         outcome.add_done_callback(mark_retrieved)
-        return EarlySearch(task, outcome)
+        return EarlySearch(outcome)
 
     def cancel_early(self, early: EarlySearch) -> None:
         """An early search nobody needs: dropped from the queue, or left to end at its budget if already running

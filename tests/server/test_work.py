@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import time
 
 import pytest
@@ -172,3 +173,17 @@ def test_the_worker_warm_up_compiles_every_kernel_a_job_needs() -> None:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         new = pool.apply(_new_numba_signatures_after_warm_up)
     assert new == {}, f"kernels compiled after the worker's warm-up: {new}"
+
+
+def test_a_job_is_pickled_once_and_unpickled_once_per_worker(job: work.Job) -> None:
+    """Every search task carries its job: the specs are pickled on the first task only, and a worker rebuilds
+    the job once, handing the same object to the later tasks."""
+    first = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+    assert job._pickled is not None
+    assert pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL) == first
+    work._unpickled_jobs.clear()
+    a, b = pickle.loads(first), pickle.loads(first)
+    assert a == job and a.partition == job.partition and a is b
+    # The job's own value decides, not the cache: another spec is another job.
+    other = work.Job("job-other", SPEC)
+    assert pickle.loads(pickle.dumps(other)) == other != job
