@@ -244,6 +244,8 @@ class BenchExecutor(PipelineExecutor):
         self.record = False
         self._marks: list[tuple[Any, Any]] = []
         self._origin: Any = None
+        self._host_marks: list[tuple[float, float]] = []
+        self._host_origin = 0.0
         self.last_plan: Plan | None = None
         self._actions: tuple[Any, ...] = ()
         self._issued = 0
@@ -285,12 +287,13 @@ class BenchExecutor(PipelineExecutor):
         return text
 
     def begin_record(self) -> None:
-        self.record, self._marks = True, []
+        self.record, self._marks, self._host_marks = True, [], []
         if self.device.type == "cuda":
             self._origin = torch.cuda.Event(enable_timing=True)
-            self._origin.record()
+            self._origin.record()  # on an idle device (after a synchronize): it runs at once, as the host stamps
         else:
             self._origin = time.monotonic()
+        self._host_origin = time.perf_counter()
 
     def recorded_ms(self) -> list[tuple[float, float]]:
         """(start, end) of every action since `begin_record`, in ms (call after the iteration synchronized)."""
@@ -300,11 +303,19 @@ class BenchExecutor(PipelineExecutor):
             return [(o.elapsed_time(s), o.elapsed_time(e)) for s, e in self._marks]
         return [((s - self._origin) * 1e3, (e - self._origin) * 1e3) for s, e in self._marks]
 
+    def recorded_host_ms(self) -> list[tuple[float, float]]:
+        """(start, end) of the host's issue of every action since `begin_record`, in ms: when the host began and
+        finished launching it. Beside `recorded_ms` (the device's), it tells a device waiting for its host from a
+        host held back by its device (docs/gpu.md section 13)."""
+        o = self._host_origin
+        return [((s - o) * 1e3, (e - o) * 1e3) for s, e in self._host_marks]
+
     def _timed(self, fn: Callable[..., None], *args: Any) -> None:
         if not self.record:
             fn(*args)
             self._issue()
             return
+        h0 = time.perf_counter()
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -314,6 +325,7 @@ class BenchExecutor(PipelineExecutor):
             start = time.monotonic()
             fn(*args)
             end = time.monotonic()
+        self._host_marks.append((h0, time.perf_counter()))
         self._marks.append((start, end))
         self._issue()
 
@@ -499,14 +511,30 @@ def write_measured_trace(run: Run, name: str, k: int, plan: Plan, ex: BenchExecu
 
     ms, _, _ = clock.timed(recorded, "trace")
     windows = run.gather(ex.recorded_ms())
+    host_windows = run.gather(ex.recorded_host_ms())
     if run.rank == 0:
         path = trace_path(run, name, k)
-        write_trace(path, relabel(chrome_trace(plan, windows), 0, "measured"))
+        trace = relabel(chrome_trace(plan, windows), 0, "measured")
+        # The host's issue of each action, as processes 300+ ("host_issue rank r"; SEMU's are 100+ and 200+).
+        host = relabel(chrome_trace(plan, host_windows), HOST_ISSUE_PID, "host_issue")
+        trace["traceEvents"] += host["traceEvents"]
+        trace["otherData"] |= {key: v for key, v in host["otherData"].items() if key.endswith("_makespan_ms")}
+        write_trace(path, trace)
         run.result["traces"].append(
-            {"schedule": name, "iteration": k, "file": str(path), "measured_ms": ms, "processes": ["measured"]}
+            {
+                "schedule": name,
+                "iteration": k,
+                "file": str(path),
+                "measured_ms": ms,
+                "processes": ["measured", "host_issue"],
+            }
         )
         if name == "pipeweaver":  # the baselines' SEMU traces were asked for up front (`semu_baselines`)
             run.semu_job["traces"].append({"schedule": name, "iteration": run.warmup + k})
+
+
+HOST_ISSUE_PID = 300
+"""First process number of a measured trace's host-issue timeline."""
 
 
 def trace_path(run: Run, name: str, k: int) -> Path:
