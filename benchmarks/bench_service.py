@@ -470,6 +470,9 @@ def main() -> None:
         default="",
         help="pin the client processes to these CPUs (e.g. 16-63): trainers' cores, apart from the sidecar's",
     )
+    parser.add_argument(
+        "--no-cached-pass", action="store_true", help="the planning pass only (long runs within a time limit)"
+    )
     parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU", help="recorded in the report")
     parser.add_argument("--out", default="", help="also write the report here (JSON)")
     args = parser.parse_args()
@@ -503,18 +506,22 @@ def main() -> None:
             timings=args.predicted_timings,
         )
         cpu1, t1 = cpu_seconds(proc.pid), time.perf_counter()
-        # Iterations numbered after the first pass's: plans for them come from the plan cache, not from the
-        # entries the first pass left (those would answer with the first pass's search time, a negative overhead).
-        cached, cached_client_cpu = run_pass(
-            port,
-            job_id,
-            batches,
-            args.iteration_ms,
-            args.iterations,
-            processes=args.client_processes,
-            cpus=client_cpus,
-            timings=args.predicted_timings,
-        )
+        cached: list[Sample] = []
+        cached_client_cpu = 0.0
+        if not args.no_cached_pass:
+            # Iterations numbered after the first pass's: plans for them come from the plan cache, not from the
+            # entries the first pass left (those would answer with the first pass's search time, a negative
+            # overhead).
+            cached, cached_client_cpu = run_pass(
+                port,
+                job_id,
+                batches,
+                args.iteration_ms,
+                args.iterations,
+                processes=args.client_processes,
+                cpus=client_cpus,
+                timings=args.predicted_timings,
+            )
         cpu2, t2 = cpu_seconds(proc.pid), time.perf_counter()
         answer = one_answer(port, job_id, batches[0][0], args.predicted_timings)
     finally:
@@ -592,7 +599,11 @@ def main() -> None:
         "server_environment": {k: v for k, v in os.environ.items() if k.startswith("PIPEWEAVER_")},
         "date": time.strftime("%Y-%m-%d"),
         "planning_pass": {**summary(planning, cpu1 - cpu0, planning_client_cpu), "seconds": round(t1 - t0, 1)},
-        "cached_pass": {**summary(cached, cpu2 - cpu1, cached_client_cpu), "seconds": round(t2 - t1, 1)},
+        **(
+            {"cached_pass": {**summary(cached, cpu2 - cpu1, cached_client_cpu), "seconds": round(t2 - t1, 1)}}
+            if cached
+            else {}
+        ),
         "answer_bytes": len(answer),
     }
     what = {
@@ -613,7 +624,8 @@ def main() -> None:
     if args.delivery_trace:
         trace = delivery_breakdown.load_trace(Path(args.delivery_trace))
         report["planning_pass"]["delivery_steps"] = delivery_breakdown.summarize(planning, trace)
-        report["cached_pass"]["delivery_steps"] = delivery_breakdown.summarize(cached, trace)
+        if cached:
+            report["cached_pass"]["delivery_steps"] = delivery_breakdown.summarize(cached, trace)
         report["planning_pass"]["delivery_bursts"] = delivery_breakdown.burst_summary(trace)
     if args.profile_server:
         report["server_profile"] = {"raw": args.profile_server, **event_loop_profile(args.profile_server)}
