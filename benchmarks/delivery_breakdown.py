@@ -18,6 +18,9 @@ reports, as `bench_service.py` counts it) splits into:
 - ``write``: `context.write` itself;
 - ``to_client``: the write returned -> the client has the answer's bytes.
 
+The server's garbage collections (`gc_summary`): per generation, their pauses, and those that fell while an
+iteration's requests were taken or its answers written.
+
 For each iteration with a search, also ``search_ipc``: submit -> outcome back on the loop, less the worker's own
 time (pickling, pipes, the loop's hops), split into ``to_worker`` (submit -> the task begins in the worker) and
 ``from_worker`` (the task ends -> its outcome is back on the loop), and ``searched_to_resolve`` (the plan's
@@ -171,6 +174,44 @@ def burst_summary(trace: list[dict[str, Any]]) -> dict[str, Any]:
     return {"iterations": len(rows), **{k: _stats([r[k] for r in rows]) for k in keys}}
 
 
+def gc_summary(trace: list[dict[str, Any]]) -> dict[str, Any]:
+    """The server process's garbage collections: per generation, how many and how long (ms), and how many of them
+    paused the event loop while an iteration's answers were going out (between its first resolution and its last
+    write) or its requests were being taken: the pauses someone's answer waited for."""
+    pauses = [e for e in trace if e["event"] == "gc"]
+    phases: list[tuple[float, float]] = []
+    by_iteration: dict[int, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for e in trace:
+        if "iteration" in e:
+            by_iteration[e["iteration"]][e["event"]].append(e)
+    writes = [e for e in trace if e["event"] == "write"]
+    for events in by_iteration.values():
+        if events["take"]:
+            phases.append((min(e["t_start"] for e in events["take"]), max(e["t_end"] for e in events["take"])))
+        if events["resolve"]:
+            start = min(e["t"] for e in events["resolve"])
+            last_answer = max((e["t"] for e in events["answer"]), default=start)
+            # The writes of this iteration's answers end at the first write to end after its last answer.
+            ends = [w["t_end"] for w in writes if w["t_start"] >= start and w["t_end"] >= last_answer]
+            phases.append((start, min(ends) if ends else last_answer))
+    out: dict[str, Any] = {}
+    for generation in sorted({e["generation"] for e in pauses}):
+        ms = [(e["t_end"] - e["t_start"]) * 1e3 for e in pauses if e["generation"] == generation]
+        during = [
+            (e["t_end"] - e["t_start"]) * 1e3
+            for e in pauses
+            if e["generation"] == generation and any(a < e["t_end"] and e["t_start"] < b for a, b in phases)
+        ]
+        out[f"gen{generation}"] = {
+            "count": len(ms),
+            "p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "max_ms": round(max(ms), 3),
+            "during_bursts": len(during),
+            "during_bursts_max_ms": round(max(during), 3) if during else 0.0,
+        }
+    return out
+
+
 def _stats(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
@@ -217,6 +258,7 @@ def main() -> None:
             k: _stats([r[k] for r in searches if k in r])
             for k in ("worker_ms", "search_ipc", "to_worker", "from_worker", "searched_to_resolve")
         },
+        "gc": gc_summary(trace),
     }
     print(json.dumps(report, indent=1))
 

@@ -28,6 +28,7 @@ from pipeweaver.cores import affinity_cores, cgroup_cpu_limit, usable_cores
 from pipeweaver.server import delivery_trace, heap
 from pipeweaver.server.config import ServerConfig
 from pipeweaver.server.forward import ForwardingService, leader_channel
+from pipeweaver.server.idle_gc import IdleCollector
 from pipeweaver.server.metrics import Metrics, MetricsInterceptor
 from pipeweaver.server.planning import Planning
 from pipeweaver.server.pool import Lane, WorkerPool
@@ -81,6 +82,7 @@ class PlannerServer:
         self._ready_reported: bool | None = None
         """The readiness PlannerService's health last reported (None: not yet)."""
         self._planning: Planning | None = None
+        self._collector: IdleCollector | None = None
 
     # ---- startup ----
     async def start(self) -> None:
@@ -142,6 +144,9 @@ class PlannerServer:
         # collector's full passes (one took 23 ms of the event loop, which may be in the middle of a burst).
         gc.collect()
         gc.freeze()
+        if cfg.idle_gc:
+            self._collector = IdleCollector()
+            self._collector.start()
         self._serving = True
         if cfg.delivery_trace is not None:
             delivery_trace.start()
@@ -233,6 +238,8 @@ class PlannerServer:
             await self.pool.close(timeout_s=max(grace, 1.0))
         if self._leader is not None:
             await self._leader.close(None)
+        if self._collector is not None:
+            await self._collector.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -119,6 +119,8 @@ class ServerConfig:
     """Written (JSON: pid, ports, worker pids) once the service is SERVING; removed on exit."""
     delivery_trace: Path | None = None
     """Record each streamed answer's way through the service and write it here on stop (`delivery_trace`)."""
+    idle_gc: bool = True
+    """Collect garbage when requests and answers pause, not when allocations pass a threshold (`idle_gc`)."""
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -291,6 +293,13 @@ OPTIONS: tuple[_Option, ...] = (
         Path,
         "record per-answer timestamps of streamed plans; written here on stop (latency studies)",
         "FILE",
+    ),
+    _Option(
+        "--idle-gc",
+        "PIPEWEAVER_IDLE_GC",
+        "idle_gc",
+        _bool,
+        "collect garbage between bursts of requests instead of inside them (default true)",
     ),
     _Option("--log-level", "PIPEWEAVER_LOG_LEVEL", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
 )

@@ -3,7 +3,8 @@
 Off unless `pipeweaver serve --delivery-trace FILE` (`PIPEWEAVER_DELIVERY_TRACE`) turns it on; then the service
 records, on `time.perf_counter` (CLOCK_MONOTONIC on Linux, so a client on the same host can join its own
 timestamps to these), when each request was taken, when its entry's search was submitted and came back, when the
-entry resolved, when each answer was handed to its stream and when each write returned; the file is written when
+entry resolved, when each answer was handed to its stream and when each write returned, and every garbage
+collection of the server process (a pause of the event loop); the file is written when
 the server stops (one JSON object per line). `benchmarks/bench_service.py --delivery-trace` joins it with the
 clients' send and receive times into a per-step breakdown of the latency.
 
@@ -13,7 +14,9 @@ in memory until the server stops, the last `MAX_EVENTS` of them (a few per answe
 
 from __future__ import annotations
 
+import gc
 import json
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -25,16 +28,32 @@ events: deque[tuple[Any, ...]] | None = None
 """The recorded events, or None when tracing is off (the call sites test this before building an event)."""
 
 
+_gc_started = 0.0
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    """Garbage collections of the server process: a pause of the event loop, whoever's answer it delays."""
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    elif events is not None:
+        events.append(("gc", info["generation"], _gc_started, time.perf_counter()))
+
+
 def start() -> None:
     """Record from now on (forgetting anything recorded before)."""
     global events
     events = deque(maxlen=MAX_EVENTS)
+    if _on_gc not in gc.callbacks:
+        gc.callbacks.append(_on_gc)
 
 
 def stop(path: Path) -> int:
     """Write what was recorded to `path` (JSON lines), stop recording; the number of events written."""
     global events
     recorded, events = events or deque(), None
+    if _on_gc in gc.callbacks:
+        gc.callbacks.remove(_on_gc)
     fields = {
         "take": ("session", "replica", "iteration", "rank", "t_start", "t_end", "answered"),
         "answer": ("session", "replica", "iteration", "rank", "t"),
@@ -42,6 +61,7 @@ def stop(path: Path) -> int:
         "submit": ("replica", "iteration", "t"),
         "searched": ("replica", "iteration", "t", "worker_ms", "worker_start", "worker_end"),
         "resolve": ("replica", "iteration", "t", "source"),
+        "gc": ("generation", "t_start", "t_end"),
     }
     with open(path, "w") as out:
         for kind, *values in recorded:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import grpc
 from google.protobuf.message import DecodeError
 
-from pipeweaver.server import delivery_trace, rawproto
+from pipeweaver.server import delivery_trace, idle_gc, rawproto
 from pipeweaver.server.config import ServerConfig
 from pipeweaver.server.jobs import Batch, JobState, Served
 from pipeweaver.server.planning import EarlySearch, Planning, shutting_down
@@ -171,6 +171,7 @@ class _StreamSink:
                 trace = delivery_trace.events
                 t_start = time.perf_counter() if trace is not None else 0.0
                 await context.write(pending.popleft())
+                idle_gc.touch()
                 sent.inc()
                 if trace is not None:
                     trace.append(("write", self.number, t_start, time.perf_counter()))
@@ -227,6 +228,7 @@ class PlannerService:
 
     # ---- GetPlan ----
     async def GetPlan(self, data: bytes, context: Context) -> Any:
+        idle_gc.touch()
         try:
             _check_size(data, self._config.max_message_bytes, pb.GetPlanRequest)
             request = _parse(pb.GetPlanRequest, data)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from pipeweaver.server import delivery_trace
+from pipeweaver.server import delivery_trace, idle_gc
 from pipeweaver.server.jobs import JobClosed, JobState, PlanEntry, Served
 from pipeweaver.server.planning import Planning, shutting_down
 from pipeweaver.server.pool import PoolClosed
@@ -73,6 +73,7 @@ class StreamSession:
         """One request, as the bytes that arrived. A bad one ends the stream with its error."""
         if self.finished or self._draining:  # draining: requests after the drain are not planned
             return
+        idle_gc.touch()
         trace = delivery_trace.events
         t_start = time.perf_counter() if trace is not None else 0.0
         try:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from pipeweaver.server import delivery_trace
 from tests.server.harness import batch, register_request, running_server, stream_requests, tiny_workload
 
 W = tiny_workload(pp=2)
@@ -63,3 +66,30 @@ def test_the_trace_follows_each_answer_from_its_take_to_its_write(tmp_path: Path
         if not take["answered"]:
             assert take["t_end"] <= resolved[e["iteration"]]["t"] <= e["t"]
     assert sum(per_session.values()) == len(by_kind["write"]) == 4
+
+
+def test_garbage_collections_are_traced_and_summarized_by_whether_a_burst_waited(tmp_path: Path) -> None:
+    """A collection is a pause of the event loop: traced with its generation, and counted by
+    `delivery_breakdown.gc_summary` as in a burst when it overlaps an iteration's answering."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from delivery_breakdown import gc_summary, load_trace
+
+    delivery_trace.start()
+    gc.collect(1)
+    path = tmp_path / "gc.jsonl"
+    delivery_trace.stop(path)
+    traced = [e for e in load_trace(path) if e["event"] == "gc"]
+    assert [e["generation"] for e in traced] == [1] and traced[0]["t_start"] <= traced[0]["t_end"]
+
+    # One iteration answered between t = 10 and t = 11; a pause at 10.5 delayed it, one at 20 did not.
+    burst = [
+        {"event": "take", "replica": 0, "iteration": 0, "rank": 0, "t_start": 9.0, "t_end": 9.001},
+        {"event": "resolve", "replica": 0, "iteration": 0, "t": 10.0, "source": "search"},
+        {"event": "answer", "session": 1, "replica": 0, "iteration": 0, "rank": 0, "t": 10.9},
+        {"event": "write", "session": 1, "t_start": 10.95, "t_end": 11.0},
+        {"event": "gc", "generation": 2, "t_start": 10.5, "t_end": 10.52},
+        {"event": "gc", "generation": 2, "t_start": 20.0, "t_end": 20.01},
+    ]
+    summary = gc_summary(burst)["gen2"]
+    assert summary["count"] == 2 and summary["during_bursts"] == 1
+    assert summary["during_bursts_max_ms"] == pytest.approx(20.0)
