@@ -2,12 +2,13 @@
 
 Python's collector runs when allocations pass a threshold, and a burst of 64 requests and their answers is when a
 server allocates most: so the passes landed inside bursts, where every answer waits for them. On the 2-core
-machine, 40 vlm-s iterations took 35 passes over 0.3 ms in the server process, gen-1 passes up to 5.4 ms and a
-full one of 29 ms (`benchmarks/bench_service.py --gc-log`); on a 32-core host 200 iterations at 2 s had a planning
-pass p99 of 12.4 ms and a maximum of 24 ms where 30 iterations had 8.3 ms. Here the automatic collector is off
-while the server serves, and a task collects once requests and answers have paused for `IDLE_S`: the young
-generations when enough objects have piled up, everything at most every `FULL_EVERY_S`. Should the server never
-pause, a collection runs anyway once `HARD_LIMIT` objects wait, as the automatic collector would have.
+machine, 42 of the server's 50 passes in 40 vlm-s iterations fell while an iteration's requests were taken or its
+answers written (`bench_service.py --delivery-trace`, `delivery_breakdown.gc_summary`; another such run had a
+full pass of 29 ms); on a 32-core host 200 iterations at 2 s had a planning-pass p99 of 12.4 ms and a maximum of
+24 ms where 30 iterations had 8.3 ms. Here the automatic collector is off while the server serves, and a task
+collects once requests and answers have paused for `IDLE_S`: the young generations when enough objects have piled
+up, everything at most every `FULL_EVERY_S`. Should the server never pause, a collection runs anyway once
+`HARD_LIMIT` objects wait, as the automatic collector would have.
 
 `touch()` marks activity (a request taken, an answer written): a clock read and a store.
 """
@@ -31,8 +32,9 @@ YOUNG_LIMIT = 20_000
 """Objects allocated since the last collection (`gc.get_count()[0]`) that make an idle moment collect."""
 FULL_EVERY_S = 30.0
 """The oldest generation is collected at an idle moment at most this often."""
-HARD_LIMIT = 500_000
-"""Objects waiting that make a collection run even while busy (the server never paused)."""
+HARD_LIMIT = 100_000
+"""Objects waiting that make a collection run even while busy (the server never paused): about 30 bursts' worth,
+and a pass over them is as long as one of the automatic collector's older-generation passes."""
 
 _last_activity = 0.0
 
