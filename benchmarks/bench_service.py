@@ -417,6 +417,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def memory_mib(pid: int) -> dict[str, float]:
+    """Resident memory of a process now and at its peak (Linux /proc), without its children, in MiB."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: round(int(status[field].split()[0]) / 1024, 1) for key, field in (("rss", "VmRSS"), ("peak", "VmHWM"))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=200)
@@ -523,6 +529,7 @@ def main() -> None:
                 timings=args.predicted_timings,
             )
         cpu2, t2 = cpu_seconds(proc.pid), time.perf_counter()
+        server_memory = memory_mib(proc.pid)
         answer = one_answer(port, job_id, batches[0][0], args.predicted_timings)
     finally:
         proc.terminate()
@@ -605,6 +612,7 @@ def main() -> None:
             else {}
         ),
         "answer_bytes": len(answer),
+        "server_memory_mib": server_memory,
     }
     what = {
         "transport_floor": "the same clients and answers against a gRPC server that does no work",
