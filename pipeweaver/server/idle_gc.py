@@ -10,7 +10,9 @@ collects once requests and answers have paused for `IDLE_S`: the young generatio
 up, everything at most every `FULL_EVERY_S`. Should the server never pause, a collection runs anyway once
 `HARD_LIMIT` objects wait, as the automatic collector would have.
 
-`touch()` marks activity (a request taken, an answer written): a clock read and a store.
+`touch()` marks activity (a request taken, an answer written): a clock read and a store. `waiting()` counts the
+requests waiting for a plan: the collector waits for them to be answered too, so that a pass runs after a
+burst's answers have gone out rather than while a search may return.
 """
 
 from __future__ import annotations
@@ -37,12 +39,21 @@ HARD_LIMIT = 100_000
 and a pass over them is as long as one of the automatic collector's older-generation passes."""
 
 _last_activity = 0.0
+_waiting = 0
+"""Requests waiting for a plan: while any waits, its plan may arrive at any moment (and a pass would hold up its
+answers), so an idle moment then is not taken."""
 
 
 def touch() -> None:
     """Note activity: a collection now would delay someone's answer."""
     global _last_activity
     _last_activity = time.monotonic()
+
+
+def waiting(change: int) -> None:
+    """One more (+1) or one fewer (-1) request waits for its plan."""
+    global _waiting
+    _waiting += change
 
 
 @dataclass
@@ -100,7 +111,7 @@ class IdleCollector:
         """One look: the generation collected, or None."""
         now = time.monotonic()
         waiting = gc.get_count()[0]
-        idle = now - _last_activity >= self.idle_s
+        idle = _waiting == 0 and now - _last_activity >= self.idle_s
         if waiting >= self.hard_limit:
             generation = 1
             self.stats.forced += 1

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from pipeweaver.search.baselines.registry import BASELINES
-from pipeweaver.server import delivery_trace, work
+from pipeweaver.server import delivery_trace, idle_gc, work
 from pipeweaver.server.config import ServerConfig
 from pipeweaver.server.jobs import (
     Batch,
@@ -258,6 +258,7 @@ class Planning:
         """One more request waits for `entry`'s plan (`entry.final`) until `unwatch`. With a deadline, the fallback
         starts once only its time is left before the earliest deadline among the waiting requests."""
         entry.waiters += 1
+        idle_gc.waiting(+1)
         if deadline is not None:
             entry.deadlines.append(deadline)
             self._arm_fallback(job, entry)
@@ -265,6 +266,7 @@ class Planning:
     def unwatch(self, job: JobState, entry: PlanEntry, deadline: float | None) -> None:
         """A request stops waiting for `entry` (it has its answer, or it went away)."""
         entry.waiters -= 1
+        idle_gc.waiting(-1)
         if deadline is not None:
             entry.deadlines.remove(deadline)
             self._arm_fallback(job, entry)

@@ -64,3 +64,18 @@ def test_a_full_collection_at_most_every_interval_and_a_forced_one_when_never_id
     finally:
         if was:
             gc.enable()
+
+
+def test_no_collection_while_a_request_waits_for_its_plan() -> None:
+    """A plan may come back at any moment while someone waits: the answers would wait for the pass."""
+    collector = IdleCollector(idle_s=0.0, young_limit=0, full_every_s=3600.0, hard_limit=10**9)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        idle_gc.waiting(+1)
+        assert collector.collect_if_due() is None
+        idle_gc.waiting(-1)
+        assert collector.collect_if_due() == 1
+    finally:
+        if was:
+            gc.enable()
