@@ -120,12 +120,21 @@ def search_steps(trace: list[dict[str, Any]]) -> list[dict[str, float]]:
     return out
 
 
+def _by_iteration(trace: list[dict[str, Any]]) -> dict[int, dict[str, list[dict[str, Any]]]]:
+    """The trace's events that name an iteration, by iteration and kind."""
+    out: dict[int, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for e in trace:
+        if "iteration" in e:
+            out[e["iteration"]][e["event"]].append(e)
+    return out
+
+
 def bursts(trace: list[dict[str, Any]]) -> list[dict[str, float]]:
     """Per iteration whose plan was searched, on the server's clock alone (ms): ``first_take_to_submit`` (the
     iteration's first request taken -> its search submitted: checking a batch seen for the first time),
     ``resolves_spread`` (the first entry resolved -> the last, the replicas that shared the search), and from the
     first resolution to the ``last_answer`` handed over, the ``last_write_start`` and the ``last_write_end``."""
-    by_iteration: dict[int, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    by_iteration = _by_iteration(trace)
     writes: dict[int, list[dict[str, Any]]] = defaultdict(list)
     written: dict[tuple[int, int, int], dict[str, Any]] = {}
     per_session: dict[int, int] = defaultdict(int)
@@ -133,8 +142,6 @@ def bursts(trace: list[dict[str, Any]]) -> list[dict[str, float]]:
         if e["event"] == "write":
             writes[e["session"]].append(e)
     for e in trace:
-        if "iteration" in e:
-            by_iteration[e["iteration"]][e["event"]].append(e)
         if e["event"] == "answer":
             k = per_session[e["session"]]
             per_session[e["session"]] += 1
@@ -180,12 +187,8 @@ def gc_summary(trace: list[dict[str, Any]]) -> dict[str, Any]:
     write) or its requests were being taken: the pauses someone's answer waited for."""
     pauses = [e for e in trace if e["event"] == "gc"]
     phases: list[tuple[float, float]] = []
-    by_iteration: dict[int, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for e in trace:
-        if "iteration" in e:
-            by_iteration[e["iteration"]][e["event"]].append(e)
     writes = [e for e in trace if e["event"] == "write"]
-    for events in by_iteration.values():
+    for events in _by_iteration(trace).values():
         if events["take"]:
             phases.append((min(e["t_start"] for e in events["take"]), max(e["t_end"] for e in events["take"])))
         if events["resolve"]:

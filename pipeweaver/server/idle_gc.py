@@ -22,7 +22,7 @@ import contextlib
 import gc
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 log = logging.getLogger("pipeweaver.server")
 
@@ -63,7 +63,8 @@ class Stats:
     young: int = 0
     full: int = 0
     forced: int = 0
-    pause_s: list[float] = field(default_factory=list)
+    longest_pause_s: float = 0.0
+    """Bounded state for a server that runs for weeks: the longest pass, not every pass."""
 
 
 class IdleCollector:
@@ -124,7 +125,7 @@ class IdleCollector:
         t0 = time.perf_counter()
         gc.collect(generation)
         pause = time.perf_counter() - t0
-        self.stats.pause_s.append(pause)
+        self.stats.longest_pause_s = max(self.stats.longest_pause_s, pause)
         if generation == 2:
             self._last_full = now
             self.stats.full += 1
