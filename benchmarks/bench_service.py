@@ -636,6 +636,7 @@ def main() -> None:
             report["cached_pass"]["delivery_steps"] = delivery_breakdown.summarize(cached, trace)
         report["planning_pass"]["delivery_bursts"] = delivery_breakdown.burst_summary(trace)
         report["server_gc"] = delivery_breakdown.gc_summary(trace)
+        report["server_loop_stalls"] = delivery_breakdown.loop_stalls(trace)
     if args.profile_server:
         report["server_profile"] = {"raw": args.profile_server, **event_loop_profile(args.profile_server)}
     if args.out:

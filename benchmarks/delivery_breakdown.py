@@ -19,7 +19,8 @@ reports, as `bench_service.py` counts it) splits into:
 - ``to_client``: the write returned -> the client has the answer's bytes.
 
 The server's garbage collections (`gc_summary`): per generation, their pauses, and those that fell while an
-iteration's requests were taken or its answers written.
+iteration's requests were taken or its answers written. Stalls of the event loop that the trace does not explain
+(`loop_stalls`): the longest stretch of each answer burst in which the server recorded nothing.
 
 For each iteration with a search, also ``search_ipc``: submit -> outcome back on the loop, less the worker's own
 time (pickling, pipes, the loop's hops), split into ``to_worker`` (submit -> the task begins in the worker) and
@@ -42,8 +43,11 @@ STEPS = ("to_take", "take", "to_resolve", "to_answer", "to_write", "write", "to_
 
 
 def load_trace(path: Path) -> list[dict[str, Any]]:
-    """A delivery trace as the server wrote it (JSON lines), or gzipped (``.gz``)."""
-    raw = gzip.decompress(Path(path).read_bytes()) if str(path).endswith(".gz") else Path(path).read_bytes()
+    """A delivery trace as the server wrote it (JSON lines), or gzipped. The content decides, not the name: the
+    server writes plain JSON lines whatever the file is called."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip's magic number
+        raw = gzip.decompress(raw)
     return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
 
 
@@ -246,6 +250,35 @@ def summarize(samples: list[tuple[Any, ...]], trace: list[dict[str, Any]]) -> di
     }
 
 
+def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[str, Any]:
+    """Per searched iteration, the longest stretch of its answer burst (`window_s` from its first resolution) in
+    which the server recorded nothing: no answer handed over, no write begun or returned, no collection. While a
+    burst's answers wait, the loop records an event every few tens of microseconds, so a stretch of a millisecond
+    or more is the event loop held up by something the trace does not see (the process descheduled, the GIL held
+    elsewhere, a long call inside gRPC). As p50 / p99 / max (ms) over the iterations, and how many exceed 1 ms."""
+    stamps = np.sort(np.array([e[k] for e in trace for k in ("t", "t_start", "t_end") if k in e], dtype=float))
+    longest = []
+    for _, events in sorted(_by_iteration(trace).items()):
+        if not events["submit"] or not events["resolve"]:
+            continue
+        t0 = min(e["t"] for e in events["resolve"])
+        inside = stamps[(stamps >= t0) & (stamps <= t0 + window_s)]
+        # A burst that ends early leaves the rest of the window empty: only gaps between recorded events count.
+        longest.append(float(np.diff(inside).max()) * 1e3 if len(inside) > 1 else 0.0)
+    if not longest:
+        return {"iterations": 0}
+    a = np.asarray(longest)
+    return {
+        "iterations": len(longest),
+        "longest_gap_ms": {
+            "p50": round(float(np.percentile(a, 50)), 3),
+            "p99": round(float(np.percentile(a, 99)), 3),
+            "max": round(float(a.max()), 3),
+        },
+        "over_1ms": int((a > 1.0).sum()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="A delivery trace's searched bursts and searches, server side.")
     parser.add_argument(
@@ -262,6 +295,7 @@ def main() -> None:
             for k in ("worker_ms", "search_ipc", "to_worker", "from_worker", "searched_to_resolve")
         },
         "gc": gc_summary(trace),
+        "loop_stalls": loop_stalls(trace),
     }
     print(json.dumps(report, indent=1))
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+import gzip
 import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +95,33 @@ def test_garbage_collections_are_traced_and_summarized_by_whether_a_burst_waited
     summary = gc_summary(burst)["gen2"]
     assert summary["count"] == 2 and summary["during_bursts"] == 1
     assert summary["during_bursts_max_ms"] == pytest.approx(20.0)
+
+
+def test_loop_stalls_are_the_longest_silence_inside_each_answer_burst(tmp_path: Path) -> None:
+    """`delivery_breakdown.loop_stalls` finds, per searched iteration, the longest stretch of its answer burst with
+    no event; silence after the burst's last event does not count. And `load_trace` reads a trace by its content:
+    the server writes plain JSON lines whatever the file is called (a `.gz` name once broke a benchmark's report)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from delivery_breakdown import load_trace, loop_stalls
+
+    def iteration(it: int, t0: float, gap_ms: float) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [
+            {"event": "submit", "replica": 0, "iteration": it, "t": t0 - 0.5},
+            {"event": "resolve", "replica": 0, "iteration": it, "t": t0, "source": "search"},
+        ]
+        t = t0
+        for s in range(4):
+            t += (gap_ms if s == 2 else 0.05) * 1e-3
+            out.append({"event": "answer", "session": s, "replica": 0, "iteration": it, "rank": s, "t": t})
+        return out
+
+    trace = iteration(0, 10.0, 3.0) + iteration(1, 20.0, 0.1)
+    stalls = loop_stalls(trace)
+    assert stalls["iterations"] == 2 and stalls["over_1ms"] == 1
+    assert stalls["longest_gap_ms"]["max"] == pytest.approx(3.0, abs=1e-6)
+
+    plain = tmp_path / "named.trace.jsonl.gz"
+    plain.write_text("".join(json.dumps(e) + "\n" for e in trace))
+    packed = tmp_path / "packed.jsonl"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert load_trace(plain) == load_trace(packed) == trace
