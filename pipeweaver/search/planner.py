@@ -730,22 +730,37 @@ class Planner:
                 # points often overflow by a fraction of a GiB, and the next one that fits can be 5% slower. The
                 # same strategies under a slightly tighter gate usually fit and keep most of the speed.
                 repairs += 1
-                for factor in REGATE_FACTORS:
-                    if time.perf_counter() >= repair_until:
-                        break
-                    tight = replace(problem, mem_cap_bytes=problem.mem_cap_bytes * factor)
-                    tight_seqs = self._orders_from_positions(
-                        tight, interleave(tight, stage_priorities(tight, priority))[0]
-                    )
-                    if tight_seqs == seqs:
-                        continue  # the gate did not bind any tighter: the same plan
-                    repaired = self._assemble_simulate(prep, tight_seqs, codes)
-                    if self._fits(repaired[1]):
-                        problem, seqs, built, label = tight, tight_seqs, repaired, f"{label}, re-gated {factor:.0%}"
-                        break
+                regated = self._regated(prep, problem, priority, codes, seqs, repair_until)
+                if regated is not None:
+                    problem, seqs, built, factor = regated
+                    label = f"{label}, re-gated {factor:.0%}"
             if self._fits(built[1]) and (best is None or built[1].makespan_ms < best[3][1].makespan_ms):
                 best = (codes, problem, seqs, built, label)
         return best
+
+    def _regated(
+        self,
+        prep: _Prepared,
+        problem: Problem,
+        priority: F64,
+        codes: I64,
+        seqs: list[list[int]],
+        until: float,
+    ) -> tuple[Problem, list[list[int]], tuple[Plan, SimResult], float] | None:
+        """The plan of `priority` and `codes` under the first of `REGATE_FACTORS`' tighter memory gates whose SEMU
+        timeline fits, tried while `time.perf_counter() < until`: (problem, orders, (plan, simulation), factor), or
+        None. `seqs` are the orders under `problem`'s own gate (a gate that changes nothing is not simulated)."""
+        for factor in REGATE_FACTORS:
+            if time.perf_counter() >= until:
+                return None
+            tight = replace(problem, mem_cap_bytes=problem.mem_cap_bytes * factor)
+            tight_seqs = self._orders_from_positions(tight, interleave(tight, stage_priorities(tight, priority))[0])
+            if tight_seqs == seqs:
+                continue  # the gate did not bind any tighter: the same plan
+            repaired = self._assemble_simulate(prep, tight_seqs, codes)
+            if self._fits(repaired[1]):
+                return tight, tight_seqs, repaired, factor
+        return None
 
     def _post_search_s(self, prep: _Prepared, pre_s: float) -> float:
         """Time to keep after the search for the rest of `plan` up to the validated plan (memory re-fit, SEMU check,
@@ -863,13 +878,31 @@ class Planner:
                         # The interleaver models transfers as delays; SEMU also queues them on links and starts a
                         # receive when its consumer is next. Keep the searched plan only if SEMU agrees it beats the
                         # base (which fits), so a level never does worse than the one below.
+                        t_check = time.perf_counter()
                         searched = self._assemble_simulate(prep, seqs, codes)
+                        one_check_s = time.perf_counter() - t_check
+                        regate_note = ""
+                        if base[3] is not None and not self._fits(searched[1]):
+                            # As with the starting points: a faster order whose SEMU timeline overflows by a
+                            # fraction of a GiB often fits under a slightly tighter gate and stays faster. Without
+                            # this, more MCTS (more workers) found faster orders more often and lost them all: on
+                            # t2v-s batch 1, 2 workers ended at the base's 30.28 s in 3 of 4 runs, 1 worker at 29.73.
+                            # The search's reserve after MCTS rarely leaves time for a try, so one try may run past
+                            # the deadline; the reserve then grows with the time this batch took after its search
+                            # (`_note_post_search`).
+                            deterministic = self.config.max_evaluations is not None
+                            until = math.inf if deterministic else max(deadline, time.perf_counter()) + one_check_s
+                            regated = self._regated(prep, problem, priority, codes, seqs, until)
+                            if regated is not None:
+                                problem, seqs, searched, factor = regated
+                                regate_note = f" / searched order re-gated {factor:.0%}"
                         if base[3] is not None and not (
                             self._fits(searched[1]) and searched[1].makespan_ms < base[3][1].makespan_ms
                         ):
                             codes, problem, seqs, checked = base
                         else:
                             checked = searched
+                            start += regate_note
                     else:
                         codes, problem, seqs, checked = base
 

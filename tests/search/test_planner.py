@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 import numpy as np
@@ -275,6 +277,31 @@ def test_an_overflowing_best_start_is_re_gated_before_a_slower_one_is_taken(monk
     # The repair keeps the candidate's strategies and only tightens its gate.
     assert np.array_equal(repaired[0], candidates[0].codes)
     assert np.all(repaired[1].mem_cap_bytes < candidates[0].problem.mem_cap_bytes)
+
+
+def test_re_gating_a_plan_fits_it_under_a_tighter_gate_and_respects_its_time_limit() -> None:
+    # `Planner._regated` serves both the starting points and the searched order (a faster order found by MCTS
+    # that overflows in SEMU): the same strategies and priorities under the first tighter gate that fits.
+    from pipeweaver.search import planner as planner_module
+
+    planner, prep, priority, budget = _t2v_s_starting_points()
+    candidates, _, _ = planner._base_candidates(prep, priority, budget, 0.0, memory=True, refit_until=0.0)
+    best = candidates[0]
+    seqs = planner._orders_from_positions(
+        best.problem, interleave(best.problem, stage_priorities(best.problem, priority))[0]
+    )
+    overflowing = planner._assemble_simulate(prep, seqs, best.codes)
+    assert not planner.fits_memory(overflowing[1])  # the case it is for (see the test above)
+
+    regated = planner._regated(prep, best.problem, priority, best.codes, seqs, math.inf)
+    assert regated is not None
+    problem, tight_seqs, (plan, sim), factor = regated
+    assert factor in planner_module.REGATE_FACTORS
+    assert planner.fits_memory(sim) and tight_seqs != seqs
+    assert problem.mem_cap_bytes == pytest.approx(best.problem.mem_cap_bytes * factor)
+    validate(plan)
+    # Out of time: nothing is tried.
+    assert planner._regated(prep, best.problem, priority, best.codes, seqs, time.perf_counter() - 1.0) is None
 
 
 def test_iterated_refits_add_starting_points_at_least_as_good() -> None:
