@@ -29,6 +29,7 @@ from pipeweaver.server import delivery_trace, heap
 from pipeweaver.server.config import ServerConfig
 from pipeweaver.server.forward import ForwardingService, leader_channel
 from pipeweaver.server.idle_gc import IdleCollector
+from pipeweaver.server.loop_lag import LoopLagMonitor
 from pipeweaver.server.metrics import Metrics, MetricsInterceptor
 from pipeweaver.server.planning import Planning
 from pipeweaver.server.pool import Lane, WorkerPool
@@ -83,6 +84,7 @@ class PlannerServer:
         """The readiness PlannerService's health last reported (None: not yet)."""
         self._planning: Planning | None = None
         self._collector: IdleCollector | None = None
+        self._loop_lag: LoopLagMonitor | None = None
 
     # ---- startup ----
     async def start(self) -> None:
@@ -147,6 +149,8 @@ class PlannerServer:
         if cfg.idle_gc:
             self._collector = IdleCollector()
             self._collector.start()
+        self._loop_lag = LoopLagMonitor(self.metrics.loop_lag)
+        self._loop_lag.start()
         self._serving = True
         if cfg.delivery_trace is not None:
             delivery_trace.start()
@@ -240,6 +244,8 @@ class PlannerServer:
             await self._leader.close(None)
         if self._collector is not None:
             await self._collector.stop()
+        if self._loop_lag is not None:
+            await self._loop_lag.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

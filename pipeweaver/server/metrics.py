@@ -23,6 +23,8 @@ from prometheus_client.process_collector import ProcessCollector
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """RPC latency and search time share these (a search's budget reaches a minute at most)."""
 RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+"""Event-loop lag: a millisecond already shows in a 64-stream burst's p99 (docs/benchmarks.md)."""
 SPEEDUP_BUCKETS = (0.5, 0.8, 0.9, 1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0)
 
 PLAN_SOURCES = ("search", "cache", "fallback")
@@ -59,6 +61,13 @@ class Metrics:
             "Time from the start of an RPC to its status",
             rpc,
             buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "pipeweaver_event_loop_lag_seconds",
+            "How late the server's event loop ran a timer due every 0.1 s: what every request and answer waits "
+            "behind (sampled)",
+            buckets=LAG_BUCKETS,
             registry=r,
         )
         self.msg_received = Counter("pipeweaver_grpc_server_msg_received", "Stream messages received", rpc, registry=r)
