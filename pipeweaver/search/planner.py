@@ -884,9 +884,9 @@ class Planner:
                         regate_note = ""
                         if base[3] is not None and not self._fits(searched[1]):
                             # As with the starting points: a faster order whose SEMU timeline overflows by a
-                            # fraction of a GiB often fits under a slightly tighter gate and stays faster. Without
-                            # this, more MCTS (more workers) found faster orders more often and lost them all: on
-                            # t2v-s batch 1, 2 workers ended at the base's 30.28 s in 3 of 4 runs, 1 worker at 29.73.
+                            # fraction of a GiB sometimes fits under a slightly tighter gate and stays faster. More
+                            # MCTS (more workers) finds such orders more often: on t2v-s batch 1, 2 workers ended at
+                            # the base's 30.28 s in 3 of 4 runs where 1 worker reached 29.73 (docs/benchmarks.md).
                             # The search's reserve after MCTS rarely leaves time for a try, so one try may run past
                             # the deadline; the reserve then grows with the time this batch took after its search
                             # (`_note_post_search`).
