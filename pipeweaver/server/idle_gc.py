@@ -18,11 +18,12 @@ burst's answers have gone out rather than while a search may return.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import time
 from dataclasses import dataclass
+
+from pipeweaver.server.loop_task import LoopTask
 
 log = logging.getLogger("pipeweaver.server")
 
@@ -67,8 +68,10 @@ class Stats:
     """Bounded state for a server that runs for weeks: the longest pass, not every pass."""
 
 
-class IdleCollector:
+class IdleCollector(LoopTask):
     """Runs as a task of the server's event loop (`start`, `stop`)."""
+
+    task_name = "idle-gc"
 
     def __init__(
         self,
@@ -79,27 +82,23 @@ class IdleCollector:
         full_every_s: float = FULL_EVERY_S,
         hard_limit: int = HARD_LIMIT,
     ) -> None:
+        super().__init__()
         self.idle_s = idle_s
         self.check_s = check_s
         self.young_limit = young_limit
         self.full_every_s = full_every_s
         self.hard_limit = hard_limit
         self.stats = Stats()
-        self._task: asyncio.Task[None] | None = None
         self._was_enabled = True
         self._last_full = time.monotonic()
 
     def start(self) -> None:
         self._was_enabled = gc.isenabled()
         gc.disable()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="idle-gc")
+        super().start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().stop()
         if self._was_enabled:
             gc.enable()
 

@@ -12,8 +12,9 @@ session"); this is the same signal for a sidecar in production, at ten wake-ups 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Protocol
+
+from pipeweaver.server.loop_task import LoopTask
 
 PERIOD_S = 0.1
 """How often the monitor asks to wake."""
@@ -23,10 +24,13 @@ class Observer(Protocol):
     def observe(self, amount: float) -> None: ...
 
 
-class LoopLagMonitor:
+class LoopLagMonitor(LoopTask):
     """Runs as a task of the server's event loop (`start`, `stop`); each wake-up's lateness goes to `observer`."""
 
+    task_name = "loop-lag"
+
     def __init__(self, observer: Observer, *, period_s: float = PERIOD_S) -> None:
+        super().__init__()
         if period_s <= 0:
             raise ValueError(f"period_s must be positive, got {period_s}")
         self.observer = observer
@@ -34,17 +38,6 @@ class LoopLagMonitor:
         self.samples = 0
         self.worst_s = 0.0
         """The latest wake-up seen (for logs and tests)."""
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
