@@ -37,7 +37,7 @@ class LoopLagMonitor(LoopTask):
         self.period_s = period_s
         self.samples = 0
         self.worst_s = 0.0
-        """The latest wake-up seen (for logs and tests)."""
+        """The latest any wake-up has been, in seconds (for logs and tests)."""
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

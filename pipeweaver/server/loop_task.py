@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from abc import ABC, abstractmethod
 
 
-class LoopTask:
+class LoopTask(ABC):
     """`start` on the running loop, `stop` cancels the task and waits for it (idempotent); subclasses write `_run`."""
 
     task_name = "loop-task"
@@ -24,5 +25,6 @@ class LoopTask:
                 await self._task
             self._task = None
 
+    @abstractmethod
     async def _run(self) -> None:
-        raise NotImplementedError
+        """The task's body: runs until `stop` cancels it."""
