@@ -227,6 +227,7 @@ def _stats(values: list[float]) -> dict[str, float] | None:
         "p50": round(float(np.percentile(a, 50)), 3),
         "p99": round(float(np.percentile(a, 99)), 3),
         "mean": round(float(a.mean()), 3),
+        "max": round(float(a.max()), 3),
     }
 
 
@@ -254,21 +255,58 @@ def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[
     """Per searched iteration, the longest stretch of its answer burst (`window_s` from its first resolution) in
     which the server recorded nothing: no answer handed over, no write begun or returned, no collection. While a
     burst's answers wait, the loop records an event every few tens of microseconds, so a stretch of a millisecond
-    or more is the event loop held up by something the trace does not see (the process descheduled, the GIL held
-    elsewhere, a long call inside gRPC). As p50 / p99 / max (ms) over the iterations, and how many exceed 1 ms."""
+    or more is the event loop held up by something the events do not show. As p50 / p99 / max (ms) over the
+    iterations, and how many exceed 1 ms.
+
+    Where the writes carry the loop thread's scheduler counters (`delivery_trace.sched`), each stall over 1 ms is
+    split by the two writes around it into the loop thread's time on a CPU (a long call), waiting for a CPU
+    (descheduled) and neither (blocked: the GIL held by another thread, a lock), and every burst's wait for a CPU
+    between its first and last write is summarized (``runqueue_ms``)."""
     stamps = np.sort(np.array([e[k] for e in trace for k in ("t", "t_start", "t_end") if k in e], dtype=float))
+    counted = sorted(
+        (e["t_end"], e["cpu_ns"], e["wait_ns"]) for e in trace if e["event"] == "write" and e.get("cpu_ns")
+    )
+    write_ends = np.array([w[0] for w in counted], dtype=float)
     longest = []
+    split: list[dict[str, float]] = []
+    runqueue: list[float] = []
     for _, events in sorted(_by_iteration(trace).items()):
         if not events["submit"] or not events["resolve"]:
             continue
         t0 = min(e["t"] for e in events["resolve"])
         inside = stamps[(stamps >= t0) & (stamps <= t0 + window_s)]
         # A burst that ends early leaves the rest of the window empty: only gaps between recorded events count.
-        longest.append(float(np.diff(inside).max()) * 1e3 if len(inside) > 1 else 0.0)
+        if len(inside) < 2:
+            longest.append(0.0)
+            continue
+        gaps = np.diff(inside)
+        at = int(gaps.argmax())
+        longest.append(float(gaps[at]) * 1e3)
+        if not counted:
+            continue
+        lo, hi = np.searchsorted(write_ends, [t0, t0 + window_s], side="left")
+        if hi - lo >= 2:
+            runqueue.append((counted[hi - 1][2] - counted[lo][2]) / 1e6)
+        if gaps[at] > 1e-3:
+            before = int(np.searchsorted(write_ends, inside[at], side="right")) - 1
+            after = int(np.searchsorted(write_ends, inside[at + 1], side="left"))
+            if before >= 0 and after < len(counted):
+                (t_a, cpu_a, wait_a), (t_b, cpu_b, wait_b) = counted[before], counted[after]
+                on_cpu, waiting = (cpu_b - cpu_a) / 1e6, (wait_b - wait_a) / 1e6
+                span = (t_b - t_a) * 1e3
+                split.append(
+                    {
+                        "stall_ms": round(float(gaps[at]) * 1e3, 3),
+                        "between_writes_ms": round(span, 3),
+                        "on_cpu_ms": round(on_cpu, 3),
+                        "waiting_for_cpu_ms": round(waiting, 3),
+                        "blocked_ms": round(max(0.0, span - on_cpu - waiting), 3),
+                    }
+                )
     if not longest:
         return {"iterations": 0}
     a = np.asarray(longest)
-    return {
+    out: dict[str, Any] = {
         "iterations": len(longest),
         "longest_gap_ms": {
             "p50": round(float(np.percentile(a, 50)), 3),
@@ -277,6 +315,11 @@ def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[
         },
         "over_1ms": int((a > 1.0).sum()),
     }
+    if counted:
+        out["over_1ms_split"] = split
+        out["runqueue_ms"] = _stats(runqueue)
+        out["bursts_waiting_over_1ms"] = sum(1 for r in runqueue if r > 1.0)
+    return out
 
 
 def main() -> None:

@@ -95,6 +95,7 @@ class PlannerServer:
                 cfg.search_workers,
                 cfg.queue_size,
                 control_workers=cfg.control_workers,
+                search_nice=cfg.search_nice,
                 on_change=self._lane_changed,
                 on_restart=self._lane_restarted,
             )

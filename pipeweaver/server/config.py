@@ -78,6 +78,11 @@ class ServerConfig:
     """Processes that run searches (spawned, never forked)."""
     control_workers: int = field(default_factory=default_control_workers)
     """Processes that run registrations, fallback plans and simulations."""
+    search_nice: int = 0
+    """Added to the search workers' nice value (0..19): a search then yields its core to the event loop, to the
+    control workers and, on a shared node, to the trainer's own processes, and takes what they leave idle. But
+    the worker's own work after the search (encoding the plan, sending it back) is on the answer's path and
+    yields too (docs/benchmarks.md, the planner service)."""
     queue_size: int = 64
     """Searches that may wait for a worker; past it, requests get RESOURCE_EXHAUSTED."""
     budget_ms: float = 500.0
@@ -128,6 +133,7 @@ class ServerConfig:
         _check(0 <= self.metrics_port <= 65535, f"metrics port must be in 0..65535, got {self.metrics_port}")
         _check(self.search_workers >= 1, f"search workers must be at least 1, got {self.search_workers}")
         _check(self.control_workers >= 1, f"control workers must be at least 1, got {self.control_workers}")
+        _check(0 <= self.search_nice <= 19, f"search nice must be in 0..19, got {self.search_nice}")
         _check(self.queue_size >= 0, f"queue size must not be negative, got {self.queue_size}")
         _check(self.budget_ms > 0, f"budget must be positive, got {self.budget_ms} ms")
         _check(
@@ -221,6 +227,13 @@ OPTIONS: tuple[_Option, ...] = (
         "control_workers",
         int,
         "worker processes for registrations, fallbacks and simulations (default: 1 per 16 usable cores)",
+    ),
+    _Option(
+        "--search-nice",
+        "PIPEWEAVER_SEARCH_NICE",
+        "search_nice",
+        int,
+        "added to the search workers' nice value, 0..19 (default 0; higher: searches yield their cores)",
     ),
     _Option("--queue-size", "PIPEWEAVER_QUEUE_SIZE", "queue_size", int, "searches that may wait (default 64)"),
     _Option("--budget-ms", "PIPEWEAVER_BUDGET_MS", "budget_ms", float, "default planning budget per batch"),

@@ -4,7 +4,8 @@ Off unless `pipeweaver serve --delivery-trace FILE` (`PIPEWEAVER_DELIVERY_TRACE`
 records, on `time.perf_counter` (CLOCK_MONOTONIC on Linux, so a client on the same host can join its own
 timestamps to these), when each request was taken, when its entry's search was submitted and came back, when the
 entry resolved, when each answer was handed to its stream and when each write returned, and every garbage
-collection of the server process (a pause of the event loop); the file is written when
+collection of the server process (a pause of the event loop), and with each write the event loop thread's
+CPU time and run-queue wait so far (`sched`); the file is written when
 the server stops (one JSON object per line). `benchmarks/bench_service.py --delivery-trace` joins it with the
 clients' send and receive times into a per-step breakdown of the latency.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -30,6 +32,20 @@ events: deque[tuple[Any, ...]] | None = None
 
 _gc_started = 0.0
 
+_schedstat: int | None = None
+"""The event loop thread's /proc schedstat, open while recording (None where there is none)."""
+
+
+def sched() -> tuple[int, int]:
+    """The event loop thread's CPU time and time spent runnable but waiting for a CPU, in ns since it started
+    (Linux's /proc/thread-self/schedstat; zeros elsewhere). Across a stretch in which the loop recorded nothing,
+    they tell whether it was running (a long call), descheduled (waiting for a core), or neither (blocked: the
+    GIL held by another thread, a lock). About 1.5 us a read."""
+    if _schedstat is None:
+        return 0, 0
+    on_cpu, waiting, _ = os.pread(_schedstat, 64, 0).split()
+    return int(on_cpu), int(waiting)
+
 
 def _on_gc(phase: str, info: dict[str, int]) -> None:
     """Garbage collections of the server process: a pause of the event loop, whoever's answer it delays."""
@@ -41,23 +57,32 @@ def _on_gc(phase: str, info: dict[str, int]) -> None:
 
 
 def start() -> None:
-    """Record from now on (forgetting anything recorded before)."""
-    global events
+    """Record from now on (forgetting anything recorded before). Call it on the event loop's thread: `sched`
+    reads the thread that called this."""
+    global events, _schedstat
     events = deque(maxlen=MAX_EVENTS)
+    if _schedstat is None:
+        try:
+            _schedstat = os.open("/proc/thread-self/schedstat", os.O_RDONLY)  # this thread's, from now on
+        except OSError:  # not Linux, or schedstats compiled out
+            _schedstat = None
     if _on_gc not in gc.callbacks:
         gc.callbacks.append(_on_gc)
 
 
 def stop(path: Path) -> int:
     """Write what was recorded to `path` (JSON lines), stop recording; the number of events written."""
-    global events
+    global events, _schedstat
     recorded, events = events or deque(), None
+    if _schedstat is not None:
+        os.close(_schedstat)
+        _schedstat = None
     if _on_gc in gc.callbacks:
         gc.callbacks.remove(_on_gc)
     fields = {
         "take": ("session", "replica", "iteration", "rank", "t_start", "t_end", "answered"),
         "answer": ("session", "replica", "iteration", "rank", "t"),
-        "write": ("session", "t_start", "t_end"),
+        "write": ("session", "t_start", "t_end", "cpu_ns", "wait_ns"),
         "submit": ("replica", "iteration", "t"),
         "searched": ("replica", "iteration", "t", "worker_ms", "worker_start", "worker_end"),
         "resolve": ("replica", "iteration", "t", "source"),

@@ -15,6 +15,7 @@ task and abandons a running one, whose worker stays busy until the task's own ti
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -61,9 +62,12 @@ class Lane:
         *,
         on_change: Callable[[Lane], None] | None = None,
         on_restart: Callable[[Lane], None] | None = None,
+        nice: int = 0,
     ) -> None:
         self.name = name
         self.workers = workers
+        self.nice = nice
+        """Added to each worker's nice value (`work.init_worker`)."""
         self.queue_size = queue_size
         self.restarts = 0
         self.pids: tuple[int, ...] = ()
@@ -238,7 +242,9 @@ class Lane:
 
     # ---- executors ----
     def _new_executor(self) -> LoopProcessPool:
-        return LoopProcessPool(self.workers, initializer=work.init_worker, after_reply=work.release_held)
+        return LoopProcessPool(
+            self.workers, initializer=functools.partial(work.init_worker, self.nice), after_reply=work.release_held
+        )
 
     def _submit_warm_up(self, executor: LoopProcessPool) -> Future[list[work.WarmReport]]:
         futures = [executor.submit(work.warm_up, WARM_HOLD_S) for _ in range(self.workers)]
@@ -304,10 +310,14 @@ class WorkerPool:
         queue_size: int,
         *,
         control_workers: int = 1,
+        search_nice: int = 0,
         on_change: Callable[[Lane], None] | None = None,
         on_restart: Callable[[Lane], None] | None = None,
     ) -> None:
-        self.search = Lane("search", search_workers, queue_size, on_change=on_change, on_restart=on_restart)
+        # Only searches are niced: the control lane builds the fallback plans of late searches, which are due.
+        self.search = Lane(
+            "search", search_workers, queue_size, on_change=on_change, on_restart=on_restart, nice=search_nice
+        )
         self.control = Lane(
             "control",
             control_workers,

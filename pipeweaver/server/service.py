@@ -174,7 +174,7 @@ class _StreamSink:
                 idle_gc.touch()
                 sent.inc()
                 if trace is not None:
-                    trace.append(("write", self.number, t_start, time.perf_counter()))
+                    trace.append(("write", self.number, t_start, time.perf_counter(), *delivery_trace.sched()))
 
 
 class PlannerService:

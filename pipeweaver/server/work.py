@@ -318,9 +318,12 @@ def release_held() -> None:
     _held.clear()
 
 
-def init_worker() -> None:
+def init_worker(nice: int = 0) -> None:
     """Pool initializer: leave Ctrl-C and SIGTERM to the server, which shuts the pool down in order; keep the C
-    heap's pages (`heap.keep_heap_pages`: each result is pickled into a fresh ~330 KB buffer)."""
+    heap's pages (`heap.keep_heap_pages`: each result is pickled into a fresh ~330 KB buffer); lower this
+    worker's scheduling priority by `nice` (`ServerConfig.search_nice`)."""
+    if nice:
+        os.nice(nice)  # raising one's own nice value needs no privilege
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     heap.keep_heap_pages()

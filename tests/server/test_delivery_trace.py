@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import gzip
+import itertools
 import json
 import sys
 import time
@@ -68,6 +69,10 @@ def test_the_trace_follows_each_answer_from_its_take_to_its_write(tmp_path: Path
         if not take["answered"]:
             assert take["t_end"] <= resolved[e["iteration"]]["t"] <= e["t"]
     assert sum(per_session.values()) == len(by_kind["write"]) == 4
+    # Each write carries the event loop thread's scheduler counters, which only grow (Linux: /proc schedstat).
+    counters = sorted((e["t_end"], e["cpu_ns"], e["wait_ns"]) for e in by_kind["write"])
+    assert all(cpu > 0 and wait >= 0 for _, cpu, wait in counters)
+    assert all(a[1] <= b[1] and a[2] <= b[2] for a, b in itertools.pairwise(counters))
 
 
 def test_garbage_collections_are_traced_and_summarized_by_whether_a_burst_waited(tmp_path: Path) -> None:
@@ -119,6 +124,31 @@ def test_loop_stalls_are_the_longest_silence_inside_each_answer_burst(tmp_path: 
     stalls = loop_stalls(trace)
     assert stalls["iterations"] == 2 and stalls["over_1ms"] == 1
     assert stalls["longest_gap_ms"]["max"] == pytest.approx(3.0, abs=1e-6)
+    assert "over_1ms_split" not in stalls  # writes without the scheduler's counters: nothing to split by
+
+    # Each answer written at once, the loop thread's counters with each write. In iteration 0's stall (3 ms
+    # before rank 2's answer) the thread ran 1 ms and waited 1.5 ms for a CPU; the rest it was blocked.
+    cpu_ns, wait_ns = 10**9, 10**8
+    counted: list[dict[str, Any]] = []
+    for e in trace:
+        counted.append(e)
+        if e["event"] == "answer":
+            if e["iteration"] == 0 and e["rank"] == 2:
+                cpu_ns, wait_ns = cpu_ns + 1_000_000, wait_ns + 1_500_000
+            cpu_ns += 20_000
+            t = e["t"] + 10e-6
+            counted.append(
+                {"event": "write", "session": e["session"], "t_start": t, "t_end": t + 10e-6, "cpu_ns": cpu_ns,
+                 "wait_ns": wait_ns}
+            )  # fmt: skip
+    split = loop_stalls(counted)
+    assert split["over_1ms"] == 1 and split["bursts_waiting_over_1ms"] == 1
+    (stall,) = split["over_1ms_split"]
+    assert stall["on_cpu_ms"] == pytest.approx(1.02, abs=1e-3)
+    assert stall["waiting_for_cpu_ms"] == pytest.approx(1.5, abs=1e-3)
+    assert stall["blocked_ms"] == pytest.approx(3.0 - 1.02 - 1.5, abs=1e-3)
+    assert split["runqueue_ms"]["max"] == pytest.approx(1.5, abs=1e-3)
+    assert split["runqueue_ms"]["p50"] == pytest.approx(0.75, abs=1e-3)  # iteration 1 waited for nothing
 
     plain = tmp_path / "named.trace.jsonl.gz"
     plain.write_text("".join(json.dumps(e) + "\n" for e in trace))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
@@ -12,8 +13,8 @@ import pytest
 from pipeweaver.server.pool import Lane, PoolClosed, QueueFull, WorkerCrashed
 
 
-async def _lane(workers: int = 1, queue_size: int = 1) -> Lane:
-    lane = Lane("search", workers, queue_size)
+async def _lane(workers: int = 1, queue_size: int = 1, nice: int = 0) -> Lane:
+    lane = Lane("search", workers, queue_size, nice=nice)
     lane.spawn()
     await lane.warmed(240)
     return lane
@@ -99,6 +100,26 @@ def test_a_dead_worker_is_replaced_and_its_tasks_fail_as_crashed() -> None:
             assert lane.ready and lane.pids and set(lane.pids).isdisjoint(old)
         finally:
             await lane.close(5)
+
+    asyncio.run(main())
+
+
+def test_a_niced_lane_runs_its_workers_at_the_added_nice_value_and_a_replacement_too() -> None:
+    async def main() -> None:
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        lane = await _lane(workers=2, queue_size=4, nice=3)
+        try:
+            want = min(19, own + 3)
+            assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in lane.pids] == [want, want]
+            assert (
+                await lane.run(functools.partial(os.getpriority, os.PRIO_PROCESS), 0) == want
+            )  # tasks run niced, not just idle
+            with pytest.raises(WorkerCrashed):
+                await lane.run(os._exit, 3)
+            assert await lane.run(functools.partial(os.getpriority, os.PRIO_PROCESS), 0) == want
+        finally:
+            await lane.close(5)
+        assert os.getpriority(os.PRIO_PROCESS, 0) == own  # the server itself keeps its priority
 
     asyncio.run(main())
 

@@ -36,6 +36,7 @@ def test_environment_fills_in_and_flags_win() -> None:
     assert cfg.control_workers == 2
     cfg = parse(["--compare-baselines", "1f1b,zb-h1"])
     assert cfg.compare_baselines == ("1f1b", "zb-h1")
+    assert parse([], {"PIPEWEAVER_SEARCH_NICE": "10"}).search_nice == 10
 
 
 @pytest.mark.parametrize(
@@ -46,6 +47,7 @@ def test_environment_fills_in_and_flags_win() -> None:
         (["--port", "70000"], {}, "port must be in 0..65535"),
         (["--workers", "0"], {}, "search workers must be at least 1"),
         ([], {"PIPEWEAVER_CONTROL_WORKERS": "0"}, "control workers must be at least 1"),
+        (["--search-nice", "20"], {}, "search nice must be in 0..19, got 20"),
         (["--budget-ms", "-1"], {}, "budget must be positive"),
         (["--compare-baselines", "fastest"], {}, "unknown baseline"),
         (["--tls-cert", "/nonexistent.pem"], {}, "TLS needs both"),
