@@ -258,15 +258,15 @@ def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[
     or more is the event loop held up by something the events do not show. As p50 / p99 / max (ms) over the
     iterations, and how many exceed 1 ms.
 
-    Where the writes carry the loop thread's scheduler counters (`delivery_trace.sched`), each stall over 1 ms is
-    split by the two writes around it into the loop thread's time on a CPU (a long call), waiting for a CPU
-    (descheduled) and neither (blocked: the GIL held by another thread, a lock), and every burst's wait for a CPU
-    between its first and last write is summarized (``runqueue_ms``)."""
+    Where the events carry the loop thread's scheduler counters (`delivery_trace.sched`: resolutions, answers
+    handed over, writes), each stall over 1 ms is split by the two events around it into the loop thread's time
+    on a CPU (a long call), waiting for a CPU (descheduled) and neither (blocked: the GIL held by another thread,
+    a lock), and every burst's wait for a CPU between its first and last such event is summarized
+    (``runqueue_ms``). An event's counters are read just after its timestamp, so a wait that falls between the
+    two (rare) is counted against the stretch before it."""
     stamps = np.sort(np.array([e[k] for e in trace for k in ("t", "t_start", "t_end") if k in e], dtype=float))
-    counted = sorted(
-        (e["t_end"], e["cpu_ns"], e["wait_ns"]) for e in trace if e["event"] == "write" and e.get("cpu_ns")
-    )
-    write_ends = np.array([w[0] for w in counted], dtype=float)
+    counted = sorted((e.get("t_end", e.get("t")), e["cpu_ns"], e["wait_ns"]) for e in trace if e.get("cpu_ns"))
+    stamped_at = np.array([w[0] for w in counted], dtype=float)
     longest = []
     split: list[dict[str, float]] = []
     runqueue: list[float] = []
@@ -284,12 +284,12 @@ def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[
         longest.append(float(gaps[at]) * 1e3)
         if not counted:
             continue
-        lo, hi = np.searchsorted(write_ends, [t0, t0 + window_s], side="left")
+        lo, hi = np.searchsorted(stamped_at, [t0, t0 + window_s], side="left")
         if hi - lo >= 2:
             runqueue.append((counted[hi - 1][2] - counted[lo][2]) / 1e6)
         if gaps[at] > 1e-3:
-            before = int(np.searchsorted(write_ends, inside[at], side="right")) - 1
-            after = int(np.searchsorted(write_ends, inside[at + 1], side="left"))
+            before = int(np.searchsorted(stamped_at, inside[at], side="right")) - 1
+            after = int(np.searchsorted(stamped_at, inside[at + 1], side="left"))
             if before >= 0 and after < len(counted):
                 (t_a, cpu_a, wait_a), (t_b, cpu_b, wait_b) = counted[before], counted[after]
                 on_cpu, waiting = (cpu_b - cpu_a) / 1e6, (wait_b - wait_a) / 1e6
@@ -297,7 +297,7 @@ def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[
                 split.append(
                     {
                         "stall_ms": round(float(gaps[at]) * 1e3, 3),
-                        "between_writes_ms": round(span, 3),
+                        "between_events_ms": round(span, 3),
                         "on_cpu_ms": round(on_cpu, 3),
                         "waiting_for_cpu_ms": round(waiting, 3),
                         "blocked_ms": round(max(0.0, span - on_cpu - waiting), 3),

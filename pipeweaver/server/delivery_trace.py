@@ -4,8 +4,8 @@ Off unless `pipeweaver serve --delivery-trace FILE` (`PIPEWEAVER_DELIVERY_TRACE`
 records, on `time.perf_counter` (CLOCK_MONOTONIC on Linux, so a client on the same host can join its own
 timestamps to these), when each request was taken, when its entry's search was submitted and came back, when the
 entry resolved, when each answer was handed to its stream and when each write returned, and every garbage
-collection of the server process (a pause of the event loop), and with each write the event loop thread's
-CPU time and run-queue wait so far (`sched`); the file is written when
+collection of the server process (a pause of the event loop); each resolution, answer handed over and write
+also carries the event loop thread's CPU time and run-queue wait so far (`sched`). The file is written when
 the server stops (one JSON object per line). `benchmarks/bench_service.py --delivery-trace` joins it with the
 clients' send and receive times into a per-step breakdown of the latency.
 
@@ -37,14 +37,15 @@ _schedstat: int | None = None
 
 
 def sched() -> tuple[int, int]:
-    """The event loop thread's CPU time and time spent runnable but waiting for a CPU, in ns since it started
-    (Linux's /proc/thread-self/schedstat; zeros elsewhere). Across a stretch in which the loop recorded nothing,
-    they tell whether it was running (a long call), descheduled (waiting for a core), or neither (blocked: the
-    GIL held by another thread, a lock). About 1.5 us a read."""
+    """The event loop thread's CPU time and its time spent runnable but waiting for a CPU, in ns since it started
+    (zeros where there is no /proc schedstat). Across a stretch in which the loop recorded nothing, they tell
+    whether it was running (a long call), descheduled (waiting for a core), or neither (blocked: the GIL held by
+    another thread, a lock, a system call). About 2 us. The CPU time is the thread's clock, exact at any moment;
+    schedstat's own run time only moves at the scheduler's ticks, while its wait is settled each time the
+    thread gets a CPU back, so it is exact whenever the thread itself reads it."""
     if _schedstat is None:
         return 0, 0
-    on_cpu, waiting, _ = os.pread(_schedstat, 64, 0).split()
-    return int(on_cpu), int(waiting)
+    return time.thread_time_ns(), int(os.pread(_schedstat, 64, 0).split()[1])
 
 
 def _on_gc(phase: str, info: dict[str, int]) -> None:
@@ -81,11 +82,11 @@ def stop(path: Path) -> int:
         gc.callbacks.remove(_on_gc)
     fields = {
         "take": ("session", "replica", "iteration", "rank", "t_start", "t_end", "answered"),
-        "answer": ("session", "replica", "iteration", "rank", "t"),
+        "answer": ("session", "replica", "iteration", "rank", "t", "cpu_ns", "wait_ns"),
         "write": ("session", "t_start", "t_end", "cpu_ns", "wait_ns"),
         "submit": ("replica", "iteration", "t"),
         "searched": ("replica", "iteration", "t", "worker_ms", "worker_start", "worker_end"),
-        "resolve": ("replica", "iteration", "t", "source"),
+        "resolve": ("replica", "iteration", "t", "source", "cpu_ns", "wait_ns"),
         "gc": ("generation", "t_start", "t_end"),
     }
     with open(path, "w") as out:

@@ -235,7 +235,9 @@ class PlanEntry:
         if self.final.done():
             return False
         if delivery_trace.events is not None:
-            delivery_trace.events.append(("resolve", self.replica, self.iteration, time.perf_counter(), served.source))
+            delivery_trace.events.append(
+                ("resolve", self.replica, self.iteration, time.perf_counter(), served.source, *delivery_trace.sched())
+            )
         self.final.set_result(served)
         self.disarm()
         return True

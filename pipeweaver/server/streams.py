@@ -143,7 +143,15 @@ class StreamSession:
                 return
             if delivery_trace.events is not None:
                 delivery_trace.events.append(
-                    ("answer", self.number, entry.replica, entry.iteration, rank, time.perf_counter())
+                    (
+                        "answer",
+                        self.number,
+                        entry.replica,
+                        entry.iteration,
+                        rank,
+                        time.perf_counter(),
+                        *delivery_trace.sched(),
+                    )
                 )
             self._sink.answer(answer)
             if not self._waiting and (self._done_writing or self._draining):

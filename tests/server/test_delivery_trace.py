@@ -69,8 +69,10 @@ def test_the_trace_follows_each_answer_from_its_take_to_its_write(tmp_path: Path
         if not take["answered"]:
             assert take["t_end"] <= resolved[e["iteration"]]["t"] <= e["t"]
     assert sum(per_session.values()) == len(by_kind["write"]) == 4
-    # Each write carries the event loop thread's scheduler counters, which only grow (Linux: /proc schedstat).
-    counters = sorted((e["t_end"], e["cpu_ns"], e["wait_ns"]) for e in by_kind["write"])
+    # Each resolution, answer and write carries the event loop thread's scheduler counters, which only grow
+    # (Linux: the thread's CPU clock, /proc schedstat).
+    stamped = by_kind["resolve"] + by_kind["answer"] + by_kind["write"]
+    counters = sorted((e.get("t_end", e.get("t")), e["cpu_ns"], e["wait_ns"]) for e in stamped)
     assert all(cpu > 0 and wait >= 0 for _, cpu, wait in counters)
     assert all(a[1] <= b[1] and a[2] <= b[2] for a, b in itertools.pairwise(counters))
 
