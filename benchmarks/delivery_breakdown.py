@@ -258,12 +258,12 @@ def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[
     or more is the event loop held up by something the events do not show. As p50 / p99 / max (ms) over the
     iterations, and how many exceed 1 ms.
 
-    Where the events carry the loop thread's scheduler counters (`delivery_trace.sched`: resolutions, answers
-    handed over, writes), each stall over 1 ms is split by the two events around it into the loop thread's time
-    on a CPU (a long call), waiting for a CPU (descheduled) and neither (blocked: the GIL held by another thread,
-    a lock), and every burst's wait for a CPU between its first and last such event is summarized
-    (``runqueue_ms``). An event's counters are read just after its timestamp, so a wait that falls between the
-    two (rare) is counted against the stretch before it."""
+    Where the events carry the loop thread's scheduler counters (`delivery_trace.sched`: requests taken,
+    resolutions, answers handed over, writes), each stall over 1 ms is split by the two events around it into
+    the loop thread's time on a CPU (a long call), waiting for a CPU (descheduled) and neither (blocked: the GIL
+    held by another thread, a lock, a system call), and every burst's wait for a CPU between its first and last
+    such event is summarized (``runqueue_ms``). An event's counters are read just after its timestamp, so a wait
+    that falls between the two (rare) is counted against the stretch before it."""
     stamps = np.sort(np.array([e[k] for e in trace for k in ("t", "t_start", "t_end") if k in e], dtype=float))
     counted = sorted((e.get("t_end", e.get("t")), e["cpu_ns"], e["wait_ns"]) for e in trace if e.get("cpu_ns"))
     stamped_at = np.array([w[0] for w in counted], dtype=float)

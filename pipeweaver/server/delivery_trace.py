@@ -4,10 +4,10 @@ Off unless `pipeweaver serve --delivery-trace FILE` (`PIPEWEAVER_DELIVERY_TRACE`
 records, on `time.perf_counter` (CLOCK_MONOTONIC on Linux, so a client on the same host can join its own
 timestamps to these), when each request was taken, when its entry's search was submitted and came back, when the
 entry resolved, when each answer was handed to its stream and when each write returned, and every garbage
-collection of the server process (a pause of the event loop); each resolution, answer handed over and write
-also carries the event loop thread's CPU time and run-queue wait so far (`sched`). The file is written when
-the server stops (one JSON object per line). `benchmarks/bench_service.py --delivery-trace` joins it with the
-clients' send and receive times into a per-step breakdown of the latency.
+collection of the server process (a pause of the event loop); each request taken, resolution, answer handed
+over and write also carries the event loop thread's CPU time and run-queue wait so far (`sched`). The file is
+written when the server stops (one JSON object per line). `benchmarks/bench_service.py --delivery-trace` joins
+it with the clients' send and receive times into a per-step breakdown of the latency.
 
 Recording is an append on the event loop; with tracing off each call site pays one global lookup. The events stay
 in memory until the server stops, the last `MAX_EVENTS` of them (a few per answer: hours of a 64-stream job).
@@ -81,7 +81,7 @@ def stop(path: Path) -> int:
     if _on_gc in gc.callbacks:
         gc.callbacks.remove(_on_gc)
     fields = {
-        "take": ("session", "replica", "iteration", "rank", "t_start", "t_end", "answered"),
+        "take": ("session", "replica", "iteration", "rank", "t_start", "t_end", "answered", "cpu_ns", "wait_ns"),
         "answer": ("session", "replica", "iteration", "rank", "t", "cpu_ns", "wait_ns"),
         "write": ("session", "t_start", "t_end", "cpu_ns", "wait_ns"),
         "submit": ("replica", "iteration", "t"),

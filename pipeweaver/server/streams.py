@@ -83,15 +83,29 @@ class StreamSession:
             if served is not None:
                 answer = served.response_bytes(rank, timings=timings)
                 if trace is not None:
-                    t = time.perf_counter()
-                    trace.append(("take", self.number, batch.replica, batch.iteration, rank, t_start, t, True))
-                    trace.append(("answer", self.number, batch.replica, batch.iteration, rank, t))
+                    t, counters = time.perf_counter(), delivery_trace.sched()
+                    trace.append(
+                        ("take", self.number, batch.replica, batch.iteration, rank, t_start, t, True, *counters)
+                    )
+                    trace.append(("answer", self.number, batch.replica, batch.iteration, rank, t, *counters))
                 self._sink.answer(answer)
             else:
                 self._wait_for(job, entry, rank, deadline, timings)
                 if trace is not None:
                     t = time.perf_counter()
-                    trace.append(("take", self.number, batch.replica, batch.iteration, rank, t_start, t, False))
+                    trace.append(
+                        (
+                            "take",
+                            self.number,
+                            batch.replica,
+                            batch.iteration,
+                            rank,
+                            t_start,
+                            t,
+                            False,
+                            *delivery_trace.sched(),
+                        )
+                    )
         except RequestError as exc:
             self._finish(exc)
         except PoolClosed:

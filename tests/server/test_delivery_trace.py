@@ -34,6 +34,7 @@ def test_the_trace_follows_each_answer_from_its_take_to_its_write(tmp_path: Path
 
         with ThreadPoolExecutor(2) as pool:
             assert [sorted(its) for its in pool.map(run, range(2))] == [list(ITERATIONS)] * 2
+        assert sorted(run(0)) == list(ITERATIONS)  # again: each plan exists, so each request is answered as taken
         assert server.stop() == 0
     t_after = time.perf_counter()
 
@@ -42,8 +43,9 @@ def test_the_trace_follows_each_answer_from_its_take_to_its_write(tmp_path: Path
     for e in events:
         by_kind.setdefault(e["event"], []).append(e)
     answers = {(e["replica"], e["iteration"], e["rank"]): e for e in by_kind["answer"]}
-    takes = {(e["replica"], e["iteration"], e["rank"]): e for e in by_kind["take"]}
-    assert set(answers) == set(takes) == {(0, it, r) for it in ITERATIONS for r in range(2)}
+    takes = {(e["session"], e["replica"], e["iteration"], e["rank"]): e for e in by_kind["take"]}
+    assert set(answers) == {k[1:] for k in takes} == {(0, it, r) for it in ITERATIONS for r in range(2)}
+    assert sum(e["answered"] for e in by_kind["take"]) >= len(ITERATIONS)
     # Each iteration searched once (both ranks asked) and resolved once.
     assert sorted(e["iteration"] for e in by_kind["submit"]) == list(ITERATIONS)
     assert sorted(e["iteration"] for e in by_kind["searched"]) == list(ITERATIONS)
@@ -64,14 +66,14 @@ def test_the_trace_follows_each_answer_from_its_take_to_its_write(tmp_path: Path
         k = per_session.get(e["session"], 0)
         per_session[e["session"]] = k + 1
         write = writes[e["session"]][k]
-        take = takes[(e["replica"], e["iteration"], e["rank"])]
+        take = takes[(e["session"], e["replica"], e["iteration"], e["rank"])]
         assert t_before < take["t_start"] <= take["t_end"] <= e["t"] <= write["t_start"] <= write["t_end"] < t_after
         if not take["answered"]:
             assert take["t_end"] <= resolved[e["iteration"]]["t"] <= e["t"]
-    assert sum(per_session.values()) == len(by_kind["write"]) == 4
-    # Each resolution, answer and write carries the event loop thread's scheduler counters, which only grow
-    # (Linux: the thread's CPU clock, /proc schedstat).
-    stamped = by_kind["resolve"] + by_kind["answer"] + by_kind["write"]
+    assert sum(per_session.values()) == len(by_kind["write"]) == 6
+    # Each request taken, resolution, answer and write carries the event loop thread's scheduler counters, which
+    # only grow (Linux: the thread's CPU clock, /proc schedstat).
+    stamped = by_kind["take"] + by_kind["resolve"] + by_kind["answer"] + by_kind["write"]
     counters = sorted((e.get("t_end", e.get("t")), e["cpu_ns"], e["wait_ns"]) for e in stamped)
     assert all(cpu > 0 and wait >= 0 for _, cpu, wait in counters)
     assert all(a[1] <= b[1] and a[2] <= b[2] for a, b in itertools.pairwise(counters))
