@@ -261,11 +261,17 @@ def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[
     Where the events carry the loop thread's scheduler counters (`delivery_trace.sched`: requests taken,
     resolutions, answers handed over, writes), each stall over 1 ms is split by the two events around it into
     the loop thread's time on a CPU (a long call), waiting for a CPU (descheduled) and neither (blocked: the GIL
-    held by another thread, a lock, a system call), and every burst's wait for a CPU between its first and last
-    such event is summarized (``runqueue_ms``). An event's counters are read just after its timestamp, so a wait
-    that falls between the two (rare) is counted against the stretch before it."""
+    held by another thread, a lock, a system call), with the CPU time the server's other threads took meanwhile
+    (``other_threads_on_cpu_ms``: a thread that ran while the loop was blocked likely held the GIL), and every
+    burst's wait for a CPU between its first and last such event is summarized (``runqueue_ms``). An event's
+    counters are read just after its timestamp, so a wait that falls between the two (rare) is counted against
+    the stretch before it."""
     stamps = np.sort(np.array([e[k] for e in trace for k in ("t", "t_start", "t_end") if k in e], dtype=float))
-    counted = sorted((e.get("t_end", e.get("t")), e["cpu_ns"], e["wait_ns"]) for e in trace if e.get("cpu_ns"))
+    counted = sorted(
+        (e.get("t_end", e.get("t")), e["cpu_ns"], e["wait_ns"], e.get("process_cpu_ns", 0))
+        for e in trace
+        if e.get("cpu_ns")
+    )
     stamped_at = np.array([w[0] for w in counted], dtype=float)
     longest = []
     split: list[dict[str, float]] = []
@@ -291,18 +297,19 @@ def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[
             before = int(np.searchsorted(stamped_at, inside[at], side="right")) - 1
             after = int(np.searchsorted(stamped_at, inside[at + 1], side="left"))
             if before >= 0 and after < len(counted):
-                (t_a, cpu_a, wait_a), (t_b, cpu_b, wait_b) = counted[before], counted[after]
+                (t_a, cpu_a, wait_a, proc_a), (t_b, cpu_b, wait_b, proc_b) = counted[before], counted[after]
                 on_cpu, waiting = (cpu_b - cpu_a) / 1e6, (wait_b - wait_a) / 1e6
                 span = (t_b - t_a) * 1e3
-                split.append(
-                    {
-                        "stall_ms": round(float(gaps[at]) * 1e3, 3),
-                        "between_events_ms": round(span, 3),
-                        "on_cpu_ms": round(on_cpu, 3),
-                        "waiting_for_cpu_ms": round(waiting, 3),
-                        "blocked_ms": round(max(0.0, span - on_cpu - waiting), 3),
-                    }
-                )
+                one = {
+                    "stall_ms": round(float(gaps[at]) * 1e3, 3),
+                    "between_events_ms": round(span, 3),
+                    "on_cpu_ms": round(on_cpu, 3),
+                    "waiting_for_cpu_ms": round(waiting, 3),
+                    "blocked_ms": round(max(0.0, span - on_cpu - waiting), 3),
+                }
+                if proc_a and proc_b:  # the server's other threads (gRPC's, the metrics server's)
+                    one["other_threads_on_cpu_ms"] = round((proc_b - proc_a) / 1e6 - on_cpu, 3)
+                split.append(one)
     if not longest:
         return {"iterations": 0}
     a = np.asarray(longest)

@@ -5,9 +5,10 @@ records, on `time.perf_counter` (CLOCK_MONOTONIC on Linux, so a client on the sa
 timestamps to these), when each request was taken, when its entry's search was submitted and came back, when the
 entry resolved, when each answer was handed to its stream and when each write returned, and every garbage
 collection of the server process (a pause of the event loop); each request taken, resolution, answer handed
-over and write also carries the event loop thread's CPU time and run-queue wait so far (`sched`). The file is
-written when the server stops (one JSON object per line). `benchmarks/bench_service.py --delivery-trace` joins
-it with the clients' send and receive times into a per-step breakdown of the latency.
+over and write also carries the event loop thread's CPU time and run-queue wait so far and the process's CPU
+time (`sched`). The file is written when the server stops (one JSON object per line).
+`benchmarks/bench_service.py --delivery-trace` joins it with the clients' send and receive times into a
+per-step breakdown of the latency.
 
 Recording is an append on the event loop; with tracing off each call site pays one global lookup. The events stay
 in memory until the server stops, the last `MAX_EVENTS` of them (a few per answer: hours of a 64-stream job).
@@ -36,16 +37,17 @@ _schedstat: int | None = None
 """The event loop thread's /proc schedstat, open while recording (None where there is none)."""
 
 
-def sched() -> tuple[int, int]:
-    """The event loop thread's CPU time and its time spent runnable but waiting for a CPU, in ns since it started
-    (zeros where there is no /proc schedstat). Across a stretch in which the loop recorded nothing, they tell
-    whether it was running (a long call), descheduled (waiting for a core), or neither (blocked: the GIL held by
-    another thread, a lock, a system call). About 2 us. The CPU time is the thread's clock, exact at any moment;
+def sched() -> tuple[int, int, int]:
+    """The event loop thread's CPU time, its time spent runnable but waiting for a CPU, and the whole server
+    process's CPU time (every thread), in ns (zeros where there is no /proc schedstat). Across a stretch in which
+    the loop recorded nothing, they tell whether it was running (a long call), descheduled (waiting for a core),
+    or neither (blocked), and whether another thread of the server ran meanwhile (holding the GIL, likely) or
+    none did (a system call, a lock). About 2.5 us. The CPU times are the kernel's clocks, exact at any moment;
     schedstat's own run time only moves at the scheduler's ticks, while its wait is settled each time the
     thread gets a CPU back, so it is exact whenever the thread itself reads it."""
     if _schedstat is None:
-        return 0, 0
-    return time.thread_time_ns(), int(os.pread(_schedstat, 64, 0).split()[1])
+        return 0, 0, 0
+    return time.thread_time_ns(), int(os.pread(_schedstat, 64, 0).split()[1]), time.process_time_ns()
 
 
 def _on_gc(phase: str, info: dict[str, int]) -> None:
@@ -81,12 +83,23 @@ def stop(path: Path) -> int:
     if _on_gc in gc.callbacks:
         gc.callbacks.remove(_on_gc)
     fields = {
-        "take": ("session", "replica", "iteration", "rank", "t_start", "t_end", "answered", "cpu_ns", "wait_ns"),
-        "answer": ("session", "replica", "iteration", "rank", "t", "cpu_ns", "wait_ns"),
-        "write": ("session", "t_start", "t_end", "cpu_ns", "wait_ns"),
+        "take": (
+            "session",
+            "replica",
+            "iteration",
+            "rank",
+            "t_start",
+            "t_end",
+            "answered",
+            "cpu_ns",
+            "wait_ns",
+            "process_cpu_ns",
+        ),
+        "answer": ("session", "replica", "iteration", "rank", "t", "cpu_ns", "wait_ns", "process_cpu_ns"),
+        "write": ("session", "t_start", "t_end", "cpu_ns", "wait_ns", "process_cpu_ns"),
         "submit": ("replica", "iteration", "t"),
         "searched": ("replica", "iteration", "t", "worker_ms", "worker_start", "worker_end"),
-        "resolve": ("replica", "iteration", "t", "source", "cpu_ns", "wait_ns"),
+        "resolve": ("replica", "iteration", "t", "source", "cpu_ns", "wait_ns", "process_cpu_ns"),
         "gc": ("generation", "t_start", "t_end"),
     }
     with open(path, "w") as out:

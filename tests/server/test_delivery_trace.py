@@ -74,9 +74,9 @@ def test_the_trace_follows_each_answer_from_its_take_to_its_write(tmp_path: Path
     # Each request taken, resolution, answer and write carries the event loop thread's scheduler counters, which
     # only grow (Linux: the thread's CPU clock, /proc schedstat).
     stamped = by_kind["take"] + by_kind["resolve"] + by_kind["answer"] + by_kind["write"]
-    counters = sorted((e.get("t_end", e.get("t")), e["cpu_ns"], e["wait_ns"]) for e in stamped)
-    assert all(cpu > 0 and wait >= 0 for _, cpu, wait in counters)
-    assert all(a[1] <= b[1] and a[2] <= b[2] for a, b in itertools.pairwise(counters))
+    counters = sorted((e.get("t_end", e.get("t")), e["cpu_ns"], e["wait_ns"], e["process_cpu_ns"]) for e in stamped)
+    assert all(process >= cpu > 0 and wait >= 0 for _, cpu, wait, process in counters)
+    assert all(a[1] <= b[1] and a[2] <= b[2] and a[3] <= b[3] for a, b in itertools.pairwise(counters))
 
 
 def test_garbage_collections_are_traced_and_summarized_by_whether_a_burst_waited(tmp_path: Path) -> None:
@@ -131,19 +131,20 @@ def test_loop_stalls_are_the_longest_silence_inside_each_answer_burst(tmp_path: 
     assert "over_1ms_split" not in stalls  # writes without the scheduler's counters: nothing to split by
 
     # Each answer written at once, the loop thread's counters with each write. In iteration 0's stall (3 ms
-    # before rank 2's answer) the thread ran 1 ms and waited 1.5 ms for a CPU; the rest it was blocked.
-    cpu_ns, wait_ns = 10**9, 10**8
+    # before rank 2's answer) the thread ran 1 ms and waited 1.5 ms for a CPU; the rest it was blocked,
+    # while another thread of the server ran 0.4 ms.
+    cpu_ns, wait_ns, others_ns = 10**9, 10**8, 10**9
     counted: list[dict[str, Any]] = []
     for e in trace:
         counted.append(e)
         if e["event"] == "answer":
             if e["iteration"] == 0 and e["rank"] == 2:
-                cpu_ns, wait_ns = cpu_ns + 1_000_000, wait_ns + 1_500_000
+                cpu_ns, wait_ns, others_ns = cpu_ns + 1_000_000, wait_ns + 1_500_000, others_ns + 400_000
             cpu_ns += 20_000
             t = e["t"] + 10e-6
             counted.append(
                 {"event": "write", "session": e["session"], "t_start": t, "t_end": t + 10e-6, "cpu_ns": cpu_ns,
-                 "wait_ns": wait_ns}
+                 "wait_ns": wait_ns, "process_cpu_ns": cpu_ns + others_ns}
             )  # fmt: skip
     split = loop_stalls(counted)
     assert split["over_1ms"] == 1 and split["bursts_waiting_over_1ms"] == 1
@@ -151,6 +152,7 @@ def test_loop_stalls_are_the_longest_silence_inside_each_answer_burst(tmp_path: 
     assert stall["on_cpu_ms"] == pytest.approx(1.02, abs=1e-3)
     assert stall["waiting_for_cpu_ms"] == pytest.approx(1.5, abs=1e-3)
     assert stall["blocked_ms"] == pytest.approx(3.0 - 1.02 - 1.5, abs=1e-3)
+    assert stall["other_threads_on_cpu_ms"] == pytest.approx(0.4, abs=1e-3)
     assert split["runqueue_ms"]["max"] == pytest.approx(1.5, abs=1e-3)
     assert split["runqueue_ms"]["p50"] == pytest.approx(0.75, abs=1e-3)  # iteration 1 waited for nothing
 
