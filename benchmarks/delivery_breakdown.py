@@ -251,6 +251,24 @@ def summarize(samples: list[tuple[Any, ...]], trace: list[dict[str, Any]]) -> di
     }
 
 
+def _idle_within(
+    idle: list[tuple[float, float, float, int]], starts: np.ndarray, a: float, b: float
+) -> dict[str, float] | None:
+    """How much of the stretch [a, b] the event loop spent waiting in its selector (`delivery_trace`'s ``idle``
+    events), with the longest such wait's timeout (ms; -1: none) and the events that ended it."""
+    first = max(0, int(np.searchsorted(starts, a, side="right")) - 1)
+    overlaps = [(min(e, b) - max(s, a), timeout, ready) for s, e, timeout, ready in idle[first:] if s < b and e > a]
+    if not overlaps:
+        return None
+    longest = max(overlaps)
+    return {
+        "stall_ms": round((b - a) * 1e3, 3),
+        "loop_idle_ms": round(sum(o[0] for o in overlaps) * 1e3, 3),
+        "longest_wait_timeout_ms": round(longest[1] * 1e3, 3) if longest[1] >= 0 else -1.0,
+        "longest_wait_woken_by": longest[2],
+    }
+
+
 def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[str, Any]:
     """Per searched iteration, the longest stretch of its answer burst (`window_s` from its first resolution) in
     which the server recorded nothing: no answer handed over, no write begun or returned, no collection. While a
@@ -263,10 +281,18 @@ def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[
     the loop thread's time on a CPU (a long call), waiting for a CPU (descheduled) and neither (blocked: the GIL
     held by another thread, a lock, a system call), with the CPU time the server's other threads took meanwhile
     (``other_threads_on_cpu_ms``: a thread that ran while the loop was blocked likely held the GIL), and every
-    burst's wait for a CPU between its first and last such event is summarized (``runqueue_ms``). An event's
+    burst's wait for a CPU between its first and last such event is summarized (``runqueue_ms``). Where the trace
+    has the loop's selector waits (``idle``), each stall over 1 ms also gets the part of it the loop spent idle,
+    waiting for I/O or a timer (``over_1ms_loop_idle``): the loop had nothing ready then. An event's
     counters are read just after its timestamp, so a wait that falls between the two (rare) is counted against
     the stretch before it."""
-    stamps = np.sort(np.array([e[k] for e in trace for k in ("t", "t_start", "t_end") if k in e], dtype=float))
+    stamps = np.sort(
+        np.array(
+            [e[k] for e in trace if e["event"] != "idle" for k in ("t", "t_start", "t_end") if k in e], dtype=float
+        )
+    )
+    idle = sorted((e["t_start"], e["t_end"], e["timeout"], e["ready"]) for e in trace if e["event"] == "idle")
+    idle_starts = np.array([w[0] for w in idle], dtype=float)
     counted = sorted(
         (e.get("t_end", e.get("t")), e["cpu_ns"], e["wait_ns"], e.get("process_cpu_ns", 0))
         for e in trace
@@ -275,6 +301,7 @@ def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[
     stamped_at = np.array([w[0] for w in counted], dtype=float)
     longest = []
     split: list[dict[str, float]] = []
+    idle_split: list[dict[str, float]] = []
     runqueue: list[float] = []
     for _, events in sorted(_by_iteration(trace).items()):
         if not events["submit"] or not events["resolve"]:
@@ -293,6 +320,10 @@ def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[
         lo, hi = np.searchsorted(stamped_at, [t0, t0 + window_s], side="left")
         if hi - lo >= 2:
             runqueue.append((counted[hi - 1][2] - counted[lo][2]) / 1e6)
+        if gaps[at] > 1e-3 and idle:
+            waits = _idle_within(idle, idle_starts, float(inside[at]), float(inside[at + 1]))
+            if waits:
+                idle_split.append(waits)
         if gaps[at] > 1e-3:
             before = int(np.searchsorted(stamped_at, inside[at], side="right")) - 1
             after = int(np.searchsorted(stamped_at, inside[at + 1], side="left"))
@@ -322,6 +353,8 @@ def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[
         },
         "over_1ms": int((a > 1.0).sum()),
     }
+    if idle:
+        out["over_1ms_loop_idle"] = idle_split
     if counted:
         out["over_1ms_split"] = split
         out["runqueue_ms"] = _stats(runqueue)

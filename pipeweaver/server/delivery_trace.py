@@ -16,6 +16,8 @@ in memory until the server stops, the last `MAX_EVENTS` of them (a few per answe
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -59,11 +61,39 @@ def _on_gc(phase: str, info: dict[str, int]) -> None:
         events.append(("gc", info["generation"], _gc_started, time.perf_counter()))
 
 
+IDLE_MIN_S = 2e-4
+"""Waits of the event loop for I/O or a timer recorded (`idle`): those longer than this."""
+
+
+def _watch_selector(loop: asyncio.AbstractEventLoop) -> None:
+    """Record each wait of the event loop's selector longer than `IDLE_MIN_S` (an ``idle`` event: the loop had
+    nothing ready, with the timeout it chose and how many events woke it). A stretch of a burst with no other
+    event that such a wait covers is the loop waiting for I/O (gRPC's completions come through a file
+    descriptor), not held up. Wraps asyncio's private selector: a benchmark's tool, off unless tracing."""
+    selector = getattr(loop, "_selector", None)
+    if selector is None or getattr(selector.select, "_traced", False):
+        return
+    select = selector.select
+
+    def traced(timeout: float | None = None) -> Any:
+        t_start = time.perf_counter()
+        ready = select(timeout)
+        t_end = time.perf_counter()
+        if events is not None and t_end - t_start > IDLE_MIN_S:
+            events.append(("idle", t_start, t_end, -1.0 if timeout is None else timeout, len(ready)))
+        return ready
+
+    traced._traced = True  # type: ignore[attr-defined]
+    selector.select = traced
+
+
 def start() -> None:
     """Record from now on (forgetting anything recorded before). Call it on the event loop's thread: `sched`
-    reads the thread that called this."""
+    reads the thread that called this, and the loop's waits are recorded (`_watch_selector`)."""
     global events, _schedstat
     events = deque(maxlen=MAX_EVENTS)
+    with contextlib.suppress(RuntimeError):  # no running loop: a test that records by hand
+        _watch_selector(asyncio.get_running_loop())
     if _schedstat is None:
         try:
             _schedstat = os.open("/proc/thread-self/schedstat", os.O_RDONLY)  # this thread's, from now on
@@ -101,6 +131,7 @@ def stop(path: Path) -> int:
         "searched": ("replica", "iteration", "t", "worker_ms", "worker_start", "worker_end"),
         "resolve": ("replica", "iteration", "t", "source", "cpu_ns", "wait_ns", "process_cpu_ns"),
         "gc": ("generation", "t_start", "t_end"),
+        "idle": ("t_start", "t_end", "timeout", "ready"),
     }
     with open(path, "w") as out:
         for kind, *values in recorded:

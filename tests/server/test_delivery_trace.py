@@ -77,6 +77,9 @@ def test_the_trace_follows_each_answer_from_its_take_to_its_write(tmp_path: Path
     counters = sorted((e.get("t_end", e.get("t")), e["cpu_ns"], e["wait_ns"], e["process_cpu_ns"]) for e in stamped)
     assert all(process >= cpu > 0 and wait >= 0 for _, cpu, wait, process in counters)
     assert all(a[1] <= b[1] and a[2] <= b[2] and a[3] <= b[3] for a, b in itertools.pairwise(counters))
+    # The loop waited for the searches in its selector: those waits are recorded, apart from the other events.
+    assert by_kind["idle"] and all(t_before < e["t_start"] < e["t_end"] < t_after for e in by_kind["idle"])
+    assert sum(e["t_end"] - e["t_start"] for e in by_kind["idle"]) > 0.04  # at least one search's worth
 
 
 def test_garbage_collections_are_traced_and_summarized_by_whether_a_burst_waited(tmp_path: Path) -> None:
@@ -146,7 +149,14 @@ def test_loop_stalls_are_the_longest_silence_inside_each_answer_burst(tmp_path: 
                 {"event": "write", "session": e["session"], "t_start": t, "t_end": t + 10e-6, "cpu_ns": cpu_ns,
                  "wait_ns": wait_ns, "process_cpu_ns": cpu_ns + others_ns}
             )  # fmt: skip
+    # The loop sat 2.5 ms of the stall in its selector, woken by one event before its 4 ms timeout.
+    stall_start = next(e["t_end"] for e in counted if e["event"] == "write" and e["session"] == 1 and e["t_end"] < 15)
+    counted.append({"event": "idle", "t_start": stall_start + 1e-4, "t_end": stall_start + 2.6e-3, "timeout": 4e-3,
+                    "ready": 1})  # fmt: skip
     split = loop_stalls(counted)
+    (idle,) = split["over_1ms_loop_idle"]
+    assert idle["loop_idle_ms"] == pytest.approx(2.5, abs=1e-3) and idle["longest_wait_timeout_ms"] == 4.0
+    assert idle["longest_wait_woken_by"] == 1
     assert split["over_1ms"] == 1 and split["bursts_waiting_over_1ms"] == 1
     (stall,) = split["over_1ms_split"]
     assert stall["on_cpu_ms"] == pytest.approx(1.02, abs=1e-3)
