@@ -386,6 +386,14 @@ def start_profiler(pid: int, out: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def start_watcher(pid: int, out: str, cpus: str) -> subprocess.Popen[bytes]:
+    """`watch_thread.py` on the server's main thread (its event loop) until the server exits."""
+    cmd = [sys.executable, str(Path(__file__).with_name("watch_thread.py")), str(pid), "--seconds", "86400"]
+    if cpus:
+        cmd = ["taskset", "-c", cpus, *cmd]
+    return subprocess.Popen([*cmd, "--out", out], stdout=subprocess.DEVNULL)
+
+
 def event_loop_profile(raw: str, top: int = 25) -> dict[str, Any]:
     """Where the server's event loop spent its busy samples: per function (file:function), the share of busy
     samples whose stack holds it. Idle samples (the loop waiting in its selector) are counted apart."""
@@ -462,6 +470,18 @@ def main() -> None:
         "busy time by function",
     )
     parser.add_argument(
+        "--watch-loop",
+        default="",
+        metavar="FILE",
+        help="record from outside what the server's event loop thread is blocked in whenever it is not running "
+        "(benchmarks/watch_thread.py; with --delivery-trace the report names what each stall waited on)",
+    )
+    parser.add_argument(
+        "--watch-cpus",
+        default="",
+        help="CPUs of the --watch-loop process, which polls without pause (default: the client CPUs)",
+    )
+    parser.add_argument(
         "--predicted-timings",
         action="store_true",
         help="every request asks for the predicted action times (a third more bytes per answer)",
@@ -499,6 +519,7 @@ def main() -> None:
     pin(set(client_cpus))  # this process registers the job and starts the clients
     proc, port = start_server(args.budget_ms, args.server_log, server_cpus, args.delivery_trace)
     profiler = start_profiler(proc.pid, args.profile_server) if args.profile_server else None
+    watcher = start_watcher(proc.pid, args.watch_loop, args.watch_cpus) if args.watch_loop else None
     try:
         job_id = register(port)
         cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
@@ -536,6 +557,8 @@ def main() -> None:
         proc.wait(timeout=60)
         if profiler is not None:
             profiler.wait(timeout=60)  # py-spy writes its output once the server has exited
+        if watcher is not None:
+            watcher.wait(timeout=60)  # it stops when the server's thread is gone
     floors = {}
     for name, queued in (("transport_floor", False), ("transport_floor_queued", True)):
         if args.floor_iterations > 0 and (args.queued_floor or not queued):
@@ -637,6 +660,9 @@ def main() -> None:
         report["planning_pass"]["delivery_bursts"] = delivery_breakdown.burst_summary(trace)
         report["server_gc"] = delivery_breakdown.gc_summary(trace)
         report["server_loop_stalls"] = delivery_breakdown.loop_stalls(trace)
+        if args.watch_loop:
+            watched = delivery_breakdown.load_trace(Path(args.watch_loop))
+            report["server_loop_stalls"]["watched"] = delivery_breakdown.watched_stalls(trace, watched)
     if args.profile_server:
         report["server_profile"] = {"raw": args.profile_server, **event_loop_profile(args.profile_server)}
     if args.out:
