@@ -99,7 +99,8 @@ class SearchConfig:
     budget_ms: float = 1000.0
     """Wall-clock budget of `Planner.plan` per batch up to the validated plan (preparation, search, memory
     programs, compile, SEMU, validation): the segment-order search gets what is left once the work after it is set
-    aside, as measured on this planner's recent batches. At least one search step always runs, so a budget below
+    aside, as measured on this planner's recent batches. The memory programs of the starting points stop (after
+    the likeliest one) when only that reserve is left. At least one search step always runs, so a budget below
     the fixed costs is exceeded by them. The baseline comparison (`compare_baselines`) comes on top."""
     level: SearchLevel = SearchLevel.MEMORY
     seed: int = 0
@@ -615,6 +616,7 @@ class Planner:
         *,
         memory: bool,
         refit_until: float = math.inf,
+        programs_until: float = math.inf,
     ) -> tuple[list[_Candidate], list[Problem], list[float]]:
         """Starting points for the search, with their interleaved scores at `priority`, best first.
 
@@ -629,6 +631,11 @@ class Planner:
           recompute).
         Also returns the uniform problems (none, selective, full: for the lower bound) and the programs' solve
         times.
+
+        The uniform starting points always come. The memory programs then run in the order their mixes most often
+        became the plan's starting point (`PROGRAM_POLICIES`: the relaxed timelines, then the refits, earliest
+        first), the first always and the others while `time.perf_counter() < programs_until`, so that a short
+        budget is spent on the likeliest ones rather than overrun by all of them.
         """
         pairs = prep.pairs
         assert pairs is not None
@@ -649,6 +656,7 @@ class Planner:
                     gated = replace(timeline, mem_cap_bytes=budget * factor)
                     add(choice, self._problem_for(prep, choice, like=gated), f"{label} mix {k}, gate {factor:.0%}")
 
+        uniform_starts: dict[int, list[_Candidate]] = {}
         for policy in BASE_POLICIES:
             mine: list[_Candidate] = []
             for code, plain in enumerate(uniform):
@@ -664,22 +672,34 @@ class Planner:
                     problem = replace(plain, mem_cap_bytes=budget * factor, policy=policy)
                     label = f"{code_label(code)}, {policy_name(policy)}, gate {factor:.0%}"
                     mine.append(add(codes, problem, label))
-            if not memory or not n:
-                continue
-            # The best start with offloading and the best without are both refitted: offloading adds starting
-            # points, it does not take the refits the plans without it would get (on t2v-s, where no offloading
-            # plan fits, it had made the plans 1-3% slower).
-            lean = mine[_FULL * len(BASE_CAP_FACTORS)]
-            starts = [lean] + [min(kind, key=lambda c: c.score) for kind in _by_offloading(mine) if kind]
-            for k, start in enumerate(starts):
-                if all(start is not other for other in starts[:k]):  # once each (the lean one may be a best)
-                    refits(start.problem, (1.0,), f"refit of {start.label}:")
-            if policy in RELAXED_POLICIES:
-                for code in (0, 1):
-                    for relax in RELAXED_GATES:
-                        timeline = replace(uniform[code], mem_cap_bytes=budget * relax, policy=policy)
-                        label = f"{STRATEGIES[code].value}, {policy_name(policy)}, relaxed gate {relax:.0%}:"
-                        refits(timeline, (1.0,), label)
+            uniform_starts[policy] = mine
+        if memory and n:
+            programs: list[tuple[Problem, str]] = []
+            """(timeline, label) of each memory program, likeliest first."""
+            for policy in PROGRAM_POLICIES:
+                if policy in RELAXED_POLICIES:
+                    for code in (0, 1):
+                        for relax in RELAXED_GATES:
+                            timeline = replace(uniform[code], mem_cap_bytes=budget * relax, policy=policy)
+                            programs.append(
+                                (
+                                    timeline,
+                                    f"{STRATEGIES[code].value}, {policy_name(policy)}, relaxed gate {relax:.0%}:",
+                                )
+                            )
+                # The best start with offloading and the best without are both refitted: offloading adds starting
+                # points, it does not take the refits the plans without it would get (on t2v-s, where no
+                # offloading plan fits, it had made the plans 1-3% slower).
+                mine = uniform_starts[policy]
+                lean = mine[_FULL * len(BASE_CAP_FACTORS)]
+                starts = [lean] + [min(kind, key=lambda c: c.score) for kind in _by_offloading(mine) if kind]
+                for k, start in enumerate(starts):
+                    if all(start is not other for other in starts[:k]):  # once each (the lean one may be a best)
+                        programs.append((start.problem, f"refit of {start.label}:"))
+            for k, (timeline, label) in enumerate(programs):
+                if k and time.perf_counter() >= programs_until:
+                    break
+                refits(timeline, (1.0,), label)
         if memory and n:
             # Refit again on the best mixes' own timelines: a mix's strategies change when its pairs overlap, so
             # the programs' next answer can be faster still (each round keeps the best of its choices and gates).
@@ -820,9 +840,24 @@ class Planner:
             # SEMU runs: only in the first half of the budget, so that MCTS keeps time (vlm-l's preparation alone
             # takes longer: there they would add ~1 s and found nothing). A run bounded by evaluations always
             # does them (deterministic).
+            # The memory programs themselves stop (after the likeliest one) when what must follow them would no
+            # longer fit the budget: checking the starting points in SEMU and the work after the search, each
+            # about `_post_search_s`. On a short budget they alone had taken vlm-s's planning past it; where the
+            # budget holds them all, they all run (docs/benchmarks.md).
             repair_until = math.inf if self.config.max_evaluations is not None else t0 + budget / 2e3
+            programs_until = (
+                math.inf
+                if self.config.max_evaluations is not None
+                else deadline - self._post_search_s(prep, time.perf_counter() - t0)
+            )
             candidates, uniform, more_ms = self._base_candidates(
-                prep, priority, budget_bytes, 0.0, memory=level >= SearchLevel.MEMORY, refit_until=repair_until
+                prep,
+                priority,
+                budget_bytes,
+                0.0,
+                memory=level >= SearchLevel.MEMORY,
+                refit_until=repair_until,
+                programs_until=programs_until,
             )
             solve_ms += more_ms
             picked = self._pick_base(prep, candidates, priority, repair_until=repair_until)
@@ -1185,6 +1220,17 @@ RELAXED_GATES: tuple[float, ...] = (1.25, 2.0)
 
 RELAXED_POLICIES: tuple[int, ...] = (Policy.EARLIEST,)
 """Policies whose relaxed timelines are solved on."""
+
+PROGRAM_POLICIES: tuple[int, ...] = (
+    Policy.EARLIEST,
+    Policy.ALTERNATE | ACTIVE,
+    Policy.ALTERNATE,
+    Policy.EARLIEST | ACTIVE,
+)
+"""The order in which `Planner._base_candidates` solves the policies' memory programs (each policy's relaxed
+timelines, then its refits), which matters only when the budget cuts them short. Counted over the 120 starting
+points recorded in benchmarks/results: earliest's relaxed timelines began 70 plans, its refits 24, alternate+
+active's refits 5, earliest+active's 1, alternate's none (the uniform schedules, which are always there, 20)."""
 
 BASE_POLICIES: tuple[int, ...] = (
     Policy.ALTERNATE,

@@ -317,6 +317,25 @@ def test_iterated_refits_add_starting_points_at_least_as_good() -> None:
         assert c.problem.policy == starts[c.label.split(" / refit ")[0]]
 
 
+def test_the_memory_programs_stop_at_their_time_limit_after_the_likeliest_one() -> None:
+    """Out of time, the starting points keep every uniform schedule and the mixes of the first memory program
+    only: earliest's relaxed timeline, the one most plans started from. With time, every program runs."""
+    from pipeweaver.search import planner as planner_module
+
+    assert sorted(planner_module.PROGRAM_POLICIES) == sorted(planner_module.BASE_POLICIES)
+    planner, prep, priority, budget = _t2v_s_starting_points()
+    cut, _, _ = planner._base_candidates(
+        prep, priority, budget, 0.0, memory=True, refit_until=0.0, programs_until=time.perf_counter() - 1.0
+    )
+    full, _, _ = planner._base_candidates(prep, priority, budget, 0.0, memory=True, refit_until=0.0)
+    mixes = [c.label for c in cut if " mix " in c.label]
+    uniform = sorted(c.label for c in full if " mix " not in c.label)
+    assert mixes and all(m.startswith("none, earliest, relaxed gate 125%:") for m in mixes)
+    assert sorted(c.label for c in cut if " mix " not in c.label) == uniform
+    programs = {c.label.split(": mix ")[0] for c in full if " mix " in c.label}
+    assert len(programs) > 4 and any(p.startswith("refit of ") for p in programs)
+
+
 def test_offloading_plans_are_valid_fit_and_replay_in_semu() -> None:
     """tiny-t2v on a device with 6 MB above its static memory (recompute binds): with offloading on, the plan
     offloads some pairs, prefetches each once, fits device and host memory, stays above its bound, and SEMU
