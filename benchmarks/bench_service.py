@@ -387,10 +387,10 @@ def start_profiler(pid: int, out: str) -> subprocess.Popen[bytes]:
 
 
 def start_watcher(pid: int, out: str, cpus: str) -> subprocess.Popen[bytes]:
-    """`watch_thread.py` on the server's main thread (its event loop) until the server exits."""
+    """`watch_thread.py` on the server's main thread (its event loop) until the server exits: polling without
+    pause on `cpus`, or every 100 us where no CPU is set aside for it."""
     cmd = [sys.executable, str(Path(__file__).with_name("watch_thread.py")), str(pid), "--seconds", "86400"]
-    if cpus:
-        cmd = ["taskset", "-c", cpus, *cmd]
+    cmd = ["taskset", "-c", cpus, *cmd] if cpus else [*cmd, "--interval-us", "100"]
     return subprocess.Popen([*cmd, "--out", out], stdout=subprocess.DEVNULL)
 
 

@@ -3,9 +3,10 @@
     python benchmarks/watch_thread.py PID [--tid TID] --seconds S --out FILE
 
 Polls the thread's /proc state, system call and kernel wait channel as fast as it can (a few microseconds per
-poll, on its own core) and writes JSON lines of stretches in which they stayed the same: ``t_start``/``t_end`` on
-`time.perf_counter` (CLOCK_MONOTONIC, the clock of `pipeweaver serve --delivery-trace`), the state (S sleeping,
-D uninterruptible, R running or runnable), the system call's number and first argument, and the wait channel.
+poll, on its own core; `--interval-us` sleeps between polls where no core is spare) and writes JSON lines of
+stretches in which they stayed the same: ``t_start``/``t_end`` on `time.perf_counter` (CLOCK_MONOTONIC, the
+clock of `pipeweaver serve --delivery-trace`), the state (S sleeping, D uninterruptible, R running or runnable),
+the system call's number and first argument, and the wait channel.
 Stretches in which the thread was running are not written. `bench_service.py --watch-loop` runs it on the
 server's event loop thread; `delivery_breakdown.watched_stalls` joins it with the trace's stalls.
 
@@ -26,8 +27,9 @@ def _read(fd: int) -> bytes:
     return os.pread(fd, 256, 0)
 
 
-def watch(pid: int, tid: int, seconds: float, out: Path) -> int:
-    """Poll for `seconds` (or until the thread is gone); the number of stretches written."""
+def watch(pid: int, tid: int, seconds: float, out: Path, interval_s: float = 0.0) -> int:
+    """Poll for `seconds` (or until the thread is gone), sleeping `interval_s` between polls (0: none, for a
+    core of its own); the number of stretches written."""
     base = f"/proc/{pid}/task/{tid}"
     stat = os.open(f"{base}/stat", os.O_RDONLY)
     syscall = os.open(f"{base}/syscall", os.O_RDONLY)
@@ -54,6 +56,8 @@ def watch(pid: int, tid: int, seconds: float, out: Path) -> int:
                 if current is not None:
                     rows.append((since, now, *current))
                 current, since = key, now
+            if interval_s:
+                time.sleep(interval_s)
     except (FileNotFoundError, ProcessLookupError):  # the thread ended
         pass
     finally:
@@ -75,8 +79,11 @@ def main() -> None:
     parser.add_argument("--tid", type=int, help="the thread (default: the process's main thread)")
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--interval-us", type=float, default=0.0, help="sleep between polls (default 0: poll without pause)"
+    )
     args = parser.parse_args()
-    watch(args.pid, args.tid or args.pid, args.seconds, args.out)
+    watch(args.pid, args.tid or args.pid, args.seconds, args.out, args.interval_us / 1e6)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ whose message starts with the field path (``model.modules[1]: ...``). No grpc im
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, assert_never
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
 
 __all__ = [
+    "action_count",
     "action_from_proto",
     "action_to_proto",
     "batch_from_proto",
@@ -66,6 +67,8 @@ __all__ = [
     "header_to_proto",
     "model_from_proto",
     "model_to_proto",
+    "packed_actions_from_proto",
+    "packed_actions_to_proto",
     "parallel_from_proto",
     "parallel_to_proto",
     "placement_from_proto",
@@ -407,16 +410,18 @@ _DEFAULT_DTYPE = TensorSpec((0,)).dtype
 """What an unset `TensorSpec.dtype` means on the wire ("bfloat16")."""
 
 
+def _tensor_to_proto(ts: TensorSpec) -> pb.TensorSpec:
+    # The default dtype goes unset (the proto's default): 10 of a transfer's ~55 bytes on the wire, in every one.
+    return pb.TensorSpec(shape=ts.shape, dtype=None if ts.dtype == _DEFAULT_DTYPE else ts.dtype)
+
+
 def _transfer_to_proto(t: Transfer) -> pb.Transfer:
     return pb.Transfer(
         direction=_DIRECTION.encode(t.direction),
         peer=t.peer,
         src=stage_key_to_proto(t.src),
         dst=stage_key_to_proto(t.dst),
-        # The default dtype goes unset (the proto's default): 10 of a transfer's ~55 bytes on the wire, in every one.
-        tensors=[
-            pb.TensorSpec(shape=ts.shape, dtype=None if ts.dtype == _DEFAULT_DTYPE else ts.dtype) for ts in t.tensors
-        ],
+        tensors=[_tensor_to_proto(ts) for ts in t.tensors],
     )
 
 
@@ -567,20 +572,193 @@ def header_from_proto(msg: pb.PlanHeader, *, path: str = "header") -> PlanHeader
     )
 
 
-# ---- plan IR: rank plans and whole plans -------------------------------------------------------------------
+# ---- plan IR: actions in columns ---------------------------------------------------------------------------
+
+_KIND_NAMES = {
+    pb.ACTION_KIND_COMPUTE: "COMPUTE",
+    pb.ACTION_KIND_COMM_BATCH: "COMM_BATCH",
+    pb.ACTION_KIND_WAIT: "WAIT",
+    pb.ACTION_KIND_PREFETCH: "PREFETCH",
+}
 
 
-def rank_plan_to_proto(rp: RankPlan) -> pb.RankPlan:
-    return pb.RankPlan(
-        rank=rp.rank,
-        actions=[action_to_proto(a) for a in rp.actions],
-        predicted_start_ms=[start for start, _ in rp.predicted_ms],
-        predicted_end_ms=[end for _, end in rp.predicted_ms],
+def packed_actions_to_proto(actions: Sequence[Action]) -> pb.PackedActions:
+    """`actions` as `PackedActions`: each distinct stage key and tensor list once, in order of first use."""
+    pipelines: dict[str, int] = {}
+    rows: dict[StageKey, int] = {}
+    columns: tuple[list[int], list[int], list[int], list[int], list[int]] = ([], [], [], [], [])
+    lists: dict[tuple[TensorSpec, ...], int] = {}
+    kinds: list[int] = []
+    args: list[int] = []
+
+    def row(stage: StageKey) -> int:
+        found = rows.get(stage)
+        if found is None:
+            found = rows[stage] = len(rows)
+            values = (
+                pipelines.setdefault(stage.pipeline, len(pipelines)),
+                stage.chunk,
+                stage.microbatch,
+                stage.sub,
+                int(_PASS.encode(stage.pass_)),
+            )
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
+        return found
+
+    for action in actions:
+        match action:
+            case Compute():
+                kinds.append(pb.ACTION_KIND_COMPUTE)
+                args += (row(action.stage), int(_RECOMPUTE.encode(action.recompute)), int(action.offload))
+            case CommBatch():
+                kinds.append(pb.ACTION_KIND_COMM_BATCH)
+                args += (action.handle, len(action.ops))
+                for t in action.ops:
+                    tensors = lists.setdefault(t.tensors, len(lists))
+                    args += (int(_DIRECTION.encode(t.direction)), t.peer, row(t.src), row(t.dst), tensors)
+            case Wait():
+                kinds.append(pb.ACTION_KIND_WAIT)
+                args.append(action.handle)
+            case Prefetch():
+                kinds.append(pb.ACTION_KIND_PREFETCH)
+                args.append(row(action.stage))
+            case _:
+                assert_never(action)
+    return pb.PackedActions(
+        pipelines=list(pipelines),
+        stage_pipeline=columns[0],
+        stage_chunk=columns[1],
+        stage_microbatch=columns[2],
+        stage_sub=columns[3],
+        stage_pass=columns[4],  # type: ignore[arg-type]  # Pass numbers
+        tensor_lists=[pb.TensorList(tensors=[_tensor_to_proto(ts) for ts in tl]) for tl in lists],
+        kinds=kinds,  # type: ignore[arg-type]  # ActionKind numbers
+        args=args,
     )
 
 
+def packed_actions_from_proto(msg: pb.PackedActions, *, path: str = "packed") -> tuple[Action, ...]:
+    """The actions of `msg`; a bad table or argument raises `SpecError` naming the field and its index."""
+    n = len(msg.stage_pipeline)
+    for name in ("stage_chunk", "stage_microbatch", "stage_sub", "stage_pass"):
+        got = len(getattr(msg, name))
+        if got != n:
+            raise SpecError(
+                f"{path}.{name}: the stage table needs one entry per row, {n} as in stage_pipeline, got {got}"
+            )
+    pipelines = list(msg.pipelines)
+    stages: list[StageKey] = []
+    for i, (p, chunk, microbatch, sub, pass_) in enumerate(
+        zip(msg.stage_pipeline, msg.stage_chunk, msg.stage_microbatch, msg.stage_sub, msg.stage_pass, strict=True)
+    ):
+        if not 0 <= p < len(pipelines):
+            raise SpecError(f"{path}.stage_pipeline[{i}]: must index pipelines (0..{len(pipelines) - 1}), got {p}")
+        stages.append(StageKey(pipelines[p], chunk, microbatch, sub, _PASS.decode(pass_, f"{path}.stage_pass[{i}]")))
+    tensor_lists = [
+        tuple(TensorSpec(tuple(ts.shape), **_present(ts, "dtype")) for ts in tl.tensors) for tl in msg.tensor_lists
+    ]
+    args = msg.args
+    at = 0
+
+    def take(count: int, i: int, kind: str) -> Sequence[int]:
+        nonlocal at
+        if at + count > len(args):
+            raise SpecError(
+                f"{path}.args: action {i} ({kind}) needs {count} value(s) from args[{at}], but args has {len(args)}"
+            )
+        values = args[at : at + count]
+        at += count
+        return values
+
+    def stage(value: int, offset: int, what: str) -> StageKey:
+        if not 0 <= value < n:
+            raise SpecError(f"{path}.args[{offset}]: {what} must be a stage row (0..{n - 1}), got {value}")
+        return stages[value]
+
+    out: list[Action] = []
+    for i, kind in enumerate(msg.kinds):
+        if kind not in _KIND_NAMES:
+            raise SpecError(f"{path}.kinds[{i}]: must be one of {', '.join(_KIND_NAMES.values())}, got {kind}")
+        name = _KIND_NAMES[kind]
+        start = at
+        if kind == pb.ACTION_KIND_COMPUTE:
+            row, recompute, offload = take(3, i, name)
+            if offload not in (0, 1):
+                raise SpecError(f"{path}.args[{start + 2}]: offload of action {i} must be 0 or 1, got {offload}")
+            out.append(
+                Compute(
+                    stage(row, start, f"the stage of action {i}"),
+                    _RECOMPUTE.decode(recompute, f"{path}.args[{start + 1}]", Recompute.NONE),
+                    bool(offload),
+                )
+            )
+        elif kind == pb.ACTION_KIND_COMM_BATCH:
+            handle, count = take(2, i, name)
+            if count < 0:
+                raise SpecError(
+                    f"{path}.args[{start + 1}]: the op count of action {i} must not be negative, got {count}"
+                )
+            ops = []
+            for j in range(count):
+                first = at
+                direction, peer, src, dst, tensors = take(5, i, name)
+                if not 0 <= tensors < len(tensor_lists):
+                    raise SpecError(
+                        f"{path}.args[{first + 4}]: op {j} of action {i} must name a row of tensor_lists "
+                        f"(0..{len(tensor_lists) - 1}), got {tensors}"
+                    )
+                ops.append(
+                    Transfer(
+                        _DIRECTION.decode(direction, f"{path}.args[{first}]"),
+                        peer,
+                        stage(src, first + 2, f"src of op {j} of action {i}"),
+                        stage(dst, first + 3, f"dst of op {j} of action {i}"),
+                        tensor_lists[tensors],
+                    )
+                )
+            out.append(CommBatch(handle, tuple(ops)))
+        elif kind == pb.ACTION_KIND_WAIT:
+            (handle,) = take(1, i, name)
+            out.append(Wait(handle))
+        else:
+            (row,) = take(1, i, name)
+            out.append(Prefetch(stage(row, start, f"the stage of action {i}")))
+    if at != len(args):
+        raise SpecError(f"{path}.args: {len(args) - at} value(s) left after the {len(msg.kinds)} actions")
+    return tuple(out)
+
+
+def action_count(msg: pb.RankPlan) -> int:
+    """How many actions `msg` holds, in either form, without decoding them."""
+    return len(msg.packed.kinds) if msg.HasField("packed") else len(msg.actions)
+
+
+# ---- plan IR: rank plans and whole plans -------------------------------------------------------------------
+
+
+def rank_plan_to_proto(rp: RankPlan, *, packed: bool = False) -> pb.RankPlan:
+    """`rp` on the wire; with `packed`, its actions in columns (`PackedActions`: what the service sends)."""
+    msg = pb.RankPlan(
+        rank=rp.rank,
+        predicted_start_ms=[start for start, _ in rp.predicted_ms],
+        predicted_end_ms=[end for _, end in rp.predicted_ms],
+    )
+    if packed:
+        msg.packed.CopyFrom(packed_actions_to_proto(rp.actions))
+    else:
+        msg.actions.extend(action_to_proto(a) for a in rp.actions)
+    return msg
+
+
 def rank_plan_from_proto(msg: pb.RankPlan, *, path: str = "rank_plan") -> RankPlan:
-    actions = tuple(action_from_proto(a, path=f"{path}.actions[{i}]") for i, a in enumerate(msg.actions))
+    """Either form of the actions (`actions` or `packed`)."""
+    if msg.HasField("packed"):
+        if msg.actions:
+            raise SpecError(f"{path}: set actions or packed, not both (got {len(msg.actions)} actions and packed)")
+        actions = packed_actions_from_proto(msg.packed, path=f"{path}.packed")
+    else:
+        actions = tuple(action_from_proto(a, path=f"{path}.actions[{i}]") for i, a in enumerate(msg.actions))
     starts, ends = tuple(msg.predicted_start_ms), tuple(msg.predicted_end_ms)
     if len(starts) != len(ends) or len(starts) not in (0, len(actions)):
         raise SpecError(
@@ -590,8 +768,10 @@ def rank_plan_from_proto(msg: pb.RankPlan, *, path: str = "rank_plan") -> RankPl
     return RankPlan(rank=msg.rank, actions=actions, predicted_ms=tuple(zip(starts, ends, strict=True)))
 
 
-def plan_to_proto(plan: Plan) -> pb.Plan:
-    return pb.Plan(header=header_to_proto(plan.header), ranks=[rank_plan_to_proto(rp) for rp in plan.ranks])
+def plan_to_proto(plan: Plan, *, packed: bool = False) -> pb.Plan:
+    return pb.Plan(
+        header=header_to_proto(plan.header), ranks=[rank_plan_to_proto(rp, packed=packed) for rp in plan.ranks]
+    )
 
 
 def plan_from_proto(msg: pb.Plan, *, path: str = "plan") -> Plan:

@@ -28,6 +28,7 @@ from pipeweaver.plan.ir import (
     Plan,
     PlanHeader,
     PlanSource,
+    Prefetch,
     RankPlan,
     Recompute,
     StageKey,
@@ -99,8 +100,12 @@ def test_placement_round_trips(placement: Placement) -> None:
 def test_plan_round_trips(plan: Plan) -> None:
     assert_round_trips(plan, wire.plan_to_proto, wire.plan_from_proto)
     assert_round_trips(plan.header, wire.header_to_proto, wire.header_from_proto)
+    assert_round_trips(plan, lambda p: wire.plan_to_proto(p, packed=True), wire.plan_from_proto)
     for rank_plan in plan.ranks:
         assert_round_trips(rank_plan, wire.rank_plan_to_proto, wire.rank_plan_from_proto)
+        packed = wire.rank_plan_to_proto(rank_plan, packed=True)
+        assert not packed.actions and wire.action_count(packed) == len(rank_plan.actions)
+        assert wire.rank_plan_from_proto(pb.RankPlan.FromString(packed.SerializeToString())) == rank_plan
         for action in rank_plan.actions:
             assert_round_trips(action, wire.action_to_proto, wire.action_from_proto)
 
@@ -340,6 +345,67 @@ def test_bad_plan_names_the_field() -> None:
         )
     ok = pb.RankPlan(rank=2, actions=one_action, predicted_start_ms=[0.5], predicted_end_ms=[1.5])
     assert wire.rank_plan_from_proto(ok) == RankPlan(2, (Wait(0),), ((0.5, 1.5),))
+
+
+def _packed(*actions: Action) -> pb.PackedActions:
+    return wire.packed_actions_to_proto(actions)
+
+
+def test_packed_actions_share_stage_rows_and_tensor_lists() -> None:
+    """A stage key or tensor list used twice is one row; each action is its kind and its values in `args`."""
+    f0, f1 = StageKey("vit", 0, 0, 0, Pass.F), StageKey("vit", 1, 0, 0, Pass.F)
+    spec = (TensorSpec((4, 8)),)
+    actions: tuple[Action, ...] = (
+        Compute(f0, Recompute.FULL),
+        CommBatch(7, (Transfer(Direction.SEND, 1, f0, f1, spec), Transfer(Direction.SEND, 1, f0, f1, spec))),
+        Wait(7),
+        Prefetch(f0),
+    )
+    msg = _packed(*actions)
+    assert list(msg.pipelines) == ["vit"] and list(msg.stage_chunk) == [0, 1] and len(msg.tensor_lists) == 1
+    assert list(msg.kinds) == [
+        pb.ACTION_KIND_COMPUTE,
+        pb.ACTION_KIND_COMM_BATCH,
+        pb.ACTION_KIND_WAIT,
+        pb.ACTION_KIND_PREFETCH,
+    ]
+    send = [pb.DIRECTION_SEND, 1, 0, 1, 0]
+    assert list(msg.args) == [0, pb.RECOMPUTE_FULL, 0, 7, 2, *send, *send, 7, 0]
+    assert wire.packed_actions_from_proto(msg) == actions
+
+
+def test_bad_packed_actions_name_the_field() -> None:
+    stage = StageKey("llm", 0, 0, 0, Pass.F)
+    good = _packed(Compute(stage), CommBatch(1, (Transfer(Direction.RECV, 0, stage, stage, (TensorSpec((2,)),)),)))
+
+    def broken(**fields: Any) -> pb.PackedActions:
+        msg = pb.PackedActions()
+        msg.CopyFrom(good)
+        for name, value in fields.items():
+            msg.ClearField(name)
+            getattr(msg, name).extend(value)
+        return msg
+
+    op = [0, 0, 0, 1, 1]  # the compute, then the batch's handle and op count: its op starts at args[5]
+    cases = [
+        (broken(stage_sub=[]), r"^packed\.stage_sub: the stage table needs one entry per row, 1 .* got 0"),
+        (broken(stage_pipeline=[3]), r"^packed\.stage_pipeline\[0\]: must index pipelines \(0\.\.0\), got 3"),
+        (broken(stage_pass=[0]), r"^packed\.stage_pass\[0\]: must be one of PASS_FORWARD"),
+        (broken(kinds=[pb.ACTION_KIND_COMPUTE, 9]), r"^packed\.kinds\[1\]: must be one of COMPUTE, COMM_BATCH"),
+        (broken(args=[5, 0, 0]), r"^packed\.args\[0\]: the stage of action 0 must be a stage row \(0\.\.0\), got 5"),
+        (broken(args=[0, 0, 2]), r"^packed\.args\[2\]: offload of action 0 must be 0 or 1, got 2"),
+        (broken(args=[*op, 2, 0, 0, 0, 4]), r"^packed\.args\[9\]: op 0 of action 1 must name a row of tensor_lists"),
+        (broken(args=[*op, 2, 0, 0, 3, 0]), r"^packed\.args\[8\]: dst of op 0 of action 1 must be a stage row"),
+        (broken(args=[*op, 2, 0, 0]), r"^packed\.args: action 1 \(COMM_BATCH\) needs 5 value\(s\) from args\[5\]"),
+        (broken(args=[*good.args, 0]), r"^packed\.args: 1 value\(s\) left after the 2 actions"),
+        (broken(args=[*op, 7, 0, 0, 0, 0]), r"^packed\.args\[5\]: must be one of DIRECTION_SEND"),
+    ]
+    for msg, match in cases:
+        with pytest.raises(SpecError, match=match):
+            wire.packed_actions_from_proto(msg)
+    both = pb.RankPlan(actions=[pb.Action(wait=pb.Wait(handle=0))], packed=good)
+    with pytest.raises(SpecError, match=r"^rank_plan: set actions or packed, not both"):
+        wire.rank_plan_from_proto(both)
 
 
 def test_transfer_round_trips_every_direction() -> None:

@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeweaver import wire
+from pipeweaver.plan.ir import Compute, Pass
 from pipeweaver.server import delivery_trace, rawproto, work
 from pipeweaver.v1 import planner_pb2 as pb
 
@@ -509,8 +511,8 @@ class JobState:
         while len(self._stage_folded) > 4 * self._plan_window * self.job.spec.parallel.pp:
             self._stage_folded.popitem(last=False)
         shared = served[0]
-        rank_plan = pb.RankPlan.FromString(shared.shared.encoded.rank_plan(rank))
-        if len(rank_plan.predicted_start_ms) != len(starts):
+        rank_plan = wire.rank_plan_from_proto(pb.RankPlan.FromString(shared.shared.encoded.rank_plan(rank)))
+        if len(rank_plan.predicted_ms) != len(starts):
             return 0
         # The plan's times carry the makespan refit of the moment it was served; take it out.
         scale = shared.predicted_ms / shared.raw_predicted_ms if shared.raw_predicted_ms > 0 else 1.0
@@ -519,13 +521,14 @@ class JobState:
         predicted: dict[tuple[str, str], float] = {}
         busy = 0.0
         for i, action in enumerate(rank_plan.actions):
-            if action.WhichOneof("action") != "compute":
+            if not isinstance(action, Compute):
                 continue
-            stage = action.compute.stage
+            stage = action.stage
             if stage.pipeline not in modules:
                 continue
-            key = (stage.pipeline, "F" if stage.pass_kind == pb.PASS_FORWARD else "B")
-            want = (rank_plan.predicted_end_ms[i] - rank_plan.predicted_start_ms[i]) / scale
+            key = (stage.pipeline, "F" if stage.pass_ is Pass.F else "B")
+            p_start, p_end = rank_plan.predicted_ms[i]
+            want = (p_end - p_start) / scale
             got = float(ends[i]) - float(starts[i])
             busy += max(got, 0.0)
             if want > 0 and got > 0:

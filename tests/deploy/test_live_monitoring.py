@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeweaver import wire
 from pipeweaver.v1 import planner_pb2 as pb
 from tests.deploy.kube import ROOT, objects, rule_file, tool
 from tests.deploy.promql import (
@@ -75,7 +76,7 @@ def _plan_and_report(server: ServerProcess, job_id: str, iterations: range) -> N
         b = batch(w, it, seed=it)
         for rank in range(w.parallel.pp):
             plan = stub.GetPlan(pb.GetPlanRequest(job_id=job_id, rank=rank, batch=b), timeout=60)
-            n, measured = len(plan.rank_plan.actions), 1.2 * plan.header.predicted_makespan_ms
+            n, measured = wire.action_count(plan.rank_plan), 1.2 * plan.header.predicted_makespan_ms
             report = pb.ReportTimingsRequest(
                 job_id=job_id,
                 iteration=it,

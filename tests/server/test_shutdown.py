@@ -13,6 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pipeweaver import wire
 from pipeweaver.v1 import planner_pb2 as pb
 from tests.server.harness import (
     SERVICE,
@@ -92,7 +93,7 @@ def test_sigterm_under_load(tmp_path: Path) -> None:
 
         assert code == 0, server.log()
         assert elapsed < GRACE_S + 30
-        assert all(p.rank_plan.actions and not p.fallback for p in plans)
+        assert all(wire.action_count(p.rank_plan) and not p.fallback for p in plans)
         assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses, statuses
         streaming.join(30)
         assert [r.header.iteration for r in stream_outcome["responses"]] == [30]

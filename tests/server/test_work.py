@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from pipeweaver import wire
 from pipeweaver.plan.ir import Pass, PlanSource
 from pipeweaver.server import work
 from pipeweaver.v1 import planner_pb2 as pb
@@ -45,17 +46,20 @@ def test_a_search_and_its_scaled_predictions(job: work.Job) -> None:
 
 def test_an_encoded_rank_plan_is_its_lean_part_then_its_predicted_times(job: work.Job) -> None:
     """The parts a streamed answer is built from: each rank's actions without predicted times, and the times
-    alone; together, byte for byte the rank's whole `RankPlan`."""
+    alone; together, the rank's whole `RankPlan`. The actions travel packed (`PackedActions`)."""
     outcome = work.plan_batch(work.PlanTask(job, batch(W, 4).SerializeToString(), "search", 30.0))
     assert isinstance(outcome, work.PlanOutcome)
     whole = pb.Plan.FromString(outcome.plan.serialized())
     encoded = work.EncodedPlan.of(whole)
-    for rp, lean, times in zip(whole.ranks, encoded.lean, encoded.timings, strict=True):
-        assert encoded.rank_plan(rp.rank) == rp.SerializeToString() == lean + times
+    for rp, lean, times, count in zip(whole.ranks, encoded.lean, encoded.timings, encoded.actions, strict=True):
+        assert rp.HasField("packed") and not rp.actions
+        assert pb.RankPlan.FromString(encoded.rank_plan(rp.rank)) == rp == pb.RankPlan.FromString(lean + times)
         bare = pb.RankPlan.FromString(lean)
-        assert list(bare.actions) == list(rp.actions) and bare.rank == rp.rank
+        assert bare.packed == rp.packed and bare.rank == rp.rank
         assert not bare.predicted_start_ms and not bare.predicted_end_ms
-        assert len(pb.RankPlan.FromString(times).predicted_end_ms) == len(rp.actions) > 0
+        assert len(pb.RankPlan.FromString(times).predicted_end_ms) == count == len(rp.packed.kinds) > 0
+        decoded = wire.rank_plan_from_proto(rp)
+        assert len(decoded.actions) == count and len(decoded.predicted_ms) == count
 
 
 def test_the_fallback_is_built_on_the_registered_placement(job: work.Job) -> None:
