@@ -374,6 +374,21 @@ def test_packed_actions_share_stage_rows_and_tensor_lists() -> None:
     assert wire.packed_actions_from_proto(msg) == actions
 
 
+def test_a_real_plan_packs_into_less_than_half_its_bytes() -> None:
+    """What packing is for: each stage key and tensor list once, then small integers. On a baseline plan of a
+    preset (vlm-s's searched plans: 58 -> 22 KB per rank), less than half the bytes, and the same plan back."""
+    from pipeweaver.datagen import sample_batch
+    from pipeweaver.search.baselines import build_baseline_plan
+
+    w = presets.vlm_m()
+    b = sample_batch(w, seed=0)
+    plan = build_baseline_plan("interleaved-1f1b", model=w.model, parallel=w.parallel, batch=b, hardware=w.hardware)
+    plain, packed = wire.plan_to_proto(plan), wire.plan_to_proto(plan, packed=True)
+    for whole, lean in zip(plain.ranks, packed.ranks, strict=True):
+        assert lean.ByteSize() < 0.5 * whole.ByteSize()
+    assert wire.plan_from_proto(pb.Plan.FromString(packed.SerializeToString())) == plan
+
+
 def test_bad_packed_actions_name_the_field() -> None:
     stage = StageKey("llm", 0, 0, 0, Pass.F)
     good = _packed(Compute(stage), CommBatch(1, (Transfer(Direction.RECV, 0, stage, stage, (TensorSpec((2,)),)),)))

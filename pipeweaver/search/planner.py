@@ -99,9 +99,10 @@ class SearchConfig:
     budget_ms: float = 1000.0
     """Wall-clock budget of `Planner.plan` per batch up to the validated plan (preparation, search, memory
     programs, compile, SEMU, validation): the segment-order search gets what is left once the work after it is set
-    aside, as measured on this planner's recent batches. The memory programs of the starting points stop (after
-    the likeliest one) when only that reserve is left. At least one search step always runs, so a budget below
-    the fixed costs is exceeded by them. The baseline comparison (`compare_baselines`) comes on top."""
+    aside, as measured on this planner's recent batches. Once measured, the memory programs of the starting
+    points stop (after the likeliest one) when only that reserve is left. At least one search step always runs,
+    so a budget below the fixed costs is exceeded by them. The baseline comparison (`compare_baselines`) comes on
+    top."""
     level: SearchLevel = SearchLevel.MEMORY
     seed: int = 0
     mcts: MCTSConfig = field(default_factory=MCTSConfig)
@@ -840,14 +841,14 @@ class Planner:
             # SEMU runs: only in the first half of the budget, so that MCTS keeps time (vlm-l's preparation alone
             # takes longer: there they would add ~1 s and found nothing). A run bounded by evaluations always
             # does them (deterministic).
-            # The memory programs themselves stop (after the likeliest one) when what must follow them would no
-            # longer fit the budget: checking the starting points in SEMU and the work after the search, each
-            # about `_post_search_s`. On a short budget they alone had taken vlm-s's planning past it; where the
-            # budget holds them all, they all run (docs/benchmarks.md).
+            # The memory programs themselves stop (after the likeliest one) once only the time the work after the
+            # search takes is left (`_post_search_s`, which MCTS also leaves): on a short budget they alone had
+            # taken vlm-s's planning past it; where the budget holds them all, they all run (docs/benchmarks.md).
+            # Not before this planner has measured that work: a guess would cut a cold first plan at random.
             repair_until = math.inf if self.config.max_evaluations is not None else t0 + budget / 2e3
             programs_until = (
                 math.inf
-                if self.config.max_evaluations is not None
+                if self.config.max_evaluations is not None or not self._post_rates
                 else deadline - self._post_search_s(prep, time.perf_counter() - t0)
             )
             candidates, uniform, more_ms = self._base_candidates(

@@ -336,6 +336,32 @@ def test_the_memory_programs_stop_at_their_time_limit_after_the_likeliest_one() 
     assert len(programs) > 4 and any(p.startswith("refit of ") for p in programs)
 
 
+def test_the_programs_are_cut_only_once_the_planner_has_measured_its_post_search_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cold planner has no measure of the work after its search: its first plan runs every memory program;
+    later plans get a time limit, before their deadline; a run bounded by evaluations never does."""
+    w = workload("tiny-vlm")
+    limits: list[float] = []
+    real = Planner._base_candidates
+
+    def spy(self: Planner, *args: Any, **kwargs: Any) -> Any:
+        limits.append(kwargs["programs_until"])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Planner, "_base_candidates", spy)
+    planner = Planner(w.model, w.parallel, w.hardware, config=SearchConfig(budget_ms=200.0, compare_baselines=()))
+    before = time.perf_counter()
+    for it in range(2):
+        planner.plan(sample_batch(w, seed=0, iteration=it))
+    assert limits[0] == math.inf and before < limits[1] < time.perf_counter()
+    bounded = SearchConfig(budget_ms=200.0, compare_baselines=(), max_evaluations=3)
+    planner = Planner(w.model, w.parallel, w.hardware, config=bounded)
+    for it in range(2):
+        planner.plan(sample_batch(w, seed=0, iteration=it))
+    assert limits[2:] == [math.inf, math.inf]
+
+
 def test_offloading_plans_are_valid_fit_and_replay_in_semu() -> None:
     """tiny-t2v on a device with 6 MB above its static memory (recompute binds): with offloading on, the plan
     offloads some pairs, prefetches each once, fits device and host memory, stays above its bound, and SEMU
