@@ -62,7 +62,7 @@ def pin(cpus: set[int]) -> None:
 
 
 def start_server(
-    budget_ms: float, log: str = "", cpus: frozenset[int] = frozenset(), trace: str = ""
+    budget_ms: float, log: str = "", cpus: frozenset[int] = frozenset(), trace: str = "", unix_socket: str = ""
 ) -> tuple[subprocess.Popen[bytes], int]:
     ready = Path(tempfile.mkdtemp()) / "ready.json"
     sink = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the server holds it until it exits
@@ -88,6 +88,7 @@ def start_server(
             str(ready),
             "--budget-ms",
             str(budget_ms),
+            *(["--unix-socket", unix_socket] if unix_socket else []),
         ],
         env=env,
         stdout=sink,
@@ -103,7 +104,12 @@ def start_server(
     return proc, int(info["port"])
 
 
-def register(port: int) -> str:
+def target(port: int | str) -> str:
+    """Where clients dial: a port on loopback, or an address as it is (``unix:PATH``)."""
+    return port if isinstance(port, str) else f"127.0.0.1:{port}"
+
+
+def register(port: int | str) -> str:
     import grpc
 
     from pipeweaver.presets import workload
@@ -113,7 +119,7 @@ def register(port: int) -> str:
 
     w = workload("vlm-s")
     parallel = replace(w.parallel, dp=16)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    with grpc.insecure_channel(target(port)) as ch:
         stub = planner_pb2_grpc.PlannerServiceStub(ch)
         resp = stub.RegisterJob(
             pb.RegisterJobRequest(
@@ -208,7 +214,7 @@ async def _stream(
     return out
 
 
-ClientArgs = tuple[int, str, list[tuple[int, int]], list[list[bytes]], float, int]
+ClientArgs = tuple[int | str, str, list[tuple[int, int]], list[list[bytes]], float, int]
 """(port, job id, the process's (rank, replica) streams, batches[replica][iteration], iteration ms, first
 iteration)."""
 
@@ -225,7 +231,7 @@ def _client(args: ClientArgs) -> tuple[list[Sample], float]:
         # A connection per stream, as 64 trainer processes would have (channels to one address otherwise share
         # one connection per process).
         options = [("grpc.use_local_subchannel_pool", 1)]
-        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in streams]
+        channels = [grpc.aio.insecure_channel(target(port), options=options) for _ in streams]
         try:
             await asyncio.gather(*(ch.channel_ready() for ch in channels))
             if await asyncio.to_thread(barrier.wait) == 0:  # every process is connected: one of them sets the start
@@ -248,7 +254,7 @@ def _client(args: ClientArgs) -> tuple[list[Sample], float]:
 
 
 def run_pass(
-    port: int,
+    port: int | str,
     job_id: str,
     batches: list[list[bytes]],
     iteration_ms: float,
@@ -327,14 +333,14 @@ def _queued_echo_server(answer: bytes, ports: Any, cpus: frozenset[int] = frozen
     serve_stream_plans(stream_plans, ports)
 
 
-def one_answer(port: int, job_id: str, batch: bytes, timings: bool = True) -> bytes:
+def one_answer(port: int | str, job_id: str, batch: bytes, timings: bool = True) -> bytes:
     """A real answer's bytes (a cache hit for rank 1 of replica 0); without `timings`, as a stream that does not
     ask for the predicted action times gets it."""
     import grpc
 
     from pipeweaver.v1 import planner_pb2 as pb
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    with grpc.insecure_channel(target(port)) as ch:
         get_plan = ch.unary_unary(
             "/pipeweaver.v1.PlannerService/GetPlan",
             request_serializer=pb.GetPlanRequest.SerializeToString,
@@ -470,6 +476,12 @@ def main() -> None:
         "busy time by function",
     )
     parser.add_argument(
+        "--unix-socket",
+        default="",
+        metavar="PATH",
+        help="the clients dial the server on this Unix domain socket (serve --unix-socket) instead of TCP loopback",
+    )
+    parser.add_argument(
         "--watch-loop",
         default="",
         metavar="FILE",
@@ -517,7 +529,8 @@ def main() -> None:
     batches = [drawn[r % distinct] for r in range(args.replicas)]  # [replica][iteration]
     server_cpus, client_cpus = frozenset(parse_cpus(args.server_cpus)), frozenset(parse_cpus(args.client_cpus))
     pin(set(client_cpus))  # this process registers the job and starts the clients
-    proc, port = start_server(args.budget_ms, args.server_log, server_cpus, args.delivery_trace)
+    proc, tcp_port = start_server(args.budget_ms, args.server_log, server_cpus, args.delivery_trace, args.unix_socket)
+    port: int | str = f"unix:{args.unix_socket}" if args.unix_socket else tcp_port
     profiler = start_profiler(proc.pid, args.profile_server) if args.profile_server else None
     watcher = start_watcher(proc.pid, args.watch_loop, args.watch_cpus) if args.watch_loop else None
     try:
@@ -618,6 +631,7 @@ def main() -> None:
         "machine": args.machine,
         "streams": 4 * args.replicas,
         "client_processes": args.client_processes,
+        "transport": f"unix:{args.unix_socket}" if args.unix_socket else "tcp loopback",
         "distinct_replicas": args.distinct_replicas,
         "iterations": args.iterations,
         "budget_ms": args.budget_ms,

@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import signal
+import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,9 +126,10 @@ class PlannerServer:
         self._metrics_http = http
         self.metrics_port = int(http.server_port)
         log.info(
-            "listening on %s:%d (%s), metrics on %s:%d; %s",
+            "listening on %s:%d%s (%s), metrics on %s:%d; %s",
             cfg.host,
             self.port,
+            f" and unix:{cfg.unix_socket}" if cfg.unix_socket is not None else "",
             "mutual TLS" if cfg.tls and cfg.tls.mutual else "TLS" if cfg.tls else "plaintext",
             cfg.metrics_address,
             self.metrics_port,
@@ -165,6 +168,8 @@ class PlannerServer:
         try:
             if cfg.tls is None:
                 port = server.add_insecure_port(cfg.address)
+                if cfg.unix_socket is not None:
+                    self._bind_unix(lambda address: server.add_insecure_port(address))
             else:
                 creds = grpc.ssl_server_credentials(
                     [(Path(cfg.tls.key_file).read_bytes(), Path(cfg.tls.cert_file).read_bytes())],
@@ -174,11 +179,24 @@ class PlannerServer:
                     require_client_auth=cfg.tls.mutual,
                 )
                 port = server.add_secure_port(cfg.address, creds)
+                if cfg.unix_socket is not None:
+                    self._bind_unix(lambda address: server.add_secure_port(address, creds))
         except RuntimeError as exc:
             raise StartupError(f"cannot bind {cfg.address}: {exc}") from exc
         if port == 0:
             raise StartupError(f"cannot bind {cfg.address}")
         return port
+
+    def _bind_unix(self, add: Callable[[str], int]) -> None:
+        """Listen on `unix_socket` too, replacing a socket file a previous server left (a file that is not a socket
+        is refused, not removed)."""
+        path = Path(self.config.unix_socket or "")
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise StartupError(f"cannot bind unix:{path}: a file that is not a socket is there")
+            path.unlink()
+        if add(f"unix:{path}") == 0:
+            raise StartupError(f"cannot bind unix:{path}")
 
     async def _leader_ready(self) -> None:
         assert self._leader is not None
@@ -196,6 +214,7 @@ class PlannerServer:
         data = {
             "pid": os.getpid(),
             "port": self.port,
+            "unix_socket": str(self.config.unix_socket) if self.config.unix_socket is not None else None,
             "metrics_port": self.metrics_port,
             "follower": self.config.follower,
             "search_worker_pids": list(self.pool.search.pids) if self.pool else [],

@@ -70,6 +70,9 @@ class ServerConfig:
     (see `leader`) binds 0.0.0.0 or the pod IP, preferably with TLS."""
     port: int = 50051
     """gRPC port; 0 picks a free one (tests; see `ready_file`)."""
+    unix_socket: Path | None = None
+    """Also listen on this Unix domain socket (clients dial ``unix:PATH``): for trainers in the same pod, through a
+    shared volume. The TCP port stays, for probes and other pods."""
     metrics_host: str | None = None
     """Address of the Prometheus endpoint; None: the same as `host`."""
     metrics_port: int = 9464
@@ -154,6 +157,14 @@ class ServerConfig:
             self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
             f"log level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}",
         )
+        if self.unix_socket is not None:
+            parent = Path(self.unix_socket).parent
+            _check(parent.is_dir(), f"unix socket: no such directory '{parent}'")
+            # sun_path holds 107 bytes and a terminating zero
+            _check(
+                len(str(self.unix_socket).encode()) <= 107,
+                f"unix socket path longer than 107 bytes: '{self.unix_socket}'",
+            )
         if self.leader is not None:
             _check(":" in self.leader, f"leader must be host:port, got {self.leader!r}")
         if self.leader_ca_file is not None:
@@ -211,6 +222,14 @@ def _names(text: str) -> tuple[str, ...]:
 OPTIONS: tuple[_Option, ...] = (
     _Option("--host", "PIPEWEAVER_HOST", "host", str, "address to bind (default 127.0.0.1: a sidecar)"),
     _Option("--port", "PIPEWEAVER_PORT", "port", int, "gRPC port (default 50051; 0: any free port)"),
+    _Option(
+        "--unix-socket",
+        "PIPEWEAVER_UNIX_SOCKET",
+        "unix_socket",
+        Path,
+        "also listen on this Unix domain socket (clients dial unix:PATH)",
+        "PATH",
+    ),
     _Option("--metrics-host", "PIPEWEAVER_METRICS_HOST", "metrics_host", str, "metrics address (default: --host)"),
     _Option("--metrics-port", "PIPEWEAVER_METRICS_PORT", "metrics_port", int, "Prometheus port (default 9464)"),
     _Option(
