@@ -35,7 +35,7 @@ import gzip
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -251,6 +251,38 @@ def summarize(samples: list[tuple[Any, ...]], trace: list[dict[str, Any]]) -> di
     }
 
 
+class _Burst(NamedTuple):
+    """A searched iteration's answer burst: its first resolution and its longest silence [start, end] (seconds,
+    equal when the burst recorded fewer than two events)."""
+
+    t0: float
+    start: float
+    end: float
+
+
+def _bursts_longest_silence(trace: list[dict[str, Any]], window_s: float) -> list[_Burst]:
+    """Per searched iteration, the longest stretch of its answer burst (`window_s` from its first resolution)
+    without an event; the loop's own selector waits (``idle``) do not count as events. A burst that ends early
+    leaves the rest of the window empty: only gaps between recorded events count."""
+    stamps = np.sort(
+        np.array(
+            [e[k] for e in trace if e["event"] != "idle" for k in ("t", "t_start", "t_end") if k in e], dtype=float
+        )
+    )
+    out = []
+    for _, events in sorted(_by_iteration(trace).items()):
+        if not events["submit"] or not events["resolve"]:
+            continue
+        t0 = min(e["t"] for e in events["resolve"])
+        inside = stamps[(stamps >= t0) & (stamps <= t0 + window_s)]
+        if len(inside) < 2:
+            out.append(_Burst(t0, t0, t0))
+            continue
+        at = int(np.diff(inside).argmax())
+        out.append(_Burst(t0, float(inside[at]), float(inside[at + 1])))
+    return out
+
+
 def _idle_within(
     idle: list[tuple[float, float, float, int]], starts: np.ndarray, a: float, b: float
 ) -> dict[str, float] | None:
@@ -286,11 +318,6 @@ def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[
     waiting for I/O or a timer (``over_1ms_loop_idle``): the loop had nothing ready then. An event's
     counters are read just after its timestamp, so a wait that falls between the two (rare) is counted against
     the stretch before it."""
-    stamps = np.sort(
-        np.array(
-            [e[k] for e in trace if e["event"] != "idle" for k in ("t", "t_start", "t_end") if k in e], dtype=float
-        )
-    )
     idle = sorted((e["t_start"], e["t_end"], e["timeout"], e["ready"]) for e in trace if e["event"] == "idle")
     idle_starts = np.array([w[0] for w in idle], dtype=float)
     counted = sorted(
@@ -303,36 +330,26 @@ def loop_stalls(trace: list[dict[str, Any]], *, window_s: float = 0.02) -> dict[
     split: list[dict[str, float]] = []
     idle_split: list[dict[str, float]] = []
     runqueue: list[float] = []
-    for _, events in sorted(_by_iteration(trace).items()):
-        if not events["submit"] or not events["resolve"]:
-            continue
-        t0 = min(e["t"] for e in events["resolve"])
-        inside = stamps[(stamps >= t0) & (stamps <= t0 + window_s)]
-        # A burst that ends early leaves the rest of the window empty: only gaps between recorded events count.
-        if len(inside) < 2:
-            longest.append(0.0)
-            continue
-        gaps = np.diff(inside)
-        at = int(gaps.argmax())
-        longest.append(float(gaps[at]) * 1e3)
+    for t0, a, b in _bursts_longest_silence(trace, window_s):
+        longest.append((b - a) * 1e3)
         if not counted:
             continue
         lo, hi = np.searchsorted(stamped_at, [t0, t0 + window_s], side="left")
         if hi - lo >= 2:
             runqueue.append((counted[hi - 1][2] - counted[lo][2]) / 1e6)
-        if gaps[at] > 1e-3 and idle:
-            waits = _idle_within(idle, idle_starts, float(inside[at]), float(inside[at + 1]))
+        if b - a > 1e-3 and idle:
+            waits = _idle_within(idle, idle_starts, a, b)
             if waits:
                 idle_split.append(waits)
-        if gaps[at] > 1e-3:
-            before = int(np.searchsorted(stamped_at, inside[at], side="right")) - 1
-            after = int(np.searchsorted(stamped_at, inside[at + 1], side="left"))
+        if b - a > 1e-3:
+            before = int(np.searchsorted(stamped_at, a, side="right")) - 1
+            after = int(np.searchsorted(stamped_at, b, side="left"))
             if before >= 0 and after < len(counted):
                 (t_a, cpu_a, wait_a, proc_a), (t_b, cpu_b, wait_b, proc_b) = counted[before], counted[after]
                 on_cpu, waiting = (cpu_b - cpu_a) / 1e6, (wait_b - wait_a) / 1e6
                 span = (t_b - t_a) * 1e3
                 one = {
-                    "stall_ms": round(float(gaps[at]) * 1e3, 3),
+                    "stall_ms": round((b - a) * 1e3, 3),
                     "between_events_ms": round(span, 3),
                     "on_cpu_ms": round(on_cpu, 3),
                     "waiting_for_cpu_ms": round(waiting, 3),
@@ -369,27 +386,13 @@ def watched_stalls(
     `watch_thread.py`'s record of the same thread: per stall, the blocked time by (state, system call, wait
     channel); and over all stalls, those totals. A system call's number is x86-64's (202 futex: a lock or the GIL,
     232 epoll_wait, 46 sendmsg, 44 sendto, 0 read, 1 write)."""
-    stamps = np.sort(
-        np.array(
-            [e[k] for e in trace if e["event"] != "idle" for k in ("t", "t_start", "t_end") if k in e], dtype=float
-        )
-    )
     rows = sorted((w["t_start"], w["t_end"], w["state"], w["syscall"], w["wchan"]) for w in watched)
     starts = np.array([r[0] for r in rows], dtype=float)
     stalls: list[dict[str, Any]] = []
     totals: dict[str, float] = defaultdict(float)
-    for _, events in sorted(_by_iteration(trace).items()):
-        if not events["submit"] or not events["resolve"]:
+    for _, a, b in _bursts_longest_silence(trace, window_s):
+        if b - a <= 1e-3:
             continue
-        t0 = min(e["t"] for e in events["resolve"])
-        inside = stamps[(stamps >= t0) & (stamps <= t0 + window_s)]
-        if len(inside) < 2:
-            continue
-        gaps = np.diff(inside)
-        at = int(gaps.argmax())
-        if gaps[at] <= 1e-3:
-            continue
-        a, b = float(inside[at]), float(inside[at + 1])
         blocked: dict[str, float] = defaultdict(float)
         first = max(0, int(np.searchsorted(starts, a, side="right")) - 1)
         for s, e, state, call, chan in rows[first:]:
