@@ -65,6 +65,17 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
     ]
 
 
+def _bind_unix(path: Path, add: Callable[[str], int]) -> None:
+    """Listen on the Unix socket `path` too (`add`: the server's add-port call), replacing a socket file a previous
+    server left (a file that is not a socket is refused, not removed)."""
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise StartupError(f"cannot bind unix:{path}: a file that is not a socket is there")
+        path.unlink()
+    if add(f"unix:{path}") == 0:
+        raise StartupError(f"cannot bind unix:{path}")
+
+
 class PlannerServer:
     """One planner (or follower) service: its pool, gRPC server, health, metrics endpoint."""
 
@@ -169,7 +180,7 @@ class PlannerServer:
             if cfg.tls is None:
                 port = server.add_insecure_port(cfg.address)
                 if cfg.unix_socket is not None:
-                    self._bind_unix(lambda address: server.add_insecure_port(address))
+                    _bind_unix(Path(cfg.unix_socket), server.add_insecure_port)
             else:
                 creds = grpc.ssl_server_credentials(
                     [(Path(cfg.tls.key_file).read_bytes(), Path(cfg.tls.cert_file).read_bytes())],
@@ -180,23 +191,12 @@ class PlannerServer:
                 )
                 port = server.add_secure_port(cfg.address, creds)
                 if cfg.unix_socket is not None:
-                    self._bind_unix(lambda address: server.add_secure_port(address, creds))
+                    _bind_unix(Path(cfg.unix_socket), lambda address: server.add_secure_port(address, creds))
         except RuntimeError as exc:
             raise StartupError(f"cannot bind {cfg.address}: {exc}") from exc
         if port == 0:
             raise StartupError(f"cannot bind {cfg.address}")
         return port
-
-    def _bind_unix(self, add: Callable[[str], int]) -> None:
-        """Listen on `unix_socket` too, replacing a socket file a previous server left (a file that is not a socket
-        is refused, not removed)."""
-        path = Path(self.config.unix_socket or "")
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise StartupError(f"cannot bind unix:{path}: a file that is not a socket is there")
-            path.unlink()
-        if add(f"unix:{path}") == 0:
-            raise StartupError(f"cannot bind unix:{path}")
 
     async def _leader_ready(self) -> None:
         assert self._leader is not None

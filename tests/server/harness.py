@@ -48,6 +48,19 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def serve_until_exit(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
+    """`pipeweaver serve ARGS` run to its exit (a start that must fail), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeweaver", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=ROOT,
+        env=server_env(),
+        check=False,
+    )
+
+
 @dataclass
 class ServerProcess:
     proc: subprocess.Popen[bytes]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeweaver.server.config import ConfigError, ServerConfig, add_arguments, from_args
-from tests.server.harness import ROOT, server_env
+from tests.server.harness import ROOT, serve_until_exit
 
 
 def parse(argv: list[str], env: dict[str, str] | None = None) -> ServerConfig:
@@ -70,15 +70,7 @@ def test_tls_files_must_exist(tmp_path: Path) -> None:
 
 
 def test_the_command_reports_a_bad_option_in_one_line() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeweaver", "serve", "--port", "x"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=server_env(),
-        check=False,
-    )
+    result = serve_until_exit("--port", "x", timeout_s=60)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "pipeweaver: error: --port: invalid literal for int() with base 10: 'x'"
@@ -92,15 +84,7 @@ def test_the_command_reports_a_busy_port(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "pipeweaver", "serve", "--port", str(port), "--metrics-port", "0", "--workers", "1"],
-            capture_output=True,
-            text=True,
-            timeout=240,
-            cwd=ROOT,
-            env=server_env(),
-            check=False,
-        )
+        result = serve_until_exit("--port", str(port), "--metrics-port", "0", "--workers", "1")
     assert result.returncode == 1
     assert f"cannot bind 127.0.0.1:{port}" in result.stderr
 

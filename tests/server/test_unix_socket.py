@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -15,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pipeweaver.server.config import ConfigError, ServerConfig
 from pipeweaver.v1 import planner_pb2 as pb
 from pipeweaver.v1 import planner_pb2_grpc
-from tests.server.harness import ROOT, batch, register_request, running_server, server_env, tiny_workload
+from tests.server.harness import batch, register_request, running_server, serve_until_exit, tiny_workload
 
 W = tiny_workload()
 
@@ -43,16 +41,7 @@ def test_a_client_plans_over_the_unix_socket_and_tcp_stays(tmp_path: Path) -> No
 def test_a_file_that_is_not_a_socket_is_refused_in_one_line(tmp_path: Path) -> None:
     path = tmp_path / "planner.sock"
     path.write_text("not a socket")
-    cmd = [sys.executable, "-m", "pipeweaver", "serve", "--port", "0", "--metrics-port", "0", "--workers", "1"]
-    result = subprocess.run(
-        [*cmd, "--unix-socket", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=ROOT,
-        env=server_env(),
-        check=False,
-    )
+    result = serve_until_exit("--port", "0", "--metrics-port", "0", "--workers", "1", "--unix-socket", str(path))
     assert result.returncode == 1
     assert f"cannot bind unix:{path}: a file that is not a socket is there" in result.stderr
     assert path.read_text() == "not a socket"  # refused, not removed
