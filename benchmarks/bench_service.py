@@ -42,6 +42,7 @@ from typing import Any
 
 import delivery_breakdown
 import numpy as np
+from host_hiccups import proc_stat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -431,6 +432,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_stat_moved(
+    before: dict[int, dict[str, int]], after: dict[int, dict[str, int]], cpus: frozenset[int]
+) -> dict[str, Any]:
+    """/proc/stat's steal, irq and softirq time (ms) on `cpus` (all where empty) between two readings: the sum,
+    and the CPU with the most steal."""
+    tick_ms = 1e3 / os.sysconf("SC_CLK_TCK")
+    moved = {
+        c: {k: (after[c][k] - before[c][k]) * tick_ms for k in ("steal", "irq", "softirq")}
+        for c in sorted(cpus or after)
+        if c in before and c in after
+    }
+    if not moved:
+        return {}
+    worst = max(moved, key=lambda c: moved[c]["steal"])
+    return {
+        **{k: round(sum(m[k] for m in moved.values()), 1) for k in ("steal", "irq", "softirq")},
+        "most_steal": {"cpu": worst, "ms": round(moved[worst]["steal"], 1)},
+    }
+
+
 def memory_mib(pid: int) -> dict[str, float]:
     """Resident memory of a process now and at its peak (Linux /proc), without its children, in MiB."""
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
@@ -535,7 +556,7 @@ def main() -> None:
     watcher = start_watcher(proc.pid, args.watch_loop, args.watch_cpus) if args.watch_loop else None
     try:
         job_id = register(port)
-        cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
+        cpu0, t0, stat0 = cpu_seconds(proc.pid), time.perf_counter(), proc_stat()
         planning, planning_client_cpu = run_pass(
             port,
             job_id,
@@ -545,7 +566,7 @@ def main() -> None:
             cpus=client_cpus,
             timings=args.predicted_timings,
         )
-        cpu1, t1 = cpu_seconds(proc.pid), time.perf_counter()
+        cpu1, t1, stat1 = cpu_seconds(proc.pid), time.perf_counter(), proc_stat()
         cached: list[Sample] = []
         cached_client_cpu = 0.0
         if not args.no_cached_pass:
@@ -650,6 +671,9 @@ def main() -> None:
         ),
         "answer_bytes": len(answer),
         "server_memory_mib": server_memory,
+        # Time the server's CPUs spent on interrupts and, on a virtual machine, running someone else (steal):
+        # neither shows in the server's threads' own counters, so a loop stall it covers looks "blocked".
+        "server_cpus_stat_ms": cpu_stat_moved(stat0, stat1, server_cpus),
     }
     what = {
         "transport_floor": "the same clients and answers against a gRPC server that does no work",
