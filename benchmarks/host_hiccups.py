@@ -98,6 +98,12 @@ def _spin(cpu: int, seconds: float, min_s: float, start_at: float, queue: Any) -
     queue.put((cpu, reads, hiccups))
 
 
+def unseen_by_the_kernel(gap_s: float, on_cpu_s: float, queued_s: float) -> bool:
+    """A gap that neither the thread's CPU time nor its run-queue wait covers (half of it or more is neither):
+    not the guest kernel's own scheduling, but interrupt work or the hypervisor (steal)."""
+    return on_cpu_s + queued_s < 0.5 * gap_s
+
+
 def summarize(gaps_ms: list[float]) -> dict[str, Any]:
     if not gaps_ms:
         return {"count": 0}
@@ -138,8 +144,7 @@ def measure(cpus: list[int], seconds: float, min_us: float) -> dict[str, Any]:
     invisible: list[float] = []
     for cpu, reads, hiccups in sorted(results):
         gaps = [h[1] * 1e3 for h in hiccups]
-        # Neither the thread's CPU time nor its run-queue wait covers the gap: not the guest's own scheduling.
-        unseen = [h[1] * 1e3 for h in hiccups if h[2] + h[3] < 0.5 * h[1]]
+        unseen = [h[1] * 1e3 for h in hiccups if unseen_by_the_kernel(h[1], h[2], h[3])]
         invisible.extend(unseen)
         moved = {k: round((stat_after[cpu][k] - stat_before[cpu][k]) * tick_ms, 1) for k in STAT_FIELDS}
         per_cpu[str(cpu)] = {

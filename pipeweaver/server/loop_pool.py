@@ -9,7 +9,12 @@ about 20 ms, the whole burst, with `sys.setswitchinterval` at 5 or 0.5 ms; with 
 (`benchmarks/bench_pool_latency.py`). Every search started that late, and its plan went out that much later.
 
 Here the event loop writes a task straight into an idle worker's pipe when it is submitted, and reads results
-with `loop.add_reader` on the workers' pipes, so nothing waits for a thread. The interface is the part of
+with `loop.add_reader` on the workers' pipes, so nothing waits for a thread. Nor does the loop wait for a worker:
+its ends of the pipes do not block, and a result is gathered from whatever has arrived each time its pipe turns
+readable (`_Inbox`). `Connection.recv_bytes` would read a whole result once its first bytes came, and a plan of
+a few hundred KB arrives in pieces as the worker writes it: the loop thread sat in the read for 0.1-0.25 ms per
+result on the 16-core host (`benchmarks/watch_thread.py`), and for a whole scheduler slice where the worker lost
+its core between two writes. The interface is the part of
 `ProcessPoolExecutor` that `pool.Lane` uses: `submit` returns a `concurrent.futures.Future` (completed on the
 loop's thread), a worker that dies breaks the pool (every task on it or waiting for it fails with
 `BrokenProcessPool`, as the executor does), and `shutdown`. Workers are daemonic, so a server that fails
@@ -23,7 +28,9 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import pickle
+import struct
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -37,6 +44,92 @@ log = logging.getLogger("pipeweaver.server")
 
 _STOP = b""
 """Sent to a worker: exit."""
+
+
+_SHORT = struct.Struct("!i")
+_LONG = struct.Struct("!iQ")
+"""`multiprocessing.Connection`'s framing: a signed 4-byte length, or -1 and an 8-byte length beyond 2 GiB; the
+workers read their tasks with `Connection.recv_bytes`."""
+
+
+def frame(payload: bytes) -> bytes:
+    """`payload` as `Connection.recv_bytes` reads it."""
+    n = len(payload)
+    return (_SHORT.pack(n) if n <= 0x7FFFFFFF else _LONG.pack(-1, n)) + payload
+
+
+def _write_frame(fd: int, payload: bytes) -> None:
+    """Write one frame to a blocking file descriptor in as few system calls as the pipe allows (one, where it has
+    room): a reader woken by the length alone would have to come back for the rest."""
+    n = len(payload)
+    parts: list[memoryview] = [
+        memoryview(_SHORT.pack(n) if n <= 0x7FFFFFFF else _LONG.pack(-1, n)),
+        memoryview(payload),
+    ]
+    while parts:
+        written = os.writev(fd, parts)
+        while parts and written >= len(parts[0]):
+            written -= len(parts[0])
+            parts.pop(0)
+        if parts and written:
+            parts[0] = parts[0][written:]
+
+
+class _Inbox:
+    """Frames gathered from a non-blocking file descriptor as their bytes arrive, without waiting for the rest.
+    Once a frame's length is in, its payload is read straight into a buffer of that size, which is then handed
+    over as it is: a plan's bytes are copied once, by the kernel."""
+
+    __slots__ = ("_body", "_got", "_head")
+
+    def __init__(self) -> None:
+        self._head = bytearray()
+        """Bytes read while no payload was under way: a length, and whatever came after it in the same read."""
+        self._body: bytearray | None = None
+        self._got = 0
+
+    def read(self, fd: int) -> list[bytearray] | None:
+        """Read what `fd` holds now; the payloads of the frames it completed, in order (often none), or None at
+        end-of-file."""
+        frames: list[bytearray] = []
+        try:
+            while True:
+                if self._body is None:
+                    chunk = os.read(fd, 1 << 16)
+                    if not chunk:
+                        return None
+                    self._head += chunk
+                    self._start_bodies(frames)
+                else:
+                    n = os.readv(fd, [memoryview(self._body)[self._got :]])
+                    if n == 0:
+                        return None
+                    self._got += n
+                    if self._got == len(self._body):
+                        frames.append(self._body)
+                        self._body = None
+        except BlockingIOError:
+            pass
+        return frames
+
+    def _start_bodies(self, frames: list[bytearray]) -> None:
+        """Parse the lengths in `_head`: payloads it holds whole become frames; the first it does not becomes
+        the payload under way, with the part that came."""
+        while self._body is None and len(self._head) >= _SHORT.size:
+            (n,) = _SHORT.unpack_from(self._head)
+            start = _SHORT.size
+            if n == -1:
+                if len(self._head) < _LONG.size:
+                    return
+                n, start = _LONG.unpack_from(self._head)[1], _LONG.size
+            body = bytearray(n)
+            part = min(n, len(self._head) - start)
+            body[:part] = self._head[start : start + part]
+            del self._head[: start + part]
+            if part == n:
+                frames.append(body)
+            else:
+                self._body, self._got = body, part
 
 
 class RemoteTraceback(Exception):
@@ -68,19 +161,22 @@ def _worker_main(
         except Exception as exc:  # an unpicklable result or exception: say so rather than die
             error = RuntimeError(f"the task's {'result' if outcome[0] else 'exception'} cannot be pickled: {exc!r}")
             payload = pickle.dumps((False, error, outcome[2]), protocol=pickle.HIGHEST_PROTOCOL)
-        conn.send_bytes(payload)
+        _write_frame(conn.fileno(), payload)
         del outcome, payload
         if after_reply is not None:
             after_reply()
 
 
 class _Worker:
-    __slots__ = ("conn", "process", "task")
+    __slots__ = ("conn", "inbox", "outbox", "process", "task")
 
     def __init__(self, conn: Connection, process: BaseProcess) -> None:
         self.conn = conn
         self.process = process
         self.task: Future[Any] | None = None
+        self.inbox = _Inbox()
+        self.outbox = bytearray()
+        """What the pipe had no room for yet (a large task, rare): written as it drains."""
 
 
 class LoopProcessPool:
@@ -106,6 +202,7 @@ class LoopProcessPool:
             process = ctx.Process(target=_worker_main, args=(child, initializer, after_reply), daemon=True)
             process.start()
             child.close()
+            os.set_blocking(parent.fileno(), False)  # the event loop never waits on a worker's pipe
             worker = _Worker(parent, process)
             self._workers.append(worker)
             self._idle.append(worker)
@@ -139,19 +236,51 @@ class LoopProcessPool:
                 continue
             worker = self._idle.popleft()
             worker.task = future
-            try:
-                worker.conn.send_bytes(data)  # the worker is idle, reading: a large task does not block long
-            except OSError:
-                self._break(f"worker {worker.process.pid}'s pipe broke")
+            if not self._send(worker, data):
                 return
+
+    def _send(self, worker: _Worker, data: bytes) -> bool:
+        """Queue a frame to `worker` and write what its pipe takes now (the rest as it drains); False, with the
+        pool broken, if the pipe broke."""
+        worker.outbox += frame(data)
+        if self._flush(worker):
+            return True
+        self._break(f"worker {worker.process.pid}'s pipe broke")
+        return False
+
+    def _flush(self, worker: _Worker) -> bool:
+        """Write what `worker`'s pipe takes of its outbox; False if the pipe broke."""
+        fd = worker.conn.fileno()
+        try:
+            while worker.outbox:
+                del worker.outbox[: os.write(fd, worker.outbox)]
+        except BlockingIOError:  # full (a large task): the rest goes once the worker has read some
+            self._loop.add_writer(fd, self._on_writable, worker)
+            return True
+        except OSError:
+            return False
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_writer(fd)
+        return True
+
+    def _on_writable(self, worker: _Worker) -> None:
+        if not self._flush(worker) and not self._shutdown:
+            self._break(f"worker {worker.process.pid}'s pipe broke")
 
     def _on_result(self, worker: _Worker) -> None:
         try:
-            ok, value, remote_tb = pickle.loads(worker.conn.recv_bytes())
-        except (EOFError, OSError):  # the worker is gone: its sentinel reports it, with its exit code
+            frames = worker.inbox.read(worker.conn.fileno())
+        except OSError:
+            frames = None
+        if frames is None:  # the worker is gone: its sentinel reports it, with its exit code
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(worker.conn.fileno())
             return
+        for data in frames:
+            self._resolve(worker, data)
+
+    def _resolve(self, worker: _Worker, data: bytearray) -> None:
+        ok, value, remote_tb = pickle.loads(data)
         future, worker.task = worker.task, None
         if self._shutdown:
             self._stop(worker)
@@ -195,6 +324,8 @@ class LoopProcessPool:
         with contextlib.suppress(ValueError, OSError):  # already removed / closed
             self._loop.remove_reader(worker.conn.fileno())
         with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_writer(worker.conn.fileno())
+        with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(worker.process.sentinel)
 
     # ---- shutdown ----
@@ -210,8 +341,8 @@ class LoopProcessPool:
             self._stop(self._idle.popleft())
 
     def _stop(self, worker: _Worker) -> None:
-        with contextlib.suppress(OSError):
-            worker.conn.send_bytes(_STOP)
+        worker.outbox += frame(_STOP)
+        self._flush(worker)  # a broken pipe: the worker is gone already
 
     async def join(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for every worker to exit; whether they all did."""

@@ -4,7 +4,9 @@ semantics for results, errors, queueing, cancellation, a dead worker and shutdow
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -13,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pipeweaver.server.loop_pool import LoopProcessPool, RemoteTraceback
+from pipeweaver.server.loop_pool import _LONG, _SHORT, LoopProcessPool, RemoteTraceback, _Inbox, frame
 
 
 def _fail(message: str) -> None:
@@ -143,3 +145,62 @@ def test_shutdown_lets_a_running_task_finish_and_every_worker_exit() -> None:
         assert [f.cancelled() for f in waiting] == [False, True, True]
 
     asyncio.run(main())
+
+
+def test_the_inbox_gathers_a_frame_as_its_bytes_arrive_without_waiting_for_the_rest() -> None:
+    """The event loop reads a worker's result in pieces: a read returns what has come, never waits for more."""
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    inbox = _Inbox()
+    payload = bytes(range(256)) * 1000
+    data = frame(payload) + frame(b"second")
+    assert inbox.read(reader.fileno()) == []  # nothing yet: no wait
+    writer.sendall(data[:2])  # half a length
+    assert inbox.read(reader.fileno()) == []
+    writer.sendall(data[2:100_000])  # the length and part of the payload
+    assert inbox.read(reader.fileno()) == []
+    writer.sendall(data[100_000:])  # the rest and a whole second frame at once
+    got: list[bytes] = []
+    while len(got) < 2:
+        frames = inbox.read(reader.fileno())
+        assert frames is not None
+        got += frames
+    assert got == [payload, b"second"]
+    writer.close()
+    assert inbox.read(reader.fileno()) is None  # end of file: the worker is gone
+    reader.close()
+
+
+def test_frames_match_what_a_connection_reads_including_the_long_form() -> None:
+    parent, child = multiprocessing.Pipe()
+    parent.send_bytes(b"x" * 20_000)
+    assert frame(b"x" * 20_000) == _SHORT.pack(20_000) + b"x" * 20_000
+    assert child.recv_bytes() == b"x" * 20_000
+    # Beyond 2 GiB a connection writes -1 and an 8-byte length; the inbox reads that form without the 2 GiB.
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.sendall(_LONG.pack(-1, 3) + b"abc")
+    assert _Inbox().read(reader.fileno()) == [b"abc"]
+    for s in (reader, writer, parent, child):
+        s.close()
+
+
+def _sized(n: int) -> bytes:
+    return b"r" * n
+
+
+def _length(data: bytes) -> int:
+    return len(data)
+
+
+def test_large_results_and_tasks_cross_intact() -> None:
+    """Results of several MB (more than a pipe holds) from two workers at once, gathered piece by piece, and a
+    task larger than the pipe (the pool writes what fits and the rest as the worker reads)."""
+
+    async def body(pool: LoopProcessPool) -> None:
+        big = await asyncio.gather(*(asyncio.wrap_future(pool.submit(_sized, (8 << 20) + i)) for i in range(4)))
+        assert [len(b) for b in big] == [(8 << 20) + i for i in range(4)]
+        assert await asyncio.wrap_future(pool.submit(_length, b"t" * (6 << 20))) == 6 << 20
+        assert await asyncio.wrap_future(pool.submit(abs, -3)) == 3  # the frames after a large one line up
+
+    _with_pool(2, body)
