@@ -19,7 +19,7 @@ import numpy as np
 from pipeweaver.plan.assemble import assemble_plan
 from pipeweaver.plan.graph import StageGraph, stage_graph
 from pipeweaver.plan.ir import Compute, Pass, Plan, PlanHeader, PlanSource, Recompute, StageKey
-from pipeweaver.plan.layouts import split_sub_microbatches
+from pipeweaver.plan.layouts import RankOrder, split_sub_microbatches
 from pipeweaver.plan.offload import place_prefetches
 from pipeweaver.plan.shapes import TransferShapes
 from pipeweaver.plan.validator import validate
@@ -240,6 +240,7 @@ class Planner:
         config: SearchConfig | None = None,
         sizes: Mapping[str, int] | None = None,
         segments: Mapping[str, int] | None = None,
+        order: RankOrder = RankOrder.ROUND_ROBIN,
         stage_scales: Mapping[tuple[str, str], float] | None = None,
         input_build_ms: Mapping[str, float] | None = None,
     ) -> None:
@@ -256,7 +257,7 @@ class Planner:
             stage_scales=stage_scales,
             input_build_ms=input_build_ms,
         )
-        self.partition: JobPartition = partition_job(self.cost, sizes=sizes, segments=segments)
+        self.partition: JobPartition = partition_job(self.cost, sizes=sizes, segments=segments, order=order)
         self.link = LinkModel.from_specs(hardware, parallel)
         self.dtype = tensors_dtype_for(hardware)
         self._costs_for: PlanHeader | None = None

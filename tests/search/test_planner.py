@@ -12,6 +12,7 @@ import pytest
 from pipeweaver.datagen import sample_batch
 from pipeweaver.plan.graph import stage_graph
 from pipeweaver.plan.ir import Compute, PlanSource, Recompute
+from pipeweaver.plan.layouts import RankOrder
 from pipeweaver.plan.validator import validate
 from pipeweaver.presets import WORKLOADS, workload
 from pipeweaver.search.bounds import exact_makespan_ms
@@ -39,6 +40,21 @@ def test_every_preset_gets_a_valid_plan_that_fits_memory(name: str) -> None:
         assert len(chunk.layers) == 1 and chunk.layers[0].module == chunk.pipeline
     for module, k in planner.partition.segments.items():
         assert result.plan.header.placement.num_chunks(module) == w.parallel.pp * k
+
+
+def test_a_v_shaped_placement_gets_a_valid_plan_on_its_chunks() -> None:
+    """`Planner(order=RankOrder.V_SHAPE)`: a module's chunks go down the ranks and back up, and the searched plan
+    runs each chunk on the rank the placement gives it."""
+    w = workload("tiny-t2v")
+    planner = Planner(w.model, w.parallel, w.hardware, config=FAST, order=RankOrder.V_SHAPE)
+    result = planner.plan(sample_batch(w, seed=3), job_id="t")
+    validate(result.plan)
+    pp = w.parallel.pp
+    chunks = [c for c in result.plan.header.placement.chunks if planner.partition.segments[c.pipeline] >= 2]
+    assert chunks, "tiny-t2v has a module of two or more segments"
+    for c in chunks:
+        assert c.rank == (c.index if c.index // pp % 2 == 0 else pp - 1 - c.index % pp)
+    assert max(result.peak_memory_bytes) <= w.hardware.memory_bytes
 
 
 def test_plans_carry_baselines_and_beat_the_megatron_baseline() -> None:
