@@ -42,18 +42,9 @@ from typing import Any
 
 import delivery_breakdown
 import numpy as np
-from host_hiccups import proc_stat
+from host_hiccups import parse_cpus, proc_stat
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def parse_cpus(text: str) -> set[int]:
-    """A CPU list as taskset and cpusets write it ("0-15", "0,2,16-31"); empty: no pinning."""
-    cpus: set[int] = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus
 
 
 def pin(cpus: set[int]) -> None:

@@ -32,12 +32,12 @@ STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "st
 
 
 def parse_cpus(text: str) -> list[int]:
-    """A CPU list as taskset writes it ("0-7", "0,2,4-5")."""
-    out: list[int] = []
-    for part in text.split(","):
+    """A CPU list as taskset and cpusets write it ("0-15", "0,2,16-31"), sorted; empty: none."""
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
         lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return sorted(set(out))
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(out)
 
 
 def proc_stat() -> dict[int, dict[str, int]]:

@@ -14,6 +14,7 @@ from host_hiccups import measure, parse_cpus, summarize, unseen_by_the_kernel
 
 def test_cpu_lists_and_summaries() -> None:
     assert parse_cpus("0-2,5,3") == [0, 1, 2, 3, 5]
+    assert parse_cpus("") == []
     out = summarize([0.15, 1.5, 3.2, 0.3])
     assert out["count"] == 4 and out["max_ms"] == 3.2
     assert out["histogram"] == {"0.1-0.25ms": 1, "0.25-0.5ms": 1, "1.0-2.0ms": 1, "3.0-5.0ms": 1}
