@@ -52,20 +52,19 @@ _LONG = struct.Struct("!iQ")
 workers read their tasks with `Connection.recv_bytes`."""
 
 
+def _length(n: int) -> bytes:
+    return _SHORT.pack(n) if n <= 0x7FFFFFFF else _LONG.pack(-1, n)
+
+
 def frame(payload: bytes) -> bytes:
     """`payload` as `Connection.recv_bytes` reads it."""
-    n = len(payload)
-    return (_SHORT.pack(n) if n <= 0x7FFFFFFF else _LONG.pack(-1, n)) + payload
+    return _length(len(payload)) + payload
 
 
 def _write_frame(fd: int, payload: bytes) -> None:
     """Write one frame to a blocking file descriptor in as few system calls as the pipe allows (one, where it has
     room): a reader woken by the length alone would have to come back for the rest."""
-    n = len(payload)
-    parts: list[memoryview] = [
-        memoryview(_SHORT.pack(n) if n <= 0x7FFFFFFF else _LONG.pack(-1, n)),
-        memoryview(payload),
-    ]
+    parts = [memoryview(_length(len(payload))), memoryview(payload)]
     while parts:
         written = os.writev(fd, parts)
         while parts and written >= len(parts[0]):
@@ -77,8 +76,8 @@ def _write_frame(fd: int, payload: bytes) -> None:
 
 class _Inbox:
     """Frames gathered from a non-blocking file descriptor as their bytes arrive, without waiting for the rest.
-    Once a frame's length is in, its payload is read straight into a buffer of that size, which is then handed
-    over as it is: a plan's bytes are copied once, by the kernel."""
+    Once a frame's length is in, the rest of its payload is read straight into a buffer of that size, which is
+    then handed over as it is: past the first read's 64 KB, a plan's bytes are copied once, by the kernel."""
 
     __slots__ = ("_body", "_got", "_head")
 
