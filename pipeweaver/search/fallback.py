@@ -20,7 +20,7 @@ caps and keeps one that fits device memory in SEMU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -35,16 +35,42 @@ from pipeweaver.spec.batch import BatchMetadata, Instance, module_instances
 from pipeweaver.spec.model import ModelSpec
 
 
-def heuristic_group_order(problem: Problem, pipelines: tuple[str, ...]) -> tuple[int, ...]:
-    """Microbatch-major order; forwards in DAG order (encoder first), backwards in reverse DAG order."""
+def heuristic_group_order(
+    problem: Problem, pipelines: tuple[str, ...], microbatches: Sequence[int] | None = None
+) -> tuple[int, ...]:
+    """Microbatch-major order (the batch's, or `microbatches` first to last); forwards in DAG order (encoder
+    first), backwards in reverse DAG order."""
     index = {p: i for i, p in enumerate(pipelines)}
+    position = {m: i for i, m in enumerate(microbatches)} if microbatches is not None else None
 
     def key(g: int) -> tuple[int, int, int]:
         grp = problem.groups[g]
         pos = index[grp.pipeline]
-        return (grp.microbatch, 1 if grp.backward else 0, -pos if grp.backward else pos)
+        mb = grp.microbatch if position is None else position[grp.microbatch]
+        return (mb, 1 if grp.backward else 0, -pos if grp.backward else pos)
 
     return tuple(sorted(range(len(problem.groups)), key=key))
+
+
+def microbatch_work_ms(problem: Problem) -> dict[int, float]:
+    """Each microbatch's total stage time in `problem` (every pipeline and pass, all ranks)."""
+    per_group = np.bincount(problem.group, weights=problem.duration_ms, minlength=len(problem.groups))
+    work: dict[int, float] = {}
+    for g, grp in enumerate(problem.groups):
+        work[grp.microbatch] = work.get(grp.microbatch, 0.0) + float(per_group[g])
+    return work
+
+
+def sized_group_orders(problem: Problem, pipelines: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """`heuristic_group_order` with the microbatches in other orders by their work (`microbatch_work_ms`):
+
+    - "organ pipe": short microbatches at both ends (a quick fill and a quick drain), the longest in the middle;
+    - "largest first": the long microbatches early, the short ones last (a quick drain).
+    """
+    work = microbatch_work_ms(problem)
+    by_size = sorted(work, key=lambda m: (work[m], m))
+    orders = {"organ pipe": by_size[0::2] + by_size[1::2][::-1], "largest first": by_size[::-1]}
+    return {name: heuristic_group_order(problem, pipelines, mbs) for name, mbs in orders.items()}
 
 
 Interleaver = Callable[[Problem, F64], tuple[I64, F64, F64, float]]

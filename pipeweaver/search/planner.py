@@ -26,7 +26,13 @@ from pipeweaver.plan.validator import validate
 from pipeweaver.search import bounds
 from pipeweaver.search.baselines.registry import BASELINES, build_baseline_plan, tensors_dtype_for
 from pipeweaver.search.bounds import lower_bound_ms
-from pipeweaver.search.fallback import build_fallback_plan, fallback_orders, heuristic_group_order, stage_work
+from pipeweaver.search.fallback import (
+    build_fallback_plan,
+    fallback_orders,
+    heuristic_group_order,
+    sized_group_orders,
+    stage_work,
+)
 from pipeweaver.search.interleave import interleave
 from pipeweaver.search.interleave_ref import ACTIVE
 from pipeweaver.search.mcts import MCTSConfig, SegmentOrderSearch, priorities_from_order
@@ -144,7 +150,7 @@ class PlanResult:
     """SEMU's simulation of `plan` (per-action times, busy time and memory per rank)."""
     start: str = ""
     """The starting point the search refined (strategies, interleaving policy, memory gate; see
-    `Planner._base_candidates`)."""
+    `Planner._base_candidates`), and the microbatches' order when a sized one won (`sized_group_orders`)."""
     baselines_over_memory: dict[str, float] = field(default_factory=dict)
     """Compared baselines that do not fit device memory even with full recompute: their peak bytes (fullest
     rank). They would not run, so they have no makespan in `baseline_ms`."""
@@ -862,6 +868,29 @@ class Planner:
                 programs_until=programs_until,
             )
             solve_ms += more_ms
+            order_note = ""
+            if level >= SearchLevel.MCTS:
+                # Segment ordering starts with the microbatches' order: with clips of 16k to 74k tokens the given
+                # order fills and drains the pipeline with long microbatches, and MCTS's rollouts stay near the
+                # order they start from. The starting points of each sized order (`sized_group_orders`) compete
+                # by their best interleaved score; the winner's order is MCTS's root. Only in the first half of
+                # the budget, as the re-gating: vlm-l's preparation already takes longer.
+                for name, order in sized_group_orders(prep.problem, pipelines).items():
+                    if time.perf_counter() >= repair_until:
+                        break
+                    order_priority = priorities_from_order(order)
+                    more, _, more_ms = self._base_candidates(
+                        prep,
+                        order_priority,
+                        budget_bytes,
+                        0.0,
+                        memory=level >= SearchLevel.MEMORY,
+                        refit_until=repair_until,
+                        programs_until=programs_until,
+                    )
+                    solve_ms += more_ms
+                    if more and (not candidates or more[0].score < candidates[0].score):
+                        candidates, heuristic, priority, order_note = more, order, order_priority, f", {name}"
             picked = self._pick_base(prep, candidates, priority, repair_until=repair_until)
             if picked is None:  # nothing fits in SEMU: the leanest, ALTERNATE, repaired below by `_fit_memory`
                 start = "none fitted: full, alternate, gate 100%"
@@ -870,6 +899,7 @@ class Planner:
                 seqs = self._orders_from_positions(problem, interleave(problem, stage_priorities(problem, priority))[0])
             else:
                 codes, problem, seqs, checked, start = picked
+                start += order_note
             base = (codes, problem, seqs, checked)
             t_post = time.perf_counter()
             if level >= SearchLevel.MCTS and len(problem.groups) > 1:
