@@ -9,7 +9,9 @@ t2v-s's DiT 5B layer) at a few token counts, with `selective` off and on:
   `torch.autograd.graph.saved_tensors_hooks`: what the backward keeps alive, the block's input included;
 - held: `torch.cuda.memory_allocated()` after the forward minus before it, minus the output (the next block's
   input): new memory the forward leaves behind (the input was allocated before, so it is not in it);
-- semu: `layer_activation_bytes` for NONE and SELECTIVE, and the ratio saved / semu.
+- semu: `layer_activation_bytes` for NONE and SELECTIVE, and the ratio saved / semu;
+- fwd_bwd_ms (GPU only): the block's forward plus backward, median of 5 after 2 warm-up runs (CUDA events), so
+  that a leaner block can be checked not to be slower.
 
     python benchmarks/gpu/activation_memory.py --out $OUT/activation_memory_h200.json
 
@@ -87,7 +89,19 @@ def _saved_and_held(
         torch.cuda.synchronize(device)
         held = float(torch.cuda.memory_allocated(device) - before - out.hidden.untyped_storage().nbytes())
     out.hidden.float().sum().backward()  # the graph is whole: the backward runs (and frees what was kept)
-    return {"saved_bytes": float(sum(storages.values())), "held_bytes": held}
+    got = {"saved_bytes": float(sum(storages.values())), "held_bytes": held}
+    if cuda:
+        times = []
+        for i in range(7):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            block.run(Stream(x, context), geom, selective).hidden.float().sum().backward()
+            end.record()
+            torch.cuda.synchronize(device)
+            if i >= 2:
+                times.append(start.elapsed_time(end))
+        got["fwd_bwd_ms"] = round(sorted(times)[len(times) // 2], 3)
+    return got
 
 
 def measure(device: torch.device, token_counts: dict[str, tuple[int, ...]]) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Benchmark-only attention for the reference blocks: `use_fast_attention()` swaps `pipeweaver.client.models.attend`.
+"""Benchmark-only attention for the reference blocks: `use_fast_attention()` swaps
+`pipeweaver.client.models.attention_pieces`.
 
 The reference `_attend` calls `scaled_dot_product_attention` once per document / image on 3-D (heads, T, d)
 tensors. On CUDA, SDPA's flash and memory-efficient kernels need 4-D (batch, heads, T, d) inputs, so every call
@@ -14,7 +15,7 @@ This module computes the same function with 4-D tensors:
   else one SDPA call with a block-diagonal (causal) boolean mask, K/V expanded to all heads (memory-efficient
   kernel: the whole T x T square, whatever the documents; on the 2026-11-27 H200 runs SEMU, which charges each
   document its own square, under-predicted text-only batches of ~1,500 documents by 26-36%, see docs/gpu.md);
-- anything else (cross-attention, empty blocks): the reference `_attend`.
+- anything else (cross-attention, empty blocks): the reference kernel (`models.reference_attention_pieces`).
 Both sides of every comparison run the same (patched) blocks.
 """
 
@@ -28,7 +29,6 @@ import _bare_client  # noqa: F401
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 import pipeweaver.client.models as models
 
@@ -55,9 +55,10 @@ def _mask(lengths: tuple[int, ...], causal: bool, device: torch.device) -> Tenso
     return m
 
 
-def _fast(q: Tensor, k: Tensor, v: Tensor, segments: tuple[models.Segment, ...], causal: bool) -> Tensor:
-    t, h, d = q.shape
-    g = k.shape[1]
+def fast_pieces(q: Tensor, k: Tensor, v: Tensor, segments: tuple[models.Segment, ...], causal: bool) -> list[Tensor]:
+    """`models.attention_pieces`' contract: the outputs per block (here one piece for all blocks when they tile the
+    sequence; else the reference kernel's pieces)."""
+    t = q.shape[0]
     segs = [s for s in segments if s[1] > 0]
     pos = 0
     tiles = k.shape[0] == t
@@ -67,8 +68,14 @@ def _fast(q: Tensor, k: Tensor, v: Tensor, segments: tuple[models.Segment, ...],
             break
         pos += ql
     if not segs or not tiles or pos != t:
-        return models._attend(q, k, v, segments, causal)
-    lengths = tuple(ql for _, ql, _, _ in segs)
+        return models.reference_attention_pieces(q, k, v, segments, causal)
+    return [_fast_tiled(q, k, v, tuple(ql for _, ql, _, _ in segs), causal)]
+
+
+def _fast_tiled(q: Tensor, k: Tensor, v: Tensor, lengths: tuple[int, ...], causal: bool) -> Tensor:
+    """Attention within consecutive blocks of `lengths` that tile the sequence; (T, H*d) out."""
+    t, h, d = q.shape
+    g = k.shape[1]
     if all(n == lengths[0] for n in lengths):
         n, length = len(lengths), lengths[0]
         qb = q.reshape(n, length, h, d).transpose(1, 2)
@@ -177,20 +184,12 @@ def _varlen_matches_reference(device: torch.device) -> str:
         return f"{type(e).__name__}: {first[:200]}"
 
 
-def fast_attend(
-    q: Tensor, k: Tensor, v: Tensor, segments: tuple[models.Segment, ...], *, causal: bool, selective: bool
-) -> Tensor:
-    if selective:
-        out: Tensor = checkpoint(_fast, q, k, v, segments, causal, use_reentrant=False)
-        return out
-    return _fast(q, k, v, segments, causal)
-
-
 def use_fast_attention(device: torch.device | None = None) -> str:
-    """Swap in `fast_attend`; on a CUDA `device`, enable the variable-length path if it matches the reference.
-    Returns what was chosen (one line, for the run's log)."""
+    """Swap in `fast_pieces`; on a CUDA `device`, enable the variable-length path if it matches the reference.
+    Returns what was chosen (one line, for the run's log). Selective recompute reruns whichever kernel is in place
+    (`models.attend_project`)."""
     global _VARLEN_OK
-    models.attend = fast_attend  # the blocks look `attend` up in the module at call time
+    models.attention_pieces = fast_pieces  # the blocks look the kernel up in the module at call time
     if device is None or device.type != "cuda":
         return "fast attention: block-diagonal masks (no CUDA device)"
     why = _varlen_matches_reference(device)

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from pipeweaver.client.data import stable_seed
 from pipeweaver.client.geometry import (
@@ -132,11 +131,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, segments: tuple[Segment, ...], causal: bool) -> Tensor:
-    """Attention of independent blocks; q: (T, H, d), k/v: (S, G, d) with G dividing H (GQA) -> (T, H*d).
+def reference_attention_pieces(
+    q: Tensor, k: Tensor, v: Tensor, segments: tuple[Segment, ...], causal: bool
+) -> list[Tensor]:
+    """Attention of independent blocks; q: (T, H, d), k/v: (S, G, d) with G dividing H (GQA) -> one (ql, H*d)
+    output per block with queries, in block order (their concatenation is the (T, H*d) result).
 
     Each block runs on its own (no T x T mask), so the result of a block does not depend on which other blocks
-    share the call: a sub-microbatch computes exactly what the whole microbatch computes for its tokens.
+    share the call: a sub-microbatch computes exactly what the whole microbatch computes for its tokens. The pieces
+    are views of what SDPA returns (token-major already), which SDPA keeps for its backward: the output projection
+    reads them through `_ProjectPieces`, so no concatenated copy stays alive beside them.
     """
     t, h, d = q.shape
     g = k.shape[1]
@@ -154,18 +158,216 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, segments: tuple[Segment, ...], caus
         vh = v[ks : ks + kl].transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, enable_gqa=g != h)
         outs.append(o.squeeze(0).transpose(0, 1).reshape(ql, h * d))
+    return outs or [q.new_zeros(t, h * d)]  # never empty: a projection of no tokens still gets its 0 rows
+
+
+AttentionPieces = Callable[[Tensor, Tensor, Tensor, tuple[Segment, ...], bool], list[Tensor]]
+
+attention_pieces: AttentionPieces = reference_attention_pieces
+"""The attention kernel the blocks use, looked up at call time (a benchmark may swap in a faster one with the same
+contract, `benchmarks/gpu/fast_attention.py`)."""
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, segments: tuple[Segment, ...], causal: bool) -> Tensor:
+    """The reference attention as one (T, H*d) tensor."""
+    t, h, d = q.shape
+    outs = reference_attention_pieces(q, k, v, segments, causal)
     return torch.cat(outs) if outs else q.new_zeros(t, h * d)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, segments: tuple[Segment, ...], *, causal: bool, selective: bool) -> Tensor:
-    if selective:  # selective recompute: keep q, k, v; recompute the attention core in backward
-        out: Tensor = checkpoint(_attend, q, k, v, segments, causal, use_reentrant=False)
+def _cat(pieces: Sequence[Tensor]) -> Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))
+
+
+def _linear_grads(
+    ctx: Any, grad: Tensor, a: Tensor, weight: Tensor, has_bias: bool, input_index: int, weight_index: int
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(input, weight, bias) gradients of F.linear(a, weight, bias) for `grad`, each only where needed."""
+    g2 = grad.reshape(-1, grad.shape[-1])
+    ga = grad @ weight if ctx.needs_input_grad[input_index] else None
+    gw = g2.t() @ a.reshape(-1, a.shape[-1]) if ctx.needs_input_grad[weight_index] else None
+    gb = g2.sum(0) if has_bias and ctx.needs_input_grad[weight_index + 1] else None
+    return ga, gw, gb
+
+
+class _ProjectPieces(torch.autograd.Function):
+    """y = cat(pieces) @ W^T + b, keeping the pieces (attention keeps them for its own backward anyway) instead of
+    their concatenation: one copy of the attention output per block, as SEMU counts it (`simulator.memory`)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, bias: Tensor | None, *pieces: Tensor) -> Tensor:
+        ctx.save_for_backward(weight, *pieces)
+        ctx.has_bias = bias is not None
+        return F.linear(_cat(pieces), weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        weight, *pieces = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gw = g2.t() @ _cat(pieces) if ctx.needs_input_grad[0] else None
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        ga = grad @ weight
+        return (gw, gb, *torch.split(ga, [p.shape[0] for p in pieces]))
+
+
+class _AttendProject(torch.autograd.Function):
+    """Selective recompute: attention and its output projection, keeping only q, k and v. The backward runs the
+    attention again (not the projection's GEMM); the attention output is never kept (Korthikanti et al.)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        kernel: AttentionPieces,
+        segments: tuple[Segment, ...],
+        causal: bool,
+        weight: Tensor,
+        bias: Tensor | None,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+    ) -> Tensor:
+        ctx.save_for_backward(weight, q, k, v)
+        ctx.kernel, ctx.segments, ctx.causal, ctx.has_bias = kernel, segments, causal, bias is not None
+        return F.linear(_cat(kernel(q, k, v, segments, causal)), weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        weight, q, k, v = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [x.detach().requires_grad_(True) for x in (q, k, v)]
+            pieces = ctx.kernel(*inputs, ctx.segments, ctx.causal)
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gw = g2.t() @ _cat(pieces).detach() if ctx.needs_input_grad[3] else None
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        ga = torch.split(grad @ weight, [p.shape[0] for p in pieces])
+        live = [(p, g) for p, g in zip(pieces, ga, strict=True) if p.requires_grad]
+        grads: tuple[Tensor | None, ...] = (None, None, None)
+        if live:
+            grads = torch.autograd.grad(
+                [p for p, _ in live], inputs, [g for _, g in live], allow_unused=True, materialize_grads=True
+            )
+        return (None, None, None, gw, gb, *grads)
+
+
+def attend_project(
+    q: Tensor, k: Tensor, v: Tensor, segments: tuple[Segment, ...], proj: nn.Linear, *, causal: bool, selective: bool
+) -> Tensor:
+    """proj(attention(q, k, v)); `selective` recomputes the attention in the backward instead of keeping its output."""
+    if selective:
+        out: Tensor = _AttendProject.apply(attention_pieces, segments, causal, proj.weight, proj.bias, q, k, v)  # type: ignore[no-untyped-call]
         return out
-    return _attend(q, k, v, segments, causal)
+    pieces = attention_pieces(q, k, v, segments, causal)
+    projected: Tensor = _ProjectPieces.apply(proj.weight, proj.bias, *pieces)  # type: ignore[no-untyped-call]
+    return projected
 
 
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
+class _GeluLinear(torch.autograd.Function):
+    """fc2(gelu(u)). Without `selective` it keeps u and gelu(u), as autograd would; with it, u only, and gelu(u) is
+    recomputed in the backward (selective recompute of the activation function)."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, weight: Tensor, bias: Tensor | None, selective: bool) -> Tensor:
+        a = F.gelu(u)
+        ctx.save_for_backward(u, weight, None if selective else a)
+        ctx.has_bias = bias is not None
+        return F.linear(a, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        u, weight, a = ctx.saved_tensors
+        if a is None:
+            a = F.gelu(u)
+        ga, gw, gb = _linear_grads(ctx, grad, a, weight, ctx.has_bias, 0, 1)
+        gu = torch.ops.aten.gelu_backward(ga, u) if ga is not None else None
+        return gu, gw, gb, None
+
+
+class _SwiGLULinear(torch.autograd.Function):
+    """down(silu(gate) * up). Without `selective` it keeps gate, up and their product (what the down projection
+    reads); with it, gate and up only, and the product is recomputed in the backward. silu(gate) is recomputed
+    either way (an elementwise pass; autograd would keep it, a fourth ffn-wide tensor SEMU does not count)."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: Tensor, up: Tensor, weight: Tensor, selective: bool) -> Tensor:
+        a = F.silu(gate) * up
+        ctx.save_for_backward(gate, up, weight, None if selective else a)
+        return F.linear(a, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        gate, up, weight, a = ctx.saved_tensors
+        s = F.silu(gate)
+        if a is None:
+            a = s * up
+        ga, gw, _ = _linear_grads(ctx, grad, a, weight, False, 0, 2)
+        g_gate = g_up = None
+        if ga is not None:
+            g_gate = torch.ops.aten.silu_backward(ga * up, gate)
+            g_up = ga * s
+        return g_gate, g_up, gw, None
+
+
+def gelu_mlp_out(u: Tensor, fc2: nn.Linear, *, selective: bool) -> Tensor:
+    out: Tensor = _GeluLinear.apply(u, fc2.weight, fc2.bias, selective)  # type: ignore[no-untyped-call]
+    return out
+
+
+def swiglu_out(gate: Tensor, up: Tensor, down: nn.Linear, *, selective: bool) -> Tensor:
+    out: Tensor = _SwiGLULinear.apply(gate, up, down.weight, selective)  # type: ignore[no-untyped-call]
+    return out
+
+
+class _ClipModulate(torch.autograd.Function):
+    """adaLN modulation x * (1 + scale) + shift with one (shift, scale) per clip, `clip` the clip of each token. It
+    keeps x and the per-clip table; autograd would keep the table gathered to every token (six hidden-wide tensors
+    per block with the gates), which SEMU does not count."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, shift: Tensor, scale: Tensor, clip: Tensor) -> Tensor:
+        ctx.save_for_backward(x, scale, clip)
+        ctx.clips = shift.shape[0]
+        return torch.addcmul(shift[clip], x, 1 + scale[clip])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, scale, clip = ctx.saved_tensors
+        gx = grad * (1 + scale[clip]) if ctx.needs_input_grad[0] else None
+        g_shift = _per_clip(grad, clip, ctx.clips) if ctx.needs_input_grad[1] else None
+        g_scale = _per_clip(grad * x, clip, ctx.clips) if ctx.needs_input_grad[2] else None
+        return gx, g_shift, g_scale, None
+
+
+class _ClipGate(torch.autograd.Function):
+    """Gated residual x + gate * y with one gate per clip: keeps y and the per-clip gates."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, y: Tensor, gate: Tensor, clip: Tensor) -> Tensor:
+        ctx.save_for_backward(y, gate, clip)
+        ctx.clips = gate.shape[0]
+        return torch.addcmul(x, gate[clip], y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        y, gate, clip = ctx.saved_tensors
+        gy = grad * gate[clip] if ctx.needs_input_grad[1] else None
+        g_gate = _per_clip(grad * y, clip, ctx.clips) if ctx.needs_input_grad[2] else None
+        return grad, gy, g_gate, None
+
+
+def _per_clip(values: Tensor, clip: Tensor, clips: int) -> Tensor:
+    """Sum of each clip's rows of `values` (T, h) -> (clips, h), accumulated in fp32."""
+    out = torch.zeros(clips, values.shape[-1], dtype=torch.float32, device=values.device)
+    return out.index_add_(0, clip, values.float()).to(values.dtype)
+
+
+def clip_modulate(x: Tensor, shift: Tensor, scale: Tensor, clip: Tensor) -> Tensor:
+    out: Tensor = _ClipModulate.apply(x, shift, scale, clip)  # type: ignore[no-untyped-call]
+    return out
+
+
+def clip_gate(x: Tensor, y: Tensor, gate: Tensor, clip: Tensor) -> Tensor:
+    out: Tensor = _ClipGate.apply(x, y, gate, clip)  # type: ignore[no-untyped-call]
+    return out
 
 
 # ---- ViT ------------------------------------------------------------------------------------------------------
@@ -198,8 +400,8 @@ class ViTBlock(BlockPart):
         x = stream.hidden
         t, h = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(t, 3, self.heads, h // self.heads).unbind(1)
-        x = x + self.proj(attend(q, k, v, geom.segments, causal=False, selective=selective))
-        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        x = x + attend_project(q, k, v, geom.segments, self.proj, causal=False, selective=selective)
+        x = x + gelu_mlp_out(self.fc1(self.norm2(x)), self.fc2, selective=selective)
         return Stream(x, stream.context)
 
 
@@ -273,9 +475,9 @@ class DecoderBlock(BlockPart):
         q = apply_rope(self.q(y).view(t, self.heads, self.head_dim), cos, sin)
         k = apply_rope(self.k(y).view(t, self.kv_heads, self.head_dim), cos, sin)
         v = self.v(y).view(t, self.kv_heads, self.head_dim)
-        x = x + self.o(attend(q, k, v, geom.segments, causal=True, selective=selective))
+        x = x + attend_project(q, k, v, geom.segments, self.o, causal=True, selective=selective)
         y = self.norm2(x)
-        x = x + self.down(F.silu(self.gate(y)) * self.up(y))
+        x = x + swiglu_out(self.gate(y), self.up(y), self.down, selective=selective)
         return Stream(x, stream.context)
 
 
@@ -355,19 +557,24 @@ class DiTBlock(BlockPart):
         t, h = x.shape
         d = h // self.heads
         temb = sinusoidal(geom.timesteps * 1000.0, TIMESTEP_DIM, x.dtype)
-        mod = (self.table + self.ada(F.silu(temb)))[geom.clip_of_token]
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        q, k, v = self.qkv(_modulate(self.norm1(x), shift1, scale1)).view(t, 3, self.heads, d).unbind(1)
-        x = x + gate1 * self.proj(attend(q, k, v, geom.segments, causal=False, selective=selective))
+        clip = geom.clip_of_token
+        # adaLN-single: one row of six modulation vectors per clip, applied per token without gathering it
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.table + self.ada(F.silu(temb))).chunk(6, dim=-1)
+        q, k, v = self.qkv(clip_modulate(self.norm1(x), shift1, scale1, clip)).view(t, 3, self.heads, d).unbind(1)
+        x = clip_gate(
+            x, attend_project(q, k, v, geom.segments, self.proj, causal=False, selective=selective), gate1, clip
+        )
         if self.cross is not None:
             assert stream.context is not None
             ctx = stream.context
             cq = self.cross["q"](self.norm2(x)).view(t, self.heads, d)
             ck = self.cross["k"](ctx).view(-1, self.heads, d)
             cv = self.cross["v"](ctx).view(-1, self.heads, d)
-            x = x + self.cross["o"](attend(cq, ck, cv, geom.cross_segments, causal=False, selective=selective))
-        y = _modulate(self.norm3(x), shift2, scale2)
-        x = x + gate2 * self.fc2(F.gelu(self.fc1(y)))
+            out_proj = self.cross["o"]
+            assert isinstance(out_proj, nn.Linear)
+            x = x + attend_project(cq, ck, cv, geom.cross_segments, out_proj, causal=False, selective=selective)
+        y = clip_modulate(self.norm3(x), shift2, scale2, clip)
+        x = clip_gate(x, gelu_mlp_out(self.fc1(y), self.fc2, selective=selective), gate2, clip)
         return Stream(x, stream.context)
 
 
