@@ -13,6 +13,12 @@ t2v-s's DiT 5B layer) at a few token counts, with `selective` off and on:
 - fwd_bwd_ms (GPU only): the block's forward plus backward, median of 5 after 2 warm-up runs (CUDA events), so
   that a leaner block can be checked not to be slower.
 
+Then the backward's working memory (GPU only, `chunks` in the report): a chunk of `CHUNK_BLOCKS` blocks run as
+the executor runs a stage (FULL through its per-block checkpoint), for each strategy: what its forward leaves
+allocated, against SEMU's count for the chunk, and the peak during its backward above the memory just before it
+(`torch.cuda.max_memory_allocated`), in units of one block's NONE bytes by SEMU: what a plan needs on top of its
+activations while a backward runs, which SEMU's memory timeline does not count yet.
+
     python benchmarks/gpu/activation_memory.py --out $OUT/activation_memory_h200.json
 
 On a CPU it runs too (`--device cpu`, small token counts), but there attention saves its score matrix (the math
@@ -28,8 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from pipeweaver.client.data import SyntheticData
+from pipeweaver.client.executor import _checkpointed
 from pipeweaver.client.geometry import LossScale, context_source, geometry
 from pipeweaver.client.models import Stream, reference_modules
 from pipeweaver.client.profiler import _one_instance
@@ -41,24 +50,16 @@ from pipeweaver.spec.model import LayerKind, ModelSpec, ModuleSpec
 
 CASES = (("vlm-s", "vit"), ("vlm-s", "llm"), ("t2v-s", "dit"))
 """(workload, module): one module of each block kind."""
+CHUNK_BLOCKS = 4
+CHUNK_TOKENS = {"VIT_BLOCK": 4096, "DECODER_BLOCK": 8192, "DIT_BLOCK": 32760}
 
 
-def _saved_and_held(
-    model: ModelSpec, spec: ModuleSpec, tokens: int, selective: bool, device: torch.device
-) -> dict[str, float]:
+def _setup(model: ModelSpec, spec: ModuleSpec, tokens: int, device: torch.device) -> tuple[Any, Tensor, Tensor | None]:
     batch = _one_instance(model, spec, tokens)
     geom = geometry(
-        model,
-        batch,
-        spec.name,
-        0,
-        (0,),
-        SyntheticData(seed=0, iteration=0),
-        LossScale.of(model, batch),
-        device=device,
-        dtype=torch.bfloat16,
-    )
-    block = reference_modules(model)[spec.name].build_block(0).to(device=device, dtype=torch.bfloat16)
+        model, batch, spec.name, 0, (0,), SyntheticData(seed=0, iteration=0), LossScale.of(model, batch),
+        device=device, dtype=torch.bfloat16,
+    )  # fmt: skip
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, spec.hidden, generator=g).to(device=device, dtype=torch.bfloat16).requires_grad_(True)
     context = None
@@ -67,6 +68,92 @@ def _saved_and_held(
         if src is not None:
             rows = batch.microbatches[0].text_tokens
             context = torch.randn(rows, src.output_hidden(), generator=g).to(device=device, dtype=torch.bfloat16)
+    return geom, x, context
+
+
+def _chunk_forward(
+    blocks: list[Any], x: Tensor, context: Tensor | None, geom: Any, strategy: Recompute, whole: bool = False
+) -> Tensor:
+    """The blocks as the executor runs a stage's blocks under `strategy`; `whole`: FULL as the executor ran it
+    before the fifteenth session, the whole chunk under one checkpoint."""
+    if whole:
+
+        def run(h: Tensor) -> Tensor:
+            return _chunk_forward(blocks, h, context, geom, Recompute.NONE)
+
+        out: Tensor = checkpoint(run, x, use_reentrant=False)
+        return out
+    stream = Stream(x, context)
+    for b in blocks:
+        if strategy is Recompute.FULL:
+            stream = _checkpointed(b, stream, geom)
+        else:
+            stream = b.run(stream, geom, strategy is Recompute.SELECTIVE)
+    return stream.hidden
+
+
+def chunk_backward_memory(device: torch.device) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for wname, module in CASES:
+        model = workload(wname).model
+        spec = model.module(module)
+        tokens = CHUNK_TOKENS[spec.kind.name]
+        geom, x, context = _setup(model, spec, tokens, device)
+        maker = reference_modules(model)[spec.name]
+        blocks = [maker.build_block(i).to(device=device, dtype=torch.bfloat16) for i in range(CHUNK_BLOCKS)]
+        instances = module_instances(model, spec.name, _one_instance(model, spec, tokens).microbatches[0])
+        one_block = layer_activation_bytes(spec, instances, tp=1, recompute=Recompute.NONE)
+        for strategy, whole in (
+            (Recompute.NONE, False),
+            (Recompute.SELECTIVE, False),
+            (Recompute.FULL, False),
+            (Recompute.FULL, True),
+        ):
+            _chunk_forward(
+                blocks, x, context, geom, strategy
+            ).float().sum().backward()  # warm-up: geometry caches, kernels
+            x.grad = None
+            for b in blocks:
+                b.zero_grad(set_to_none=True)
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            out = _chunk_forward(blocks, x, context, geom, strategy, whole)
+            grad = torch.ones_like(out)
+            torch.cuda.synchronize(device)
+            kept = torch.cuda.memory_allocated(device) - before - out.untyped_storage().nbytes() - grad.nbytes
+            level = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            out.backward(grad)
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) - level
+            semu = CHUNK_BLOCKS * layer_activation_bytes(spec, instances, tp=1, recompute=strategy)
+            row = {
+                "workload": wname,
+                "module": module,
+                "tokens": tokens,
+                "blocks": CHUNK_BLOCKS,
+                "strategy": strategy.value + (", whole chunk checkpointed" if whole else ""),
+                "kept_bytes": float(kept),
+                "semu_bytes": semu,
+                "kept_over_semu": round(kept / semu, 4),
+                "backward_peak_bytes": float(peak),
+                "backward_peak_in_blocks": round(peak / one_block, 3),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del out, grad
+            x.grad = None
+            for b in blocks:
+                b.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _saved_and_held(
+    model: ModelSpec, spec: ModuleSpec, tokens: int, selective: bool, device: torch.device
+) -> dict[str, float]:
+    geom, x, context = _setup(model, spec, tokens, device)
+    block = reference_modules(model)[spec.name].build_block(0).to(device=device, dtype=torch.bfloat16)
     geom_warm = block.run(Stream(x, context), geom, selective)  # geometry caches, kernels: not the block's memory
     del geom_warm
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
@@ -155,6 +242,8 @@ def main() -> None:
         "torch": torch.__version__,
         "rows": measure(device, counts),
     }
+    if gpu:
+        report["chunks"] = chunk_backward_memory(device)
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

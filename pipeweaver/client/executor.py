@@ -214,6 +214,27 @@ class _Iteration:
     offloaded_bytes: int = 0
 
 
+def _checkpointed(block: BlockPart, stream: Stream, geom: Geometry) -> Stream:
+    """FULL recompute, one block at a time (SEMU's model of it): the forward keeps each block's input (and the DiT's
+    caption once, shared by every block), and the backward recomputes one block's forward at a time, so its
+    activations are alive for that block's backward only. Checkpointing the whole chunk instead keeps less (its
+    input alone) but recomputes every block before the first backward, holding the whole chunk's activations at
+    once: a peak SEMU would not see."""
+    if stream.context is None:
+
+        def hidden_only(h: Tensor) -> Tensor:
+            return block.run(Stream(h), geom, False).hidden
+
+        out: Tensor = checkpoint(hidden_only, stream.hidden, use_reentrant=False)
+        return Stream(out)
+
+    def with_context(h: Tensor, c: Tensor) -> Tensor:
+        return block.run(Stream(h, c), geom, False).hidden
+
+    out = checkpoint(with_context, stream.hidden, stream.context, use_reentrant=False)
+    return Stream(out, stream.context)
+
+
 def _unit(s: StageKey) -> Unit:
     return (s.pipeline, s.chunk, s.microbatch, s.sub)
 
@@ -841,14 +862,13 @@ class PipelineExecutor:
             return (*out, loss) if loss is not None else out
 
         host = self._host_store(chunk) if offload else None
-        if recompute is Recompute.FULL:
-            result: tuple[Tensor, ...] = checkpoint(run, *flat_in, use_reentrant=False)
-        elif host is not None:
+        result: tuple[Tensor, ...]
+        if host is not None:
             with host.saving():
                 result = run(*flat_in)
             it.offloaded_bytes += host.bytes
         else:
-            result = run(*flat_in)
+            result = run(*flat_in)  # FULL recompute checkpoints each block inside (`_chunk_forward`)
         sizes = layout[0]
         loss = result[-1] if len(sizes) > len(consumers) else None
         outputs: dict[StageKey, tuple[Tensor, ...]] = {}
@@ -891,7 +911,10 @@ class PipelineExecutor:
                 (received,) = inputs.values()
                 stream = Stream(received[0], received[1] if len(received) > 1 else None)
             for block in part.blocks:
-                stream = block.run(stream, geom, selective)
+                if recompute is Recompute.FULL:
+                    stream = _checkpointed(block, stream, geom)
+                else:
+                    stream = block.run(stream, geom, selective)
             if part.post is not None:
                 out = part.post.run(stream, geom)
                 if out.output is not None:
