@@ -249,6 +249,10 @@ class HeaderCosts:
     activation_bytes: dict[tuple[str, int, int, int], float]
     """Keyed by (pipeline, chunk, microbatch, sub): held from the chunk's F to its last backward pass."""
 
+    workspace_bytes: dict[tuple[str, int, int, int], float] = field(default_factory=dict)
+    """Same keys: what the pair's backward pass (B, or I) allocates on top while it runs
+    (`memory.backward_workspace_bytes`, the largest over the chunk's modules)."""
+
     def act_bytes_by_forward(self) -> dict[StageKey, float]:
         """The same activation bytes keyed by forward stage (`engine.StageCosts.act_bytes`)."""
         return {StageKey(p, c, mb, s, Pass.F): b for (p, c, mb, s), b in self.activation_bytes.items()}
@@ -530,6 +534,33 @@ class CostModel:
             self._stage_table, key, lambda: self._stage_act(structure, sigs, recompute), stage=True
         )
 
+    def stage_workspace_bytes(
+        self, chunk: Chunk, instances_by_module: Mapping[str, Sequence[Instance]], recompute: Recompute = Recompute.NONE
+    ) -> float:
+        """Bytes the chunk's backward pass allocates on top of its activations while it runs, for one
+        sub-microbatch: the largest over its modules with blocks here (one block's backward runs at a time)."""
+        structure = self._structure(chunk)
+        sigs = self._signatures(chunk, instances_by_module)
+        if self._stage_table is None or self.cache is None:
+            return self._stage_workspace(structure, sigs, recompute)
+        key = ("workspace", structure, sigs, recompute)
+        return self.cache.lookup(
+            self._stage_table, key, lambda: self._stage_workspace(structure, sigs, recompute), stage=True
+        )
+
+    def _stage_workspace(
+        self, structure: tuple[tuple[str, int, bool, bool], ...], sigs: tuple[TokenSignature, ...], recompute: Recompute
+    ) -> float:
+        tp, b = self.tp, self.dtype_bytes
+        most = 0.0
+        for (name, n, _, _), sig in zip(structure, sigs, strict=True):
+            if not sig or not n or not self._needs_backward[name]:
+                continue
+            m = self._modules[name]
+            inst = signature_instances(sig)
+            most = max(most, memory.backward_workspace_bytes(m, inst, tp=tp, recompute=recompute, dtype_bytes=b))
+        return most
+
     # ---- whole plans ----
     def header_costs(
         self,
@@ -546,6 +577,7 @@ class CostModel:
         passes = {p.name: (Pass.F, *backward_passes(header, p.name)) for p in placement.pipelines}
         durations: dict[StageKey, float] = {}
         acts: dict[tuple[str, int, int, int], float] = {}
+        workspace: dict[tuple[str, int, int, int], float] = {}
         for sub in header.sub_microbatches:
             inst = sub_microbatch_instances(self.model, batch, sub)
             for c in range(placement.num_chunks(sub.pipeline)):
@@ -555,8 +587,10 @@ class CostModel:
                     key = StageKey(sub.pipeline, c, sub.microbatch, sub.index, p)
                     durations[key] = self.stage_time_ms(chunk, inst, p, rc)
                 if len(passes[sub.pipeline]) > 1:
-                    acts[(sub.pipeline, c, sub.microbatch, sub.index)] = self.stage_activation_bytes(chunk, inst, rc)
-        return HeaderCosts(duration_ms=durations, activation_bytes=acts)
+                    key4 = (sub.pipeline, c, sub.microbatch, sub.index)
+                    acts[key4] = self.stage_activation_bytes(chunk, inst, rc)
+                    workspace[key4] = self.stage_workspace_bytes(chunk, inst, rc)
+        return HeaderCosts(duration_ms=durations, activation_bytes=acts, workspace_bytes=workspace)
 
     # ---- communication and the optimizer ----
     def transfer_ms(self, num_bytes: float, src_rank: int, dst_rank: int) -> float:

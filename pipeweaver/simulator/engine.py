@@ -4,7 +4,8 @@ Each rank has one compute stream that runs its computes in order. A `CommBatch` 
 at the rank's clock; a transfer starts once both ends have posted and its directed link is free (FIFO), and
 lasts latency + bytes / bandwidth; a `Wait` moves the rank's clock to the end of its batch's last transfer.
 Memory: a forward allocates its activations when it starts; the pass that ends the chunk's backward (B, or W
-when backward is split; I when there is no W) frees them when it ends. A `CommBatch` allocates its receive buffers
+when backward is split; I when there is no W) frees them when it ends. The backward pass (B or I) also holds its
+working memory (`StageCosts.workspace_bytes`) while it runs. A `CommBatch` allocates its receive buffers
 when posted, as the executor does (`_inputs_in_activations` says until when they count). The loop itself lives in
 `sim_kernel`.
 
@@ -94,6 +95,9 @@ class StageCosts:
     """Activation memory a forward keeps for its backward, keyed by the forward (F) stage; missing means 0."""
     static_bytes: Sequence[float] = ()
     """Per-rank memory held for the whole step (weights, gradients, optimizer states); empty means 0."""
+    workspace_bytes: Mapping[tuple[str, int, int, int], float] = field(default_factory=dict)
+    """Per stage pair (pipeline, chunk, microbatch, sub): what its backward pass (B, or I) allocates on top of the
+    activations from its start to its end (`CostModel.stage_workspace_bytes`); missing means 0."""
 
     @staticmethod
     def uniform(
@@ -294,7 +298,8 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
         raise ValueError(f"static_bytes has {len(costs.static_bytes)} entries, plan has pp={pp}")
     frees = {p.name: _freeing_pass(header, p.name) for p in header.placement.pipelines}
     inputs_in_activations = _inputs_in_activations(header, frees)
-    compute_ms, act_bytes = costs.compute_ms, costs.act_bytes
+    compute_ms, act_bytes, workspace = costs.compute_ms, costs.act_bytes, costs.workspace_bytes
+    backward_with_workspace = (Pass.B, Pass.I)
     # Host copies (only when some forward offloads): per action, copy time, reloaded forward, prefetched
     # backward, bytes. An offloading forward copies all its activation bytes.
     offloads = any(isinstance(a, Compute) and a.offload for rp in plan.ranks for a in rp.actions)
@@ -358,6 +363,10 @@ def flatten(plan: Plan, costs: StageCosts, link: LinkModel) -> FlatPlan:
                         entry = held.pop(unit, None)
                         if entry is not None:
                             free_b = entry[1]
+                if workspace and stage.pass_ in backward_with_workspace:
+                    extra = workspace.get((stage.pipeline, stage.chunk, stage.microbatch, stage.sub), 0.0)
+                    alloc_b += extra  # from the pass's start to its end
+                    free_b += extra
                 if offloads:
                     copy_ms, reload = -1.0, 0.0
                     of = -1

@@ -19,6 +19,10 @@ dit        16h + 2f  (+2h per context tok)   14h + f   (+2h per context token)
 In bytes (bf16) the decoder's NONE line is ~34 h per token, Korthikanti's 34 sbh without the 5as/h score term.
 FULL checkpoints every block: it keeps only the block's input (T h elements / tp, Korthikanti's 2sbh per layer)
 and recomputes the rest in backward, one block at a time. A DiT chunk also keeps its projected caption once.
+
+The executor's blocks keep exactly these counts (`tests/client/test_block_memory.py`; on an H200 within 0.5%,
+`benchmarks/gpu/activation_memory.py`). While a backward runs it also needs working memory on top
+(`backward_workspace_bytes`), which the engine counts for the duration of the pass.
 """
 
 from __future__ import annotations
@@ -158,6 +162,33 @@ def layer_activation_bytes(
         c = sum(i.context_tokens for i in instances)
         total += c * 2 * module.hidden / tp * dtype_bytes  # cross-attention K and V over the caption
     return float(total)
+
+
+BACKWARD_WORKSPACE_BLOCKS: dict[tuple[LayerKind, Recompute], float] = {
+    (LayerKind.VIT_BLOCK, Recompute.NONE): 0.9,
+    (LayerKind.VIT_BLOCK, Recompute.SELECTIVE): 1.2,
+    (LayerKind.VIT_BLOCK, Recompute.FULL): 2.9,
+    (LayerKind.DECODER_BLOCK, Recompute.NONE): 1.0,
+    (LayerKind.DECODER_BLOCK, Recompute.SELECTIVE): 1.2,
+    (LayerKind.DECODER_BLOCK, Recompute.FULL): 3.0,
+    (LayerKind.DIT_BLOCK, Recompute.NONE): 0.3,
+    (LayerKind.DIT_BLOCK, Recompute.SELECTIVE): 0.5,
+    (LayerKind.DIT_BLOCK, Recompute.FULL): 1.4,
+}
+"""A chunk's backward working memory, in units of one of its blocks' NONE activation bytes, per block kind and
+strategy: the peak above what the backward starts with (gradient temporaries; under selective recompute the
+recomputed attention and activation outputs; under full recompute one block's whole forward, recomputed one block
+at a time). Measured on an H200 with the executor's blocks (`benchmarks/gpu/activation_memory.py`, chunks of 4
+blocks: ViT 0.83 / 1.17 / 2.82, decoder 0.93 / 1.13 / 2.90, DiT 0.28 / 0.41 / 1.36), rounded up."""
+
+
+def backward_workspace_bytes(
+    module: ModuleSpec, instances: Sequence[Instance], *, tp: int, recompute: Recompute, dtype_bytes: int = 2
+) -> float:
+    """Bytes a backward pass of a chunk of `module`'s blocks allocates on top of the activations while it runs
+    (`BACKWARD_WORKSPACE_BLOCKS`)."""
+    one_block = layer_activation_bytes(module, instances, tp=tp, recompute=Recompute.NONE, dtype_bytes=dtype_bytes)
+    return BACKWARD_WORKSPACE_BLOCKS[(module.kind, recompute)] * one_block
 
 
 def caption_bytes(module: ModuleSpec, instances: Sequence[Instance], *, tp: int, dtype_bytes: int = 2) -> float:

@@ -236,7 +236,9 @@ def _tight(w: Workload, extra_mb: float) -> Workload:
 @pytest.mark.parametrize(
     ("name", "extra_mb", "seeds", "binds"),
     [
-        ("tiny-vlm", 4.0, (1, 2, 3), True),
+        # tiny-vlm's blocks are large next to its weights: where its memory argument binds (4 MB of room), no plan
+        # fits once a backward's working memory counts (three blocks' activations under full recompute).
+        ("tiny-t2v", 8.0, (1, 2, 3), True),
         ("tiny-t2v", 6.0, (1, 2), True),
         ("tiny-vlm", 12.0, (1, 2), False),
     ],

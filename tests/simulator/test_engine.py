@@ -278,6 +278,28 @@ def test_split_backward_frees_at_w() -> None:
     assert res.memory_timeline(0) == [(0.0, 0.0), (0.0, 5.0), (3.0, 0.0)]
 
 
+def test_a_backward_holds_its_working_memory_while_it_runs() -> None:
+    """`StageCosts.workspace_bytes`: B allocates it at its start and frees it at its end, on top of the
+    activations (F at 0-1 ms, B at 1-3 ms); under a split backward, I holds it and W does not."""
+    header = chain_header(1, 1)
+    plan = assemble_plan(header, [[_c(0, 0, Pass.F), _c(0, 0, Pass.B)]], no_tensors)
+    costs = replace(
+        StageCosts.uniform(header, forward_ms=1.0, backward_ms=2.0, act_bytes=5.0),
+        workspace_bytes={(PIPE, 0, 0, 0): 3.0},
+    )
+    res = both(plan, costs, LinkModel.zero(1))
+    assert res.memory_timeline(0) == [(0.0, 0.0), (0.0, 5.0), (1.0, 8.0), (3.0, 0.0)]
+    assert res.peak_memory_bytes[0] == 8.0
+    split = replace(header, split_backward=True)
+    plan = assemble_plan(split, [[_c(0, 0, Pass.F), _c(0, 0, Pass.I), _c(0, 0, Pass.W)]], no_tensors)
+    costs = replace(
+        StageCosts.uniform(split, forward_ms=1.0, backward_ms=2.0, act_bytes=5.0),
+        workspace_bytes={(PIPE, 0, 0, 0): 3.0},
+    )
+    res = both(plan, costs, LinkModel.zero(1))
+    assert res.memory_timeline(0) == [(0.0, 0.0), (0.0, 5.0), (1.0, 8.0), (2.0, 5.0), (3.0, 0.0)]
+
+
 @pytest.mark.parametrize(
     ("info", "passes", "timeline"),
     [

@@ -10,6 +10,8 @@ from pipeweaver.plan.ir import Chunk, LayerRange, Recompute
 from pipeweaver.plan.layouts import mixed_placement, modular_placement
 from pipeweaver.simulator.costmodel import CostModel
 from pipeweaver.simulator.memory import (
+    BACKWARD_WORKSPACE_BLOCKS,
+    backward_workspace_bytes,
     caption_bytes,
     check_fits,
     layer_activation_bytes,
@@ -132,3 +134,22 @@ def test_stage_activation_bytes_per_strategy() -> None:
     )
     assert diff == pytest.approx(200 * 2 * 3584 * 2)
     assert caption_bytes(dit, with_caption, tp=4) == 200 * 3584 * 2 / 4
+
+
+def test_a_backwards_working_memory_is_one_blocks_activations_times_the_measured_factor() -> None:
+    """A chunk of 8 decoder blocks needs the working memory of one block (one block's backward runs at a time),
+    by strategy; a chunk without blocks (frozen, or no layers here) needs none."""
+    w = presets.workload("vlm-s")
+    cm = CostModel(w.model, w.parallel, H100_SXM)
+    llm = w.model.module("llm")
+    inst = {"llm": (Instance(tokens=8192, attention_spans=(8192,)),)}
+    middle = Chunk("llm", 1, 1, (LayerRange("llm", 8, 16),))
+    one_block = layer_activation_bytes(llm, inst["llm"], tp=4, recompute=Recompute.NONE)
+    got = {rc: cm.stage_workspace_bytes(middle, inst, rc) for rc in Recompute}
+    for rc, value in got.items():
+        assert value == pytest.approx(BACKWARD_WORKSPACE_BLOCKS[(llm.kind, rc)] * one_block)
+        assert value == backward_workspace_bytes(llm, inst["llm"], tp=4, recompute=rc)
+    assert got[Recompute.NONE] < got[Recompute.SELECTIVE] < got[Recompute.FULL]
+    frozen = llama_only(frozen=True)
+    cm_frozen = CostModel(frozen, ParallelSpec(pp=4, tp=4, dp=1, microbatches=8), H100_SXM)
+    assert cm_frozen.stage_workspace_bytes(middle, inst) == 0.0
