@@ -17,7 +17,10 @@ Then the backward's working memory (GPU only, `chunks` in the report): a chunk o
 the executor runs a stage (FULL through its per-block checkpoint), for each strategy: what its forward leaves
 allocated, against SEMU's count for the chunk, and the peak during its backward above the memory just before it
 (`torch.cuda.max_memory_allocated`), in units of one block's NONE bytes by SEMU: what a plan needs on top of its
-activations while a backward runs, which SEMU's memory timeline does not count yet.
+activations while a backward runs (SEMU's `memory.BACKWARD_WORKSPACE_BLOCKS` comes from these).
+
+And the loss head (`loss_head` in the report): vlm-s's Llama3 8B post part at 8,192 tokens, its forward's kept
+bytes against SEMU's `post_activation_bytes` and its backward's peak in units of the fp32 logits.
 
     python benchmarks/gpu/activation_memory.py --out $OUT/activation_memory_h200.json
 
@@ -90,6 +93,48 @@ def _chunk_forward(
         else:
             stream = b.run(stream, geom, strategy is Recompute.SELECTIVE)
     return stream.hidden
+
+
+def loss_head_memory(device: torch.device, tokens: int = 8192) -> dict[str, Any]:
+    """vlm-s's Llama3 8B post part (final norm, LM head, next-token loss) on `tokens` tokens: what its forward
+    leaves allocated against SEMU's `post_activation_bytes`, and its backward's peak above that."""
+    from pipeweaver.simulator.memory import post_activation_bytes
+
+    model = workload("vlm-s").model
+    spec = model.module("llm")
+    geom, x, _ = _setup(model, spec, tokens, device)
+    post = reference_modules(model)["llm"].build_post().to(device=device, dtype=torch.bfloat16)
+    loss = post.run(Stream(x), geom).loss  # warm-up
+    assert loss is not None
+    loss.backward()
+    x.grad = None
+    post.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    loss = post.run(Stream(x), geom).loss
+    assert loss is not None
+    torch.cuda.synchronize(device)
+    kept = torch.cuda.memory_allocated(device) - before
+    level = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    loss.backward()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - level
+    instances = module_instances(model, "llm", _one_instance(model, spec, tokens).microbatches[0])
+    semu = post_activation_bytes(spec, instances, tp=1)
+    logits_fp32 = tokens * spec.vocab_size * 4
+    row = {
+        "workload": "vlm-s",
+        "module": "llm post (final norm, LM head, loss)",
+        "tokens": tokens,
+        "kept_bytes": float(kept),
+        "semu_bytes": semu,
+        "kept_over_semu": round(kept / semu, 4),
+        "backward_peak_bytes": float(peak),
+        "backward_peak_in_fp32_logits": round(peak / logits_fp32, 3),
+    }
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def chunk_backward_memory(device: torch.device) -> list[dict[str, Any]]:
@@ -244,6 +289,7 @@ def main() -> None:
     }
     if gpu:
         report["chunks"] = chunk_backward_memory(device)
+        report["loss_head"] = loss_head_memory(device)
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -538,7 +538,8 @@ class CostModel:
         self, chunk: Chunk, instances_by_module: Mapping[str, Sequence[Instance]], recompute: Recompute = Recompute.NONE
     ) -> float:
         """Bytes the chunk's backward pass allocates on top of its activations while it runs, for one
-        sub-microbatch: the largest over its modules with blocks here (one block's backward runs at a time)."""
+        sub-microbatch: the largest over its modules' blocks here (one block's backward runs at a time) and its
+        loss head, if it holds one."""
         structure = self._structure(chunk)
         sigs = self._signatures(chunk, instances_by_module)
         if self._stage_table is None or self.cache is None:
@@ -553,12 +554,15 @@ class CostModel:
     ) -> float:
         tp, b = self.tp, self.dtype_bytes
         most = 0.0
-        for (name, n, _, _), sig in zip(structure, sigs, strict=True):
-            if not sig or not n or not self._needs_backward[name]:
+        for (name, n, _, post), sig in zip(structure, sigs, strict=True):
+            if not sig or not self._needs_backward[name]:
                 continue
             m = self._modules[name]
             inst = signature_instances(sig)
-            most = max(most, memory.backward_workspace_bytes(m, inst, tp=tp, recompute=recompute, dtype_bytes=b))
+            if n:
+                most = max(most, memory.backward_workspace_bytes(m, inst, tp=tp, recompute=recompute, dtype_bytes=b))
+            if post:  # the loss head's backward runs before the blocks': the larger of the two counts
+                most = max(most, memory.loss_head_workspace_bytes(m, inst, tp=tp))
         return most
 
     # ---- whole plans ----

@@ -191,6 +191,20 @@ def backward_workspace_bytes(
     return BACKWARD_WORKSPACE_BLOCKS[(module.kind, recompute)] * one_block
 
 
+LOSS_HEAD_WORKSPACE_LOGITS = 2.0
+"""The backward of an LM head's loss, in units of its fp32 vocab-parallel logits (the gradient in fp32, then in
+the logits' dtype while the head's GEMMs read it): 2.0 measured on an H200 (Llama3 8B's post part at 8,192 tokens,
+`benchmarks/gpu/activation_memory.py`)."""
+
+
+def loss_head_workspace_bytes(module: ModuleSpec, instances: Sequence[Instance], *, tp: int) -> float:
+    """Bytes the backward of `module`'s loss head allocates on top while it runs (0 without an LM head)."""
+    if not instances or not module.lm_head or module.vocab_size <= 0:
+        return 0.0
+    t = sum(i.tokens for i in instances)
+    return float(LOSS_HEAD_WORKSPACE_LOGITS * t * module.vocab_size / tp * 4.0)
+
+
 def caption_bytes(module: ModuleSpec, instances: Sequence[Instance], *, tp: int, dtype_bytes: int = 2) -> float:
     """Bytes of a DiT's projected caption context, read by every block's cross-attention (kept once per chunk)."""
     if module.kind is not LayerKind.DIT_BLOCK:

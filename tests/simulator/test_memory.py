@@ -150,6 +150,9 @@ def test_a_backwards_working_memory_is_one_blocks_activations_times_the_measured
         assert value == pytest.approx(BACKWARD_WORKSPACE_BLOCKS[(llm.kind, rc)] * one_block)
         assert value == backward_workspace_bytes(llm, inst["llm"], tp=4, recompute=rc)
     assert got[Recompute.NONE] < got[Recompute.SELECTIVE] < got[Recompute.FULL]
+    # The last chunk also runs the loss head's backward, which needs twice the fp32 logits (vocab-parallel).
+    last = Chunk("llm", 3, 3, (LayerRange("llm", 24, 32),))
+    assert cm.stage_workspace_bytes(last, inst) == pytest.approx(max(got[Recompute.NONE], 2 * 8192 * 128256 / 4 * 4))
     frozen = llama_only(frozen=True)
     cm_frozen = CostModel(frozen, ParallelSpec(pp=4, tp=4, dp=1, microbatches=8), H100_SXM)
     assert cm_frozen.stage_workspace_bytes(middle, inst) == 0.0
