@@ -881,16 +881,21 @@ class Planner:
                 if self.config.max_evaluations is not None or not self._post_rates
                 else deadline - self._post_search_s(prep, time.perf_counter() - t0)
             )
-            candidates, uniform, more_ms = self._base_candidates(
-                prep,
-                priority,
-                budget_bytes,
-                0.0,
-                memory=level >= SearchLevel.MEMORY,
-                refit_until=repair_until,
-                programs_until=programs_until,
-            )
-            solve_ms += more_ms
+
+            def starting_points(at: np.ndarray) -> tuple[list[_Candidate], list[Problem]]:
+                found, uniform_problems, more_ms = self._base_candidates(
+                    prep,
+                    at,
+                    budget_bytes,
+                    0.0,
+                    memory=level >= SearchLevel.MEMORY,
+                    refit_until=repair_until,
+                    programs_until=programs_until,
+                )
+                solve_ms.extend(more_ms)
+                return found, uniform_problems
+
+            candidates, uniform = starting_points(priority)
             order_note = ""
             if level >= SearchLevel.MCTS:
                 # Segment ordering starts with the microbatches' order: with clips of 16k to 74k tokens the given
@@ -902,16 +907,7 @@ class Planner:
                     if time.perf_counter() >= repair_until:
                         break
                     order_priority = priorities_from_order(order)
-                    more, _, more_ms = self._base_candidates(
-                        prep,
-                        order_priority,
-                        budget_bytes,
-                        0.0,
-                        memory=level >= SearchLevel.MEMORY,
-                        refit_until=repair_until,
-                        programs_until=programs_until,
-                    )
-                    solve_ms += more_ms
+                    more, _ = starting_points(order_priority)
                     if more and (not candidates or more[0].score < candidates[0].score):
                         candidates, heuristic, priority, order_note = more, order, order_priority, f", {name}"
             picked = self._pick_base(prep, candidates, priority, repair_until=repair_until)
