@@ -190,6 +190,11 @@ def _linear_grads(
     return ga, gw, gb
 
 
+# The memory-lean autograd functions below keep what SEMU counts (`simulator.memory`). Under a split backward (the
+# executor's I pass, then W: the zero-bubble baselines) autograd asks them for every gradient in each pass (a custom
+# function sees only which inputs require one, not which the pass wants), so their GEMMs run in both passes there.
+
+
 class _ProjectPieces(torch.autograd.Function):
     """y = cat(pieces) @ W^T + b, keeping the pieces (attention keeps them for its own backward anyway) instead of
     their concatenation: one copy of the attention output per block, as SEMU counts it (`simulator.memory`)."""
