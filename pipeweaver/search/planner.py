@@ -632,7 +632,7 @@ class Planner:
             # A backward's working memory comes on top of the activations while it runs (SEMU counts it); the
             # gate sees activations only, so it keeps room for the largest on the rank under any strategy. Room
             # for the no-recompute one only (smaller: full recompute rebuilds a block's activations) let more
-            # starting points overflow in SEMU: t2v-s, 4 batches at 700 ms, 30.99 s against 30.21 s.
+            # starting points overflow in SEMU: t2v-s, 4 batches at 700 ms, 30.99 s against 30.21 s (scratch).
             most = np.zeros(prep.problem.pp)
             np.maximum.at(most, prep.pairs.rank, prep.pairs.workspace.max(axis=1))
             budget = budget - most

@@ -525,14 +525,7 @@ class CostModel:
         self, chunk: Chunk, instances_by_module: Mapping[str, Sequence[Instance]], recompute: Recompute = Recompute.NONE
     ) -> float:
         """Bytes one rank holds from the chunk's F to its last backward pass for one sub-microbatch."""
-        structure = self._structure(chunk)
-        sigs = self._signatures(chunk, instances_by_module)
-        if self._stage_table is None or self.cache is None:
-            return self._stage_act(structure, sigs, recompute)
-        key = ("act", structure, sigs, recompute)
-        return self.cache.lookup(
-            self._stage_table, key, lambda: self._stage_act(structure, sigs, recompute), stage=True
-        )
+        return self.stage_memory_bytes(chunk, instances_by_module, recompute)[0]
 
     def stage_workspace_bytes(
         self, chunk: Chunk, instances_by_module: Mapping[str, Sequence[Instance]], recompute: Recompute = Recompute.NONE
@@ -540,14 +533,27 @@ class CostModel:
         """Bytes the chunk's backward pass allocates on top of its activations while it runs, for one
         sub-microbatch: the largest over its modules' blocks here (one block's backward runs at a time) and its
         loss head, if it holds one."""
+        return self.stage_memory_bytes(chunk, instances_by_module, recompute)[1]
+
+    def stage_memory_bytes(
+        self, chunk: Chunk, instances_by_module: Mapping[str, Sequence[Instance]], recompute: Recompute = Recompute.NONE
+    ) -> tuple[float, float]:
+        """(`stage_activation_bytes`, `stage_workspace_bytes`), from one look at the chunk's structure."""
         structure = self._structure(chunk)
         sigs = self._signatures(chunk, instances_by_module)
         if self._stage_table is None or self.cache is None:
-            return self._stage_workspace(structure, sigs, recompute)
-        key = ("workspace", structure, sigs, recompute)
-        return self.cache.lookup(
-            self._stage_table, key, lambda: self._stage_workspace(structure, sigs, recompute), stage=True
+            return self._stage_act(structure, sigs, recompute), self._stage_workspace(structure, sigs, recompute)
+        table, cache = self._stage_table, self.cache
+        act = cache.lookup(
+            table, ("act", structure, sigs, recompute), lambda: self._stage_act(structure, sigs, recompute), stage=True
         )
+        workspace = cache.lookup(
+            table,
+            ("workspace", structure, sigs, recompute),
+            lambda: self._stage_workspace(structure, sigs, recompute),
+            stage=True,
+        )
+        return act, workspace
 
     def _stage_workspace(
         self, structure: tuple[tuple[str, int, bool, bool], ...], sigs: tuple[TokenSignature, ...], recompute: Recompute
@@ -592,8 +598,7 @@ class CostModel:
                     durations[key] = self.stage_time_ms(chunk, inst, p, rc)
                 if len(passes[sub.pipeline]) > 1:
                     key4 = (sub.pipeline, c, sub.microbatch, sub.index)
-                    acts[key4] = self.stage_activation_bytes(chunk, inst, rc)
-                    workspace[key4] = self.stage_workspace_bytes(chunk, inst, rc)
+                    acts[key4], workspace[key4] = self.stage_memory_bytes(chunk, inst, rc)
         return HeaderCosts(duration_ms=durations, activation_bytes=acts, workspace_bytes=workspace)
 
     # ---- communication and the optimizer ----
